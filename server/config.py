@@ -1,0 +1,47 @@
+"""Server configuration: flags, then MAAS_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+
+def default_data_dir() -> Path:
+    # PostgreSQL runs as an unprivileged user when we are root, and it cannot traverse
+    # /root; a system-wide folder is also what a root-run service is expected to use.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/maas")
+    return Path(platformdirs.user_data_dir("maas"))
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str | None = None
+    worker_timeout: float = 15.0  # seconds without heartbeat before a worker is not_ready
+    resync_interval: float = 10.0  # full reconcile even when no event arrived
+    watch_heartbeat: float = 10.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "ServerConfig":
+        """Flags (overrides that are not None) win over MAAS_* variables, which win over defaults."""
+        env = {
+            "data_dir": os.environ.get("MAAS_DATA_DIR"),
+            "host": os.environ.get("MAAS_HOST"),
+            "port": os.environ.get("MAAS_PORT"),
+            "database_url": os.environ.get("MAAS_DATABASE_URL"),
+            "worker_timeout": os.environ.get("MAAS_WORKER_TIMEOUT"),
+        }
+        values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        data_dir = Path(str(values.pop("data_dir", default_data_dir()))).expanduser().absolute()
+        config = cls(data_dir=data_dir)
+        for key, value in values.items():
+            field_type = type(getattr(config, key))
+            setattr(config, key, value if field_type is type(None) else field_type(value))
+        return config

@@ -1,0 +1,136 @@
+"""Engine, sessions, migrations, and publication of committed changes on the bus."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+
+from server import schemas
+from server.bus import EventBus
+from server.db import tables
+
+log = logging.getLogger(__name__)
+
+# Which rows are published, under which kind, in which wire shape.
+PUBLISHED: dict[type, tuple[str, type[BaseModel]]] = {
+    tables.Worker: ("workers", schemas.WorkerOut),
+    tables.Model: ("models", schemas.ModelOut),
+    tables.ModelInstance: ("instances", schemas.InstanceOut),
+    tables.Event: ("events", schemas.EventOut),
+    tables.ApiKey: ("api_keys", schemas.ApiKeyOut),  # internal: caches listen, the watch refuses it
+}
+
+
+def to_wire(obj: Any) -> dict[str, Any]:
+    _, schema = PUBLISHED[type(obj)]
+    return schema.model_validate(obj).model_dump(mode="json")
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain `postgresql://` and `sqlite:///` URLs and pick the async drivers."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    else:
+        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use postgresql:// or sqlite:///PATH")
+    return parsed.render_as_string(hide_password=False)
+
+
+class TrackedSession(Session):
+    """Collects the rows a transaction changes and publishes them after commit."""
+
+
+@event.listens_for(TrackedSession, "after_flush")
+def _collect_changes(session: Session, _flush_context: Any) -> None:
+    pending: dict[tuple[str, Any], tuple[str, dict[str, Any]]] = session.info.setdefault("pending_events", {})
+    for action, objects in (("created", session.new), ("updated", session.dirty), ("deleted", session.deleted)):
+        for obj in objects:
+            if type(obj) not in PUBLISHED:
+                continue
+            if action == "updated" and not session.is_modified(obj, include_collections=False):
+                continue
+            kind = PUBLISHED[type(obj)][0]
+            key = (kind, obj.id)
+            previous = pending.get(key)
+            if previous and previous[0] == "created" and action == "updated":
+                action_to_keep = "created"
+            elif previous and previous[0] == "created" and action == "deleted":
+                pending.pop(key)  # never seen outside this transaction
+                continue
+            else:
+                action_to_keep = action
+            pending[key] = (action_to_keep, to_wire(obj))
+
+
+@event.listens_for(TrackedSession, "after_commit")
+def _publish_changes(session: Session) -> None:
+    pending = session.info.pop("pending_events", None)
+    bus: EventBus | None = session.info.get("bus")
+    if not pending or bus is None:
+        return
+    for (kind, _), (action, obj) in pending.items():
+        bus.publish(kind, action, obj)
+
+
+@event.listens_for(TrackedSession, "after_rollback")
+def _drop_changes(session: Session) -> None:
+    session.info.pop("pending_events", None)
+
+
+class Database:
+    def __init__(self, url: str, bus: EventBus):
+        self.url = normalize_url(url)
+        self.bus = bus
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=TrackedSession, info={"bus": bus}
+        )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session:
+            yield session
+
+    async def migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        migrations = Path(__file__).parent / "migrations"
+        config = Config()
+        config.set_main_option("script_location", str(migrations))
+
+        def upgrade(connection: Any) -> None:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

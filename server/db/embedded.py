@@ -1,0 +1,668 @@
+"""Embedded PostgreSQL: a private cluster that the MaaS server starts and stops itself.
+
+The cluster lives in ``DATA_DIR/postgres``; its superuser is ``maas`` with a random
+password kept in ``DATA_DIR/postgres-password`` (mode 0600).  The server listens on
+127.0.0.1 only, on a free TCP port chosen at start, with Unix sockets switched off (so
+long data paths never hit the 107-byte socket path limit; ``pg_ctl -w`` detects
+readiness from ``postmaster.pid``, not through a socket).
+
+PostgreSQL refuses to run as root.  When this process is root, ``initdb`` and ``pg_ctl``
+run as the existing unprivileged user ``postgres`` through ``runuser`` (or ``su``); no
+system user is ever created.
+
+All calls are synchronous (subprocesses); async callers should run :meth:`start` and
+:meth:`stop` in a thread (``await asyncio.to_thread(pg.start)``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir"]
+
+SUPERUSER = "maas"
+#: Unprivileged OS user that runs PostgreSQL when this process is root.
+POSTGRES_OS_USER = "postgres"
+#: Glob patterns searched (highest version first) when initdb/pg_ctl are not on PATH.
+PG_BIN_GLOBS: list[str] = ["/usr/lib/postgresql/*/bin"]
+#: Plain directories searched after the globs.
+PG_BIN_DIRS: list[str] = ["/usr/local/pgsql/bin"]
+
+_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
+_LOG_TAIL_LINES = 20
+_START_TIMEOUT_S = 60
+_logged_root = False  # the "runs as user postgres" notice is logged once per process
+_ALT = "pass --database-url sqlite:///PATH (a local SQLite file) or --database-url postgresql://USER:PASSWORD@HOST:PORT/DB (an external PostgreSQL server)"
+
+
+class EmbeddedPostgresError(Exception):
+    """The embedded PostgreSQL could not be set up or started.
+
+    The message is a user-facing paragraph that says what went wrong and how to fix it.
+    """
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def _has_binaries(d: Path) -> bool:
+    return all(os.access(d / b, os.X_OK) and (d / b).is_file() for b in _REQUIRED_BINARIES)
+
+
+def _version_key(path: str) -> tuple:
+    # /usr/lib/postgresql/15/bin -> (15,); non-numeric versions sort last
+    parts = re.findall(r"\d+", Path(path).parent.name)
+    return tuple(int(p) for p in parts) if parts else (-1,)
+
+
+def _candidate_bin_dirs() -> list[Path]:
+    seen: list[Path] = []
+
+    def add(d: Path) -> None:
+        if d not in seen and _has_binaries(d):
+            seen.append(d)
+
+    for name in ("initdb", "pg_ctl"):
+        found = shutil.which(name)
+        if found:
+            add(Path(found).resolve().parent)
+    for pattern in PG_BIN_GLOBS:
+        for d in sorted(glob.glob(pattern), key=_version_key, reverse=True):
+            add(Path(d))
+    for d in PG_BIN_DIRS:
+        add(Path(d))
+    return seen
+
+
+def _major_version(bin_dir: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            [str(bin_dir / "pg_ctl"), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"(\d+)(?:\.\d+)?", out)
+    if not m:
+        return None
+    major = int(m.group(1))
+    # before PostgreSQL 10 the major version was "9.6"; PG_VERSION files say so too
+    if major < 10:
+        m2 = re.search(r"(\d+\.\d+)", out)
+        return m2.group(1) if m2 else str(major)
+    return str(major)
+
+
+def find_pg_bin_dir(cluster_version: str | None = None) -> Path:
+    """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
+
+    PATH first, then the highest version under ``/usr/lib/postgresql/*/bin``, then
+    ``/usr/local/pgsql/bin``.  With ``cluster_version`` (the ``PG_VERSION`` of an
+    existing cluster) the first directory of that major version wins.
+    """
+    candidates = _candidate_bin_dirs()
+    if not candidates:
+        raise EmbeddedPostgresError(
+            "PostgreSQL server binaries were not found: MaaS-Base runs its own embedded "
+            "PostgreSQL by default and needs 'initdb', 'pg_ctl' and 'postgres' (looked on PATH, "
+            f"in {', '.join(PG_BIN_GLOBS + PG_BIN_DIRS)}). To fix it, install the PostgreSQL "
+            "server: 'apt-get install postgresql' on Debian/Ubuntu ('dnf install postgresql-server' "
+            f"on Fedora/RHEL, 'brew install postgresql' on macOS); or {_ALT}."
+        )
+    if cluster_version is None:
+        return candidates[0]
+    versions = {}
+    for d in candidates:
+        versions[d] = _major_version(d)
+        if versions[d] == cluster_version:
+            return d
+    found = ", ".join(f"{d} (version {versions[d] or 'unknown'})" for d in candidates)
+    raise EmbeddedPostgresError(
+        f"The embedded PostgreSQL cluster was created by PostgreSQL {cluster_version}, but only "
+        f"other versions of the server binaries were found: {found}. A cluster can only be "
+        f"started by its own major version. To fix it, install PostgreSQL {cluster_version} "
+        f"(e.g. 'apt-get install postgresql-{cluster_version}') next to the newer one, or "
+        f"upgrade the cluster with pg_upgrade, or start with a new --data-dir; or {_ALT}."
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_accepts(port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(text: str, n: int = _LOG_TAIL_LINES) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+def _pid_is_postgres(pid: int) -> bool:
+    """Best effort: False only when /proc proves ``pid`` is a zombie or another program
+    (after kill -9 the dead postmaster may linger as a zombie; after a reboot its PID may
+    belong to anything)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat_line = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no such pid, or no /proc at all
+    except OSError:
+        return True
+    state = stat_line.rsplit(") ", 1)[-1][:1]
+    if state in ("Z", "X"):
+        return False
+    return b"postgres" in cmdline or b"postmaster" in cmdline
+
+
+def _sql_literal(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _sql_ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+# --------------------------------------------------------------------------- main class
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster in ``data_dir / "postgres"``.
+
+    >>> pg = EmbeddedPostgres(Path("/var/lib/maas"))
+    >>> url = pg.start()      # "postgresql+asyncpg://maas:...@127.0.0.1:PORT/maas"
+    >>> pg.stop()
+    """
+
+    def __init__(self, data_dir: Path, database: str = "maas", log: logging.Logger | None = None):
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.database = database
+        self.log = log or logging.getLogger(__name__)
+        self.cluster_dir = self.data_dir / "postgres"
+        self.password_file = self.data_dir / "postgres-password"
+        self.log_file = self.data_dir / "postgres.log"
+        self.port: int | None = None
+        self._url: str | None = None
+        self._bin: Path | None = None
+        self._lock = threading.Lock()
+        self._as_root = os.geteuid() == 0
+        self._pg_user: pwd.struct_passwd | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def url(self) -> str | None:
+        """The SQLAlchemy async URL while started, else None."""
+        return self._url
+
+    def start(self) -> str:
+        """Create the cluster if needed, start it (or reuse a running one), create the
+        database if missing, and return ``postgresql+asyncpg://maas:PW@127.0.0.1:PORT/DB``."""
+        with self._lock:
+            if self._url is not None:
+                return self._url
+            t0 = time.perf_counter()
+            self._prepare_dirs()
+            initialized = (self.cluster_dir / "PG_VERSION").is_file()
+            version = (self.cluster_dir / "PG_VERSION").read_text().strip() if initialized else None
+            self._bin = find_pg_bin_dir(version)
+            if initialized:
+                password = self._read_password()
+            else:
+                password = self._initdb()
+            port = self._adopt_running()
+            reused = port is not None
+            if port is None:
+                port = self._start_server()
+            self._ensure_database(port, password)
+            self.port = port
+            self._url = (
+                f"postgresql+asyncpg://{quote(SUPERUSER, safe='')}:{quote(password, safe='')}"
+                f"@127.0.0.1:{port}/{quote(self.database, safe='')}"
+            )
+            self.log.info(
+                "embedded PostgreSQL %s on 127.0.0.1:%d (%s, %.2f s, data in %s)",
+                "reused" if reused else "started",
+                port,
+                "existing cluster" if initialized else "new cluster",
+                time.perf_counter() - t0,
+                self.cluster_dir,
+            )
+            return self._url
+
+    def stop(self) -> None:
+        """Stop the cluster (``pg_ctl stop -m fast``).  Idempotent; a no-op if this
+        instance never started (or reused) it."""
+        with self._lock:
+            if self._url is None or self._bin is None:
+                return
+            t0 = time.perf_counter()
+            res = self._run(
+                [self._pg("pg_ctl"), "stop", "-D", str(self.cluster_dir), "-m", "fast", "-w",
+                 "-t", str(_START_TIMEOUT_S)],
+                timeout=_START_TIMEOUT_S + 30,
+            )
+            if res.returncode != 0 and self._status() == "running":
+                raise EmbeddedPostgresError(
+                    f"The embedded PostgreSQL in {self.cluster_dir} did not stop: "
+                    f"{_tail(res.stdout, 5) or 'pg_ctl stop failed'}. Stop it by hand with "
+                    f"'pg_ctl stop -D {self.cluster_dir} -m immediate' (as the user that owns "
+                    f"the directory).\n{self._log_tail()}"
+                )
+            self._url = None
+            self.port = None
+            if res.returncode == 0:
+                self.log.info("embedded PostgreSQL stopped (%.2f s)", time.perf_counter() - t0)
+            else:
+                self.log.info("embedded PostgreSQL in %s was not running", self.cluster_dir)
+
+    # ------------------------------------------------------------------ directories
+
+    def _postgres_user(self) -> pwd.struct_passwd:
+        if self._pg_user is None:
+            try:
+                self._pg_user = pwd.getpwnam(POSTGRES_OS_USER)
+            except KeyError:
+                raise EmbeddedPostgresError(
+                    "PostgreSQL refuses to run as root, and this process is root, so the embedded "
+                    f"PostgreSQL would run as the unprivileged user '{POSTGRES_OS_USER}', but no "
+                    "such user exists on this machine (MaaS-Base never creates system users by "
+                    f"itself). To fix it, create one (e.g. 'useradd --system --home-dir "
+                    f"/var/lib/postgresql --shell /usr/sbin/nologin {POSTGRES_OS_USER}'; installing "
+                    "the 'postgresql' package also creates it), or run MaaS-Base as a non-root "
+                    f"user; or {_ALT}."
+                ) from None
+        return self._pg_user
+
+    def _traversable_by_pg(self, st: os.stat_result, pg: pwd.struct_passwd) -> bool:
+        if st.st_uid == pg.pw_uid:
+            return bool(st.st_mode & stat.S_IXUSR)
+        if st.st_gid in os.getgrouplist(pg.pw_name, pg.pw_gid):
+            return bool(st.st_mode & stat.S_IXGRP)
+        return bool(st.st_mode & stat.S_IXOTH)
+
+    def _prepare_dirs(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise EmbeddedPostgresError(
+                f"Could not create the data directory {self.data_dir}: {e.strerror}. "
+                "Choose a writable location with --data-dir (e.g. /var/lib/maas or ~/.local/share/maas)."
+            ) from e
+        if not self._as_root:
+            if not self.cluster_dir.exists():
+                self.cluster_dir.mkdir(mode=0o700)
+            return
+
+        pg = self._postgres_user()
+        global _logged_root
+        if not _logged_root:
+            self.log.info(
+                "running PostgreSQL as user '%s' because this process is root "
+                "(PostgreSQL refuses to run as root)",
+                pg.pw_name,
+            )
+            _logged_root = True
+        # the postgres user must be able to reach DATA_DIR/postgres
+        mode = stat.S_IMODE(self.data_dir.stat().st_mode)
+        if mode & 0o711 != 0o711:
+            os.chmod(self.data_dir, mode | 0o711)
+        for parent in self.data_dir.resolve().parents:
+            if not self._traversable_by_pg(parent.stat(), pg):
+                raise EmbeddedPostgresError(
+                    f"The embedded PostgreSQL runs as user '{pg.pw_name}' (this process is root), "
+                    f"and that user cannot reach the data directory {self.data_dir} because "
+                    f"{parent} is not traversable by it (mode "
+                    f"{stat.filemode(parent.stat().st_mode)}; it needs o+x). To fix it, use a "
+                    "data directory that other users can traverse, e.g. --data-dir /var/lib/maas, "
+                    f"or allow traversal with 'chmod o+x {parent}'; or {_ALT}."
+                )
+        if not self.cluster_dir.exists():
+            self.cluster_dir.mkdir(mode=0o700)
+        st = self.cluster_dir.stat()
+        if st.st_uid != pg.pw_uid or st.st_gid != pg.pw_gid:
+            if any(self.cluster_dir.iterdir()):
+                self.log.info("giving %s to user '%s'", self.cluster_dir, pg.pw_name)
+            for root, dirs, files in os.walk(self.cluster_dir):
+                os.chown(root, pg.pw_uid, pg.pw_gid)
+                for name in dirs + files:
+                    os.chown(os.path.join(root, name), pg.pw_uid, pg.pw_gid, follow_symlinks=False)
+        os.chmod(self.cluster_dir, 0o700)
+        # pg_ctl -l appends to the log as the postgres user: it must own the file
+        if not self.log_file.exists():
+            self.log_file.touch(mode=0o640)
+        lst = self.log_file.stat()
+        if lst.st_uid != pg.pw_uid:
+            os.chown(self.log_file, pg.pw_uid, pg.pw_gid)
+
+    # ------------------------------------------------------------------ subprocesses
+
+    def _pg(self, name: str) -> str:
+        assert self._bin is not None
+        return str(self._bin / name)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.setdefault("LC_MESSAGES", "C")
+        return env
+
+    def _run(self, argv: list[str], timeout: float, privileged: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run argv (as the postgres user when root and ``privileged``), stdout+stderr merged."""
+        if privileged and self._as_root:
+            user = self._postgres_user().pw_name
+            runuser = shutil.which("runuser")
+            if runuser:
+                argv = [runuser, "-u", user, "--", *argv]
+            else:
+                su = shutil.which("su") or "su"
+                argv = [su, user, "-s", "/bin/sh", "-c", shlex.join(argv)]
+        try:
+            return subprocess.run(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                cwd=str(self.data_dir),
+                env=env or self._env(),
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise EmbeddedPostgresError(
+                f"The command {shlex.join(argv)} did not finish within {timeout:.0f} s while "
+                f"setting up the embedded PostgreSQL in {self.cluster_dir}. Check the machine's "
+                f"load and disk, then try again; or {_ALT}.\n{self._log_tail()}"
+            ) from e
+        except OSError as e:
+            raise EmbeddedPostgresError(
+                f"Could not run {argv[0]} for the embedded PostgreSQL: {e}. "
+                f"Check the PostgreSQL installation; or {_ALT}."
+            ) from e
+
+    def _log_tail(self) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        tail = _tail(text)
+        return f"Last lines of {self.log_file}:\n{tail}" if tail else ""
+
+    # ------------------------------------------------------------------ initdb
+
+    def _read_password(self) -> str:
+        try:
+            pw = self.password_file.read_text().strip()
+        except FileNotFoundError:
+            pw = ""
+        if not pw:
+            raise EmbeddedPostgresError(
+                f"The embedded PostgreSQL cluster in {self.cluster_dir} exists, but its password "
+                f"file {self.password_file} is missing or empty, so MaaS-Base cannot log in. To fix "
+                "it, restore that file (one line: the password of the 'maas' database user), or "
+                f"move {self.cluster_dir} away to start with a new, empty database; or {_ALT}."
+            )
+        return pw
+
+    def _write_password(self, pw: str) -> None:
+        tmp = self.password_file.with_name(f".{self.password_file.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (pw + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.password_file)
+
+    def _locale_args(self) -> list[str]:
+        try:
+            out = subprocess.run(["locale", "-a"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for name in out.split():
+            if name.lower() in ("c.utf8", "c.utf-8"):
+                return [f"--locale={name}"]
+        return ["--no-locale"]
+
+    def _initdb(self) -> str:
+        if any(self.cluster_dir.iterdir()):
+            raise EmbeddedPostgresError(
+                f"The directory {self.cluster_dir} is not empty but holds no PostgreSQL cluster "
+                "(no PG_VERSION file), so the embedded PostgreSQL cannot create its cluster there. "
+                f"To fix it, move that directory away or empty it, or choose another --data-dir; "
+                f"or {_ALT}."
+            )
+        password = secrets.token_urlsafe(32)
+        # written first: a cluster must never exist without its password on disk
+        self._write_password(password)
+        t0 = time.perf_counter()
+        help_text = self._run([self._pg("initdb"), "--help"], timeout=30).stdout
+        pwfile = self.data_dir / f".initdb-pwfile-{secrets.token_hex(8)}"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (password + "\n").encode())
+            if self._as_root:
+                pg = self._postgres_user()
+                os.fchown(fd, pg.pw_uid, pg.pw_gid)
+            os.close(fd)
+            fd = -1
+            argv = [
+                self._pg("initdb"),
+                "-D", str(self.cluster_dir),
+                "-U", SUPERUSER,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--encoding=UTF8",
+                *self._locale_args(),
+            ]
+            if "--no-instructions" in help_text:
+                argv.append("--no-instructions")
+            res = self._run(argv, timeout=300)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            pwfile.unlink(missing_ok=True)
+        if res.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"Creating the embedded PostgreSQL cluster in {self.cluster_dir} failed (initdb "
+                f"exit status {res.returncode}). Check that the disk has space and that the "
+                f"directory is writable by the user running PostgreSQL, then try again; or {_ALT}.\n"
+                f"initdb output:\n{_tail(res.stdout)}"
+            )
+        self.log.info("created PostgreSQL cluster in %s (%.2f s)", self.cluster_dir,
+                      time.perf_counter() - t0)
+        return password
+
+    # ------------------------------------------------------------------ start / reuse
+
+    def _status(self) -> str:
+        """'running', 'stopped' (rc 3) or 'missing' (rc 4)."""
+        res = self._run([self._pg("pg_ctl"), "status", "-D", str(self.cluster_dir)], timeout=30)
+        return {0: "running", 3: "stopped"}.get(res.returncode, "missing")
+
+    def _pidfile_lines(self) -> list[str]:
+        try:
+            return (self.cluster_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return []
+
+    def _adopt_running(self) -> int | None:
+        """The port of an already running postmaster on this cluster, or None."""
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            if self._status() != "running":
+                return None
+            lines = self._pidfile_lines()
+            if not lines:
+                return None
+            try:
+                pid = int(lines[0])
+            except ValueError:
+                pid = 0
+            if pid and not _pid_is_postgres(pid):
+                # a stale postmaster.pid whose PID now belongs to another program
+                self.log.warning("removing stale %s (PID %d is not a running PostgreSQL)",
+                                 self.cluster_dir / "postmaster.pid", pid)
+                self._run(["rm", "-f", str(self.cluster_dir / "postmaster.pid")], timeout=30)
+                return None
+            state = lines[7].strip() if len(lines) > 7 else ""
+            if len(lines) > 3 and lines[3].strip().isdigit() and state == "ready":
+                port = int(lines[3].strip())
+                if _port_accepts(port):
+                    self.log.info("reusing the PostgreSQL already running on %s (PID %d, port %d)",
+                                  self.cluster_dir, pid, port)
+                    return port
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(
+                    f"A PostgreSQL server (PID {pid}) is running on {self.cluster_dir} but did not "
+                    f"become ready on 127.0.0.1 within {_START_TIMEOUT_S} s (state "
+                    f"'{state or 'unknown'}'). Stop it with 'pg_ctl stop -D {self.cluster_dir} -m "
+                    f"fast' (as the owner of that directory) and start MaaS-Base again; or {_ALT}.\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def _start_server(self) -> int:
+        attempts = 0
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            attempts += 1
+            port = _free_port()
+            try:
+                log_start = self.log_file.stat().st_size
+            except OSError:
+                log_start = 0
+            t0 = time.perf_counter()
+            opts = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+            res = self._run(
+                [self._pg("pg_ctl"), "start", "-D", str(self.cluster_dir), "-l", str(self.log_file),
+                 "-w", "-t", str(_START_TIMEOUT_S), "-o", opts],
+                timeout=_START_TIMEOUT_S + 30,
+            )
+            if res.returncode == 0:
+                self.log.info("PostgreSQL started on 127.0.0.1:%d (%.2f s)", port,
+                              time.perf_counter() - t0)
+                return port
+            try:
+                with open(self.log_file, errors="replace") as f:
+                    f.seek(log_start)
+                    new_log = f.read()
+            except OSError:
+                new_log = ""
+            # someone else (another MaaS process) started it meanwhile
+            adopted = self._adopt_running()
+            if adopted is not None:
+                return adopted
+            retry = (
+                "could not bind" in new_log  # lost the race for the free port
+                or "Address already in use" in new_log
+                # children of a postmaster killed with -9 still hold the old shared memory
+                or "is still in use" in new_log
+            )
+            if retry and attempts < 20 and time.monotonic() < deadline:
+                self.log.info("PostgreSQL did not start (attempt %d), retrying: %s", attempts,
+                              _tail(new_log, 1))
+                time.sleep(min(0.25 * attempts, 2.0))
+                continue
+            raise EmbeddedPostgresError(
+                f"The embedded PostgreSQL in {self.cluster_dir} did not start (pg_ctl exit status "
+                f"{res.returncode}). The most common causes are a full disk, a cluster directory "
+                "that was copied or has the wrong owner, or another PostgreSQL already using this "
+                f"directory. See the log below and {self.log_file}; fix the cause and start again, "
+                f"or choose another --data-dir; or {_ALT}.\n"
+                f"pg_ctl output:\n{_tail(res.stdout, 5)}\n{self._log_tail()}"
+            )
+
+    # ------------------------------------------------------------------ database
+
+    def _ensure_database(self, port: int, password: str) -> None:
+        psql = self._bin / "psql" if self._bin else None
+        if psql is None or not os.access(psql, os.X_OK):
+            found = shutil.which("psql")
+            psql = Path(found) if found else None
+        if psql is None:
+            self._ensure_database_asyncpg(port, password)
+            return
+        env = self._env()
+        env.update(PGPASSWORD=password, PGCONNECT_TIMEOUT="10", PGAPPNAME="maas-embedded")
+        base = [str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                "-p", str(port), "-U", SUPERUSER, "-d", "postgres"]
+        check = f"SELECT 1 FROM pg_database WHERE datname = {_sql_literal(self.database)}"
+        res = self._run([*base, "-c", check], timeout=60, privileged=False, env=env)
+        if res.returncode == 0 and res.stdout.strip() == "1":
+            return
+        if res.returncode == 0:
+            res = self._run([*base, "-c", f"CREATE DATABASE {_sql_ident(self.database)}"],
+                            timeout=120, privileged=False, env=env)
+            if res.returncode == 0 or "already exists" in res.stdout:
+                self.log.info("created database '%s'", self.database)
+                return
+        raise EmbeddedPostgresError(
+            f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
+            f"'{self.database}' could not be checked or created: {_tail(res.stdout, 3)}. If the "
+            f"password in {self.password_file} no longer matches the cluster, restore it or move "
+            f"{self.cluster_dir} away to start afresh; or {_ALT}.\n{self._log_tail()}"
+        )
+
+    def _ensure_database_asyncpg(self, port: int, password: str) -> None:
+        import asyncio
+
+        import asyncpg
+
+        async def go() -> None:
+            conn = await asyncpg.connect(host="127.0.0.1", port=port, user=SUPERUSER,
+                                         password=password, database="postgres", timeout=10)
+            try:
+                if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database):
+                    return
+                try:
+                    await conn.execute(f"CREATE DATABASE {_sql_ident(self.database)}")
+                except asyncpg.DuplicateDatabaseError:
+                    pass
+            finally:
+                await conn.close()
+
+        errors: list[BaseException] = []
+
+        def runner() -> None:  # own thread: start() may be called from inside an event loop
+            try:
+                asyncio.run(go())
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=runner, name="maas-embedded-pg-createdb")
+        t.start()
+        t.join()
+        if errors:
+            raise EmbeddedPostgresError(
+                f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
+                f"'{self.database}' could not be checked or created: {errors[0]}. If the password "
+                f"in {self.password_file} no longer matches the cluster, restore it or move "
+                f"{self.cluster_dir} away to start afresh; or {_ALT}."
+            ) from errors[0]

@@ -1,0 +1,113 @@
+"""SQLAlchemy 2 tables. Column names match the wire schemas so `XOut.model_validate(row)` works."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Timestamps:
+    # Python-side defaults: values are known after flush without a round trip,
+    # which the commit hook needs to publish complete rows.
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class User(Base, Timestamps):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(300))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiKey(Base, Timestamps):
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("user_id", "kind", "name", name="uq_api_keys_user_kind_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="api")  # "api" or "session"
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Worker(Base, Timestamps):
+    __tablename__ = "workers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    address: Mapped[str] = mapped_column(String(255))
+    agent_port: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(32), default="ready")
+    state_message: Mapped[str] = mapped_column(Text, default="")
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    gpus: Mapped[list[Any]] = mapped_column(default=list)
+    host: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    token_hash: Mapped[str] = mapped_column(String(128), default="")
+    # What the server presents to the agent's own HTTP endpoint (logs); given to the agent at registration.
+    agent_secret: Mapped[str] = mapped_column(String(128), default="")
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Model(Base, Timestamps):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    replicas: Mapped[int] = mapped_column(Integer, default=1)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(32), default="active")
+
+
+class ModelInstance(Base, Timestamps):
+    __tablename__ = "model_instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(140), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    generation: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[str] = mapped_column(String(32), default="pending", index=True)
+    state_message: Mapped[str] = mapped_column(Text, default="")
+    worker_id: Mapped[int | None] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"), index=True, default=None)
+    worker_name: Mapped[str | None] = mapped_column(String(100), default=None)
+    address: Mapped[str | None] = mapped_column(String(255), default=None)
+    port: Mapped[int | None] = mapped_column(Integer, default=None)
+    pid: Mapped[int | None] = mapped_column(Integer, default=None)
+    claim: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    schedule_reasons: Mapped[list[Any]] = mapped_column(default=list)
+    restart_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    object_name: Mapped[str] = mapped_column(String(140))
+    reason: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(140), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Setting(Base, Timestamps):
+    """Cluster-wide values that must live in the database (several servers may share it)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
