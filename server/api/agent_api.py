@@ -1,0 +1,122 @@
+"""What agents call: registration, heartbeats and instance status reports."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server import schemas
+from server.api.errors import conflict, not_found, read_json
+from server.api.routing import json_out, principal_of, route, server_of
+from server.api.security import hash_secret, new_worker_token
+from server.db import tables
+from server.events import record_event
+
+S = schemas.InstanceState
+
+
+@route("POST", "/v2/agent/register", "Register (or re-register) a worker with the cluster token", auth="registrar",
+       body=schemas.WorkerRegister, response=schemas.WorkerRegistered, status=201)
+async def register(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.WorkerRegister)
+    async with server_of(request).db.session() as s:
+        worker = (await s.execute(select(tables.Worker).where(tables.Worker.name == body.name))).scalar_one_or_none()
+        reason = "Reregistered"
+        if worker is None:
+            worker = tables.Worker(name=body.name)
+            s.add(worker)
+            reason = "Registered"
+        worker.address = body.address
+        worker.agent_port = body.agent_port
+        worker.labels = body.labels
+        worker.gpus = [g.model_dump(mode="json") for g in body.gpus]
+        worker.host = body.host.model_dump(mode="json")
+        worker.state = schemas.WorkerState.ready
+        worker.state_message = ""
+        worker.last_heartbeat_at = datetime.now(UTC)
+        worker.agent_secret = secrets.token_urlsafe(32)
+        await s.flush()
+        token = new_worker_token(worker.id)
+        worker.token_hash = hash_secret(token)
+        gpus = f"{len(body.gpus)} GPUs" + (" (simulated)" if any(g.simulated for g in body.gpus) else "")
+        record_event(s, "workers", worker, reason, f"{body.address}:{body.agent_port}, {gpus}", body.name)
+        await _recover_unreachable(s, worker)
+        await s.commit()
+        out = schemas.WorkerRegistered(worker=schemas.WorkerOut.model_validate(worker), token=token,
+                                       agent_secret=worker.agent_secret)
+    return json_out(out, status=201)
+
+
+async def _recover_unreachable(session, worker: tables.Worker) -> None:
+    """A worker that answers again gets its unreachable instances back as `scheduled`:
+    the agent then adopts the ones still running or starts them anew."""
+    rows = (await session.execute(select(tables.ModelInstance).where(
+        tables.ModelInstance.worker_id == worker.id, tables.ModelInstance.state == S.unreachable))).scalars()
+    for instance in rows:
+        instance.state = S.scheduled
+        instance.state_message = "worker is back"
+
+
+@route("POST", "/v2/agent/heartbeat", "Report liveness and device usage", auth="worker",
+       body=schemas.WorkerHeartbeat, response=schemas.WorkerOut)
+async def heartbeat(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.WorkerHeartbeat)
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        worker = await s.get(tables.Worker, principal.worker_id)
+        if worker is None:
+            raise not_found("worker")
+        worker.gpus = [g.model_dump(mode="json") for g in body.gpus]
+        worker.host = body.host.model_dump(mode="json")
+        worker.last_heartbeat_at = datetime.now(UTC)
+        if worker.state != schemas.WorkerState.ready:
+            worker.state = schemas.WorkerState.ready
+            worker.state_message = ""
+            record_event(s, "workers", worker, "Ready", "heartbeats resumed", worker.name)
+            await _recover_unreachable(s, worker)
+        await s.commit()
+        return json_out(schemas.WorkerOut.model_validate(worker))
+
+
+_ALLOWED_FROM = {
+    schemas.AgentInstanceState.starting: {S.scheduled, S.starting, S.running, S.error, S.unreachable},
+    schemas.AgentInstanceState.running: {S.scheduled, S.starting, S.running, S.unreachable},
+    schemas.AgentInstanceState.error: {S.scheduled, S.starting, S.running, S.error, S.unreachable},
+}
+
+
+@route("PUT", "/v2/agent/instances/{id}/status", "Report an instance's state from its agent", auth="worker",
+       body=schemas.InstanceStatusReport, response=schemas.InstanceOut)
+async def report_status(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.InstanceStatusReport)
+    principal = principal_of(request)
+    ref = request.match_info["id"]
+    if not ref.isdigit():
+        raise not_found(f"instance {ref!r}")
+    async with server_of(request).db.session() as s:
+        instance = await s.get(tables.ModelInstance, int(ref))
+        if instance is None or instance.worker_id != principal.worker_id:
+            raise not_found(f"instance {ref} on worker {principal.name}")
+        if body.state == schemas.AgentInstanceState.terminated:
+            if instance.state != S.terminating:
+                raise conflict(f"instance {instance.name} is {instance.state}, not terminating")
+            await s.delete(instance)
+            record_event(s, "instances", instance, "Stopped", body.message, principal.name)
+            await s.commit()
+            return web.json_response({"deleted": instance.name})
+        if instance.state not in _ALLOWED_FROM[body.state]:
+            raise conflict(f"instance {instance.name} is {instance.state}; cannot become {body.state}")
+        changed = instance.state != body.state
+        instance.state = body.state.value
+        instance.state_message = body.message
+        if body.port is not None:
+            instance.port = body.port
+        if body.pid is not None:
+            instance.pid = body.pid
+        if changed:
+            record_event(s, "instances", instance, body.state.value.capitalize(), body.message[-2000:], principal.name)
+        await s.commit()
+        return json_out(schemas.InstanceOut.model_validate(instance))

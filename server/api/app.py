@@ -1,0 +1,64 @@
+"""The aiohttp application: middlewares, the /v2 route table, /v1 gateway, health and OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from server.api import agent_api, resources, watch  # noqa: F401  (they register routes)
+from server.api.errors import error_middleware, forbidden, unauthorized
+from server.api.routing import ROUTES, SERVER_KEY, openapi_document
+
+_ALLOWED = {
+    "user": {"user"},
+    "worker": {"worker"},
+    "registrar": {"registrar"},
+    "user_or_worker": {"user", "worker"},
+}
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    required = getattr(request.match_info.handler, "__maas_auth__", "none")
+    if required == "none":
+        return await handler(request)
+    token = bearer_token(request)
+    if token is None:
+        raise unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+    principal = await request.app[SERVER_KEY].auth.authenticate(token)
+    if principal is None:
+        raise unauthorized("invalid, expired or revoked credentials")
+    if principal.kind not in _ALLOWED[required]:
+        raise forbidden(f"this endpoint is not for {principal.kind} credentials")
+    request["principal"] = principal
+    return await handler(request)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:
+    from server.gateway.proxy import add_gateway_routes
+
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=client_max_size)
+    app[SERVER_KEY] = server
+    app.router.add_get("/healthz", healthz)
+    document = openapi_document(server.version)
+    app.router.add_get("/openapi.json", lambda _r: _json(document))
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    add_gateway_routes(app)
+    return app
+
+
+async def _json(data: Any) -> web.Response:
+    return web.json_response(data)

@@ -1,0 +1,92 @@
+"""JSON errors for /v2 (`{"error": {...}}`) and /v1 (OpenAI's shape), and the middleware that makes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def bad_request(message: str, details: Any = None) -> ApiError:
+    return ApiError(400, "bad_request", message, details)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, "conflict", message)
+
+
+def unauthorized(message: str = "missing or invalid credentials") -> ApiError:
+    return ApiError(401, "unauthorized", message)
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 413: "invalid_request_error", 503: "service_unavailable", 502: "api_error"}
+
+
+def error_response(request: web.Request, status: int, code: str, message: str, details: Any = None) -> web.Response:
+    if request.path.startswith("/v1/"):
+        body: dict[str, Any] = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
+                                          "code": code, "param": None}}
+    else:
+        body = {"error": {"code": code, "message": message, "details": details}}
+    return web.json_response(body, status=status)
+
+
+def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(request, exc.status, exc.code, exc.message, exc.details)
+    except ValidationError as exc:
+        details = _validation_details(exc)
+        summary = "; ".join(f"{d['field'] or 'body'}: {d['message']}" for d in details)
+        return error_response(request, 422, "invalid", f"invalid request: {summary}", details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+        return error_response(request, exc.status, code, exc.reason or "error")
+    except Exception:  # a 5xx is a bug: log it whole, tell the client little
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(request, 500, "internal", "internal server error (see the server log)")
+
+
+async def read_json(request: web.Request, model: type[BaseModel]) -> Any:
+    """Parse and validate a JSON body into `model`; malformed JSON is a 400, invalid fields a 422."""
+    raw = await request.read()
+    if not raw:
+        raise bad_request("request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the JSON body must be an object")
+    return model.model_validate(data)

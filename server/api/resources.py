@@ -1,0 +1,335 @@
+"""REST handlers for what operators manage: models, instances, workers, keys, events, login."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from server import schemas
+from server.api.errors import ApiError, bad_request, conflict, not_found, read_json, unauthorized
+from server.api.routing import json_out, principal_of, route, server_of
+from server.api.security import SESSION_LIFETIME, hash_secret, new_user_token, verify_password
+from server.db import tables
+from server.events import record_event
+
+# --- login and keys -------------------------------------------------------------
+
+
+@route("POST", "/v2/auth/login", "Exchange a username and password for a session token", auth="none",
+       body=schemas.LoginRequest, response=schemas.LoginResponse)
+async def login(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.LoginRequest)
+    server = server_of(request)
+    async with server.db.session() as s:
+        user = (await s.execute(select(tables.User).where(tables.User.username == body.username))).scalar_one_or_none()
+        valid = user is not None and await asyncio.to_thread(verify_password, body.password, user.password_hash)
+        if not valid:
+            raise unauthorized("wrong username or password")
+        token, prefix = new_user_token()
+        expires = datetime.now(UTC) + SESSION_LIFETIME
+        s.add(tables.ApiKey(user_id=user.id, kind="session", name=f"session-{prefix}", prefix=prefix,
+                            secret_hash=hash_secret(token), expires_at=expires))
+        await s.commit()
+    return json_out(schemas.LoginResponse(token=token, username=body.username, expires_at=expires))
+
+
+@route("GET", "/v2/keys", "List your API keys", response=schemas.ApiKeyOut, response_list=True)
+async def list_keys(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(select(tables.ApiKey).where(
+            tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api").order_by(tables.ApiKey.id))).scalars()
+        return json_out([schemas.ApiKeyOut.model_validate(r) for r in rows])
+
+
+@route("POST", "/v2/keys", "Create an API key; the secret is returned once", body=schemas.ApiKeyCreate,
+       response=schemas.ApiKeyCreated, status=201)
+async def create_key(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.ApiKeyCreate)
+    principal = principal_of(request)
+    token, prefix = new_user_token()
+    expires = None
+    if body.expires_in_days:
+        from datetime import timedelta
+        expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
+    async with server_of(request).db.session() as s:
+        exists = (await s.execute(select(tables.ApiKey.id).where(
+            tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api", tables.ApiKey.name == body.name))).first()
+        if exists:
+            raise conflict(f"an API key named {body.name!r} already exists")
+        key = tables.ApiKey(user_id=principal.user_id, kind="api", name=body.name, prefix=prefix,
+                            secret_hash=hash_secret(token), expires_at=expires)
+        s.add(key)
+        await s.flush()
+        record_event(s, "api_keys", key, "Created", f"API key {body.name} created", principal.name)
+        await s.commit()
+        out = schemas.ApiKeyCreated(**schemas.ApiKeyOut.model_validate(key).model_dump(), key=token)
+    return json_out(out, status=201)
+
+
+@route("DELETE", "/v2/keys/{name}", "Revoke an API key")
+async def delete_key(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    name = request.match_info["name"]
+    async with server_of(request).db.session() as s:
+        key = (await s.execute(select(tables.ApiKey).where(
+            tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api", tables.ApiKey.name == name))).scalar_one_or_none()
+        if key is None:
+            raise not_found(f"API key {name!r}")
+        await s.delete(key)
+        record_event(s, "api_keys", key, "Revoked", f"API key {name} revoked", principal.name)
+        await s.commit()
+    return web.json_response({"deleted": name})
+
+
+# --- models -----------------------------------------------------------------
+
+
+def _check_source(spec: schemas.ModelSpec) -> None:
+    """Sources that are local paths must be absolute and exist (the CLI resolves relative ones)."""
+    if spec.backend == "llama.cpp":
+        path = Path(spec.source)
+        if not path.is_absolute():
+            raise bad_request(f"model source {spec.source!r} must be an absolute path to a .gguf file")
+        if not path.is_file():
+            raise bad_request(f"model file not found: {spec.source}")
+
+
+async def _ready_counts(session, model_ids: list[int] | None = None) -> dict[int, int]:
+    query = (select(tables.ModelInstance.model_id, func.count())
+             .where(tables.ModelInstance.state == schemas.InstanceState.running)
+             .group_by(tables.ModelInstance.model_id))
+    if model_ids is not None:
+        query = query.where(tables.ModelInstance.model_id.in_(model_ids))
+    return {model_id: count for model_id, count in (await session.execute(query)).all()}
+
+
+def _model_out(model: tables.Model, ready: dict[int, int]) -> schemas.ModelOut:
+    out = schemas.ModelOut.model_validate(model)
+    out.ready_replicas = ready.get(model.id, 0)
+    return out
+
+
+async def _get_model(session, name: str) -> tables.Model:
+    model = (await session.execute(select(tables.Model).where(tables.Model.name == name))).scalar_one_or_none()
+    if model is None:
+        raise not_found(f"model {name!r}")
+    return model
+
+
+@route("GET", "/v2/models", "List models", response=schemas.ModelOut, response_list=True)
+async def list_models(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        models = (await s.execute(select(tables.Model).order_by(tables.Model.name))).scalars().all()
+        ready = await _ready_counts(s)
+    return json_out([_model_out(m, ready) for m in models])
+
+
+@route("POST", "/v2/models", "Deploy a model", body=schemas.ModelCreate, response=schemas.ModelOut, status=201)
+async def create_model(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.ModelCreate)
+    _check_source(body)
+    principal = principal_of(request)
+    spec = schemas.ModelSpec.model_validate(body.model_dump(exclude={"name", "replicas"}))
+    async with server_of(request).db.session() as s:
+        existing = (await s.execute(select(tables.Model).where(tables.Model.name == body.name))).scalar_one_or_none()
+        if existing is not None:
+            what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
+            raise conflict(f"model {body.name!r} {what}")
+        model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1)
+        s.add(model)
+        try:
+            await s.flush()
+        except IntegrityError:
+            raise conflict(f"model {body.name!r} already exists") from None
+        record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas",
+                     principal.name)
+        await s.commit()
+    return json_out(_model_out(model, {}), status=201)
+
+
+@route("GET", "/v2/models/{name}", "Get a model", response=schemas.ModelOut)
+async def get_model(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        model = await _get_model(s, request.match_info["name"])
+        return json_out(_model_out(model, await _ready_counts(s, [model.id])))
+
+
+@route("PATCH", "/v2/models/{name}", "Scale a model or change its spec (a new generation)",
+       body=schemas.ModelUpdate, response=schemas.ModelOut)
+async def update_model(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.ModelUpdate)
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        model = await _get_model(s, request.match_info["name"])
+        if model.state == schemas.ModelState.deleting:
+            raise conflict(f"model {model.name!r} is being deleted")
+        changes = body.model_dump(exclude_unset=True, exclude={"replicas"})
+        if changes:
+            new_spec = schemas.ModelSpec.model_validate({**model.spec, **changes})
+            _check_source(new_spec)
+            dumped = new_spec.model_dump(mode="json")
+            if dumped != model.spec:
+                model.spec = dumped
+                model.generation += 1
+                record_event(s, "models", model, "SpecChanged", f"generation {model.generation}", principal.name)
+        if body.replicas is not None and body.replicas != model.replicas:
+            record_event(s, "models", model, "Scaled", f"{model.replicas} -> {body.replicas} replicas", principal.name)
+            model.replicas = body.replicas
+        await s.commit()
+        return json_out(_model_out(model, await _ready_counts(s, [model.id])))
+
+
+@route("DELETE", "/v2/models/{name}", "Delete a model and stop its instances", response=schemas.ModelOut, status=202)
+async def delete_model(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        model = await _get_model(s, request.match_info["name"])
+        if model.state != schemas.ModelState.deleting:
+            model.state = schemas.ModelState.deleting
+            record_event(s, "models", model, "Deleting", "instances are being stopped", principal.name)
+            await s.commit()
+        return json_out(_model_out(model, await _ready_counts(s, [model.id])), status=202)
+
+
+# --- instances ----------------------------------------------------------------
+
+
+async def _get_instance(session, ref: str) -> tables.ModelInstance:
+    column = tables.ModelInstance.id if ref.isdigit() else tables.ModelInstance.name
+    value = int(ref) if ref.isdigit() else ref
+    instance = (await session.execute(select(tables.ModelInstance).where(column == value))).scalar_one_or_none()
+    if instance is None:
+        raise not_found(f"instance {ref!r}")
+    return instance
+
+
+@route("GET", "/v2/instances", "List model instances", response=schemas.InstanceOut, response_list=True,
+       query={"model": "only instances of this model", "worker": "only instances on this worker"})
+async def list_instances(request: web.Request) -> web.Response:
+    query = select(tables.ModelInstance).order_by(tables.ModelInstance.id)
+    if model := request.query.get("model"):
+        query = query.where(tables.ModelInstance.model_name == model)
+    if worker := request.query.get("worker"):
+        query = query.where(tables.ModelInstance.worker_name == worker)
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(query)).scalars().all()
+    return json_out([schemas.InstanceOut.model_validate(r) for r in rows])
+
+
+@route("GET", "/v2/instances/{ref}", "Get an instance by id or name", response=schemas.InstanceOut)
+async def get_instance(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        return json_out(schemas.InstanceOut.model_validate(await _get_instance(s, request.match_info["ref"])))
+
+
+@route("DELETE", "/v2/instances/{ref}", "Stop an instance (the model controller replaces it)",
+       response=schemas.InstanceOut, status=202)
+async def delete_instance(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        instance = await _get_instance(s, request.match_info["ref"])
+        if instance.state != schemas.InstanceState.terminating:
+            instance.state = schemas.InstanceState.terminating
+            instance.state_message = f"deleted by {principal.name}"
+            record_event(s, "instances", instance, "Deleting", instance.state_message, principal.name)
+            await s.commit()
+        return json_out(schemas.InstanceOut.model_validate(instance), status=202)
+
+
+@route("GET", "/v2/instances/{ref}/logs", "The instance's log, from its agent (text; chunked with follow=1)",
+       query={"tail": "last N lines (default 200)", "follow": "1 to keep streaming"})
+async def instance_logs(request: web.Request) -> web.StreamResponse:
+    server = server_of(request)
+    tail = request.query.get("tail", "200")
+    follow = request.query.get("follow", "0")
+    if not tail.lstrip("-").isdigit():
+        raise bad_request("tail must be a whole number")
+    async with server.db.session() as s:
+        instance = await _get_instance(s, request.match_info["ref"])
+        worker = await s.get(tables.Worker, instance.worker_id) if instance.worker_id else None
+    if worker is None:
+        raise ApiError(409, "not_scheduled", f"instance {instance.name} has no worker yet, so it has no log")
+    url = f"http://{worker.address}:{worker.agent_port}/instances/{instance.id}/logs"
+    headers = {"Authorization": f"Bearer {worker.agent_secret}"}
+    try:
+        upstream = await server.http.get(url, params={"tail": tail, "follow": follow}, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+    except aiohttp.ClientError as exc:
+        raise ApiError(502, "worker_unreachable", f"worker {worker.name} did not answer: {exc}") from None
+    async with upstream:
+        if upstream.status != 200:
+            raise ApiError(upstream.status if upstream.status < 500 else 502, "agent_error", await upstream.text())
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the reader left (e.g. Ctrl-C on `logs -f`)
+            pass
+        return response
+
+
+# --- workers ------------------------------------------------------------------
+
+
+@route("GET", "/v2/workers", "List workers", response=schemas.WorkerOut, response_list=True)
+async def list_workers(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(select(tables.Worker).order_by(tables.Worker.name))).scalars().all()
+    return json_out([schemas.WorkerOut.model_validate(r) for r in rows])
+
+
+async def _get_worker(session, name: str) -> tables.Worker:
+    worker = (await session.execute(select(tables.Worker).where(tables.Worker.name == name))).scalar_one_or_none()
+    if worker is None:
+        raise not_found(f"worker {name!r}")
+    return worker
+
+
+@route("GET", "/v2/workers/{name}", "Get a worker", response=schemas.WorkerOut)
+async def get_worker(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        return json_out(schemas.WorkerOut.model_validate(await _get_worker(s, request.match_info["name"])))
+
+
+@route("DELETE", "/v2/workers/{name}", "Remove a worker; its instances are rescheduled")
+async def delete_worker(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    async with server_of(request).db.session() as s:
+        worker = await _get_worker(s, request.match_info["name"])
+        instances = (await s.execute(select(tables.ModelInstance).where(
+            tables.ModelInstance.worker_id == worker.id))).scalars().all()
+        for instance in instances:
+            await s.delete(instance)  # the model controller creates replacements
+        await s.delete(worker)
+        record_event(s, "workers", worker, "Removed", f"{len(instances)} instances dropped", principal.name)
+        await s.commit()
+    return web.json_response({"deleted": worker.name})
+
+
+# --- events -------------------------------------------------------------------
+
+
+@route("GET", "/v2/events", "Recent events, newest last", response=schemas.EventOut, response_list=True,
+       query={"limit": "how many (default 100, at most 1000)", "kind": "models|instances|workers|api_keys",
+              "name": "only events of this object"})
+async def list_events(request: web.Request) -> web.Response:
+    limit_text = request.query.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        raise bad_request("limit must be a whole number from 1 to 1000")
+    query = select(tables.Event).order_by(tables.Event.id.desc()).limit(int(limit_text))
+    if kind := request.query.get("kind"):
+        query = query.where(tables.Event.kind == kind)
+    if name := request.query.get("name"):
+        query = query.where(tables.Event.object_name == name)
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(query)).scalars().all()
+    return json_out([schemas.EventOut.model_validate(r) for r in reversed(rows)])

@@ -1,0 +1,129 @@
+"""Secrets: password hashing, token minting and the credential check with its cache."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import select
+
+from server.db import tables
+from server.db.database import Database
+
+SESSION_LIFETIME = timedelta(days=7)
+_CACHE_SECONDS = 30.0
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=2**14, r=8, p=1)
+    return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+def hash_secret(secret: str) -> str:
+    """Tokens are long and random, so one SHA-256 is enough (and fast on the request path)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_user_token() -> tuple[str, str]:
+    """(full token, prefix). Format `maas_<prefix>_<secret>`; the prefix finds the row."""
+    prefix = secrets.token_hex(6)
+    return f"maas_{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+def new_worker_token(worker_id: int) -> str:
+    return f"maasw_{worker_id}_{secrets.token_urlsafe(32)}"
+
+
+def new_cluster_token() -> str:
+    return f"maasc_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: Literal["user", "worker", "registrar"]
+    name: str
+    user_id: int | None = None
+    worker_id: int | None = None
+    is_admin: bool = False
+
+
+class Authenticator:
+    """Turns a bearer token into a Principal. Hits are cached briefly; key and worker
+    changes on the bus clear the cache, so a revoked key stops working at once."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self.cluster_token_hash: str | None = None
+
+    def invalidate(self, worker_id: int | None = None) -> None:
+        """Forget cached credentials: those of one worker, or all of them."""
+        if worker_id is None:
+            self._cache.clear()
+            return
+        for key, (_, principal) in list(self._cache.items()):
+            if principal is not None and principal.worker_id == worker_id:
+                self._cache.pop(key, None)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        key = hash_secret(token)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and hit[0] > now:
+            return hit[1]
+        principal = await self._lookup(token, key)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + _CACHE_SECONDS, principal)
+        return principal
+
+    async def _lookup(self, token: str, token_hash: str) -> Principal | None:
+        if token.startswith("maasc_"):
+            if self.cluster_token_hash and hmac.compare_digest(token_hash, self.cluster_token_hash):
+                return Principal(kind="registrar", name="registrar")
+            return None
+        parts = token.split("_", 2)
+        if len(parts) != 3:
+            return None
+        if parts[0] == "maasw" and parts[1].isdigit():
+            async with self.db.session() as s:
+                worker = await s.get(tables.Worker, int(parts[1]))
+            if worker and worker.token_hash and hmac.compare_digest(worker.token_hash, token_hash):
+                return Principal(kind="worker", name=worker.name, worker_id=worker.id)
+            return None
+        if parts[0] == "maas":
+            async with self.db.session() as s:
+                row = (await s.execute(
+                    select(tables.ApiKey, tables.User).join(tables.User).where(tables.ApiKey.prefix == parts[1])
+                )).first()
+            if row is None:
+                return None
+            api_key, user = row
+            if not hmac.compare_digest(api_key.secret_hash, token_hash):
+                return None
+            if api_key.expires_at is not None and _aware(api_key.expires_at) <= datetime.now(UTC):
+                return None
+            return Principal(kind="user", name=user.username, user_id=user.id, is_admin=user.is_admin)
+        return None
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,101 @@
+"""`GET /v2/watch`: a snapshot, then one JSON event per line, with heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server import schemas
+from server.api.errors import bad_request, forbidden
+from server.api.resources import _model_out, _ready_counts
+from server.api.routing import principal_of, route, server_of
+from server.bus import BusEvent
+from server.db import tables
+
+_TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance}
+_SNAPSHOT_EVENTS = 200
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dict[str, list[dict[str, Any]]]:
+    items: dict[str, list[dict[str, Any]]] = {}
+    async with server.db.session() as s:
+        for kind in kinds:
+            if kind == "events":
+                rows = (await s.execute(select(tables.Event).order_by(tables.Event.id.desc()).limit(_SNAPSHOT_EVENTS))).scalars().all()
+                items[kind] = [schemas.EventOut.model_validate(r).model_dump(mode="json") for r in reversed(rows)]
+                continue
+            table = _TABLES[kind]
+            query = select(table).order_by(table.id)
+            if worker_id is not None:
+                query = query.where(tables.ModelInstance.worker_id == worker_id)
+            rows = (await s.execute(query)).scalars().all()
+            if kind == "models":
+                ready = await _ready_counts(s)
+                items[kind] = [_model_out(r, ready).model_dump(mode="json") for r in rows]
+            else:
+                schema = schemas.WorkerOut if kind == "workers" else schemas.InstanceOut
+                items[kind] = [schema.model_validate(r).model_dump(mode="json") for r in rows]
+    return items
+
+
+def _visible(event: BusEvent, worker_id: int | None) -> bool:
+    return worker_id is None or event.object.get("worker_id") == worker_id
+
+
+@route("GET", "/v2/watch", "Stream changes as JSON lines: a snapshot, then events, with heartbeats",
+       auth="user_or_worker", query={"kinds": "comma-separated: workers,models,instances,events",
+                                     "since": "resume after this version"})
+async def watch(request: web.Request) -> web.StreamResponse:
+    server = server_of(request)
+    principal = principal_of(request)
+    kinds = [k for k in request.query.get("kinds", ",".join(schemas.WATCH_KINDS)).split(",") if k]
+    unknown = [k for k in kinds if k not in schemas.WATCH_KINDS]
+    if unknown or not kinds:
+        raise bad_request(f"unknown kinds {unknown}; choose from {', '.join(schemas.WATCH_KINDS)}")
+    worker_id = None
+    if principal.kind == "worker":
+        if kinds != ["instances"]:
+            raise forbidden("a worker may watch only its instances (kinds=instances)")
+        worker_id = principal.worker_id
+    since_text = request.query.get("since")
+    if since_text is not None and not since_text.isdigit():
+        raise bad_request("since must be a version number")
+
+    subscription = server.bus.subscribe(kinds)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        replay = server.bus.since(int(since_text)) if since_text is not None else None
+        if replay is None:
+            version = server.bus.version
+            items = await _snapshot(server, kinds, worker_id)
+            await response.write(_line({"type": "snapshot", "version": version, "items": items}))
+        else:
+            for event in replay:
+                if event.kind in kinds and _visible(event, worker_id):
+                    await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
+                                                "action": event.action, "object": event.object}))
+        while True:
+            try:
+                event = await asyncio.wait_for(subscription.get(), timeout=server.config.watch_heartbeat)
+            except TimeoutError:
+                await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
+                continue
+            if event is None:  # fell behind: end the stream, the client resumes with a snapshot
+                break
+            if _visible(event, worker_id):
+                await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
+                                            "action": event.action, "object": event.object}))
+    except ConnectionResetError:
+        pass
+    finally:
+        subscription.close()
+    return response

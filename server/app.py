@@ -1,0 +1,166 @@
+"""The running server: database, bus, controllers, scheduler, REST, watch and gateway in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy import func, select
+
+from server import __version__
+from server.api.app import create_app
+from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
+from server.bus import EventBus
+from server.config import ServerConfig
+from server.controllers.models import ModelController
+from server.controllers.workers import WorkerLivenessController
+from server.db import tables
+from server.db.database import Database, to_wire
+from server.db.embedded import EmbeddedPostgres
+from server.gateway.routing_table import RoutingTable
+from server.scheduler.service import Scheduler
+
+log = logging.getLogger(__name__)
+
+CLUSTER_TOKEN_SETTING = "cluster_token_hash"
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a credential readable by its owner only (mode 0600 from the first byte)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+class MaasServer:
+    version = __version__
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.bus = EventBus()
+        self.routes = RoutingTable()
+        self.embedded: EmbeddedPostgres | None = None
+        self.db: Database | None = None
+        self.auth: Authenticator | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.url = ""
+        self.cluster_token: str | None = None  # set when this start wrote a new one
+        self.admin_password: str | None = None  # set on the first start only
+        self._runner: web.AppRunner | None = None
+        self._loops: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def admin_password_file(self) -> Path:
+        return self.config.data_dir / "initial_admin_password"
+
+    @property
+    def token_file(self) -> Path:
+        return self.config.data_dir / "token"
+
+    async def start(self) -> None:
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = self.config.database_url
+        if not database_url:
+            self.embedded = EmbeddedPostgres(data_dir)
+            database_url = await asyncio.to_thread(self.embedded.start)
+        self.db = Database(database_url, self.bus)
+        await self.db.migrate()
+        await self._bootstrap()
+        self.auth = Authenticator(self.db)
+        async with self.db.session() as s:
+            setting = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
+            self.auth.cluster_token_hash = setting.value if setting else None
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
+        await self._load_routes()
+        self._tasks.append(asyncio.create_task(self._follow_bus(), name="bus-follower"))
+        self._loops = [
+            ModelController(self, self.config.resync_interval),
+            Scheduler(self, self.config.resync_interval),
+            WorkerLivenessController(self, min(5.0, self.config.worker_timeout / 3)),
+        ]
+        for loop in self._loops:
+            loop.start()
+        self._runner = web.AppRunner(create_app(self), access_log=None, shutdown_timeout=2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.url = f"http://{host}:{self.config.port}"
+        log.info("MaaS-Base %s serving on %s", __version__, self.url)
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+        for loop in self._loops:
+            await loop.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.http:
+            await self.http.close()
+        if self.db:
+            await self.db.dispose()
+        if self.embedded:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def _bootstrap(self) -> None:
+        """First start: an admin with a generated password. Any start: a valid cluster token on disk."""
+        async with self.db.session() as s:
+            if not (await s.execute(select(func.count()).select_from(tables.User))).scalar_one():
+                self.admin_password = secrets.token_urlsafe(18)
+                s.add(tables.User(username="admin", password_hash=hash_password(self.admin_password), is_admin=True))
+                write_secret(self.admin_password_file, self.admin_password)
+            setting = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
+            on_disk = self.token_file.read_text().strip() if self.token_file.exists() else None
+            if setting is None or on_disk is None or hash_secret(on_disk) != setting.value:
+                # The token file is how operators add workers; (re)issue it when it is missing or stale.
+                token = new_cluster_token()
+                if setting is None:
+                    s.add(tables.Setting(key=CLUSTER_TOKEN_SETTING, value=hash_secret(token)))
+                else:
+                    setting.value = hash_secret(token)
+                write_secret(self.token_file, token)
+                self.cluster_token = token
+            else:
+                self.cluster_token = on_disk
+            await s.commit()
+
+    async def _load_routes(self) -> None:
+        async with self.db.session() as s:
+            models = (await s.execute(select(tables.Model))).scalars().all()
+            instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
+            self.routes.load([to_wire(m) for m in models], [to_wire(i) for i in instances])
+
+    async def _follow_bus(self) -> None:
+        """Keep the gateway's table and the credential cache current."""
+        subscription = self.bus.subscribe(["models", "instances", "api_keys", "workers"])
+        try:
+            while True:
+                event = await subscription.get()
+                if event is None:
+                    subscription = self.bus.subscribe(["models", "instances", "api_keys", "workers"])
+                    await self._load_routes()
+                    self.auth.invalidate()
+                    continue
+                if event.kind == "models":
+                    self.routes.apply_model(event.action, event.object)
+                elif event.kind == "instances":
+                    self.routes.apply_instance(event.action, event.object)
+                elif event.kind == "api_keys":
+                    self.auth.invalidate()
+                elif event.kind == "workers":
+                    self.auth.invalidate(worker_id=event.object["id"])
+        finally:
+            subscription.close()

@@ -1,0 +1,70 @@
+"""Where each model name is served: kept current from the bus, never read per request."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Target:
+    instance_id: int
+    base_url: str
+
+
+@dataclass
+class ModelRoutes:
+    targets: dict[int, Target] = field(default_factory=dict)
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def ordered(self) -> list[Target]:
+        """All targets, rotated round-robin so each request starts at the next one."""
+        targets = list(self.targets.values())
+        if not targets:
+            return []
+        start = next(self._turn) % len(targets)
+        return targets[start:] + targets[:start]
+
+
+class RoutingTable:
+    def __init__(self) -> None:
+        self.models: dict[str, ModelRoutes] = {}  # every model that exists, with its running targets
+        self.created: dict[str, int] = {}
+
+    def apply_model(self, action: str, model: dict[str, Any]) -> None:
+        name = model["name"]
+        if action == "deleted":
+            self.models.pop(name, None)
+            self.created.pop(name, None)
+            return
+        self.models.setdefault(name, ModelRoutes())
+        self.created.setdefault(name, _epoch(model.get("created_at")))
+
+    def apply_instance(self, action: str, instance: dict[str, Any]) -> None:
+        routes = self.models.setdefault(instance["model_name"], ModelRoutes())
+        serving = action != "deleted" and instance["state"] == "running" and instance.get("port") and instance.get("address")
+        if serving:
+            routes.targets[instance["id"]] = Target(instance["id"], f"http://{instance['address']}:{instance['port']}")
+        else:
+            routes.targets.pop(instance["id"], None)
+
+    def load(self, models: list[dict[str, Any]], instances: list[dict[str, Any]]) -> None:
+        self.models.clear()
+        self.created.clear()
+        for model in models:
+            self.apply_model("created", model)
+        for instance in instances:
+            self.apply_instance("created", instance)
+
+    def serving_models(self) -> list[str]:
+        return sorted(name for name, routes in self.models.items() if routes.targets)
+
+
+def _epoch(value: Any) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(str(value)).timestamp())
+    except (TypeError, ValueError):
+        return 0
