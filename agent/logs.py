@@ -1,0 +1,38 @@
+"""Reading instance log files: the last N lines, and following new lines."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+
+_BLOCK = 64 * 1024
+
+
+def tail_lines(path: Path, count: int) -> bytes:
+    """The last `count` lines (all when count < 0), read from the end: cheap on huge logs."""
+    if not path.exists():
+        return b""
+    if count < 0:
+        return path.read_bytes()
+    if count == 0:
+        return b""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        chunks: deque[bytes] = deque()
+        newlines = 0
+        while position > 0 and newlines <= count:
+            step = min(_BLOCK, position)
+            position -= step
+            handle.seek(position)
+            chunk = handle.read(step)
+            chunks.appendleft(chunk)
+            newlines += chunk.count(b"\n")
+    data = b"".join(chunks)
+    lines = data.splitlines(keepends=True)
+    return b"".join(lines[-count:])
+
+
+def tail_text(path: Path, count: int, limit: int = 4000) -> str:
+    return tail_lines(path, count).decode("utf-8", "replace")[-limit:]

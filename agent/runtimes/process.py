@@ -1,0 +1,98 @@
+"""Workloads as host processes: one process group each, logs to a file, pidfiles for cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessHandle:
+    key: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self, run_dir: Path, stop_grace: float = 10.0):
+        self.run_dir = run_dir
+        self.stop_grace = stop_grace
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _pidfile(self, key: str) -> Path:
+        return self.run_dir / f"{key}.pid.json"
+
+    async def start(self, key: str, command: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab", buffering=0) as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,  # its own process group: a stop reaches its children too
+            )
+        create_time = psutil.Process(process.pid).create_time()
+        self._pidfile(key).write_text(json.dumps({"pid": process.pid, "create_time": create_time}))
+        return ProcessHandle(key, process, log_path)
+
+    async def wait(self, handle: ProcessHandle) -> int:
+        code = await handle.process.wait()
+        self._pidfile(handle.key).unlink(missing_ok=True)
+        return code
+
+    async def stop(self, handle: ProcessHandle) -> int | None:
+        """SIGTERM to the group, SIGKILL after the grace period."""
+        if handle.returncode is None:
+            _signal_group(handle.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(handle.process.wait(), self.stop_grace)
+            except TimeoutError:
+                log.warning("%s did not stop in %.0f s; killing it", handle.key, self.stop_grace)
+                _signal_group(handle.pid, signal.SIGKILL)
+                await handle.process.wait()
+        self._pidfile(handle.key).unlink(missing_ok=True)
+        return handle.returncode
+
+    def clean_up_leftovers(self) -> int:
+        """Stop processes a previous agent left behind (it was killed before it could)."""
+        stopped = 0
+        for pidfile in self.run_dir.glob("*.pid.json"):
+            try:
+                record = json.loads(pidfile.read_text())
+                process = psutil.Process(int(record["pid"]))
+                if abs(process.create_time() - float(record["create_time"])) < 1:
+                    _signal_group(process.pid, signal.SIGTERM)
+                    try:
+                        process.wait(self.stop_grace)
+                    except psutil.TimeoutExpired:
+                        _signal_group(process.pid, signal.SIGKILL)
+                    stopped += 1
+            except (psutil.NoSuchProcess, ValueError, KeyError, OSError):
+                pass
+            pidfile.unlink(missing_ok=True)
+        return stopped
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
