@@ -1,0 +1,3 @@
+from maas_tui.cli.main import main
+
+main()

@@ -1,0 +1,386 @@
+"""`maas`: every command is a call on the API client plus output."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+
+import typer
+
+from maas_tui import config as client_config
+from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes
+from maas_tui.client import ApiClientError, MaasClient
+from server import __version__, schemas
+
+T = TypeVar("T")
+
+app = typer.Typer(name="maas", help="MaaS-Base: deploy and serve models on your GPU machines.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
+model_app = typer.Typer(help="Deploy, list, scale and delete models.", no_args_is_help=True)
+instance_app = typer.Typer(help="Model instances: list, describe, logs, delete.", no_args_is_help=True)
+worker_app = typer.Typer(help="Workers (GPU hosts) in the cluster.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys for the OpenAI-compatible gateway.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(instance_app, name="instance")
+app.add_typer(worker_app, name="worker")
+app.add_typer(key_app, name="key")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def call(work: Callable[[MaasClient], Awaitable[T]], server: str | None = None, token: str | None = None) -> T:
+    """Run one piece of client work; API errors become a message and exit code 1."""
+    config = client_config.load()
+    url = server or config.server
+    if not url:
+        fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
+
+    async def run() -> T:
+        async with MaasClient(url, token if token is not None else config.token) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(run())
+    except ApiClientError as exc:
+        hint = " (run 'maas login')" if exc.status == 401 else ""
+        fail(f"{exc.message}{hint}")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise AssertionError("unreachable")
+
+
+# --- server and agent -------------------------------------------------------------
+
+
+@app.command()
+def start(
+    data_dir: Optional[Path] = typer.Option(None, help="where the database, credentials and logs live"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 to accept remote agents)"),
+    port: int = typer.Option(8080, help="port for the API, the watch stream and the /v1 gateway"),
+    database_url: Optional[str] = typer.Option(None, help="external postgresql:// or sqlite:///PATH (default: embedded PostgreSQL)"),
+    no_agent: bool = typer.Option(False, "--no-agent", help="do not run a local agent"),
+    simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run the server (with an embedded PostgreSQL unless --database-url) and a local agent."""
+    from maas_tui.cli.serve import run_start
+
+    run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
+              simulate_gpus=simulate_gpus, log_level=log_level)
+
+
+@app.command()
+def agent(
+    server_url: str = typer.Option(..., help="the server, e.g. http://10.0.0.1:8080"),
+    token: str = typer.Option(..., envvar="MAAS_TOKEN", help="the cluster token (<data-dir>/token on the server)"),
+    name: Optional[str] = typer.Option(None, help="worker name (default: host name)"),
+    address: str = typer.Option("127.0.0.1", help="address the server and gateway use to reach this worker"),
+    port: int = typer.Option(0, help="port of the agent's own endpoint (0: any free port)"),
+    data_dir: Optional[Path] = typer.Option(None, help="where instance logs and state live"),
+    simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB,2xL4-24GB"),
+    runtime: str = typer.Option("auto", help="auto, docker or process"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run an agent that joins this host to a cluster."""
+    from maas_tui.cli.serve import run_agent
+
+    run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
+              simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level)
+
+
+@app.command()
+def login(
+    server: str = typer.Option(..., help="the server URL, e.g. http://127.0.0.1:8080"),
+    username: Optional[str] = typer.Option(None, help="user name (default admin)"),
+    password: Optional[str] = typer.Option(None, help="password (prompted when missing)"),
+    api_key: Optional[str] = typer.Option(None, help="log in with an API key instead"),
+) -> None:
+    """Store the server URL and credentials for later commands."""
+    server = server.rstrip("/")
+    if api_key:
+        call(lambda c: c.list_models(), server=server, token=api_key)
+        token = api_key
+    else:
+        user = username or "admin"
+        secret = password if password is not None else getpass.getpass(f"password for {user}: ")
+        token = call(lambda c: c.login(user, secret), server=server, token="").token
+    path = client_config.save(client_config.ClientConfig(server=server, token=token))
+    console.print(f"logged in to {server} (credentials in {path})")
+
+
+@app.command()
+def version() -> None:
+    """Print the client version (and the server's when one is configured)."""
+    console.print(f"maas {__version__}")
+
+
+# --- models ------------------------------------------------------------------------
+
+MODEL_COLUMNS = [
+    ("NAME", lambda m: m.name), ("BACKEND", lambda m: m.spec.backend),
+    ("READY", lambda m: f"{m.ready_replicas}/{m.replicas}"), ("GEN", lambda m: m.generation),
+    ("STATE", lambda m: m.state), ("AGE", lambda m: age(m.created_at)),
+]
+MODEL_WIDE = [("SOURCE", lambda m: m.spec.source), ("CONTEXT", lambda m: m.spec.context_length)]
+
+
+def _resolve_source(source: str) -> str:
+    """Local paths go to the server absolute; anything else (a repository id) as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() or source.startswith((".", "/", "~")) else source
+
+
+@model_app.command("deploy")
+def model_deploy(
+    name: str = typer.Argument(..., help="the model name clients use in the 'model' field"),
+    source: str = typer.Option(..., help="a .gguf file for llama.cpp, or a repository id"),
+    backend: str = typer.Option(..., help=f"one of: {', '.join(schemas.KNOWN_BACKENDS)}"),
+    replicas: int = typer.Option(1, help="how many instances to run"),
+    context_length: int = typer.Option(2048, help="context length each instance serves"),
+    cpu_only: bool = typer.Option(False, "--cpu-only", help="serve from host RAM, never claim a GPU"),
+    arg: list[str] = typer.Option([], "--arg", help="extra backend argument (repeatable)"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the backend (repeatable)"),
+    wait: bool = typer.Option(False, "--wait", help="wait until every replica is running"),
+    timeout: float = typer.Option(600, help="seconds --wait waits"),
+    output: Format = OutputOption,
+) -> None:
+    """Deploy a model."""
+    env_map = {}
+    for item in env:
+        if "=" not in item:
+            fail(f"--env {item!r}: write KEY=VALUE", code=2)
+        key, value = item.split("=", 1)
+        env_map[key] = value
+    body = {"name": name, "source": _resolve_source(source), "backend": backend, "replicas": replicas,
+            "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
+    model = call(lambda c: c.create_model(body))
+    if wait:
+        model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
+    emit(model, output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+def _wait_ready(name: str, timeout: float, quiet: bool) -> schemas.ModelOut:
+    async def work(client: MaasClient) -> schemas.ModelOut:
+        deadline = time.monotonic() + timeout
+        seen: dict[int, str] = {}
+        while True:
+            model = await client.get_model(name)
+            instances = await client.list_instances(model=name)
+            for instance in instances:
+                line = f"{instance.state}" + (f": {instance.state_message}" if instance.state_message else "")
+                if not quiet and seen.get(instance.id) != line:
+                    err_console.print(f"  {instance.name}: {line}", highlight=False)
+                seen[instance.id] = line
+            running = sum(1 for i in instances if i.state == schemas.InstanceState.running)
+            if running >= model.replicas and len(instances) == model.replicas:
+                model.ready_replicas = running
+                return model
+            if time.monotonic() > deadline:
+                raise ApiClientError(0, "timeout", f"{name}: {running}/{model.replicas} running after {timeout:g} s")
+            await asyncio.sleep(0.25)
+
+    return call(work)
+
+
+@model_app.command("list")
+def model_list(output: Format = OutputOption) -> None:
+    """List models."""
+    emit(call(lambda c: c.list_models()), output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+@model_app.command("get")
+def model_get(name: str, output: Format = OutputOption) -> None:
+    """Show one model."""
+    emit(call(lambda c: c.get_model(name)), output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+@model_app.command("scale")
+def model_scale(name: str, replicas: int = typer.Argument(..., min=0), wait: bool = typer.Option(False, "--wait"),
+                timeout: float = typer.Option(600), output: Format = OutputOption) -> None:
+    """Change a model's replica count."""
+    model = call(lambda c: c.update_model(name, {"replicas": replicas}))
+    if wait:
+        model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
+    emit(model, output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+@model_app.command("delete")
+def model_delete(name: str, wait: bool = typer.Option(False, "--wait", help="wait until it is gone"),
+                 timeout: float = typer.Option(120)) -> None:
+    """Delete a model; its instances are stopped."""
+    async def work(client: MaasClient) -> None:
+        await client.delete_model(name)
+        deadline = time.monotonic() + timeout
+        while wait:
+            try:
+                await client.get_model(name)
+            except ApiClientError as exc:
+                if exc.status == 404:
+                    return
+                raise
+            if time.monotonic() > deadline:
+                raise ApiClientError(0, "timeout", f"{name} still exists after {timeout:g} s")
+            await asyncio.sleep(0.25)
+
+    call(work)
+    console.print(f"model {name} deleted" if wait else f"model {name} is being deleted")
+
+
+# --- instances ---------------------------------------------------------------------
+
+INSTANCE_COLUMNS = [
+    ("ID", lambda i: i.id), ("NAME", lambda i: i.name), ("MODEL", lambda i: i.model_name),
+    ("STATE", lambda i: i.state), ("WORKER", lambda i: i.worker_name),
+    ("ENDPOINT", lambda i: f"{i.address}:{i.port}" if i.port else ""), ("AGE", lambda i: age(i.created_at)),
+]
+INSTANCE_WIDE = [
+    ("DEVICE", lambda i: (f"GPU {','.join(map(str, i.claim.gpu_indexes))}" if i.claim.device == "gpu" else "CPU") if i.claim else ""),
+    ("CLAIM", lambda i: human_bytes((i.claim.vram_bytes_per_gpu or i.claim.ram_bytes)) if i.claim else ""),
+    ("GEN", lambda i: i.generation), ("MESSAGE", lambda i: i.state_message.splitlines()[0] if i.state_message else ""),
+]
+
+
+@instance_app.command("list")
+def instance_list(model: Optional[str] = typer.Option(None, help="only this model's instances"),
+                  output: Format = OutputOption) -> None:
+    """List model instances."""
+    emit(call(lambda c: c.list_instances(model)), output, INSTANCE_COLUMNS, INSTANCE_WIDE)
+
+
+@instance_app.command("get")
+def instance_get(ref: str = typer.Argument(..., help="instance id or name"), output: Format = OutputOption) -> None:
+    """Show one instance."""
+    emit(call(lambda c: c.get_instance(ref)), output, INSTANCE_COLUMNS, INSTANCE_WIDE)
+
+
+@instance_app.command("delete")
+def instance_delete(ref: str = typer.Argument(..., help="instance id or name")) -> None:
+    """Stop an instance; the model controller starts a replacement."""
+    instance = call(lambda c: c.delete_instance(ref))
+    console.print(f"instance {instance.name} is terminating")
+
+
+@instance_app.command("logs")
+def instance_logs(ref: str = typer.Argument(..., help="instance id or name"),
+                  follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines"),
+                  tail: int = typer.Option(200, help="lines from the end (-1: all)"),
+                  previous: bool = typer.Option(False, "--previous", help="the log of the previous run")) -> None:
+    """Print an instance's log."""
+    async def work(client: MaasClient) -> None:
+        async for chunk in client.stream_logs(ref, tail=tail, follow=follow, previous=previous):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
+    call(work)
+
+
+# --- workers -------------------------------------------------------------------------
+
+def _gpu_summary(worker: schemas.WorkerOut) -> str:
+    if not worker.gpus:
+        return "-"
+    names: dict[str, int] = {}
+    for gpu in worker.gpus:
+        names[gpu.name] = names.get(gpu.name, 0) + 1
+    return ", ".join(f"{count}x {name}" for name, count in names.items())
+
+
+WORKER_COLUMNS = [
+    ("NAME", lambda w: w.name), ("STATE", lambda w: w.state + (" (cordoned)" if w.cordoned else "")),
+    ("ADDRESS", lambda w: w.address), ("GPUS", _gpu_summary),
+    ("CPUS", lambda w: w.host.cpu_count), ("RAM", lambda w: human_bytes(w.host.memory_total)),
+    ("AGE", lambda w: age(w.created_at)),
+]
+WORKER_WIDE = [("HEARTBEAT", lambda w: age(w.last_heartbeat_at)), ("LABELS", lambda w: ",".join(f"{k}={v}" for k, v in w.labels.items()))]
+
+
+@worker_app.command("list")
+def worker_list(output: Format = OutputOption) -> None:
+    """List workers."""
+    emit(call(lambda c: c.list_workers()), output, WORKER_COLUMNS, WORKER_WIDE)
+
+
+@worker_app.command("get")
+def worker_get(name: str, output: Format = OutputOption) -> None:
+    """Show one worker."""
+    emit(call(lambda c: c.get_worker(name)), output, WORKER_COLUMNS, WORKER_WIDE)
+
+
+@worker_app.command("remove")
+def worker_remove(name: str) -> None:
+    """Remove a worker from the cluster; its instances are rescheduled."""
+    call(lambda c: c.delete_worker(name))
+    console.print(f"worker {name} removed")
+
+
+# --- keys ----------------------------------------------------------------------------
+
+KEY_COLUMNS = [("NAME", lambda k: k.name), ("PREFIX", lambda k: k.prefix), ("CREATED", lambda k: age(k.created_at)),
+               ("EXPIRES", lambda k: k.expires_at.date().isoformat() if k.expires_at else "never")]
+
+
+@key_app.command("create")
+def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, help="days until it stops working"),
+               output: Format = OutputOption) -> None:
+    """Create an API key. The secret is shown once."""
+    key = call(lambda c: c.create_key(name, expires_in_days))
+    if output in (Format.json, Format.yaml):
+        emit(key, output)
+        return
+    console.print(f"API key {key.name} created. Keep the secret now; it is not shown again:\n")
+    print(key.key)
+
+
+@key_app.command("list")
+def key_list(output: Format = OutputOption) -> None:
+    """List your API keys (never their secrets)."""
+    emit(call(lambda c: c.list_keys()), output, KEY_COLUMNS)
+
+
+@key_app.command("delete")
+def key_delete(name: str) -> None:
+    """Revoke an API key."""
+    call(lambda c: c.delete_key(name))
+    console.print(f"API key {name} revoked")
+
+
+# --- events and chat -------------------------------------------------------------------
+
+EVENT_COLUMNS = [("AGE", lambda e: age(e.created_at)), ("KIND", lambda e: e.kind), ("OBJECT", lambda e: e.object_name),
+                 ("REASON", lambda e: e.reason), ("BY", lambda e: e.actor),
+                 ("MESSAGE", lambda e: e.message.splitlines()[0] if e.message else "")]
+
+
+@app.command()
+def events(limit: int = typer.Option(50, min=1, max=1000), name: Optional[str] = typer.Option(None, "--for", help="only this object"),
+           output: Format = OutputOption) -> None:
+    """Recent cluster events, newest last."""
+    emit(call(lambda c: c.list_events(limit, name)), output, EVENT_COLUMNS)
+
+
+@app.command()
+def chat(model: str, prompt: str, max_tokens: int = typer.Option(64, min=1, max=8192)) -> None:
+    """Send one prompt through the gateway and stream the answer."""
+    async def work(client: MaasClient) -> None:
+        async for piece in client.chat(model, prompt, max_tokens):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    call(work)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Long-running commands: `maas start` (server + local agent) and `maas agent`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import typer
+
+from maas_tui.cli.output import console, err_console
+
+
+def _setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        err_console.print(f"[bold red]error:[/] unknown log level {level!r}")
+        raise typer.Exit(2)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _run_until_signal(main: "asyncio.coroutines") -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main)
+    except ImportError:
+        asyncio.run(main)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_start(*, data_dir: Path | None, host: str, port: int, database_url: str | None, no_agent: bool,
+              simulate_gpus: str | None, log_level: str) -> None:
+    from agent.agent import Agent, AgentConfig
+    from agent.devices import DeviceSpecError, parse_simulated
+    from server.app import MaasServer
+    from server.config import ServerConfig
+    from server.db.embedded import EmbeddedPostgresError
+
+    _setup_logging(log_level)
+    if simulate_gpus:
+        try:
+            parse_simulated(simulate_gpus)
+        except DeviceSpecError as exc:
+            err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
+            raise typer.Exit(2) from None
+    config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url)
+
+    async def main() -> None:
+        server = MaasServer(config)
+        agent = None
+        try:
+            await server.start()
+            if not no_agent:
+                agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "",
+                                          data_dir=config.data_dir / "agent", name=socket.gethostname(),
+                                          address="127.0.0.1", simulate_gpus=simulate_gpus))
+                await agent.start()
+            _banner(server, agent is not None)
+            await _wait_for_signal()
+            console.print("stopping...")
+        finally:
+            if agent is not None:
+                await agent.stop()
+            await server.stop()
+
+    try:
+        _run_until_signal(main())
+    except EmbeddedPostgresError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] cannot start the server on {host}:{port}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # a bad --database-url
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _banner(server, with_agent: bool) -> None:
+    config = server.config
+    lines = [
+        f"MaaS-Base {server.version} is up at [bold]{server.url}[/]",
+        f"  data folder:     {config.data_dir}",
+        f"  database:        {'embedded PostgreSQL' if server.embedded else 'external: ' + (config.database_url or '')}",
+        f"  admin password:  {server.admin_password_file}",
+        f"  worker token:    {server.token_file}",
+        f"  local agent:     {'running' if with_agent else 'off (--no-agent)'}",
+        "",
+        f"  log in:          maas login --server {server.url} --username admin --password \"$(cat {server.admin_password_file})\"",
+        f"  add a worker:    maas agent --server-url {server.url} --token \"$(cat {server.token_file})\" --address <worker-ip>",
+        f"  OpenAI API:      {server.url}/v1  (create a key: maas key create NAME)",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
+              simulate_gpus: str | None, runtime: str, log_level: str) -> None:
+    import platformdirs
+
+    from agent.agent import Agent, AgentConfig, ServerRejected
+    from agent.devices import DeviceSpecError
+
+    _setup_logging(log_level)
+    if runtime not in ("auto", "process", "docker"):
+        err_console.print(f"[bold red]error:[/] --runtime must be auto, docker or process, not {runtime!r}")
+        raise typer.Exit(2)
+    if runtime == "docker":
+        err_console.print("[bold red]error:[/] the docker runtime is not available in this version; use --runtime process")
+        raise typer.Exit(2)
+    worker_name = name or socket.gethostname()
+    folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
+    try:
+        config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
+                             address=address, port=port, simulate_gpus=simulate_gpus)
+        agent = Agent(config)
+    except DeviceSpecError as exc:
+        err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        await agent.start()
+        waiter = asyncio.create_task(_wait_for_signal())
+        try:
+            done, _ = await asyncio.wait([waiter, *agent._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception():
+                    raise task.exception()
+        finally:
+            waiter.cancel()
+            await agent.stop()
+
+    try:
+        _run_until_signal(main())
+    except ServerRejected as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None

@@ -1,0 +1,188 @@
+"""The one async API client: the CLI and the TUI both go through it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+from server import schemas
+
+
+class ApiClientError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class ServerUnreachable(ApiClientError):
+    def __init__(self, url: str, reason: str):
+        super().__init__(0, "unreachable", f"cannot reach the server at {url}: {reason}")
+
+
+class MaasClient:
+    def __init__(self, server: str, token: str = "", timeout: float = 30.0):
+        self.server = server.rstrip("/")
+        self.token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "MaasClient":
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, str] | None = None) -> Any:
+        url = self.server + path
+        try:
+            async with self.session.request(method, url, json=json_body, params=params, headers=self._headers()) as response:
+                data = await _json_or_text(response)
+                if response.status >= 400:
+                    raise _error_from(response.status, data)
+                return data
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from None
+        except TimeoutError:
+            raise ServerUnreachable(self.server, "timed out") from None
+
+    # --- auth and keys ----------------------------------------------------------
+
+    async def login(self, username: str, password: str) -> schemas.LoginResponse:
+        data = await self.request("POST", "/v2/auth/login", json_body={"username": username, "password": password})
+        return schemas.LoginResponse.model_validate(data)
+
+    async def list_keys(self) -> list[schemas.ApiKeyOut]:
+        return [schemas.ApiKeyOut.model_validate(i) for i in (await self.request("GET", "/v2/keys"))["items"]]
+
+    async def create_key(self, name: str, expires_in_days: int | None = None) -> schemas.ApiKeyCreated:
+        body = {"name": name} | ({"expires_in_days": expires_in_days} if expires_in_days else {})
+        return schemas.ApiKeyCreated.model_validate(await self.request("POST", "/v2/keys", json_body=body))
+
+    async def delete_key(self, name: str) -> None:
+        await self.request("DELETE", f"/v2/keys/{name}")
+
+    # --- models -------------------------------------------------------------------
+
+    async def list_models(self) -> list[schemas.ModelOut]:
+        return [schemas.ModelOut.model_validate(i) for i in (await self.request("GET", "/v2/models"))["items"]]
+
+    async def get_model(self, name: str) -> schemas.ModelOut:
+        return schemas.ModelOut.model_validate(await self.request("GET", f"/v2/models/{name}"))
+
+    async def create_model(self, body: dict[str, Any]) -> schemas.ModelOut:
+        return schemas.ModelOut.model_validate(await self.request("POST", "/v2/models", json_body=body))
+
+    async def update_model(self, name: str, changes: dict[str, Any]) -> schemas.ModelOut:
+        return schemas.ModelOut.model_validate(await self.request("PATCH", f"/v2/models/{name}", json_body=changes))
+
+    async def delete_model(self, name: str) -> schemas.ModelOut:
+        return schemas.ModelOut.model_validate(await self.request("DELETE", f"/v2/models/{name}"))
+
+    # --- instances, workers, events ------------------------------------------------
+
+    async def list_instances(self, model: str | None = None) -> list[schemas.InstanceOut]:
+        params = {"model": model} if model else None
+        data = await self.request("GET", "/v2/instances", params=params)
+        return [schemas.InstanceOut.model_validate(i) for i in data["items"]]
+
+    async def get_instance(self, ref: str) -> schemas.InstanceOut:
+        return schemas.InstanceOut.model_validate(await self.request("GET", f"/v2/instances/{ref}"))
+
+    async def delete_instance(self, ref: str) -> schemas.InstanceOut:
+        return schemas.InstanceOut.model_validate(await self.request("DELETE", f"/v2/instances/{ref}"))
+
+    async def list_workers(self) -> list[schemas.WorkerOut]:
+        return [schemas.WorkerOut.model_validate(i) for i in (await self.request("GET", "/v2/workers"))["items"]]
+
+    async def get_worker(self, name: str) -> schemas.WorkerOut:
+        return schemas.WorkerOut.model_validate(await self.request("GET", f"/v2/workers/{name}"))
+
+    async def delete_worker(self, name: str) -> None:
+        await self.request("DELETE", f"/v2/workers/{name}")
+
+    async def list_events(self, limit: int = 100, name: str | None = None) -> list[schemas.EventOut]:
+        params = {"limit": str(limit)} | ({"name": name} if name else {})
+        return [schemas.EventOut.model_validate(i) for i in (await self.request("GET", "/v2/events", params=params))["items"]]
+
+    # --- streams --------------------------------------------------------------------
+
+    async def stream_logs(self, ref: str, tail: int = 200, follow: bool = False, previous: bool = False) -> AsyncIterator[bytes]:
+        params = {"tail": str(tail), "follow": "1" if follow else "0", "previous": "1" if previous else "0"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        try:
+            async with self.session.get(f"{self.server}/v2/instances/{ref}/logs", params=params,
+                                        headers=self._headers(), timeout=timeout) as response:
+                if response.status >= 400:
+                    raise _error_from(response.status, await _json_or_text(response))
+                async for chunk in response.content.iter_any():
+                    yield chunk
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachable(self.server, str(exc)) from None
+
+    async def watch(self, kinds: list[str], since: int | None = None) -> AsyncIterator[schemas.WatchMessage]:
+        params = {"kinds": ",".join(kinds)} | ({"since": str(since)} if since is not None else {})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        async with self.session.get(f"{self.server}/v2/watch", params=params, headers=self._headers(),
+                                    timeout=timeout) as response:
+            if response.status >= 400:
+                raise _error_from(response.status, await _json_or_text(response))
+            async for line in response.content:
+                yield schemas.WatchMessage.model_validate(json.loads(line))
+
+    async def chat(self, model: str, prompt: str, max_tokens: int = 64) -> AsyncIterator[str]:
+        """Stream a chat completion through the gateway, yielding text pieces."""
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "stream": True}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300)
+        try:
+            async with self.session.post(f"{self.server}/v1/chat/completions", json=body, headers=self._headers(),
+                                         timeout=timeout) as response:
+                if response.status >= 400:
+                    raise _error_from(response.status, await _json_or_text(response))
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    for choice in json.loads(data).get("choices", []):
+                        if piece := (choice.get("delta") or {}).get("content"):
+                            yield piece
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachable(self.server, str(exc)) from None
+
+
+async def _json_or_text(response: aiohttp.ClientResponse) -> Any:
+    text = await response.text()
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+def _error_from(status: int, data: Any) -> ApiClientError:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
+        return ApiClientError(status, str(error.get("code") or error.get("type") or "error"),
+                              str(error.get("message", "")), error.get("details"))
+    return ApiClientError(status, "error", str(data)[:500] or f"HTTP {status}")
