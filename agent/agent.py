@@ -304,7 +304,7 @@ class Agent:
 
     async def _serve_http(self) -> None:
         app = web.Application()
-        app.router.add_get("/healthz", lambda _r: _ok())
+        app.router.add_get("/healthz", _ok)
         app.router.add_get("/instances/{id}/logs", self._handle_logs)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
@@ -344,5 +344,5 @@ class Agent:
         return response
 
 
-async def _ok() -> web.Response:
+async def _ok(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})

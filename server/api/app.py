@@ -8,7 +8,7 @@ from aiohttp import web
 
 from server.api import agent_api, resources, watch  # noqa: F401  (they register routes)
 from server.api.errors import error_middleware, forbidden, unauthorized
-from server.api.routing import ROUTES, SERVER_KEY, openapi_document
+from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
 
 _ALLOWED = {
     "user": {"user"},
@@ -38,7 +38,7 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
         raise unauthorized("invalid, expired or revoked credentials")
     if principal.kind not in _ALLOWED[required]:
         raise forbidden(f"this endpoint is not for {principal.kind} credentials")
-    request["principal"] = principal
+    request[PRINCIPAL_KEY] = principal
     return await handler(request)
 
 
@@ -53,12 +53,13 @@ def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Applicat
     app[SERVER_KEY] = server
     app.router.add_get("/healthz", healthz)
     document = openapi_document(server.version)
-    app.router.add_get("/openapi.json", lambda _r: _json(document))
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     add_gateway_routes(app)
     return app
 
-
-async def _json(data: Any) -> web.Response:
-    return web.json_response(data)

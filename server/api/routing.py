@@ -88,6 +88,7 @@ def openapi_document(version: str) -> dict[str, Any]:
 
 
 SERVER_KEY: web.AppKey[Any] = web.AppKey("maas_server", object)
+PRINCIPAL_KEY: web.RequestKey[Any] = web.RequestKey("principal", object)
 
 
 def server_of(request: web.Request) -> Any:
@@ -96,7 +97,7 @@ def server_of(request: web.Request) -> Any:
 
 
 def principal_of(request: web.Request) -> Any:
-    return request["principal"]
+    return request[PRINCIPAL_KEY]
 
 
 def json_out(data: Any, status: int = 200) -> web.Response:

@@ -17,6 +17,11 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
 
 
+# SQLite would otherwise reuse the id of the newest deleted row; ids must never come back
+# (agents, logs and events refer to instances by id).
+NO_ID_REUSE = {"sqlite_autoincrement": True}
+
+
 class Timestamps:
     # Python-side defaults: values are known after flush without a round trip,
     # which the commit hook needs to publish complete rows.
@@ -26,6 +31,7 @@ class Timestamps:
 
 class User(Base, Timestamps):
     __tablename__ = "users"
+    __table_args__ = NO_ID_REUSE
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(100), unique=True)
     password_hash: Mapped[str] = mapped_column(String(300))
@@ -34,7 +40,7 @@ class User(Base, Timestamps):
 
 class ApiKey(Base, Timestamps):
     __tablename__ = "api_keys"
-    __table_args__ = (UniqueConstraint("user_id", "kind", "name", name="uq_api_keys_user_kind_name"),)
+    __table_args__ = (UniqueConstraint("user_id", "kind", "name", name="uq_api_keys_user_kind_name"), NO_ID_REUSE)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16), default="api")  # "api" or "session"
@@ -47,6 +53,7 @@ class ApiKey(Base, Timestamps):
 
 class Worker(Base, Timestamps):
     __tablename__ = "workers"
+    __table_args__ = NO_ID_REUSE
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     address: Mapped[str] = mapped_column(String(255))
@@ -65,6 +72,7 @@ class Worker(Base, Timestamps):
 
 class Model(Base, Timestamps):
     __tablename__ = "models"
+    __table_args__ = NO_ID_REUSE
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     spec: Mapped[dict[str, Any]] = mapped_column()
@@ -75,6 +83,7 @@ class Model(Base, Timestamps):
 
 class ModelInstance(Base, Timestamps):
     __tablename__ = "model_instances"
+    __table_args__ = NO_ID_REUSE
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(140), unique=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
@@ -95,6 +104,7 @@ class ModelInstance(Base, Timestamps):
 
 class Event(Base):
     __tablename__ = "events"
+    __table_args__ = NO_ID_REUSE
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     object_id: Mapped[int | None] = mapped_column(Integer, default=None)
