@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make run` and `make test`. Both set up what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test setup postgres tiny-model clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed postgres
+
+# The embedded PostgreSQL needs the server binaries; install them where we can.
+postgres:
+	@sh scripts/ensure-postgres.sh
+
+run: setup
+	$(BIN)/maas start $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A tiny random-weight llama model (about 0.7 MB) to try deployments with.
+tiny-model: $(VENV)/.installed
+	$(BIN)/python tests/tiny_gguf.py tiny.gguf
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info tiny.gguf
