@@ -51,6 +51,9 @@ class Workload:
     task: asyncio.Task[None] | None = None
     exited: bool = False
     stopping: bool = False
+    state: str | None = None  # what this agent last told the server
+    message: str = ""
+    resyncing: bool = False
 
 
 class ServerRejected(Exception):
@@ -73,6 +76,7 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._terminating: set[int] = set()
         self.registered = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------
@@ -139,16 +143,19 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            body = {"gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
-                    "host": host_info().model_dump(mode="json")}
-            try:
-                async with self._http.post(f"{self.config.server_url}/v2/agent/heartbeat", json=body,
-                                           headers=self._headers()) as response:
-                    if response.status in (401, 404):
-                        log.warning("the server no longer knows this worker; registering again")
-                        await self._register_until_accepted()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("heartbeat failed: %s", exc)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        body = {"gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
+                "host": host_info().model_dump(mode="json")}
+        try:
+            async with self._http.post(f"{self.config.server_url}/v2/agent/heartbeat", json=body,
+                                       headers=self._headers()) as response:
+                if response.status in (401, 404):
+                    log.warning("the server no longer knows this worker; registering again")
+                    await self._register_until_accepted()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("heartbeat failed: %s", exc)
 
     async def _watch_loop(self) -> None:
         version: int | None = None
@@ -187,6 +194,7 @@ class Agent:
         self._wake.set()
 
     async def _report(self, instance_id: int, state: str, message: str = "", **extra: Any) -> bool:
+        """Tell the server an instance's state. True once the server answered (accepted or refused)."""
         body = {"state": state, "message": message, **{k: v for k, v in extra.items() if v is not None}}
         for attempt in range(5):
             try:
@@ -196,7 +204,7 @@ class Agent:
                         return True
                     if response.status in (404, 409):  # gone or moved on; the watch tells us what is wanted
                         log.info("report %s for instance %s refused: %s", state, instance_id, await response.text())
-                        return False
+                        return True
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("report failed (%s), retrying", exc)
             await asyncio.sleep(0.5 * (attempt + 1))
@@ -220,16 +228,37 @@ class Agent:
         for instance_id, instance in list(self.desired.items()):
             workload = self.workloads.get(instance_id)
             if instance.state == "terminating":
-                if workload is None or not workload.stopping:
-                    asyncio.create_task(self._terminate(instance_id, workload))
+                if instance_id not in self._terminating:
+                    self._spawn_terminate(instance_id, workload, report=True)
                 continue
             if instance.state not in _RUNNABLE:
                 continue
             if workload is None or (workload.exited and instance.state == "scheduled"):
                 self._launch(instance)
+            elif workload.state and workload.state != instance.state and not workload.resyncing:
+                # The server missed a report, restarted, or marked the worker unreachable
+                # meanwhile: tell it again what actually runs here.
+                workload.resyncing = True
+                asyncio.create_task(self._resync(workload))
         for instance_id, workload in list(self.workloads.items()):
-            if instance_id not in self.desired and not workload.stopping:
-                asyncio.create_task(self._terminate(instance_id, workload, report=False))
+            if instance_id not in self.desired and instance_id not in self._terminating:
+                self._spawn_terminate(instance_id, workload, report=False)
+
+    def _spawn_terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:
+        self._terminating.add(instance_id)
+        task = asyncio.create_task(self._terminate(instance_id, workload, report))
+        task.add_done_callback(lambda _t: self._terminating.discard(instance_id))
+
+    async def _resync(self, workload: Workload) -> None:
+        try:
+            await self._report(workload.instance.id, workload.state, workload.message,
+                               port=workload.port, pid=workload.handle.pid if workload.handle else None)
+        finally:
+            workload.resyncing = False
+
+    async def _set_state(self, workload: Workload, state: str, message: str, **extra: Any) -> None:
+        workload.state, workload.message = state, message
+        await self._report(workload.instance.id, state, message, **extra)
 
     def _launch(self, instance: InstanceOut) -> None:
         workload = Workload(instance=instance)
@@ -252,23 +281,23 @@ class Agent:
         except (BackendError, OSError, RuntimeError) as exc:
             workload.exited = True
             self.ports.release(workload.port)
-            await self._report(instance.id, "error", f"could not start: {exc}")
+            await self._set_state(workload, "error", f"could not start: {exc}")
             return
         handle = workload.handle
-        await self._report(instance.id, "starting", f"pid {handle.pid}, port {workload.port}",
-                           port=workload.port, pid=handle.pid)
+        await self._set_state(workload, "starting", f"pid {handle.pid}, port {workload.port}",
+                              port=workload.port, pid=handle.pid)
         exit_wait = asyncio.create_task(self.runtime.wait(handle))
         healthy = await self._probe_until_healthy(workload.port, spec.health_path, exit_wait)
         if healthy:
-            await self._report(instance.id, "running", f"serving on {self.config.address}:{workload.port}",
-                               port=workload.port, pid=handle.pid)
+            await self._set_state(workload, "running", f"serving on {self.config.address}:{workload.port}",
+                                  port=workload.port, pid=handle.pid)
         code = await exit_wait
         workload.exited = True
         self.ports.release(workload.port)
         if not workload.stopping:
             why = "did not become healthy" if not healthy else "exited"
-            await self._report(instance.id, "error",
-                               f"process {why} (exit code {code}); log tail:\n{tail_text(path, 30)}")
+            await self._set_state(workload, "error",
+                                  f"process {why} (exit code {code}); log tail:\n{tail_text(path, 30)}")
 
     async def _probe_until_healthy(self, port: int, health_path: str, exit_wait: asyncio.Task[int]) -> bool:
         url = f"http://{self.config.address}:{port}{health_path}"
@@ -284,12 +313,11 @@ class Agent:
             await asyncio.sleep(0.2)
         return False
 
-    async def _terminate(self, instance_id: int, workload: Workload | None, report: bool = True) -> None:
+    async def _terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:
         if workload is not None:
             await self._stop_workload(workload)
             self.workloads.pop(instance_id, None)
-        if report:
-            await self._report(instance_id, "terminated", "workload stopped")
+        if report and await self._report(instance_id, "terminated", "workload stopped"):
             self.desired.pop(instance_id, None)
 
     async def _stop_workload(self, workload: Workload) -> None:

@@ -81,10 +81,11 @@ async def heartbeat(request: web.Request) -> web.Response:
         return json_out(schemas.WorkerOut.model_validate(worker))
 
 
+# Unreachable instances come back only through their worker's heartbeat (see _recover_unreachable).
 _ALLOWED_FROM = {
-    schemas.AgentInstanceState.starting: {S.scheduled, S.starting, S.running, S.error, S.unreachable},
-    schemas.AgentInstanceState.running: {S.scheduled, S.starting, S.running, S.unreachable},
-    schemas.AgentInstanceState.error: {S.scheduled, S.starting, S.running, S.error, S.unreachable},
+    schemas.AgentInstanceState.starting: {S.scheduled, S.starting, S.running, S.error},
+    schemas.AgentInstanceState.running: {S.scheduled, S.starting, S.running},
+    schemas.AgentInstanceState.error: {S.scheduled, S.starting, S.running, S.error},
 }
 
 
