@@ -64,6 +64,9 @@ class MaasClient:
         except TimeoutError:
             raise ServerUnreachable(self.server, "timed out") from None
 
+    async def health(self) -> dict[str, Any]:
+        return await self.request("GET", "/healthz")
+
     # --- auth and keys ----------------------------------------------------------
 
     async def login(self, username: str, password: str) -> schemas.LoginResponse:

@@ -118,8 +118,10 @@ def login(
 
 @app.command()
 def version() -> None:
-    """Print the client version (and the server's when one is configured)."""
-    console.print(f"maas {__version__}")
+    """Print the client version, and the server's when one is configured."""
+    console.print(f"client: maas {__version__}")
+    if client_config.load().server:
+        console.print(f"server: maas {call(lambda c: c.health())['version']}")
 
 
 # --- models ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rich.table import Table, box
 
 # Piped output keeps one row per line, whatever its width, so scripts can grep it.
 console = Console(width=None if sys.stdout.isatty() else 400)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
 class Format(StrEnum):

@@ -42,8 +42,8 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     return await handler(request)
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": request.app[SERVER_KEY].version})
 
 
 def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:
