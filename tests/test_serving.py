@@ -109,3 +109,61 @@ async def test_broken_model_file_reports_error_with_log_tail(admin: MaasClient, 
 
 async def _false(value: bool) -> bool:
     return not value
+
+
+async def test_simulated_gpus_are_labelled_and_claimed(server: MaasServer, admin: MaasClient, tmp_path: Path,
+                                                       tiny_model: Path):
+    from agent.agent import Agent, AgentConfig
+
+    sim = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "sim-agent",
+                            name="sim-worker", address="127.0.0.1", simulate_gpus="2xH100-80GB"))
+    await sim.start()
+    try:
+        await eventually(lambda: _has_worker(admin, "sim-worker"), message="the simulated worker to register")
+        worker = await admin.get_worker("sim-worker")
+        assert [g.simulated for g in worker.gpus] == [True, True]
+        assert all("(simulated)" in g.name and g.memory_total == 80 * 1000**3 for g in worker.gpus)
+
+        await admin.create_model({"name": "on-gpu", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 2})
+        await eventually(lambda: _running(admin, "on-gpu", 2), message="2 replicas on simulated GPUs")
+        claims = [i.claim for i in await admin.list_instances("on-gpu")]
+        # First fit: both claims are small enough to share GPU 0.
+        assert all(c.device == "gpu" and c.gpu_indexes == [0] and c.vram_bytes_per_gpu > 0 for c in claims)
+    finally:
+        await sim.stop()
+
+
+async def _has_worker(admin: MaasClient, name: str) -> bool:
+    return name in [w.name for w in await admin.list_workers()]
+
+
+async def test_silent_worker_goes_unreachable_and_recovers(server: MaasServer, admin: MaasClient, tmp_path: Path,
+                                                           tiny_model: Path):
+    """No heartbeat for worker_timeout -> not_ready and its instances unreachable (the gateway stops
+    routing to them); the next heartbeat brings them back, still served by the same process."""
+    from agent.agent import Agent, AgentConfig
+
+    quiet = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "quiet",
+                              name="quiet-worker", address="127.0.0.1", heartbeat_interval=3600))
+    await quiet.start()
+    try:
+        await admin.create_model({"name": "lonely", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
+        await eventually(lambda: _running(admin, "lonely", 1), message="1 running replica")
+        pid = (await admin.list_instances("lonely"))[0].pid
+        server.config.worker_timeout = 0.5
+
+        async def unreachable() -> bool:
+            worker = await admin.get_worker("quiet-worker")
+            states = [i.state for i in await admin.list_instances("lonely")]
+            return worker.state == "not_ready" and states == ["unreachable"]
+
+        await eventually(unreachable, timeout=15, message="worker not_ready and instance unreachable")
+        assert server.routes.serving_models() == []
+
+        server.config.worker_timeout = 3600
+        await quiet.heartbeat()
+        await eventually(lambda: _running(admin, "lonely", 1), message="the instance running again")
+        assert (await admin.list_instances("lonely"))[0].pid == pid  # adopted, not restarted
+        assert server.routes.serving_models() == ["lonely"]
+    finally:
+        await quiet.stop()
