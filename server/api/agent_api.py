@@ -9,7 +9,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server import schemas
-from server.api.errors import conflict, not_found, read_json
+from server.api.errors import conflict, not_found, parse_whole_number, read_json
 from server.api.routing import json_out, principal_of, route, server_of
 from server.api.security import hash_secret, new_worker_token
 from server.db import tables
@@ -95,10 +95,11 @@ async def report_status(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.InstanceStatusReport)
     principal = principal_of(request)
     ref = request.match_info["id"]
-    if not ref.isdigit():
+    instance_id = parse_whole_number(ref, low=1)
+    if instance_id is None:
         raise not_found(f"instance {ref!r}")
     async with server_of(request).db.session() as s:
-        instance = await s.get(tables.ModelInstance, int(ref))
+        instance = await s.get(tables.ModelInstance, instance_id)
         if instance is None or instance.worker_id != principal.worker_id:
             raise not_found(f"instance {ref} on worker {principal.name}")
         if body.state == schemas.AgentInstanceState.terminated:

@@ -78,15 +78,35 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return error_response(request, 500, "internal", "internal server error (see the server log)")
 
 
-async def read_json(request: web.Request, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body into `model`; malformed JSON is a 400, invalid fields a 422."""
-    raw = await request.read()
+MAX_ID = 2**63 - 1
+
+
+def parse_json_object(raw: bytes, expected: str = "a JSON object") -> dict[str, Any]:
+    """A request body as a JSON object; anything else is a 400 that says what is wrong."""
     if not raw:
-        raise bad_request("request body is empty; send a JSON object")
+        raise bad_request(f"request body is empty; send {expected}")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
-        raise bad_request("the JSON body must be an object")
-    return model.model_validate(data)
+        raise bad_request(f"the body must be {expected}")
+    return data
+
+
+def parse_whole_number(text: str | None, low: int = 0, high: int = MAX_ID) -> int | None:
+    """ASCII digits (optionally signed) within [low, high], else None. Never raises."""
+    if text is None or not 0 < len(text) <= 20:
+        return None
+    digits = text[1:] if text[0] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
+async def read_json(request: web.Request, model: type[BaseModel]) -> Any:
+    """Parse and validate a JSON body into `model`; malformed JSON is a 400, invalid fields a 422."""
+    return model.model_validate(parse_json_object(await request.read()))

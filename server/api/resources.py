@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from server import schemas
-from server.api.errors import ApiError, bad_request, conflict, not_found, read_json, unauthorized
+from server.api.errors import (ApiError, bad_request, conflict, not_found, parse_whole_number, read_json,
+                               unauthorized)
 from server.api.routing import json_out, principal_of, route, server_of
 from server.api.security import SESSION_LIFETIME, hash_secret, new_user_token, verify_password
 from server.db import tables
@@ -97,7 +98,11 @@ def _check_source(spec: schemas.ModelSpec) -> None:
         path = Path(spec.source)
         if not path.is_absolute():
             raise bad_request(f"model source {spec.source!r} must be an absolute path to a .gguf file")
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise bad_request(f"model source {spec.source!r} is not a usable path: {exc}") from None
+        if not found:
             raise bad_request(f"model file not found: {spec.source}")
 
 
@@ -202,8 +207,9 @@ async def delete_model(request: web.Request) -> web.Response:
 
 
 async def _get_instance(session, ref: str) -> tables.ModelInstance:
-    column = tables.ModelInstance.id if ref.isdigit() else tables.ModelInstance.name
-    value = int(ref) if ref.isdigit() else ref
+    instance_id = parse_whole_number(ref, low=1)
+    column = tables.ModelInstance.name if instance_id is None else tables.ModelInstance.id
+    value = ref if instance_id is None else instance_id
     instance = (await session.execute(select(tables.ModelInstance).where(column == value))).scalar_one_or_none()
     if instance is None:
         raise not_found(f"instance {ref!r}")
@@ -247,10 +253,11 @@ async def delete_instance(request: web.Request) -> web.Response:
        query={"tail": "last N lines (default 200)", "follow": "1 to keep streaming"})
 async def instance_logs(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
-    tail = request.query.get("tail", "200")
+    tail = parse_whole_number(request.query.get("tail", "200"), low=-1, high=10_000_000)
     follow = request.query.get("follow", "0")
-    if not tail.lstrip("-").isdigit():
-        raise bad_request("tail must be a whole number")
+    previous = request.query.get("previous", "0")
+    if tail is None:
+        raise bad_request("tail must be a whole number from -1 (everything) to 10000000")
     async with server.db.session() as s:
         instance = await _get_instance(s, request.match_info["ref"])
         worker = await s.get(tables.Worker, instance.worker_id) if instance.worker_id else None
@@ -259,7 +266,7 @@ async def instance_logs(request: web.Request) -> web.StreamResponse:
     url = f"http://{worker.address}:{worker.agent_port}/instances/{instance.id}/logs"
     headers = {"Authorization": f"Bearer {worker.agent_secret}"}
     try:
-        upstream = await server.http.get(url, params={"tail": tail, "follow": follow}, headers=headers,
+        upstream = await server.http.get(url, params={"tail": str(tail), "follow": follow, "previous": previous}, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
     except aiohttp.ClientError as exc:
         raise ApiError(502, "worker_unreachable", f"worker {worker.name} did not answer: {exc}") from None
@@ -322,10 +329,10 @@ async def delete_worker(request: web.Request) -> web.Response:
        query={"limit": "how many (default 100, at most 1000)", "kind": "models|instances|workers|api_keys",
               "name": "only events of this object"})
 async def list_events(request: web.Request) -> web.Response:
-    limit_text = request.query.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+    limit = parse_whole_number(request.query.get("limit", "100"), low=1, high=1000)
+    if limit is None:
         raise bad_request("limit must be a whole number from 1 to 1000")
-    query = select(tables.Event).order_by(tables.Event.id.desc()).limit(int(limit_text))
+    query = select(tables.Event).order_by(tables.Event.id.desc()).limit(limit)
     if kind := request.query.get("kind"):
         query = query.where(tables.Event.kind == kind)
     if name := request.query.get("name"):

@@ -12,6 +12,7 @@ from typing import Literal
 
 from sqlalchemy import select
 
+from server.api.errors import parse_whole_number
 from server.db import tables
 from server.db.database import Database
 
@@ -32,7 +33,11 @@ def verify_password(password: str, stored: str) -> bool:
         return False
     if scheme != "scrypt":
         return False
-    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=2**14, r=8, p=1)
+    try:
+        salt = bytes.fromhex(salt_hex)
+    except ValueError:
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
     return hmac.compare_digest(digest.hex(), digest_hex)
 
 
@@ -102,9 +107,10 @@ class Authenticator:
         parts = token.split("_", 2)
         if len(parts) != 3:
             return None
-        if parts[0] == "maasw" and parts[1].isdigit():
+        worker_id = parse_whole_number(parts[1], low=1) if parts[0] == "maasw" else None
+        if worker_id is not None:
             async with self.db.session() as s:
-                worker = await s.get(tables.Worker, int(parts[1]))
+                worker = await s.get(tables.Worker, worker_id)
             if worker and worker.token_hash and hmac.compare_digest(worker.token_hash, token_hash):
                 return Principal(kind="worker", name=worker.name, worker_id=worker.id)
             return None

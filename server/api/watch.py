@@ -10,7 +10,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server import schemas
-from server.api.errors import bad_request, forbidden
+from server.api.errors import bad_request, forbidden, parse_whole_number
 from server.api.resources import _model_out, _ready_counts
 from server.api.routing import principal_of, route, server_of
 from server.bus import BusEvent
@@ -66,14 +66,15 @@ async def watch(request: web.Request) -> web.StreamResponse:
             raise forbidden("a worker may watch only its instances (kinds=instances)")
         worker_id = principal.worker_id
     since_text = request.query.get("since")
-    if since_text is not None and not since_text.isdigit():
+    since = parse_whole_number(since_text) if since_text is not None else None
+    if since_text is not None and since is None:
         raise bad_request("since must be a version number")
 
     subscription = server.bus.subscribe(kinds)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
-        replay = server.bus.since(int(since_text)) if since_text is not None else None
+        replay = server.bus.since(since) if since is not None else None
         if replay is None:
             version = server.bus.version
             items = await _snapshot(server, kinds, worker_id)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import aiohttp
 from aiohttp import web
 
-from server.api.errors import ApiError, bad_request
+from server.api.errors import ApiError, bad_request, parse_json_object
 from server.api.routing import server_of
 
 log = logging.getLogger(__name__)
@@ -26,12 +25,10 @@ async def list_models(request: web.Request) -> web.Response:
 async def proxy(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     body = await request.read()
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"malformed JSON: {exc}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) or not payload["model"]:
-        raise bad_request("the request must be a JSON object with a 'model' string")
+    expected = "a JSON object with a 'model' string"
+    payload = parse_json_object(body, expected)
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        raise bad_request(f"the body must be {expected}")
     name = payload["model"]
     routes = server.routes.models.get(name)
     if routes is None:
