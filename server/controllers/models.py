@@ -57,6 +57,7 @@ class ModelController(ReconcileLoop):
                 instance.state = S.terminating
                 instance.state_message = "model deleted"
         if remaining == 0:
+            await s.flush()  # instances first: there is no ORM relationship to order the deletes
             await s.delete(model)
             record_event(s, "models", model, "Deleted", "all instances stopped", "model-controller")
 
