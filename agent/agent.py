@@ -343,10 +343,12 @@ class Agent:
     async def _handle_logs(self, request: web.Request) -> web.StreamResponse:
         if not self._agent_secret or request.headers.get("Authorization") != f"Bearer {self._agent_secret}":
             return web.json_response({"error": {"code": "unauthorized", "message": "bad agent secret"}}, status=401)
-        instance_id = request.match_info["id"]
-        if not instance_id.isdigit():
+        instance_id, tail = request.match_info["id"], request.query.get("tail", "200")
+        if not (instance_id.isascii() and instance_id.isdigit() and len(instance_id) < 19):
             return web.json_response({"error": {"code": "not_found", "message": "no such instance"}}, status=404)
-        tail = int(request.query.get("tail", "200"))
+        if not (tail.lstrip("-").isascii() and tail.lstrip("-").isdigit() and len(tail) < 10):
+            return web.json_response({"error": {"code": "bad_request", "message": "tail: a whole number"}}, status=400)
+        tail = int(tail)
         path = self.log_path(int(instance_id))
         if request.query.get("previous") == "1":
             path = path.with_suffix(".previous.log")

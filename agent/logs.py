@@ -30,8 +30,14 @@ def tail_lines(path: Path, count: int) -> bytes:
             chunks.appendleft(chunk)
             newlines += chunk.count(b"\n")
     data = b"".join(chunks)
-    lines = data.splitlines(keepends=True)
-    return b"".join(lines[-count:])
+    if not data:
+        return b""
+    # Lines end at \n only: progress bars use bare \r within one line.
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+        return b"\n".join(lines[-count:]) + b"\n"
+    return b"\n".join(lines[-count:])
 
 
 def tail_text(path: Path, count: int, limit: int = 4000) -> str:
