@@ -92,7 +92,9 @@ class MaasServer:
         ]
         for loop in self._loops:
             loop.start()
-        self._runner = web.AppRunner(create_app(self), access_log=None, shutdown_timeout=2)
+        self._runner = web.AppRunner(create_app(self), access_log=None, shutdown_timeout=2,
+                                     # A client that leaves ends its watch or stream at once.
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()

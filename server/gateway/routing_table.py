@@ -42,11 +42,11 @@ class RoutingTable:
         self.created.setdefault(name, _epoch(model.get("created_at")))
 
     def apply_instance(self, action: str, instance: dict[str, Any]) -> None:
-        routes = self.models.setdefault(instance["model_name"], ModelRoutes())
         serving = action != "deleted" and instance["state"] == "running" and instance.get("port") and instance.get("address")
         if serving:
+            routes = self.models.setdefault(instance["model_name"], ModelRoutes())
             routes.targets[instance["id"]] = Target(instance["id"], f"http://{instance['address']}:{instance['port']}")
-        else:
+        elif (routes := self.models.get(instance["model_name"])) is not None:
             routes.targets.pop(instance["id"], None)
 
     def load(self, models: list[dict[str, Any]], instances: list[dict[str, Any]]) -> None:
