@@ -74,7 +74,7 @@ class Agent:
         self._agent_secret = ""
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.main_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
         self.registered = asyncio.Event()
@@ -88,12 +88,12 @@ class Agent:
             log.info("stopped %d workloads left by a previous agent", left)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=5))
         await self._serve_http()
-        self._tasks = [asyncio.create_task(self._main(), name="agent-main")]
+        self.main_task = asyncio.create_task(self._main(), name="agent-main")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.main_task is not None:
+            self.main_task.cancel()
+            await asyncio.gather(self.main_task, return_exceptions=True)
         await asyncio.gather(*(self._stop_workload(w) for w in list(self.workloads.values())), return_exceptions=True)
         if self._runner:
             await self._runner.cleanup()

@@ -63,8 +63,8 @@ def call(work: Callable[[MaasClient], Awaitable[T]], server: str | None = None, 
 @app.command()
 def start(
     data_dir: Optional[Path] = typer.Option(None, help="where the database, credentials and logs live"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 to accept remote agents)"),
-    port: int = typer.Option(8080, help="port for the API, the watch stream and the /v1 gateway"),
+    host: Optional[str] = typer.Option(None, help="address to listen on [default: 127.0.0.1; 0.0.0.0 for remote agents]"),
+    port: Optional[int] = typer.Option(None, help="port for the API, the watch stream and /v1 [default: 8080]"),
     database_url: Optional[str] = typer.Option(None, help="external postgresql:// or sqlite:///PATH (default: embedded PostgreSQL)"),
     no_agent: bool = typer.Option(False, "--no-agent", help="do not run a local agent"),
     simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),

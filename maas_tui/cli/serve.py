@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 from pathlib import Path
+from typing import Any, Coroutine
 
 import typer
 
@@ -23,7 +24,7 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _run_until_signal(main: "asyncio.coroutines") -> None:
+def _run_until_signal(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 
@@ -40,7 +41,7 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-def run_start(*, data_dir: Path | None, host: str, port: int, database_url: str | None, no_agent: bool,
+def run_start(*, data_dir: Path | None, host: str | None, port: int | None, database_url: str | None, no_agent: bool,
               simulate_gpus: str | None, log_level: str) -> None:
     from agent.agent import Agent, AgentConfig
     from agent.devices import DeviceSpecError, parse_simulated
@@ -55,7 +56,11 @@ def run_start(*, data_dir: Path | None, host: str, port: int, database_url: str 
         except DeviceSpecError as exc:
             err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
             raise typer.Exit(2) from None
-    config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url)
+    try:
+        config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url)
+    except ValueError as exc:  # e.g. MAAS_PORT=abc
+        err_console.print(f"[bold red]error:[/] bad configuration: {exc}")
+        raise typer.Exit(2) from None
 
     async def main() -> None:
         server = MaasServer(config)
@@ -81,7 +86,7 @@ def run_start(*, data_dir: Path | None, host: str, port: int, database_url: str 
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] cannot start the server on {host}:{port}: {exc.strerror or exc}")
+        err_console.print(f"[bold red]error:[/] cannot start the server on {config.host}:{config.port}: {exc.strerror or exc}")
         raise typer.Exit(1) from None
     except ValueError as exc:  # a bad --database-url
         err_console.print(f"[bold red]error:[/] {exc}")
@@ -134,10 +139,9 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
         await agent.start()
         waiter = asyncio.create_task(_wait_for_signal())
         try:
-            done, _ = await asyncio.wait([waiter, *agent._tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not waiter and task.exception():
-                    raise task.exception()
+            await asyncio.wait([waiter, agent.main_task], return_when=asyncio.FIRST_COMPLETED)
+            if agent.main_task.done() and agent.main_task.exception():
+                raise agent.main_task.exception()  # e.g. the server refused registration
         finally:
             waiter.cancel()
             await agent.stop()

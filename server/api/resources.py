@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -55,10 +55,7 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ApiKeyCreate)
     principal = principal_of(request)
     token, prefix = new_user_token()
-    expires = None
-    if body.expires_in_days:
-        from datetime import timedelta
-        expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
+    expires = datetime.now(UTC) + timedelta(days=body.expires_in_days) if body.expires_in_days else None
     async with server_of(request).db.session() as s:
         exists = (await s.execute(select(tables.ApiKey.id).where(
             tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api", tables.ApiKey.name == body.name))).first()
@@ -106,7 +103,7 @@ def _check_source(spec: schemas.ModelSpec) -> None:
             raise bad_request(f"model file not found: {spec.source}")
 
 
-async def _ready_counts(session, model_ids: list[int] | None = None) -> dict[int, int]:
+async def ready_counts(session, model_ids: list[int] | None = None) -> dict[int, int]:
     query = (select(tables.ModelInstance.model_id, func.count())
              .where(tables.ModelInstance.state == schemas.InstanceState.running)
              .group_by(tables.ModelInstance.model_id))
@@ -115,7 +112,7 @@ async def _ready_counts(session, model_ids: list[int] | None = None) -> dict[int
     return {model_id: count for model_id, count in (await session.execute(query)).all()}
 
 
-def _model_out(model: tables.Model, ready: dict[int, int]) -> schemas.ModelOut:
+def model_out(model: tables.Model, ready: dict[int, int]) -> schemas.ModelOut:
     out = schemas.ModelOut.model_validate(model)
     out.ready_replicas = ready.get(model.id, 0)
     return out
@@ -132,8 +129,8 @@ async def _get_model(session, name: str) -> tables.Model:
 async def list_models(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
         models = (await s.execute(select(tables.Model).order_by(tables.Model.name))).scalars().all()
-        ready = await _ready_counts(s)
-    return json_out([_model_out(m, ready) for m in models])
+        ready = await ready_counts(s)
+    return json_out([model_out(m, ready) for m in models])
 
 
 @route("POST", "/v2/models", "Deploy a model", body=schemas.ModelCreate, response=schemas.ModelOut, status=201)
@@ -156,14 +153,14 @@ async def create_model(request: web.Request) -> web.Response:
         record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas",
                      principal.name)
         await s.commit()
-    return json_out(_model_out(model, {}), status=201)
+    return json_out(model_out(model, {}), status=201)
 
 
 @route("GET", "/v2/models/{name}", "Get a model", response=schemas.ModelOut)
 async def get_model(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
         model = await _get_model(s, request.match_info["name"])
-        return json_out(_model_out(model, await _ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id])))
 
 
 @route("PATCH", "/v2/models/{name}", "Scale a model or change its spec (a new generation)",
@@ -188,7 +185,7 @@ async def update_model(request: web.Request) -> web.Response:
             record_event(s, "models", model, "Scaled", f"{model.replicas} -> {body.replicas} replicas", principal.name)
             model.replicas = body.replicas
         await s.commit()
-        return json_out(_model_out(model, await _ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id])))
 
 
 @route("DELETE", "/v2/models/{name}", "Delete a model and stop its instances", response=schemas.ModelOut, status=202)
@@ -200,7 +197,7 @@ async def delete_model(request: web.Request) -> web.Response:
             model.state = schemas.ModelState.deleting
             record_event(s, "models", model, "Deleting", "instances are being stopped", principal.name)
             await s.commit()
-        return json_out(_model_out(model, await _ready_counts(s, [model.id])), status=202)
+        return json_out(model_out(model, await ready_counts(s, [model.id])), status=202)
 
 
 # --- instances ----------------------------------------------------------------

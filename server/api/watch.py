@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from server import schemas
 from server.api.errors import bad_request, forbidden, parse_whole_number
-from server.api.resources import _model_out, _ready_counts
+from server.api.resources import model_out, ready_counts
 from server.api.routing import principal_of, route, server_of
 from server.bus import BusEvent
 from server.db import tables
@@ -38,8 +38,8 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dic
                 query = query.where(tables.ModelInstance.worker_id == worker_id)
             rows = (await s.execute(query)).scalars().all()
             if kind == "models":
-                ready = await _ready_counts(s)
-                items[kind] = [_model_out(r, ready).model_dump(mode="json") for r in rows]
+                ready = await ready_counts(s)
+                items[kind] = [model_out(r, ready).model_dump(mode="json") for r in rows]
             else:
                 schema = schemas.WorkerOut if kind == "workers" else schemas.InstanceOut
                 items[kind] = [schema.model_validate(r).model_dump(mode="json") for r in rows]

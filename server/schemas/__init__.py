@@ -6,7 +6,6 @@ the standard library only.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -274,7 +273,6 @@ class EventOut(Schema):
     created_at: datetime
 
 
-WatchKind = Literal["workers", "models", "instances", "events"]
 WATCH_KINDS: tuple[str, ...] = ("workers", "models", "instances", "events")
 
 
@@ -293,10 +291,3 @@ class WatchMessage(Schema):
     object: dict[str, Any] | None = None
     items: dict[str, list[dict[str, Any]]] | None = None
 
-
-class ListResponse(Schema):
-    items: list[Any]
-
-
-def is_valid_model_name(name: str) -> bool:
-    return re.match(MODEL_NAME_PATTERN, name) is not None
