@@ -258,7 +258,11 @@ class Agent:
 
     async def _set_state(self, workload: Workload, state: str, message: str, **extra: Any) -> None:
         workload.state, workload.message = state, message
-        await self._report(workload.instance.id, state, message, **extra)
+        workload.resyncing = True  # this report is the sync; don't send it twice meanwhile
+        try:
+            await self._report(workload.instance.id, state, message, **extra)
+        finally:
+            workload.resyncing = False
 
     def _launch(self, instance: InstanceOut) -> None:
         workload = Workload(instance=instance)
@@ -303,6 +307,7 @@ class Agent:
         url = f"http://{self.config.address}:{port}{health_path}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.health_timeout
+        interval = 0.02  # small models are up in tens of milliseconds; big ones take minutes
         while loop.time() < deadline and not exit_wait.done():
             try:
                 async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
@@ -310,7 +315,8 @@ class Agent:
                         return True
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 1.0)
         return False
 
     async def _terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:

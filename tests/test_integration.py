@@ -139,6 +139,9 @@ def test_walking_skeleton(traversable_tmp: Path, tiny_model: Path, tmp_path_fact
         backend_pids = [i["pid"] for i in first]
         assert all(psutil.pid_exists(pid) for pid in backend_pids)
 
+        log = cluster.maas("instance", "logs", first[0]["name"], "--tail", "-1").stdout
+        assert "llama.cpp server listening on" in log
+
         answer = cluster.maas("chat", "tiny", "hello", "--max-tokens", "8").stdout
         assert answer.strip()
 

@@ -167,3 +167,16 @@ async def test_silent_worker_goes_unreachable_and_recovers(server: MaasServer, a
         assert server.routes.serving_models() == ["lonely"]
     finally:
         await quiet.stop()
+
+
+async def test_embeddings_through_the_gateway(server: MaasServer, admin: MaasClient, api_key: str, agent,
+                                              tiny_model: Path):
+    await admin.create_model({"name": "embedder", "source": str(tiny_model), "backend": "llama.cpp",
+                              "replicas": 1, "args": ["--embeddings"]})
+    await eventually(lambda: _running(admin, "embedder", 1), message="the embedding model running")
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    result = await client.embeddings.create(model="embedder", input=["hello world", "good night"])
+    await client.close()
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) == 64  # the tiny model's width
+    assert result.data[0].embedding != result.data[1].embedding
