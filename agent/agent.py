@@ -233,7 +233,9 @@ class Agent:
                 continue
             if instance.state not in _RUNNABLE:
                 continue
-            if workload is None or (workload.exited and instance.state == "scheduled"):
+            # A failed workload runs again only when the server asks, by raising restart_count;
+            # a stale `scheduled` from the watch must not relaunch it.
+            if workload is None or (workload.exited and instance.restart_count > workload.instance.restart_count):
                 self._launch(instance)
             elif workload.state and workload.state != instance.state and not workload.resyncing:
                 # The server missed a report, restarted, or marked the worker unreachable
