@@ -6,16 +6,19 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from server.api import agent_api, resources, watch  # noqa: F401  (they register routes)
+from server.api import agent_api, resources, usage, watch  # noqa: F401  (they register routes)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
 
+# Which credential kinds each route accepts, and the scope a user's key needs there.
 _ALLOWED = {
     "user": {"user"},
+    "inference": {"user"},
     "worker": {"worker"},
     "registrar": {"registrar"},
     "user_or_worker": {"user", "worker"},
 }
+_SCOPE = {"user": "management", "user_or_worker": "management", "inference": "inference"}
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -38,6 +41,9 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
         raise unauthorized("invalid, expired or revoked credentials")
     if principal.kind not in _ALLOWED[required]:
         raise forbidden(f"this endpoint is not for {principal.kind} credentials")
+    scope = _SCOPE.get(required)
+    if principal.kind == "user" and scope not in principal.scopes:
+        raise forbidden(f"this API key lacks the {scope!r} scope")
     request[PRINCIPAL_KEY] = principal
     return await handler(request)
 

@@ -62,7 +62,8 @@ async def create_key(request: web.Request) -> web.Response:
         if exists:
             raise conflict(f"an API key named {body.name!r} already exists")
         key = tables.ApiKey(user_id=principal.user_id, kind="api", name=body.name, prefix=prefix,
-                            secret_hash=hash_secret(token), expires_at=expires)
+                            secret_hash=hash_secret(token), expires_at=expires, scopes=list(dict.fromkeys(body.scopes)),
+                            allowed_models=list(dict.fromkeys(body.allowed_models)))
         s.add(key)
         await s.flush()
         record_event(s, "api_keys", key, "Created", f"API key {body.name} created", principal.name)

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Auth = Literal["none", "user", "worker", "registrar", "user_or_worker"]
+Auth = Literal["none", "user", "inference", "worker", "registrar", "user_or_worker"]
 
 
 @dataclass

@@ -17,7 +17,6 @@ from server.db import tables
 from server.db.database import Database
 
 SESSION_LIFETIME = timedelta(days=7)
-_CACHE_SECONDS = 30.0
 
 
 def hash_password(password: str) -> str:
@@ -60,6 +59,10 @@ def new_cluster_token() -> str:
     return f"maasc_{secrets.token_urlsafe(32)}"
 
 
+ALL_SCOPES = frozenset({"management", "inference"})
+_NEGATIVE_SECONDS = 5.0  # unknown tokens are looked up again after this
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     kind: Literal["user", "worker", "registrar"]
@@ -67,42 +70,59 @@ class Principal:
     user_id: int | None = None
     worker_id: int | None = None
     is_admin: bool = False
+    scopes: frozenset[str] = ALL_SCOPES
+    allowed_models: frozenset[str] = frozenset()  # empty: every model
+    api_key_id: int | None = None
+    api_key_name: str = ""
+    expires_at: datetime | None = None
+
+    def may_use_model(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
 
 
 class Authenticator:
-    """Turns a bearer token into a Principal. Hits are cached briefly; key and worker
-    changes on the bus clear the cache, so a revoked key stops working at once."""
+    """Turns a bearer token into a Principal without database work on the request path:
+    a verified token stays cached until a key or worker change on the bus invalidates
+    it, and expiry is checked on every use. Unknown tokens are cached for a few seconds."""
 
     def __init__(self, db: Database):
         self.db = db
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._known: dict[str, Principal] = {}
+        self._unknown: dict[str, float] = {}
         self.cluster_token_hash: str | None = None
 
     def invalidate(self, worker_id: int | None = None) -> None:
         """Forget cached credentials: those of one worker, or all of them."""
+        self._unknown.clear()
         if worker_id is None:
-            self._cache.clear()
+            self._known.clear()
             return
-        for key, (_, principal) in list(self._cache.items()):
-            if principal is not None and principal.worker_id == worker_id:
-                self._cache.pop(key, None)
+        for key, principal in list(self._known.items()):
+            if principal.worker_id == worker_id:
+                self._known.pop(key, None)
 
     async def authenticate(self, token: str) -> Principal | None:
         key = hash_secret(token)
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit and hit[0] > now:
-            return hit[1]
-        principal = await self._lookup(token, key)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = (now + _CACHE_SECONDS, principal)
+        principal = self._known.get(key)
+        if principal is None:
+            now = time.monotonic()
+            if self._unknown.get(key, 0.0) > now:
+                return None
+            principal = await self._lookup(token, key)
+            if principal is None:
+                if len(self._unknown) > 100_000:
+                    self._unknown.clear()
+                self._unknown[key] = now + _NEGATIVE_SECONDS
+                return None
+            self._known[key] = principal
+        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            return None
         return principal
 
     async def _lookup(self, token: str, token_hash: str) -> Principal | None:
         if token.startswith("maasc_"):
             if self.cluster_token_hash and hmac.compare_digest(token_hash, self.cluster_token_hash):
-                return Principal(kind="registrar", name="registrar")
+                return Principal(kind="registrar", name="registrar", scopes=frozenset())
             return None
         parts = token.split("_", 2)
         if len(parts) != 3:
@@ -112,7 +132,7 @@ class Authenticator:
             async with self.db.session() as s:
                 worker = await s.get(tables.Worker, worker_id)
             if worker and worker.token_hash and hmac.compare_digest(worker.token_hash, token_hash):
-                return Principal(kind="worker", name=worker.name, worker_id=worker.id)
+                return Principal(kind="worker", name=worker.name, worker_id=worker.id, scopes=frozenset())
             return None
         if parts[0] == "maas":
             async with self.db.session() as s:
@@ -124,9 +144,10 @@ class Authenticator:
             api_key, user = row
             if not hmac.compare_digest(api_key.secret_hash, token_hash):
                 return None
-            if api_key.expires_at is not None and _aware(api_key.expires_at) <= datetime.now(UTC):
-                return None
-            return Principal(kind="user", name=user.username, user_id=user.id, is_admin=user.is_admin)
+            return Principal(kind="user", name=user.username, user_id=user.id, is_admin=user.is_admin,
+                             scopes=frozenset(api_key.scopes), allowed_models=frozenset(api_key.allowed_models),
+                             api_key_id=api_key.id, api_key_name=api_key.name,
+                             expires_at=_aware(api_key.expires_at) if api_key.expires_at else None)
         return None
 
 

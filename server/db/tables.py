@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -49,6 +49,8 @@ class ApiKey(Base, Timestamps):
     secret_hash: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    scopes: Mapped[list[Any]] = mapped_column(default=lambda: ["management", "inference"])
+    allowed_models: Mapped[list[Any]] = mapped_column(default=list)  # empty: every model
 
 
 class Worker(Base, Timestamps):
@@ -121,3 +123,20 @@ class Setting(Base, Timestamps):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class Usage(Base):
+    """Gateway usage per day, API key and model. Rows are upserted in batches by the gateway."""
+
+    __tablename__ = "usage"
+    __table_args__ = (UniqueConstraint("day", "api_key_id", "model_name", name="uq_usage_day_key_model"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[date] = mapped_column(Date, index=True)
+    # Kept when the key is revoked: the name and owner stay readable for billing.
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), default=None)
+    api_key_name: Mapped[str] = mapped_column(String(100))
+    user_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

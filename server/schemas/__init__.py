@@ -6,7 +6,7 @@ the standard library only.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -50,15 +50,25 @@ class LoginResponse(Schema):
     expires_at: datetime
 
 
+Scope = Literal["management", "inference"]
+SCOPES: tuple[str, ...] = ("management", "inference")
+
+
 class ApiKeyCreate(Schema):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+    scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES), min_length=1,
+                                description="management: the /v2 API; inference: the /v1 gateway")
+    allowed_models: list[str] = Field(default_factory=list, max_length=1000,
+                                      description="models this key may call through /v1; empty: all")
 
 
 class ApiKeyOut(Schema):
     id: int
     name: str
     prefix: str
+    scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES))
+    allowed_models: list[str] = Field(default_factory=list)
     created_at: datetime
     expires_at: datetime | None = None
     last_used_at: datetime | None = None
@@ -66,6 +76,17 @@ class ApiKeyOut(Schema):
 
 class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="The secret. Shown once; only its hash is stored.")
+
+
+class UsageRow(Schema):
+    """Gateway usage summed over whatever the query grouped by; absent groupings are None."""
+
+    day: date | None = None
+    api_key: str | None = None
+    model: str | None = None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 # --- workers ----------------------------------------------------------------
