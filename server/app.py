@@ -24,6 +24,7 @@ from server.db import tables
 from server.db.database import Database, to_wire
 from server.db.embedded import EmbeddedPostgres
 from server.gateway.routing_table import RoutingTable
+from server.gateway.usage import UsageMeter
 from server.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class MaasServer:
         self.db: Database | None = None
         self.auth: Authenticator | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.usage: UsageMeter | None = None
+        self.gateway_timeout = aiohttp.ClientTimeout(total=config.gateway_timeout, sock_connect=5)
         self.url = ""
         self.cluster_token: str | None = None  # set when this start wrote a new one
         self.admin_password: str | None = None  # set on the first start only
@@ -80,9 +83,12 @@ class MaasServer:
             setting = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
             self.auth.cluster_token_hash = setting.value if setting else None
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            # Shorter than llama.cpp's 5 s keep-alive, so we never reuse a connection it is closing.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
+        self.usage = UsageMeter(self.db)
+        self.usage.start()
         await self._load_routes()
         self._tasks.append(asyncio.create_task(self._follow_bus(), name="bus-follower"))
         self._loops = [
@@ -92,7 +98,8 @@ class MaasServer:
         ]
         for loop in self._loops:
             loop.start()
-        self._runner = web.AppRunner(create_app(self), access_log=None, shutdown_timeout=2,
+        app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2,
                                      # A client that leaves ends its watch or stream at once.
                                      handler_cancellation=True)
         await self._runner.setup()
@@ -110,6 +117,8 @@ class MaasServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.usage:
+            await self.usage.stop()
         if self.http:
             await self.http.close()
         if self.db:

@@ -26,6 +26,8 @@ class ServerConfig:
     worker_timeout: float = 15.0  # seconds without heartbeat before a worker is not_ready
     resync_interval: float = 10.0  # full reconcile even when no event arrived
     watch_heartbeat: float = 10.0
+    gateway_timeout: float = 600.0  # seconds for one /v1 request, streams included
+    gateway_max_body_mb: int = 64  # largest /v1 request body (audio uploads)
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerConfig":
@@ -36,6 +38,8 @@ class ServerConfig:
             "port": os.environ.get("MAAS_PORT"),
             "database_url": os.environ.get("MAAS_DATABASE_URL"),
             "worker_timeout": os.environ.get("MAAS_WORKER_TIMEOUT"),
+            "gateway_timeout": os.environ.get("MAAS_GATEWAY_TIMEOUT"),
+            "gateway_max_body_mb": os.environ.get("MAAS_GATEWAY_MAX_BODY_MB"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,35 +1,78 @@
-"""The OpenAI-compatible `/v1` proxy: API-key auth, routing by `model`, streaming pass-through."""
+"""The OpenAI-compatible `/v1` proxy.
+
+Per request: authenticate (cached), pick the running instance with the fewest requests in
+flight, pass the body through, stream responses back chunk by chunk, meter usage. No
+database work happens here; the routing table and keys are kept current by the bus.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from server.api.errors import ApiError, bad_request, parse_json_object
-from server.api.routing import server_of
+from server.api.errors import ApiError, bad_request, forbidden, parse_json_object
+from server.api.routing import principal_of, server_of
+from server.gateway.routing_table import Target
 
 log = logging.getLogger(__name__)
 
 _FORWARDED_HEADERS = ("Content-Type", "Accept")
+_RETRY_STATUSES = {502, 503}
+# Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
+_USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
+JSON_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
+                  "/v1/audio/speech", "/v1/images/generations")
+MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions",)
+
+
+class _Upstream(Exception):
+    """The upstream failed before anything reached the client: another instance may try."""
 
 
 async def list_models(request: web.Request) -> web.Response:
     table = server_of(request).routes
+    principal = principal_of(request)
     data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas"}
-            for name in table.serving_models()]
+            for name in table.serving_models() if principal.may_use_model(name)]
     return web.json_response({"object": "list", "data": data})
+
+
+def _model_from_multipart(body: bytes, content_type: str) -> str | None:
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "model":
+            return part.get_content().strip() if isinstance(part.get_content(), str) else None
+    return None
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
+    principal = principal_of(request)
     body = await request.read()
+    payload: dict[str, Any] | None = None
     expected = "a JSON object with a 'model' string"
-    payload = parse_json_object(body, expected)
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
-        raise bad_request(f"the body must be {expected}")
-    name = payload["model"]
+    if request.path in MULTIPART_ENDPOINTS:
+        content_type = request.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise bad_request("send multipart/form-data with a 'model' field")
+        name = _model_from_multipart(body, content_type)
+        if not name:
+            raise bad_request("the form has no 'model' field")
+    else:
+        payload = parse_json_object(body, expected)
+        name = payload.get("model")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"the body must be {expected}")
+    if not principal.may_use_model(name):
+        raise forbidden(f"this API key may not use the model {name!r}")
     routes = server.routes.models.get(name)
     if routes is None:
         raise ApiError(404, "model_not_found", f"the model {name!r} does not exist")
@@ -37,43 +80,112 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if not targets:
         raise ApiError(503, "no_running_instance", f"the model {name!r} has no running instance yet")
 
+    client_wants_usage = True
+    if payload is not None and payload.get("stream") is True and request.path in _USAGE_IN_STREAM:
+        options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
+        client_wants_usage = options.get("include_usage") is True
+        if not client_wants_usage:  # ask for it so usage is always known; the extra chunk is not relayed
+            payload["stream_options"] = {**options, "include_usage": True}
+            body = json.dumps(payload).encode()
+
     headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
-    last_error: Exception | None = None
-    # Each target once, plus one extra try: llama.cpp drops keep-alive connections after a
-    # stream, so a pooled connection can fail before anything was sent. Retrying is safe then.
-    for target in targets + targets[:1]:
+    # The least loaded instance, then one other on failure. One more try on the first
+    # covers a pooled connection that the backend closed while it sat idle.
+    attempts = targets[:2] + targets[:1] if len(targets) > 1 else targets * 2
+    failure = ""
+    for target in attempts:
         try:
-            upstream = await server.http.post(target.base_url + request.path, data=body, headers=headers)
-        except (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError) as exc:
-            last_error = exc
-            continue
+            return await _forward(request, server, principal, name, target, body, headers, client_wants_usage)
+        except _Upstream as exc:
+            failure = str(exc)
+            log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
+    server.usage.record(principal, name, None)
+    raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
+
+
+async def _forward(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
+                   headers: dict[str, str], client_wants_usage: bool) -> web.StreamResponse:
+    target.outstanding += 1
+    try:
+        try:
+            upstream = await server.http.post(target.base_url + request.path, data=body, headers=headers,
+                                              timeout=server.gateway_timeout)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise _Upstream(str(exc) or type(exc).__name__) from None
         async with upstream:
-            return await _relay(request, upstream)
-    log.warning("no instance of %s answered: %s", name, last_error)
-    raise ApiError(502, "upstream_unreachable", f"no instance of {name!r} answered ({last_error})")
+            if upstream.status in _RETRY_STATUSES:
+                raise _Upstream(f"HTTP {upstream.status}")
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            if content_type.startswith("text/event-stream"):
+                return await _relay_stream(request, server, principal, name, upstream, client_wants_usage)
+            data = await upstream.read()
+            usage = None
+            if content_type.startswith("application/json") and upstream.status < 400:
+                usage = _usage_of(data)
+            server.usage.record(principal, name, usage)
+            return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+    finally:
+        target.outstanding -= 1
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    content_type = upstream.headers.get("Content-Type", "application/json")
-    if not content_type.startswith("text/event-stream"):
-        return web.Response(body=await upstream.read(), status=upstream.status, headers={"Content-Type": content_type})
-    response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+def _usage_of(data: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    return document.get("usage") if isinstance(document, dict) else None
+
+
+async def _relay_stream(request: web.Request, server: Any, principal: Any, name: str,
+                        upstream: aiohttp.ClientResponse, client_wants_usage: bool) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status,
+                                  headers={"Content-Type": upstream.headers["Content-Type"], "Cache-Control": "no-cache"})
     await response.prepare(request)
+    usage: dict[str, Any] | None = None
+    pending = b""
     try:
         async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+            pending += chunk
+            # Relay whole server-sent events as they complete: no buffering beyond one event.
+            *events, pending = pending.split(b"\n\n")
+            out = []
+            for event in events:
+                if b'"usage"' in event:
+                    found, usage_only = _stream_usage(event)
+                    usage = found or usage
+                    if usage_only and not client_wants_usage:
+                        continue
+                out.append(event + b"\n\n")
+            if out:
+                await response.write(b"".join(out))
+        if pending:
+            await response.write(pending)
         await response.write_eof()
     except ConnectionResetError:  # the client went away: stop reading upstream too
-        log.debug("client left during a stream from %s", upstream.url)
+        log.debug("client left during a stream of %s", name)
     finally:
         # llama.cpp closes keep-alive connections after a stream: never pool this one.
         upstream.close()
+        server.usage.record(principal, name, usage)
     return response
+
+
+def _stream_usage(event: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """(usage, whether the event is a usage-only chunk) for one server-sent event."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                data = json.loads(line[5:])
+            except ValueError:
+                return None, False
+            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                return data["usage"], not data.get("choices")
+    return None, False
 
 
 def add_gateway_routes(app: web.Application) -> None:
     for handler in (list_models, proxy):
-        handler.__maas_auth__ = "user"  # type: ignore[attr-defined]
+        handler.__maas_auth__ = "inference"  # type: ignore[attr-defined]
     app.router.add_get("/v1/models", list_models)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in JSON_ENDPOINTS + MULTIPART_ENDPOINTS:
         app.router.add_post(path, proxy)

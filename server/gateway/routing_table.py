@@ -11,6 +11,7 @@ from typing import Any
 class Target:
     instance_id: int
     base_url: str
+    outstanding: int = 0  # requests in flight through this gateway
 
 
 @dataclass
@@ -19,12 +20,13 @@ class ModelRoutes:
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def ordered(self) -> list[Target]:
-        """All targets, rotated round-robin so each request starts at the next one."""
+        """Least outstanding requests first; ties rotate round-robin from request to request."""
         targets = list(self.targets.values())
         if not targets:
             return []
         start = next(self._turn) % len(targets)
-        return targets[start:] + targets[:start]
+        rotated = targets[start:] + targets[:start]
+        return sorted(rotated, key=lambda t: t.outstanding)  # stable: the rotation breaks ties
 
 
 class RoutingTable:
@@ -45,7 +47,10 @@ class RoutingTable:
         serving = action != "deleted" and instance["state"] == "running" and instance.get("port") and instance.get("address")
         if serving:
             routes = self.models.setdefault(instance["model_name"], ModelRoutes())
-            routes.targets[instance["id"]] = Target(instance["id"], f"http://{instance['address']}:{instance['port']}")
+            url = f"http://{instance['address']}:{instance['port']}"
+            current = routes.targets.get(instance["id"])
+            if current is None or current.base_url != url:
+                routes.targets[instance["id"]] = Target(instance["id"], url)
         elif (routes := self.models.get(instance["model_name"])) is not None:
             routes.targets.pop(instance["id"], None)
 

@@ -1,0 +1,138 @@
+"""The gateway under real traffic: balancing, failover, usage metering, key scopes and allowed models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import eventually
+from maas_tui.client import MaasClient
+from server.app import MaasServer
+
+pytestmark = pytest.mark.timeout(180)
+PROMPT = [{"role": "user", "content": "hello there"}]
+
+
+async def _deploy(admin: MaasClient, name: str, tiny_model: Path, replicas: int) -> list:
+    await admin.create_model({"name": name, "source": str(tiny_model), "backend": "llama.cpp", "replicas": replicas})
+
+    async def running() -> bool:
+        instances = await admin.list_instances(name)
+        return len(instances) == replicas and all(i.state == "running" for i in instances)
+
+    await eventually(running, message=f"{replicas} running replicas of {name}")
+    return await admin.list_instances(name)
+
+
+async def _predicted_tokens(port: int) -> float:
+    """Tokens this llama.cpp instance generated, from its own /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    match = re.search(r"^llamacpp:tokens_predicted_total (\S+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+async def test_balancing_spreads_requests(server: MaasServer, admin: MaasClient, api_key: str, agent, tiny_model: Path):
+    instances = await _deploy(admin, "spread", tiny_model, 2)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    for _ in range(20):
+        reply = await client.chat.completions.create(model="spread", messages=PROMPT, max_tokens=3)
+        assert reply.usage.completion_tokens == 3
+    await client.close()
+    per_instance = [await _predicted_tokens(i.port) for i in instances]
+    # One at a time, so nothing is outstanding: ties rotate, each instance gets half.
+    assert per_instance == [30.0, 30.0], per_instance
+
+
+async def test_failover_on_a_killed_instance_loses_no_request(server: MaasServer, admin: MaasClient, api_key: str,
+                                                              agent, tiny_model: Path):
+    instances = await _deploy(admin, "sturdy", tiny_model, 2)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    await client.chat.completions.create(model="sturdy", messages=PROMPT, max_tokens=2)  # warm the pool
+    os.kill(instances[0].pid, signal.SIGKILL)
+    # Requests keep flowing while the agent notices the death and the table drops the instance.
+    replies = await asyncio.gather(*(client.chat.completions.create(model="sturdy", messages=PROMPT, max_tokens=2)
+                                     for _ in range(16)))
+    streamed = await client.chat.completions.create(model="sturdy", messages=PROMPT, max_tokens=2, stream=True)
+    assert [c async for c in streamed]
+    await client.close()
+    assert all(r.choices[0].message.content is not None for r in replies)
+
+    async def dead_one_reported() -> bool:
+        states = {i.id: i.state for i in await admin.list_instances("sturdy")}
+        return states.get(instances[0].id) == "error"
+
+    await eventually(dead_one_reported, message="the killed instance to be reported as error")
+    assert len(server.routes.models["sturdy"].targets) == 1
+
+
+async def test_usage_is_exact_for_plain_and_streamed(server: MaasServer, admin: MaasClient, api_key: str, agent,
+                                                     tiny_model: Path):
+    await _deploy(admin, "metered", tiny_model, 1)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    prompt_tokens = completion_tokens = 0
+    for _ in range(3):
+        reply = await client.chat.completions.create(model="metered", messages=PROMPT, max_tokens=4)
+        prompt_tokens += reply.usage.prompt_tokens
+        completion_tokens += reply.usage.completion_tokens
+    for _ in range(2):  # the client asks for usage: it gets the usage chunk
+        stream = await client.chat.completions.create(model="metered", messages=PROMPT, max_tokens=5, stream=True,
+                                                      stream_options={"include_usage": True})
+        usage = [c.usage async for c in stream if c.usage]
+        assert len(usage) == 1
+        prompt_tokens += usage[0].prompt_tokens
+        completion_tokens += usage[0].completion_tokens
+    per_request_prompt = reply.usage.prompt_tokens
+    for _ in range(2):  # the client does not ask: the gateway still meters, and the client sees no usage chunk
+        stream = await client.chat.completions.create(model="metered", messages=PROMPT, max_tokens=6, stream=True)
+        chunks = [c async for c in stream]
+        assert not any(c.usage for c in chunks) and all(c.choices for c in chunks)
+        prompt_tokens += per_request_prompt
+        completion_tokens += 6  # the tiny model never stops early: it always hits max_tokens
+    await client.close()
+
+    rows = (await admin.request("GET", "/v2/usage", params={"by": "key,model"}))["items"]
+    assert rows == [{"day": None, "api_key": "tests", "model": "metered", "requests": 7,
+                     "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}]
+    by_model = (await admin.request("GET", "/v2/usage", params={"by": "model"}))["items"]
+    assert [(r["model"], r["requests"]) for r in by_model] == [("metered", 7)]
+
+
+async def test_key_scopes_and_allowed_models(server: MaasServer, admin: MaasClient, agent, tiny_model: Path):
+    await _deploy(admin, "open", tiny_model, 1)
+    await admin.create_model({"name": "closed", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 0})
+    inference_only = (await admin.request("POST", "/v2/keys", json_body={
+        "name": "app", "scopes": ["inference"], "allowed_models": ["open"]}))["key"]
+    management_only = (await admin.request("POST", "/v2/keys", json_body={
+        "name": "ops", "scopes": ["management"]}))["key"]
+
+    async with aiohttp.ClientSession() as http:
+        async def status(method: str, path: str, key: str, body: dict | None = None, header: str = "Authorization") -> int:
+            value = f"Bearer {key}" if header == "Authorization" else key
+            async with http.request(method, server.url + path, json=body, headers={header: value}) as response:
+                await response.read()
+                return response.status
+
+        chat = {"model": "open", "messages": PROMPT, "max_tokens": 2}
+        assert await status("GET", "/v2/models", inference_only) == 403
+        assert await status("POST", "/v1/chat/completions", inference_only, chat) == 200
+        assert await status("POST", "/v1/chat/completions", inference_only, chat, header="x-api-key") == 200
+        assert await status("POST", "/v1/chat/completions", inference_only, {**chat, "model": "closed"}) == 403
+        async with http.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {inference_only}"}) as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["open"]
+        assert await status("GET", "/v2/models", management_only) == 200
+        assert await status("POST", "/v1/chat/completions", management_only, chat) == 403
+
+    from maas_tui.client import ApiClientError
+    with pytest.raises(ApiClientError) as refused:
+        await admin.request("POST", "/v2/keys", json_body={"name": "x", "scopes": ["root"]})
+    assert refused.value.status == 422 and "scopes" in refused.value.message
