@@ -76,9 +76,21 @@ class MaasClient:
     async def list_keys(self) -> list[schemas.ApiKeyOut]:
         return [schemas.ApiKeyOut.model_validate(i) for i in (await self.request("GET", "/v2/keys"))["items"]]
 
-    async def create_key(self, name: str, expires_in_days: int | None = None) -> schemas.ApiKeyCreated:
-        body = {"name": name} | ({"expires_in_days": expires_in_days} if expires_in_days else {})
+    async def create_key(self, name: str, expires_in_days: int | None = None, scopes: list[str] | None = None,
+                         allowed_models: list[str] | None = None) -> schemas.ApiKeyCreated:
+        body: dict[str, Any] = {"name": name}
+        if expires_in_days:
+            body["expires_in_days"] = expires_in_days
+        if scopes:
+            body["scopes"] = scopes
+        if allowed_models:
+            body["allowed_models"] = allowed_models
         return schemas.ApiKeyCreated.model_validate(await self.request("POST", "/v2/keys", json_body=body))
+
+    async def usage(self, by: str = "day,key,model", since: str | None = None,
+                    until: str | None = None) -> list[schemas.UsageRow]:
+        params = {"by": by} | ({"since": since} if since else {}) | ({"until": until} if until else {})
+        return [schemas.UsageRow.model_validate(i) for i in (await self.request("GET", "/v2/usage", params=params))["items"]]
 
     async def delete_key(self, name: str) -> None:
         await self.request("DELETE", f"/v2/keys/{name}")

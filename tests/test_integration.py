@@ -153,6 +153,10 @@ def test_walking_skeleton(traversable_tmp: Path, tiny_model: Path, tmp_path_fact
                                                 max_tokens=8, stream=True)
         assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) >= 2
 
+        usage = json.loads(cluster.maas("usage", "--by", "key,model", "-o", "json").stdout)["items"]
+        app_usage = [u for u in usage if u["api_key"] == "app"]
+        assert app_usage and app_usage[0]["requests"] == 2 and app_usage[0]["completion_tokens"] > 0
+
         # Restart the server: everything it knew is still there and the cluster converges again.
         cluster.stop_server()
         cluster.start_server()

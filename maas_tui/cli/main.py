@@ -325,15 +325,18 @@ def worker_remove(name: str) -> None:
 
 # --- keys ----------------------------------------------------------------------------
 
-KEY_COLUMNS = [("NAME", lambda k: k.name), ("PREFIX", lambda k: k.prefix), ("CREATED", lambda k: age(k.created_at)),
+KEY_COLUMNS = [("NAME", lambda k: k.name), ("PREFIX", lambda k: k.prefix), ("SCOPES", lambda k: ",".join(k.scopes)),
+               ("MODELS", lambda k: ",".join(k.allowed_models) or "all"), ("CREATED", lambda k: age(k.created_at)),
                ("EXPIRES", lambda k: k.expires_at.date().isoformat() if k.expires_at else "never")]
 
 
 @key_app.command("create")
 def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, help="days until it stops working"),
+               scope: list[str] = typer.Option([], "--scope", help="management and/or inference (default both; repeatable)"),
+               allow_model: list[str] = typer.Option([], "--allow-model", help="only these models through /v1 (repeatable)"),
                output: Format = OutputOption) -> None:
     """Create an API key. The secret is shown once."""
-    key = call(lambda c: c.create_key(name, expires_in_days))
+    key = call(lambda c: c.create_key(name, expires_in_days, scope, allow_model))
     if output in (Format.json, Format.yaml):
         emit(key, output)
         return
@@ -366,6 +369,21 @@ def events(limit: int = typer.Option(50, min=1, max=1000), name: Optional[str] =
            output: Format = OutputOption) -> None:
     """Recent cluster events, newest last."""
     emit(call(lambda c: c.list_events(limit, name)), output, EVENT_COLUMNS)
+
+
+@app.command()
+def usage(by: str = typer.Option("day,key,model", "--by", help="group by any of day, key, model (comma-separated)"),
+          since: Optional[str] = typer.Option(None, help="first day, YYYY-MM-DD"),
+          until: Optional[str] = typer.Option(None, help="last day, YYYY-MM-DD"),
+          output: Format = OutputOption) -> None:
+    """Gateway usage: requests and tokens per day, API key and model."""
+    groups = [g for g in by.split(",") if g]
+    columns = [(header, get) for group, header, get in (
+        ("day", "DAY", lambda r: r.day), ("key", "KEY", lambda r: r.api_key), ("model", "MODEL", lambda r: r.model))
+        if group in groups]
+    columns += [("REQUESTS", lambda r: r.requests), ("PROMPT TOKENS", lambda r: r.prompt_tokens),
+                ("COMPLETION TOKENS", lambda r: r.completion_tokens)]
+    emit(call(lambda c: c.usage(by, since, until)), output, columns)
 
 
 @app.command()
