@@ -51,6 +51,7 @@ class MaasServer:
         self.db: Database | None = None
         self.auth: Authenticator | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.http_fresh: aiohttp.ClientSession | None = None  # retries: never a pooled connection
         self.usage: UsageMeter | None = None
         self.gateway_timeout = aiohttp.ClientTimeout(total=config.gateway_timeout, sock_connect=5)
         self.url = ""
@@ -87,6 +88,8 @@ class MaasServer:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
+        self.http_fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         self.usage = UsageMeter(self.db)
         self.usage.start()
         await self._load_routes()
@@ -119,8 +122,9 @@ class MaasServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.usage:
             await self.usage.stop()
-        if self.http:
-            await self.http.close()
+        for session in (self.http, self.http_fresh):
+            if session:
+                await session.close()
         if self.db:
             await self.db.dispose()
         if self.embedded:

@@ -89,13 +89,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             body = json.dumps(payload).encode()
 
     headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
-    # The least loaded instance, then one other on failure. One more try on the first
-    # covers a pooled connection that the backend closed while it sat idle.
-    attempts = targets[:2] + targets[:1] if len(targets) > 1 else targets * 2
+    # The least loaded instance over a pooled connection; on failure before any byte reached
+    # the client, once more on another instance (the same one if it is alone) over a fresh
+    # connection, since backends close pooled keep-alive connections at will.
+    attempts = [(targets[0], server.http), (targets[1 % len(targets)], server.http_fresh)]
     failure = ""
-    for target in attempts:
+    for target, session in attempts:
         try:
-            return await _forward(request, server, principal, name, target, body, headers, client_wants_usage)
+            return await _forward(request, server, session, principal, name, target, body, headers,
+                                  client_wants_usage)
         except _Upstream as exc:
             failure = str(exc)
             log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
@@ -103,12 +105,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
 
 
-async def _forward(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
-                   headers: dict[str, str], client_wants_usage: bool) -> web.StreamResponse:
+async def _forward(request: web.Request, server: Any, session: aiohttp.ClientSession, principal: Any, name: str,
+                   target: Target, body: bytes, headers: dict[str, str], client_wants_usage: bool) -> web.StreamResponse:
     target.outstanding += 1
     try:
         try:
-            upstream = await server.http.post(target.base_url + request.path, data=body, headers=headers,
+            upstream = await session.post(target.base_url + request.path, data=body, headers=headers,
                                               timeout=server.gateway_timeout)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise _Upstream(str(exc) or type(exc).__name__) from None

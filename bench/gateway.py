@@ -1,0 +1,180 @@
+"""The gateway against the same llama.cpp backend hit directly, in one run.
+
+    .venv/bin/python bench/gateway.py [--clients 64] [--requests 2000] [--max-tokens 4]
+
+Starts `maas start` (SQLite, local agent) in its own process, deploys the tiny llama
+model with one replica, then drives the backend directly and through `/v1` with the same
+concurrent clients, plain and streamed, alternating rounds. Prints a table and, last,
+`RESULT added_p50_ms=<n> throughput_ratio=<n>` (both from the plain requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import free_port  # noqa: E402
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+
+async def drive(url: str, headers: dict[str, str], body: dict, clients: int, total: int, stream: bool) -> dict:
+    """`total` requests from `clients` concurrent connections; latency to the last byte."""
+    latencies: list[float] = []
+    failures = 0
+    remaining = total
+    payload = json.dumps({**body, "stream": stream}).encode()
+    connector = aiohttp.TCPConnector(limit=clients, force_close=stream)  # llama.cpp drops streams' keep-alive
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining, failures
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=payload, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        failures += 1
+                        if failures <= 3:
+                            print(f"  failure: HTTP {response.status} {(await response.text())[:200]}", file=sys.stderr)
+                        continue
+            except aiohttp.ClientError as exc:
+                failures += 1
+                if failures <= 3:
+                    print(f"  failure: {exc!r}", file=sys.stderr)
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json"}) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"ok": len(latencies), "failed": failures, "rps": len(latencies) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan")}
+
+
+async def wait_for(check, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if await check():
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("timed out setting up the benchmark")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="maas-gw-bench-", dir="/tmp"))
+    port = free_port()
+    server_url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(base / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--data-dir", str(base / "data"),
+                               "--port", str(port), "--database-url", f"sqlite:///{base / 'maas.db'}",
+                               "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    try:
+        model = write_tiny_gguf(base / "tiny.gguf")
+        async with aiohttp.ClientSession() as http:
+            async def healthy() -> bool:
+                async with http.get(f"{server_url}/healthz") as r:
+                    return r.status == 200
+            await wait_for(healthy)
+            password = (base / "data" / "initial_admin_password").read_text().strip()
+            async with http.post(f"{server_url}/v2/auth/login", json={"username": "admin", "password": password}) as r:
+                admin = {"Authorization": f"Bearer {(await r.json())['token']}"}
+            async with http.post(f"{server_url}/v2/keys", json={"name": "bench"}, headers=admin) as r:
+                key = {"Authorization": f"Bearer {(await r.json())['key']}"}
+            async with http.post(f"{server_url}/v2/models", headers=admin, json={
+                    "name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
+                    "args": ["--parallel", "8"]}) as r:
+                assert r.status == 201, await r.text()
+
+            async def running() -> bool:
+                async with http.get(f"{server_url}/v2/instances", headers=admin) as r:
+                    items = (await r.json())["items"]
+                return bool(items) and items[0]["state"] == "running"
+            await wait_for(running)
+            async with http.get(f"{server_url}/v2/instances", headers=admin) as r:
+                instance = (await r.json())["items"][0]
+        direct_url = f"http://{instance['address']}:{instance['port']}/v1/chat/completions"
+        gateway_url = f"{server_url}/v1/chat/completions"
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": args.max_tokens}
+
+        results: dict[tuple[str, str], list[dict]] = {}
+        await drive(gateway_url, key, body, args.clients, 200, False)  # warm both paths
+        await drive(direct_url, {}, body, args.clients, 200, False)
+        for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
+            results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False)]
+        for _ in range(args.rounds):
+            for mode, stream in (("plain", False), ("stream", True)):
+                for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
+                    results.setdefault((mode, path), []).append(
+                        await drive(url, headers, body, args.clients, args.requests, stream))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+    def merged(mode: str, path: str) -> dict:
+        runs = results[(mode, path)]
+        return {"rps": statistics.mean(r["rps"] for r in runs), "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "p99_ms": max(r["p99_ms"] for r in runs), "failed": sum(r["failed"] for r in runs),
+                "ok": sum(r["ok"] for r in runs)}
+
+    print(f"{args.clients} concurrent clients, {args.requests} requests a run, {args.rounds} rounds, "
+          f"max_tokens={args.max_tokens}, one llama.cpp replica (tiny model)")
+    print(f"plain and stream: {args.clients} clients; '1 client': unloaded, plain")
+    print(f"{'mode':<10}{'path':<9}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ok':>8}{'failed':>8}")
+    summary = {}
+    for mode in ("1 client", "plain", "stream"):
+        for path in ("direct", "gateway"):
+            m = merged(mode, path)
+            summary[(mode, path)] = m
+            print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}{m['failed']:>8}")
+    for mode in ("1 client", "plain", "stream"):
+        d, g = summary[(mode, "direct")], summary[(mode, "gateway")]
+        print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}")
+    d, g = summary[("plain", "direct")], summary[("plain", "gateway")]
+    s_d, s_g = summary[("stream", "direct")], summary[("stream", "gateway")]
+    u_d, u_g = summary[("1 client", "direct")], summary[("1 client", "gateway")]
+    print(f"RESULT added_p50_ms={g['p50_ms'] - d['p50_ms']:.2f} throughput_ratio={g['rps'] / d['rps']:.2f} "
+          f"unloaded_added_p50_ms={u_g['p50_ms'] - u_d['p50_ms']:.2f} "
+          f"stream_added_p50_ms={s_g['p50_ms'] - s_d['p50_ms']:.2f} stream_throughput_ratio={s_g['rps'] / s_d['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
