@@ -95,6 +95,9 @@ class MaasClient:
     async def delete_key(self, name: str) -> None:
         await self.request("DELETE", f"/v2/keys/{name}")
 
+    async def higress_objects(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v2/gateway/higress"))["items"]
+
     # --- models -------------------------------------------------------------------
 
     async def list_models(self) -> list[schemas.ModelOut]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from server.db.database import Database, to_wire
 from server.db.embedded import EmbeddedPostgres
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
+from server.higress.sync import HigressSync
 from server.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class MaasServer:
             Scheduler(self, self.config.resync_interval),
             WorkerLivenessController(self, min(5.0, self.config.worker_timeout / 3)),
         ]
+        if self.config.higress_dir:
+            self._loops.append(HigressSync(self, self.config.resync_interval, Path(self.config.higress_dir)))
         for loop in self._loops:
             loop.start()
         app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
@@ -111,6 +115,16 @@ class MaasServer:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.url = f"http://{host}:{self.config.port}"
         log.info("MaaS-Base %s serving on %s", __version__, self.url)
+
+    def advertised_endpoint(self) -> tuple[str, int]:
+        """(host, port) others use to reach this server: --advertise-url, else the listening address."""
+        from urllib.parse import urlsplit
+
+        if self.config.advertise_url:
+            parts = urlsplit(self.config.advertise_url)
+            return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::") else socket.gethostname()
+        return host, self.config.port
 
     async def stop(self) -> None:
         if self._runner:

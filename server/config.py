@@ -28,6 +28,8 @@ class ServerConfig:
     watch_heartbeat: float = 10.0
     gateway_timeout: float = 600.0  # seconds for one /v1 request, streams included
     gateway_max_body_mb: int = 64  # largest /v1 request body (audio uploads)
+    higress_dir: str | None = None  # write Higress objects here (the file layout of Higress standalone)
+    advertise_url: str | None = None  # how Higress and remote agents reach this server
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerConfig":
@@ -40,6 +42,8 @@ class ServerConfig:
             "worker_timeout": os.environ.get("MAAS_WORKER_TIMEOUT"),
             "gateway_timeout": os.environ.get("MAAS_GATEWAY_TIMEOUT"),
             "gateway_max_body_mb": os.environ.get("MAAS_GATEWAY_MAX_BODY_MB"),
+            "higress_dir": os.environ.get("MAAS_HIGRESS_DIR"),
+            "advertise_url": os.environ.get("MAAS_ADVERTISE_URL"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})

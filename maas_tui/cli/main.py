@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar
 import typer
 
 from maas_tui import config as client_config
+from maas_tui.cli.gateway_cmds import gateway_app
 from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes
 from maas_tui.client import ApiClientError, MaasClient
 from server import __version__, schemas
@@ -29,6 +30,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(instance_app, name="instance")
 app.add_typer(worker_app, name="worker")
 app.add_typer(key_app, name="key")
+app.add_typer(gateway_app, name="gateway")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -68,13 +70,16 @@ def start(
     database_url: Optional[str] = typer.Option(None, help="external postgresql:// or sqlite:///PATH (default: embedded PostgreSQL)"),
     no_agent: bool = typer.Option(False, "--no-agent", help="do not run a local agent"),
     simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),
+    higress_dir: Optional[Path] = typer.Option(None, help="keep Higress objects in this folder (Higress standalone layout)"),
+    advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run the server (with an embedded PostgreSQL unless --database-url) and a local agent."""
     from maas_tui.cli.serve import run_start
 
     run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
-              simulate_gpus=simulate_gpus, log_level=log_level)
+              simulate_gpus=simulate_gpus, log_level=log_level,
+              extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None, "advertise_url": advertise_url})
 
 
 @app.command()

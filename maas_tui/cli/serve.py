@@ -42,7 +42,7 @@ async def _wait_for_signal() -> None:
 
 
 def run_start(*, data_dir: Path | None, host: str | None, port: int | None, database_url: str | None, no_agent: bool,
-              simulate_gpus: str | None, log_level: str) -> None:
+              simulate_gpus: str | None, log_level: str, extra: dict[str, object] | None = None) -> None:
     from agent.agent import Agent, AgentConfig
     from agent.devices import DeviceSpecError, parse_simulated
     from server.app import MaasServer
@@ -57,7 +57,8 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
             err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
             raise typer.Exit(2) from None
     try:
-        config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url)
+        config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url,
+                                       **(extra or {}))
     except ValueError as exc:  # e.g. MAAS_PORT=abc
         err_console.print(f"[bold red]error:[/] bad configuration: {exc}")
         raise typer.Exit(2) from None

@@ -6,7 +6,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from server.api import agent_api, resources, usage, watch  # noqa: F401  (they register routes)
+from server.api import agent_api, gateway_api, resources, usage, watch  # noqa: F401  (they register routes)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
 
@@ -67,5 +67,6 @@ def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Applicat
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     add_gateway_routes(app)
+    gateway_api.add_gateway_admin_routes(app)
     return app
 
