@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from server import __version__
 from server.api.app import create_app
 from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
-from server.bus import EventBus
+from server.bus import ChangeFeed, EventBus
 from server.config import ServerConfig
 from server.controllers.models import ModelController
 from server.controllers.workers import WorkerLivenessController
@@ -27,11 +27,13 @@ from server.db.embedded import EmbeddedPostgres
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
 from server.higress.sync import HigressSync
+from server.leader import LeaderElection
 from server.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 
 CLUSTER_TOKEN_SETTING = "cluster_token_hash"
+_FOLLOWED = ("models", "instances", "api_keys", "workers")  # what the gateway table and key cache follow
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -55,6 +57,8 @@ class MaasServer:
         self.http: aiohttp.ClientSession | None = None
         self.http_fresh: aiohttp.ClientSession | None = None  # retries: never a pooled connection
         self.usage: UsageMeter | None = None
+        self.feed: ChangeFeed | None = None
+        self.leadership: LeaderElection | None = None
         self.gateway_timeout = aiohttp.ClientTimeout(total=config.gateway_timeout, sock_connect=5)
         self.url = ""
         self.cluster_token: str | None = None  # set when this start wrote a new one
@@ -78,7 +82,9 @@ class MaasServer:
         if not database_url:
             self.embedded = EmbeddedPostgres(data_dir)
             database_url = await asyncio.to_thread(self.embedded.start)
-        self.db = Database(database_url, self.bus)
+        self.db = Database(database_url)
+        self.feed = ChangeFeed(self.db, self.bus)
+        self.db.set_feed(self.feed)
         await self.db.migrate()
         await self._bootstrap()
         self.auth = Authenticator(self.db)
@@ -94,17 +100,12 @@ class MaasServer:
                                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         self.usage = UsageMeter(self.db)
         self.usage.start()
+        subscription = self.bus.subscribe(_FOLLOWED)  # before the feed starts and the table loads: nothing lost
+        await self.feed.start()
         await self._load_routes()
-        self._tasks.append(asyncio.create_task(self._follow_bus(), name="bus-follower"))
-        self._loops = [
-            ModelController(self, self.config.resync_interval),
-            Scheduler(self, self.config.resync_interval),
-            WorkerLivenessController(self, min(5.0, self.config.worker_timeout / 3)),
-        ]
-        if self.config.higress_dir:
-            self._loops.append(HigressSync(self, self.config.resync_interval, Path(self.config.higress_dir)))
-        for loop in self._loops:
-            loop.start()
+        self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
+        self.leadership = LeaderElection(self.db, self._start_loops, self._stop_loops)
+        await self.leadership.start()
         app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2,
                                      # A client that leaves ends its watch or stream at once.
@@ -115,6 +116,23 @@ class MaasServer:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.url = f"http://{host}:{self.config.port}"
         log.info("MaaS-Base %s serving on %s", __version__, self.url)
+
+    async def _start_loops(self) -> None:
+        """The scheduler and controllers: on the leader only."""
+        self._loops = [
+            ModelController(self, self.config.resync_interval),
+            Scheduler(self, self.config.resync_interval),
+            WorkerLivenessController(self, min(5.0, self.config.worker_timeout / 3)),
+        ]
+        if self.config.higress_dir:
+            self._loops.append(HigressSync(self, self.config.resync_interval, Path(self.config.higress_dir)))
+        for loop in self._loops:
+            loop.start()
+
+    async def _stop_loops(self) -> None:
+        loops, self._loops = self._loops, []
+        for loop in loops:
+            await loop.stop()
 
     def advertised_endpoint(self) -> tuple[str, int]:
         """(host, port) others use to reach this server: --advertise-url, else the listening address."""
@@ -129,13 +147,15 @@ class MaasServer:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
-        for loop in self._loops:
-            await loop.stop()
+        if self.leadership:
+            await self.leadership.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.usage:
             await self.usage.stop()
+        if self.feed:
+            await self.feed.stop()
         for session in (self.http, self.http_fresh):
             if session:
                 await session.close()
@@ -172,14 +192,13 @@ class MaasServer:
             instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
             self.routes.load([to_wire(m) for m in models], [to_wire(i) for i in instances])
 
-    async def _follow_bus(self) -> None:
+    async def _follow_bus(self, subscription: Any) -> None:
         """Keep the gateway's table and the credential cache current."""
-        subscription = self.bus.subscribe(["models", "instances", "api_keys", "workers"])
         try:
             while True:
                 event = await subscription.get()
                 if event is None:
-                    subscription = self.bus.subscribe(["models", "instances", "api_keys", "workers"])
+                    subscription = self.bus.subscribe(_FOLLOWED)
                     await self._load_routes()
                     self.auth.invalidate()
                     continue

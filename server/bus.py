@@ -1,16 +1,25 @@
 """The event bus: every committed row change, in order, with a resource version.
 
-In-process for now (one server process). Subscribers get bounded queues; one that
-falls behind is dropped and must resync (the watch stream then sends a new snapshot).
+Commits write their changes to the `change_log` table (server/db/database.py). The
+ChangeFeed follows that table, woken by PostgreSQL's NOTIFY (changes made by any server
+process) or directly after a local commit, and publishes each row to this process's
+subscribers. A change's id in the log is its resource version, the same on every server.
+Subscribers get bounded queues; one that falls behind is dropped and must resync.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Iterable
+
+from sqlalchemy import delete, func, or_, select
+
+log = logging.getLogger(__name__)
 
 RING_SIZE = 10_000
 
@@ -51,9 +60,10 @@ class Subscription:
 
 
 class EventBus:
+    """In-process fan-out of published changes to subscribers, with a replay ring."""
+
     def __init__(self) -> None:
-        # Start from wall-clock microseconds so versions keep growing across restarts.
-        self._version = time.time_ns() // 1000
+        self._version = 0
         self._ring: deque[BusEvent] = deque(maxlen=RING_SIZE)
         self._subscribers: set[Subscription] = set()
 
@@ -61,13 +71,17 @@ class EventBus:
     def version(self) -> int:
         return self._version
 
-    def publish(self, kind: str, action: str, obj: dict[str, Any]) -> BusEvent:
-        self._version += 1
+    def publish(self, kind: str, action: str, obj: dict[str, Any], version: int | None = None) -> BusEvent:
+        self._version = max(self._version + 1 if version is None else version, self._version)
         event = BusEvent(self._version, kind, action, obj)
         self._ring.append(event)
         for sub in list(self._subscribers):
             sub.offer(event)
         return event
+
+    def start_at(self, version: int) -> None:
+        """Versions continue from here (the newest change already in the log)."""
+        self._version = max(self._version, version)
 
     def subscribe(self, kinds: Iterable[str] | None = None, maxsize: int = 10_000) -> Subscription:
         sub = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize)
@@ -84,3 +98,113 @@ class EventBus:
         if not self._ring or version < self._ring[0].version - 1 or version > self._version:
             return None
         return [e for e in self._ring if e.version > version]
+
+
+class ChangeFeed:
+    """Follows the change log and publishes it on the local bus, in id order.
+
+    Ids come from a sequence, so a transaction that commits late can land below ids
+    already seen; such holes are re-read for GAP_SECONDS before they are given up
+    (the controllers' periodic resync covers a change missed even so).
+    """
+
+    GAP_SECONDS = 10.0
+    POLL_SECONDS = 1.0  # a safety net for a lost notification
+    RETAIN = timedelta(hours=1)
+
+    def __init__(self, db: Any, bus: EventBus):
+        self.db = db
+        self.bus = bus
+        self._wake = asyncio.Event()
+        self._last = 0
+        self._gaps: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._listener: Any = None
+        self.lag_seconds = 0.0  # commit to publication, for the newest change read
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        from server.db import tables
+
+        async with self.db.session() as s:
+            self._last = (await s.execute(select(func.max(tables.ChangeLog.id)))).scalar() or 0
+        self.bus.start_at(self._last)
+        self._task = asyncio.create_task(self._run(), name="change-feed")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._close_listener()
+
+    async def _listen(self) -> None:
+        """On PostgreSQL, a NOTIFY from any server wakes us."""
+        if self.db.is_sqlite or self._listener is not None:
+            return
+        import asyncpg
+
+        try:
+            self._listener = await asyncpg.connect(self.db.asyncpg_dsn, timeout=10)
+            await self._listener.add_listener("maas_changes", lambda *_args: self._wake.set())
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("cannot LISTEN for changes (%s); polling every %.0f s", exc, self.POLL_SECONDS)
+            await self._close_listener()
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                await listener.close(timeout=2)
+            except Exception:  # already broken
+                listener.terminate()
+
+    async def _run(self) -> None:
+        last_cleanup = time.monotonic()
+        while True:
+            await self._listen()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.POLL_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.read_new()
+                if time.monotonic() - last_cleanup > 60:
+                    last_cleanup = time.monotonic()
+                    await self._clean_up()
+            except Exception:
+                log.exception("reading the change log failed; retrying")
+                await self._close_listener()
+                await asyncio.sleep(1)
+
+    async def read_new(self) -> None:
+        from server.db import tables
+
+        now = time.monotonic()
+        self._gaps = {gap: seen for gap, seen in self._gaps.items() if now - seen < self.GAP_SECONDS}
+        condition = tables.ChangeLog.id > self._last
+        if self._gaps:
+            condition = or_(condition, tables.ChangeLog.id.in_(list(self._gaps)))
+        async with self.db.session() as s:
+            rows = (await s.execute(select(tables.ChangeLog).where(condition).order_by(tables.ChangeLog.id))).scalars().all()
+        for row in rows:
+            if row.id in self._gaps:
+                self._gaps.pop(row.id)
+            elif row.id > self._last + 1:
+                for missing in range(self._last + 1, min(row.id, self._last + 1001)):
+                    self._gaps[missing] = now
+            self._last = max(self._last, row.id)
+            self.bus.publish(row.kind, row.action, row.object, version=row.id)
+        if rows:
+            created = rows[-1].created_at
+            created = created if created.tzinfo else created.replace(tzinfo=UTC)
+            self.lag_seconds = max(0.0, (datetime.now(UTC) - created).total_seconds())
+
+    async def _clean_up(self) -> None:
+        from server.db import tables
+
+        async with self.db.session() as s:
+            await s.execute(delete(tables.ChangeLog).where(tables.ChangeLog.created_at < datetime.now(UTC) - self.RETAIN))
+            await s.commit()

@@ -523,7 +523,7 @@ async def test_watch_snapshot_then_events_then_resume(fast_heartbeat, server, ad
     assert (replayed["kind"], replayed["action"], replayed["object"]["name"]) == ("models", "created", "watched")
 
     # A version the server does not hold yields a fresh snapshot, now with the model.
-    async with http.get(f"{server.url}/v2/watch", params={"kinds": "models", "since": "1"},
+    async with http.get(f"{server.url}/v2/watch", params={"kinds": "models", "since": str(10**15)},
                         headers=bearer(admin.token)) as r:
         fresh = await read_message(r)
     assert fresh["type"] == "snapshot"

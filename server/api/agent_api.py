@@ -47,6 +47,7 @@ async def register(request: web.Request) -> web.Response:
         await s.commit()
         out = schemas.WorkerRegistered(worker=schemas.WorkerOut.model_validate(worker), token=token,
                                        agent_secret=worker.agent_secret)
+    server_of(request).auth.invalidate(worker_id=worker.id)  # the previous token stops working at once
     return json_out(out, status=201)
 
 

@@ -84,6 +84,7 @@ async def delete_key(request: web.Request) -> web.Response:
         await s.delete(key)
         record_event(s, "api_keys", key, "Revoked", f"API key {name} revoked", principal.name)
         await s.commit()
+    server_of(request).auth.invalidate()  # at once here; other servers hear it through the change feed
     return web.json_response({"deleted": name})
 
 

@@ -1,4 +1,4 @@
-"""Engine, sessions, migrations, and publication of committed changes on the bus."""
+"""Engine, sessions, migrations, and the change log every committed change is written to."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
 from server import schemas
-from server.bus import EventBus
 from server.db import tables
 
 log = logging.getLogger(__name__)
@@ -47,51 +46,53 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+CHANNEL = "maas_changes"
+
+
 class TrackedSession(Session):
-    """Collects the rows a transaction changes and publishes them after commit."""
+    """Writes every change of a published row to the change log, in the same transaction."""
 
 
 @event.listens_for(TrackedSession, "after_flush")
 def _collect_changes(session: Session, _flush_context: Any) -> None:
-    pending: dict[tuple[str, Any], tuple[str, dict[str, Any]]] = session.info.setdefault("pending_events", {})
+    pending: list[tuple[str, str, dict[str, Any]]] = session.info.setdefault("pending_changes", [])
     for action, objects in (("created", session.new), ("updated", session.dirty), ("deleted", session.deleted)):
         for obj in objects:
             if type(obj) not in PUBLISHED:
                 continue
             if action == "updated" and not session.is_modified(obj, include_collections=False):
                 continue
-            kind = PUBLISHED[type(obj)][0]
-            key = (kind, obj.id)
-            previous = pending.get(key)
-            if previous and previous[0] == "created" and action == "updated":
-                action_to_keep = "created"
-            elif previous and previous[0] == "created" and action == "deleted":
-                pending.pop(key)  # never seen outside this transaction
-                continue
-            else:
-                action_to_keep = action
-            pending[key] = (action_to_keep, to_wire(obj))
+            pending.append((PUBLISHED[type(obj)][0], action, to_wire(obj)))
+
+
+@event.listens_for(TrackedSession, "after_flush_postexec")
+def _log_changes(session: Session, _flush_context: Any) -> None:
+    pending = session.info.pop("pending_changes", None)
+    if not pending:
+        return
+    # Added here, these rows are flushed by the commit's next flush pass: same transaction.
+    session.add_all(tables.ChangeLog(kind=kind, action=action, object=obj) for kind, action, obj in pending)
+    session.info["changed"] = True
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {CHANNEL}"))  # delivered at commit; duplicates fold into one
 
 
 @event.listens_for(TrackedSession, "after_commit")
-def _publish_changes(session: Session) -> None:
-    pending = session.info.pop("pending_events", None)
-    bus: EventBus | None = session.info.get("bus")
-    if not pending or bus is None:
-        return
-    for (kind, _), (action, obj) in pending.items():
-        bus.publish(kind, action, obj)
+def _wake_feed(session: Session) -> None:
+    if session.info.pop("changed", False) and (feed := session.info.get("feed")) is not None:
+        feed.wake()
 
 
 @event.listens_for(TrackedSession, "after_rollback")
 def _drop_changes(session: Session) -> None:
-    session.info.pop("pending_events", None)
+    session.info.pop("pending_changes", None)
+    session.info.pop("changed", None)
 
 
 class Database:
-    def __init__(self, url: str, bus: EventBus):
+    def __init__(self, url: str):
         self.url = normalize_url(url)
-        self.bus = bus
+        self._session_info: dict[str, Any] = {"feed": None}
         self.is_sqlite = self.url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
@@ -102,8 +103,16 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(
-            self.engine, expire_on_commit=False, sync_session_class=TrackedSession, info={"bus": bus}
+            self.engine, expire_on_commit=False, sync_session_class=TrackedSession, info=self._session_info
         )
+
+    def set_feed(self, feed: Any) -> None:
+        """Who to wake after a commit that changed published rows (the change feed)."""
+        self._session_info["feed"] = feed
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        return make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

@@ -140,3 +140,20 @@ class Usage(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ChangeLog(Base):
+    """Every committed row change, in commit order: the event bus's durable side.
+
+    Written in the same transaction as the change; each server follows it (woken by
+    NOTIFY on PostgreSQL) and publishes the rows to its local subscribers. Its id is the
+    resource version the watch stream hands out, the same on every server.
+    """
+
+    __tablename__ = "change_log"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(16))
+    object: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
