@@ -39,6 +39,9 @@ class AgentConfig:
     simulate_gpus: str | None = None
     heartbeat_interval: float = 5.0
     health_timeout: float = 300.0
+    # After an instance turns `terminating` the gateways stop routing to it; its process
+    # keeps running this long so requests already in flight can finish.
+    drain_seconds: float = 5.0
     port_range: tuple[int, int] = DEFAULT_RANGE
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -322,6 +325,8 @@ class Agent:
         return False
 
     async def _terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:
+        if workload is not None and report and workload.state == "running" and self.config.drain_seconds > 0:
+            await asyncio.sleep(self.config.drain_seconds)
         if workload is not None:
             await self._stop_workload(workload)
             self.workloads.pop(instance_id, None)

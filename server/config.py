@@ -24,6 +24,10 @@ class ServerConfig:
     port: int = 8080
     database_url: str | None = None
     worker_timeout: float = 15.0  # seconds without heartbeat before a worker is not_ready
+    reschedule_after: float = 15.0  # seconds an instance stays unreachable before it is replaced elsewhere
+    restart_backoff: float = 10.0  # first restart delay after an error; doubles each time
+    restart_backoff_max: float = 300.0
+    max_restarts: int = 5  # then the instance is replaced by a new one (placed afresh)
     resync_interval: float = 10.0  # full reconcile even when no event arrived
     watch_heartbeat: float = 10.0
     gateway_timeout: float = 600.0  # seconds for one /v1 request, streams included
@@ -40,6 +44,10 @@ class ServerConfig:
             "port": os.environ.get("MAAS_PORT"),
             "database_url": os.environ.get("MAAS_DATABASE_URL"),
             "worker_timeout": os.environ.get("MAAS_WORKER_TIMEOUT"),
+            "reschedule_after": os.environ.get("MAAS_RESCHEDULE_AFTER"),
+            "restart_backoff": os.environ.get("MAAS_RESTART_BACKOFF"),
+            "restart_backoff_max": os.environ.get("MAAS_RESTART_BACKOFF_MAX"),
+            "max_restarts": os.environ.get("MAAS_MAX_RESTARTS"),
             "gateway_timeout": os.environ.get("MAAS_GATEWAY_TIMEOUT"),
             "gateway_max_body_mb": os.environ.get("MAAS_GATEWAY_MAX_BODY_MB"),
             "higress_dir": os.environ.get("MAAS_HIGRESS_DIR"),

@@ -90,7 +90,7 @@ async def api_key(admin: MaasClient) -> str:
 @pytest.fixture
 async def agent(server: MaasServer, tmp_path: Path) -> AsyncIterator[Agent]:
     local = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "agent",
-                              name="worker-1", address="127.0.0.1", heartbeat_interval=1.0))
+                              name="worker-1", address="127.0.0.1", heartbeat_interval=1.0, drain_seconds=1.0))
     await local.start()
     await asyncio.wait_for(local.registered.wait(), 10)
     try:

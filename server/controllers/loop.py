@@ -16,6 +16,7 @@ class ReconcileLoop:
     def __init__(self, server: Any, interval: float):
         self.server = server
         self.interval = interval
+        self.next_wake: float | None = None  # reconcile() may ask to run again sooner than `interval`
         self._task: asyncio.Task[None] | None = None
 
     async def reconcile(self) -> None:
@@ -39,7 +40,8 @@ class ReconcileLoop:
                     log.exception("%s failed; retrying", self.name)
                     await asyncio.sleep(1)
                 try:
-                    event = await asyncio.wait_for(subscription.get(), timeout=self.interval)
+                    timeout = self.interval if self.next_wake is None else max(0.05, min(self.interval, self.next_wake))
+                    event = await asyncio.wait_for(subscription.get(), timeout=timeout)
                     if event is None:  # overflowed: a full reconcile catches up
                         subscription = self.server.bus.subscribe(self.kinds)
                 except TimeoutError:

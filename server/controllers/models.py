@@ -1,20 +1,21 @@
-"""The model controller: keeps `replicas` instances per model, tears down deleted models."""
+"""The model controller: keeps `replicas` instances per model, rolls generations over,
+restarts failed instances with backoff, replaces those of lost workers, tears down
+deleted models."""
 
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
 from server import schemas
 from server.controllers.loop import ReconcileLoop
+from server.controllers.rollout import InstanceView, plan
 from server.db import tables
 from server.events import record_event
 
 S = schemas.InstanceState
-
-# Which instances go first when scaling down: the least useful first.
-_SCALE_DOWN_ORDER = [S.pending, S.error, S.unreachable, S.scheduled, S.starting, S.running]
 
 
 def _removable_now(instance: tables.ModelInstance, worker_ready: bool) -> bool:
@@ -22,11 +23,17 @@ def _removable_now(instance: tables.ModelInstance, worker_ready: bool) -> bool:
     return instance.worker_id is None or instance.state == S.pending or not worker_ready
 
 
+def _age(moment: datetime, now: datetime) -> float:
+    return (now - (moment if moment.tzinfo else moment.replace(tzinfo=UTC))).total_seconds()
+
+
 class ModelController(ReconcileLoop):
     name = "model-controller"
     kinds = ("models", "instances", "workers")
 
     async def reconcile(self) -> None:
+        now = datetime.now(UTC)
+        self.next_wake = None
         async with self.server.db.session() as s:
             models = (await s.execute(select(tables.Model))).scalars().all()
             instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
@@ -39,12 +46,49 @@ class ModelController(ReconcileLoop):
                 own = by_model.get(model.id, [])
                 if model.state == schemas.ModelState.deleting:
                     await self._tear_down(s, model, own, ready_workers)
-                else:
-                    self._keep_replicas(s, model, own)
+                    continue
+                own = [i for i in own if not await self._heal(s, i, ready_workers, now)]
+                self._keep_replicas(s, model, own)
             for instance in instances:
                 if instance.state == S.terminating and _removable_now(instance, instance.worker_id in ready_workers):
                     await s.delete(instance)
             await s.commit()
+
+    def _wake_in(self, seconds: float) -> None:
+        self.next_wake = seconds if self.next_wake is None else min(self.next_wake, seconds)
+
+    async def _heal(self, s, instance: tables.ModelInstance, ready_workers: set[int], now: datetime) -> bool:
+        """Restart a failed instance after its backoff, or replace it; True when it was removed."""
+        config = self.server.config
+        if instance.state == S.unreachable:
+            waited = _age(instance.updated_at, now)
+            if waited < config.reschedule_after:
+                self._wake_in(config.reschedule_after - waited)
+                return False
+            record_event(s, "instances", instance, "Rescheduled",
+                         f"worker {instance.worker_name} unreachable for {waited:.0f} s; replacing the instance", self.name)
+            await s.delete(instance)
+            return True
+        if instance.state != S.error or instance.worker_id not in ready_workers:
+            return False
+        backoff = min(config.restart_backoff * 2 ** instance.restart_count, config.restart_backoff_max)
+        waited = _age(instance.updated_at, now)
+        if waited < backoff:
+            self._wake_in(backoff - waited)
+            return False
+        if instance.restart_count >= config.max_restarts:
+            record_event(s, "instances", instance, "Replaced",
+                         f"failed {instance.restart_count + 1} times on {instance.worker_name}; a new instance replaces it",
+                         self.name)
+            await s.delete(instance)
+            return True
+        instance.restart_count += 1
+        instance.state = S.scheduled
+        last_error = instance.state_message.splitlines()[0] if instance.state_message else "error"
+        instance.state_message = f"restart {instance.restart_count} after: {last_error}"
+        record_event(s, "instances", instance, "Restarting",
+                     f"attempt {instance.restart_count} after {backoff:g} s backoff; last error: {last_error}", self.name)
+        return False
 
     async def _tear_down(self, s, model: tables.Model, own: list[tables.ModelInstance], ready_workers: set[int]) -> None:
         remaining = 0
@@ -62,19 +106,21 @@ class ModelController(ReconcileLoop):
             record_event(s, "models", model, "Deleted", "all instances stopped", "model-controller")
 
     def _keep_replicas(self, s, model: tables.Model, own: list[tables.ModelInstance]) -> None:
-        active = [i for i in own if i.state != S.terminating]
-        missing = model.replicas - len(active)
-        for _ in range(missing):
+        views = [InstanceView(i.id, i.state, outdated=i.generation < model.generation) for i in own]
+        decision = plan(model.replicas, views)
+        for _ in range(decision.create):
             instance = tables.ModelInstance(
                 name=f"{model.name}-{secrets.token_hex(3)}", model_id=model.id, model_name=model.name,
                 generation=model.generation, spec=model.spec, state=S.pending)
             s.add(instance)
             record_event(s, "instances", instance, "Created", f"replica of {model.name} (generation {model.generation})",
-                         "model-controller")
-        if missing < 0:
-            rank = {state: n for n, state in enumerate(_SCALE_DOWN_ORDER)}
-            victims = sorted(active, key=lambda i: (rank.get(S(i.state), 0), -i.id))[: -missing]
-            for instance in victims:
-                instance.state = S.terminating
-                instance.state_message = f"scaled down to {model.replicas}"
-                record_event(s, "instances", instance, "ScaledDown", instance.state_message, "model-controller")
+                         self.name)
+        by_id = {i.id: i for i in own}
+        for instance_id in decision.remove:
+            instance = by_id[instance_id]
+            outdated = instance.generation < model.generation
+            instance.state = S.terminating
+            instance.state_message = (f"replaced by generation {model.generation}" if outdated
+                                      else f"scaled down to {model.replicas}")
+            record_event(s, "instances", instance, "Replaced" if outdated else "ScaledDown", instance.state_message,
+                         self.name)

@@ -165,6 +165,8 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
         await response.write_eof()
     except ConnectionResetError:  # the client went away: stop reading upstream too
         log.debug("client left during a stream of %s", name)
+    except (aiohttp.ClientError, TimeoutError) as exc:  # bytes already went out: all we can do is end it
+        log.warning("instance of %s failed in the middle of a stream: %s", name, exc)
     finally:
         # llama.cpp closes keep-alive connections after a stream: never pool this one.
         upstream.close()

@@ -1,0 +1,66 @@
+"""Replica and rollout arithmetic: which instances to create and which to remove. Pure.
+
+An instance is outdated when it belongs to an older generation of its model (or sits
+on a draining worker). Outdated instances are replaced a few at a time: at most
+`max_surge` instances above `replicas`, never fewer than `replicas - max_unavailable`
+running ones, so a rollout with surge 1 and unavailable 0 keeps full capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RUNNING = "running"
+TERMINATING = "terminating"
+# Which instances go first when there are too many: the least useful first.
+_REMOVAL_ORDER = ["pending", "error", "unreachable", "scheduled", "starting", "running"]
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    id: int
+    state: str
+    outdated: bool = False
+
+
+@dataclass
+class Plan:
+    create: int = 0
+    remove: list[int] = field(default_factory=list)
+
+
+def _least_useful_first(instances: list[InstanceView]) -> list[InstanceView]:
+    rank = {state: n for n, state in enumerate(_REMOVAL_ORDER)}
+    return sorted(instances, key=lambda i: (rank.get(i.state, 0), -i.id))
+
+
+def plan(replicas: int, instances: list[InstanceView], max_surge: int = 1, max_unavailable: int = 0,
+         paused: bool = False) -> Plan:
+    if max_surge < 0 or max_unavailable < 0 or (max_surge == 0 and max_unavailable == 0):
+        raise ValueError("max_surge and max_unavailable must be >= 0 and not both 0")
+    active = [i for i in instances if i.state != TERMINATING]
+    current = [i for i in active if not i.outdated]
+    outdated = [i for i in active if i.outdated]
+    result = Plan()
+    if outdated and paused:  # a paused rollout freezes the model as it is
+        return result
+    if not outdated:
+        if len(current) < replicas:
+            result.create = replicas - len(current)
+        elif len(current) > replicas:
+            result.remove = [i.id for i in _least_useful_first(current)[: len(current) - replicas]]
+        return result
+
+    # Rolling: grow the new generation within the surge...
+    result.create = max(0, min(replicas - len(current), replicas + max_surge - len(active)))
+    # ...drop outdated instances that serve nothing at once, and running ones while enough others run.
+    result.remove = [i.id for i in outdated if i.state != RUNNING]
+    spare = sum(1 for i in active if i.state == RUNNING) - (replicas - max_unavailable)
+    for instance in sorted((i for i in outdated if i.state == RUNNING), key=lambda i: i.id):
+        if spare <= 0:
+            break
+        result.remove.append(instance.id)
+        spare -= 1
+    if len(current) > replicas:  # scaled down during the rollout
+        result.remove += [i.id for i in _least_useful_first(current)[: len(current) - replicas]]
+    return result
