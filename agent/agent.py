@@ -222,7 +222,8 @@ class Agent:
             except Exception:
                 log.exception("reconcile failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=5)
+                async with asyncio.timeout(5):  # not wait_for, which can swallow a cancellation on 3.11
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -165,7 +165,8 @@ class ChangeFeed:
         while True:
             await self._listen()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.POLL_SECONDS)
+                async with asyncio.timeout(self.POLL_SECONDS):  # not wait_for: see controllers/loop.py
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -63,7 +63,8 @@ class ProcessRuntime:
         if handle.returncode is None:
             _signal_group(handle.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(handle.process.wait(), self.stop_grace)
+                async with asyncio.timeout(self.stop_grace):
+                    await handle.process.wait()
             except TimeoutError:
                 log.warning("%s did not stop in %.0f s; killing it", handle.key, self.stop_grace)
                 _signal_group(handle.pid, signal.SIGKILL)

@@ -86,7 +86,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
                                                 "action": event.action, "object": event.object}))
         while True:
             try:
-                event = await asyncio.wait_for(subscription.get(), timeout=server.config.watch_heartbeat)
+                async with asyncio.timeout(server.config.watch_heartbeat):  # not wait_for: see controllers/loop.py
+                    event = await subscription.get()
             except TimeoutError:
                 await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
                 continue

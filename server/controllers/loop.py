@@ -41,7 +41,10 @@ class ReconcileLoop:
                     await asyncio.sleep(1)
                 try:
                     timeout = self.interval if self.next_wake is None else max(0.05, min(self.interval, self.next_wake))
-                    event = await asyncio.wait_for(subscription.get(), timeout=timeout)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                    # that races with a result, and stop() would then wait forever.
+                    async with asyncio.timeout(timeout):
+                        event = await subscription.get()
                     if event is None:  # overflowed: a full reconcile catches up
                         subscription = self.server.bus.subscribe(self.kinds)
                 except TimeoutError:
