@@ -115,6 +115,13 @@ class MaasClient:
     async def delete_model(self, name: str) -> schemas.ModelOut:
         return schemas.ModelOut.model_validate(await self.request("DELETE", f"/v2/models/{name}"))
 
+    async def evaluate_model(self, body: dict[str, Any]) -> schemas.ModelEvaluation:
+        """Dry run of a deploy: where each replica would go, or why not. Writes nothing."""
+        return schemas.ModelEvaluation.model_validate(await self.request("POST", "/v2/models/evaluate", json_body=body))
+
+    async def describe_model(self, name: str) -> schemas.ModelDescription:
+        return schemas.ModelDescription.model_validate(await self.request("GET", f"/v2/models/{name}/describe"))
+
     # --- instances, workers, events ------------------------------------------------
 
     async def list_instances(self, model: str | None = None) -> list[schemas.InstanceOut]:

@@ -157,6 +157,17 @@ def model_deploy(
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the backend (repeatable)"),
     wait: bool = typer.Option(False, "--wait", help="wait until every replica is running"),
     timeout: float = typer.Option(600, help="seconds --wait waits"),
+    max_model_len: Optional[int] = typer.Option(None, help="vllm/sglang: longest sequence (default: the model's)"),
+    concurrency: Optional[int] = typer.Option(None, help="vllm/sglang: full-length sequences the KV cache holds"),
+    memory: Optional[str] = typer.Option(None, help="claim this much per replica instead of the estimate, e.g. 20GiB"),
+    selector: list[str] = typer.Option([], "--selector", help="only workers with label KEY=VALUE (repeatable)"),
+    gpu_type: Optional[str] = typer.Option(None, help="only GPUs whose name contains this, e.g. H100"),
+    gpu_vendor: Optional[str] = typer.Option(None, help="only GPUs of this vendor, e.g. nvidia"),
+    gpus: list[str] = typer.Option([], "--gpus", help="manual placement WORKER:0,1 (repeatable; several workers need --distributed)"),
+    strategy: Optional[str] = typer.Option(None, help="spread (default) or binpack"),
+    distributed: bool = typer.Option(False, "--distributed", help="vllm/sglang: may span workers when none fits alone"),
+    partial_offload: bool = typer.Option(False, "--partial-offload", help="llama.cpp: layers that do not fit stay in RAM"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show where each replica would go (or why not); deploy nothing. Exit code 1 when some replica does not fit"),
     output: Format = OutputOption,
 ) -> None:
     """Deploy a model."""
@@ -168,10 +179,69 @@ def model_deploy(
         env_map[key] = value
     body = {"name": name, "source": _resolve_source(source), "backend": backend, "replicas": replicas,
             "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
+    body.update(_scheduling_fields(max_model_len, concurrency, memory, selector, gpu_type, gpu_vendor, gpus, strategy,
+                                   distributed, partial_offload))
+    if dry_run:
+        evaluation = call(lambda c: c.evaluate_model(body))
+        if output in (Format.json, Format.yaml):
+            emit(evaluation, output)
+        else:
+            from maas_tui.cli.describe import print_evaluation
+
+            print_evaluation(evaluation)
+        if evaluation.schedulable < replicas:
+            raise typer.Exit(1)
+        return
     model = call(lambda c: c.create_model(body))
     if wait:
         model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
     emit(model, output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+def _scheduling_fields(max_model_len: int | None, concurrency: int | None, memory: str | None, selector: list[str],
+                       gpu_type: str | None, gpu_vendor: str | None, gpus: list[str], strategy: str | None,
+                       distributed: bool, partial_offload: bool) -> dict[str, Any]:
+    """The deploy flags that shape scheduling, as spec fields (only those given)."""
+    from server.scheduler.snapshot import parse_size
+
+    fields: dict[str, Any] = {}
+    if max_model_len is not None:
+        fields["max_model_len"] = max_model_len
+    if concurrency is not None:
+        fields["concurrency"] = concurrency
+    if memory is not None:
+        size = parse_size(memory)
+        if not size:
+            fail(f"--memory {memory!r}: write a size such as 20GiB or 512MiB", code=2)
+        fields["memory_bytes"] = size
+    if selector:
+        labels = {}
+        for item in selector:
+            if "=" not in item:
+                fail(f"--selector {item!r}: write KEY=VALUE", code=2)
+            key, value = item.split("=", 1)
+            labels[key] = value
+        fields["worker_selector"] = labels
+    if gpus:
+        selection = []
+        for item in gpus:
+            worker, _, indexes = item.rpartition(":")
+            try:
+                numbers = [int(i) for i in indexes.split(",") if i.strip()]
+            except ValueError:
+                numbers = []
+            if not worker or not numbers:
+                fail(f"--gpus {item!r}: write WORKER:INDEX[,INDEX...], e.g. gpu-1:0,1", code=2)
+            selection.append({"worker": worker, "gpu_indexes": numbers})
+        fields["gpu_selector"] = selection
+    for key, value in (("gpu_type", gpu_type), ("gpu_vendor", gpu_vendor), ("placement_strategy", strategy)):
+        if value is not None:
+            fields[key] = value
+    if distributed:
+        fields["distributed"] = True
+    if partial_offload:
+        fields["partial_offload"] = True
+    return fields
 
 
 def _wait_ready(name: str, timeout: float, quiet: bool) -> schemas.ModelOut:
@@ -207,6 +277,18 @@ def model_list(output: Format = OutputOption) -> None:
 def model_get(name: str, output: Format = OutputOption) -> None:
     """Show one model."""
     emit(call(lambda c: c.get_model(name)), output, MODEL_COLUMNS, MODEL_WIDE)
+
+
+@model_app.command("describe")
+def model_describe(name: str, output: Format = OutputOption) -> None:
+    """Show a model: its memory estimate, where each instance runs or why it waits, and recent events."""
+    description = call(lambda c: c.describe_model(name))
+    if output in (Format.json, Format.yaml):
+        emit(description, output)
+        return
+    from maas_tui.cli.describe import print_model
+
+    print_model(description)
 
 
 @model_app.command("scale")
@@ -266,6 +348,23 @@ def instance_list(model: Optional[str] = typer.Option(None, help="only this mode
 def instance_get(ref: str = typer.Argument(..., help="instance id or name"), output: Format = OutputOption) -> None:
     """Show one instance."""
     emit(call(lambda c: c.get_instance(ref)), output, INSTANCE_COLUMNS, INSTANCE_WIDE)
+
+
+@instance_app.command("describe")
+def instance_describe(ref: str = typer.Argument(..., help="instance id or name"), output: Format = OutputOption) -> None:
+    """Show an instance: its placement and claim, why it waits if it does, and its events."""
+    async def work(client: MaasClient) -> tuple[schemas.InstanceOut, list[schemas.EventOut]]:
+        instance = await client.get_instance(ref)
+        return instance, await client.list_events(limit=50, name=instance.name)
+
+    instance, instance_events = call(work)
+    if output in (Format.json, Format.yaml):
+        emit({"instance": instance.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in instance_events]},
+             output)
+        return
+    from maas_tui.cli.describe import print_instance
+
+    print_instance(instance, instance_events)
 
 
 @instance_app.command("delete")

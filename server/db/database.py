@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
-from sqlalchemy import event, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -75,6 +75,17 @@ def _log_changes(session: Session, _flush_context: Any) -> None:
     session.info["changed"] = True
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {CHANNEL}"))  # delivered at commit; duplicates fold into one
+
+
+async def log_changes(session: AsyncSession, changes: list[dict[str, Any]]) -> None:
+    """For writes that bypass the ORM (bulk statements): the change-log rows the session hook
+    would write, the NOTIFY for other servers, and a wake-up for this one after the commit."""
+    if not changes:
+        return
+    await session.execute(insert(tables.ChangeLog.__table__), changes)
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text(f"NOTIFY {CHANNEL}"))
+    session.sync_session.info["changed"] = True
 
 
 @event.listens_for(TrackedSession, "after_commit")

@@ -1,15 +1,128 @@
-"""Memory a replica needs. v0: llama.cpp GGUF = weights + f16 KV cache for the context + compute buffer."""
+"""Memory a replica needs, and how it splits across GPUs and workers.
+
+- llama.cpp (GGUF): weights (the file) + f16 KV cache for the context + compute buffer;
+  layers are known from the tensor names, so a model can be split by layers across GPUs
+  or partially offloaded to host RAM.
+- vLLM / SGLang (Hugging Face layout, see hf.py): weights (exact from safetensors headers,
+  else the index's total_size, else the config's shape; fp8/AWQ/GPTQ/bitsandbytes/
+  compressed-tensors and MoE included) + KV cache for max_model_len x concurrency
+  (grouped-query heads, MLA, --kv-cache-dtype) + per GPU: CUDA context and buffers,
+  the activation peak of one max_num_batched_tokens step, logits, CUDA graphs.
+- `memory_bytes` in the spec overrides everything.
+
+The claim is what is needed, never a fixed fraction of the GPU; the backend is then
+given `gpu_memory_utilization` = claim / GPU total so it stays inside its claim.
+Everything here may read files (headers only); the placement math never calls it.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from server import schemas
+from server.scheduler import hf
 
 MiB = 1024**2
+GiB = 1024**3
 _COMPUTE_OVERHEAD = 64 * MiB  # llama.cpp's compute buffers and the server's own heap, measured small
+_LLAMACPP_UBATCH = 512  # llama.cpp's default micro-batch: its logits buffer is n_ubatch x n_vocab floats
+
+# vLLM / SGLang per-GPU overheads beyond weights and KV cache.
+_CUDA_BASE = 768 * MiB  # CUDA context, cuBLAS workspace, allocator slack, non-torch memory
+_NCCL = 256 * MiB  # communicator buffers when a model spans GPUs
+_GRAPHS_BASE = 256 * MiB  # CUDA graph pools: a base plus a little per layer
+_GRAPHS_PER_LAYER = 8 * MiB
+_VISION = 1 * GiB  # encoder cache and the profiling run of a vision tower
+_DEFAULT_BATCHED_TOKENS = 8192  # vLLM V1's max_num_batched_tokens for the API server
+_DEFAULT_MAX_SEQS = 256
+
+
+class EstimateError(Exception):
+    """The model's memory cannot be worked out (a file missing or unreadable); says why."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    method: str
+    weights: int  # bytes, at the dtype the backend loads
+    kv_cache: int  # bytes, all layers, the whole context
+    fixed_overhead: int = 0  # per GPU whatever the split
+    split_overhead: int = 0  # per GPU at tp=1, divided by the tensor-parallel size
+    comm_overhead: int = 0  # per GPU when the model spans several GPUs (NCCL buffers)
+    layers: int = 0
+    layer_weights: int = 0  # the part of `weights` that belongs to the repeated layers
+    heads: int = 0
+    kv_heads: int = 0
+    tp_sizes: tuple[int, ...] | None = ()  # allowed tensor-parallel sizes; None: any (llama.cpp layer split)
+    cpu_capable: bool = False
+    max_model_len: int | None = None
+    concurrency: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def fixed(cls, need: int, cpu_capable: bool = True, method: str = "fixed") -> "MemoryEstimate":
+        """A single number that cannot be split (the v0 contract of place())."""
+        return cls(method=method, weights=need, kv_cache=0, cpu_capable=cpu_capable)
+
+    def total(self) -> int:
+        """Bytes on one device: one GPU, or host RAM."""
+        return self.weights + self.kv_cache + self.fixed_overhead + self.split_overhead
+
+    @property
+    def overhead(self) -> int:
+        return self.fixed_overhead + self.split_overhead
+
+    def allows_tp(self, tp: int) -> bool:
+        if tp == 1:
+            return True
+        if self.tp_sizes is None:
+            return self.layers == 0 or tp <= self.layers
+        return tp in self.tp_sizes
+
+    def tp_candidates(self, limit: int) -> list[int]:
+        return [k for k in range(1, limit + 1) if self.allows_tp(k)]
+
+    def per_gpu(self, tp: int = 1, pp: int = 1) -> int:
+        """Bytes each GPU needs with `tp` GPUs per worker on `pp` workers (pipeline stages)."""
+        if tp == 1 and pp == 1:
+            return self.total()
+        layers = self.layers or 1
+        stage = math.ceil(layers / pp) / layers if pp > 1 else 1.0
+        non_layer = self.weights - self.layer_weights  # embeddings, head: counted on every stage (conservative)
+        weights = (non_layer + self.layer_weights * stage) / tp
+        kv = self.kv_cache * stage
+        if self.kv_heads and tp > self.kv_heads:
+            kv = kv / self.kv_heads  # heads are replicated, each GPU keeps one
+        else:
+            kv = kv / tp
+        return int(math.ceil(weights + kv + self.fixed_overhead + self.split_overhead / tp + self.comm_overhead))
+
+    def offload(self, gpu_free: int) -> tuple[int, int, int] | None:
+        """llama.cpp partial offload on a GPU with `gpu_free` bytes: (gpu layers, vram, host RAM), or None."""
+        if not self.cpu_capable or not self.layers:
+            return None
+        per_layer = (self.layer_weights + self.kv_cache) / self.layers
+        if per_layer <= 0:
+            return None
+        layers_on_gpu = min(int((gpu_free - self.overhead) // per_layer), self.layers - 1)
+        if layers_on_gpu < 1:
+            return None
+        on_gpu = int(math.ceil(layers_on_gpu * per_layer))
+        return layers_on_gpu, on_gpu + self.overhead, self.total() - on_gpu
+
+    def to_out(self) -> schemas.MemoryEstimateOut:
+        return schemas.MemoryEstimateOut(
+            method=self.method, weights_bytes=self.weights, kv_cache_bytes=self.kv_cache,
+            overhead_bytes=self.overhead, total_bytes=self.total(), max_model_len=self.max_model_len,
+            concurrency=self.concurrency,
+            tensor_parallel_sizes=list(self.tp_sizes) if self.tp_sizes is not None else None,
+            notes=list(self.notes))
+
+
+# --- llama.cpp (GGUF) -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -18,6 +131,8 @@ class GGUFShape:
     n_embd: int
     n_head: int
     n_head_kv: int
+    n_vocab: int = 0
+    layer_bytes: int = 0  # tensors named blk.N.*
 
 
 @lru_cache(maxsize=256)
@@ -34,24 +149,155 @@ def _gguf_shape(path: str, _mtime_ns: int) -> GGUFShape | None:
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
 
     def value(key: str, default: int) -> int:
-        field = reader.get_field(f"{arch}.{key}")
-        return int(field.parts[field.data[0]][0]) if field is not None else default
+        field_ = reader.get_field(f"{arch}.{key}")
+        return int(field_.parts[field_.data[0]][0]) if field_ is not None else default
 
     n_head = value("attention.head_count", 1)
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    n_vocab = value("vocab_size", len(tokens.data) if tokens is not None else 0)
+    layer_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
     return GGUFShape(value("block_count", 1), value("embedding_length", 0), n_head,
-                     value("attention.head_count_kv", n_head))
+                     value("attention.head_count_kv", n_head), n_vocab, layer_bytes)
 
 
-def estimate_bytes(spec: schemas.ModelSpec) -> int:
-    """Bytes one replica needs, wherever it runs (GPU or host RAM)."""
+def _estimate_gguf(spec: schemas.ModelSpec) -> MemoryEstimate:
     try:
         stat = os.stat(spec.source)
     except OSError:
-        return _COMPUTE_OVERHEAD
+        return MemoryEstimate(method="missing", weights=0, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
+                              cpu_capable=True, notes=(f"{spec.source} not found",))
     weights = stat.st_size
     shape = _gguf_shape(spec.source, stat.st_mtime_ns)
-    kv = 0
-    if shape and shape.n_head:
-        kv_width = shape.n_embd * shape.n_head_kv // shape.n_head
-        kv = 2 * shape.n_layers * spec.context_length * kv_width * 2  # K and V, f16
-    return weights + kv + _COMPUTE_OVERHEAD
+    if shape is None or not shape.n_head:
+        return MemoryEstimate(method="file_size", weights=weights, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
+                              cpu_capable=True, notes=("not a readable GGUF: the file size stands for the weights",))
+    kv_width = shape.n_embd * shape.n_head_kv // shape.n_head
+    kv = 2 * shape.n_layers * spec.context_length * kv_width * 2  # K and V, f16
+    compute = _COMPUTE_OVERHEAD + _LLAMACPP_UBATCH * shape.n_vocab * 4
+    return MemoryEstimate(method="gguf", weights=weights, kv_cache=kv, fixed_overhead=compute,
+                          layers=shape.n_layers, layer_weights=min(shape.layer_bytes, weights),
+                          heads=shape.n_head, kv_heads=shape.n_head_kv, tp_sizes=None, cpu_capable=True,
+                          max_model_len=spec.context_length)
+
+
+# --- vLLM / SGLang (Hugging Face layout) ---------------------------------------------
+
+
+def _arg(args: list[str], name: str) -> str | None:
+    """The value of `--name V` or `--name=V` in backend arguments (last one wins)."""
+    found = None
+    for i, item in enumerate(args):
+        if item == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif item.startswith(name + "="):
+            found = item.split("=", 1)[1]
+    return found
+
+
+def _int_arg(args: list[str], name: str) -> int | None:
+    value = _arg(args, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def tensor_parallel_sizes(heads: int, kv_heads: int, limit: int = 64) -> tuple[int, ...]:
+    """Sizes vLLM accepts: they divide the attention heads, and divide or are a multiple of the KV heads."""
+    sizes = []
+    for k in range(1, min(limit, heads) + 1):
+        if heads % k:
+            continue
+        if kv_heads and not (kv_heads % k == 0 or k % kv_heads == 0):
+            continue
+        sizes.append(k)
+    return tuple(sizes)
+
+
+def _estimate_hf(spec: schemas.ModelSpec) -> MemoryEstimate:
+    try:
+        shape, weights, _directory = hf.load(spec.source)
+    except hf.HFError as exc:
+        raise EstimateError(str(exc)) from None
+    except OSError as exc:
+        raise EstimateError(f"cannot read {spec.source}: {exc}") from None
+    args = spec.args
+    notes = list(shape.notes)
+
+    dtype = (_arg(args, "--dtype") or "auto").lower()
+    checkpoint_bytes = hf.TORCH_BYTES.get(shape.torch_dtype, 2)
+    if dtype == "auto":
+        runtime = 2 if checkpoint_bytes == 4 else checkpoint_bytes  # vLLM loads fp32 checkpoints as fp16
+    else:
+        runtime = hf.TORCH_BYTES.get(dtype, 2)
+    weight_bytes = weights.bytes
+    if weights.float_bytes and weights.float_elem_bytes and runtime != weights.float_elem_bytes:
+        weight_bytes += int(weights.float_bytes * runtime / weights.float_elem_bytes) - weights.float_bytes
+        notes.append(f"float tensors loaded at {runtime} bytes (checkpoint: {weights.float_elem_bytes})")
+    elif weights.float_bytes and not weights.float_elem_bytes:
+        notes.append("float tensors of mixed dtypes: counted as stored")
+
+    max_len = spec.max_model_len or _int_arg(args, "--max-model-len") or _int_arg(args, "--context-length") \
+        or shape.max_position
+    kv_dtype = (_arg(args, "--kv-cache-dtype") or "auto").lower()
+    kv_elem = 1 if kv_dtype.startswith("fp8") else (shape.kv_cache_dtype_bytes or runtime)
+    if shape.encoder_only:
+        per_token = 0
+        notes.append("encoder-only: no KV cache")
+    elif shape.mla:
+        per_token = shape.layers * (shape.mla["kv_lora"] + shape.mla["rope"]) * kv_elem
+    else:
+        per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * kv_elem
+    kv = per_token * max_len * spec.concurrency
+
+    linear, other = hf.parameter_counts(shape)
+    per_layer_params = linear + shape.layers * 2 * shape.hidden
+    layer_share = per_layer_params / max(1, linear + other)
+    layer_weights = int(weight_bytes * min(1.0, layer_share))
+
+    tokens = _int_arg(args, "--max-num-batched-tokens") or _int_arg(args, "--chunked-prefill-size") \
+        or (max(max_len, 2048) if shape.encoder_only else _DEFAULT_BATCHED_TOKENS)
+    seqs = _int_arg(args, "--max-num-seqs") or _int_arg(args, "--max-running-requests") or _DEFAULT_MAX_SEQS
+    inter = (shape.experts_per_token * shape.moe_intermediate + shape.shared_intermediate) if shape.is_moe \
+        else shape.intermediate
+    split = tokens * 3 * inter * runtime  # gate/up output and the activation: sharded by tensor parallelism
+    fixed = _CUDA_BASE + tokens * 6 * shape.hidden * runtime  # residual stream, norms, attention output
+    if not shape.encoder_only:
+        fixed += seqs * shape.vocab * 4 * 2  # fp32 logits of a full batch and the sampler's copy
+    eager = "--enforce-eager" in args or "--disable-cuda-graph" in args
+    if not (shape.encoder_only or eager):
+        fixed += _GRAPHS_BASE + _GRAPHS_PER_LAYER * shape.layers
+    if shape.vision:
+        fixed += _VISION
+        notes.append("vision tower: 1 GiB for its encoder cache and profiling")
+    if shape.is_moe:
+        notes.append(f"mixture of experts: all {shape.experts} experts resident, {shape.experts_per_token} active per token")
+    if shape.quant_method:
+        notes.append(f"quantization: {shape.quant_method}")
+    return MemoryEstimate(
+        method=weights.method, weights=weight_bytes, kv_cache=kv, fixed_overhead=int(fixed), split_overhead=int(split),
+        comm_overhead=_NCCL,
+        layers=shape.layers, layer_weights=layer_weights, heads=shape.heads, kv_heads=shape.kv_heads,
+        tp_sizes=tensor_parallel_sizes(shape.heads, shape.kv_heads), cpu_capable=False, max_model_len=max_len,
+        concurrency=spec.concurrency, notes=tuple(notes))
+
+
+# --- entry points ----------------------------------------------------------------------
+
+
+def estimate(spec: schemas.ModelSpec) -> MemoryEstimate:
+    """What one replica of `spec` needs. Reads headers only; raises EstimateError when it cannot tell."""
+    if spec.memory_bytes is not None:
+        hf_backend = spec.backend in schemas.HF_BACKENDS
+        return MemoryEstimate(method="override", weights=spec.memory_bytes, kv_cache=0,
+                              tp_sizes=(1, 2, 4, 8) if hf_backend else (), cpu_capable=not hf_backend,
+                              max_model_len=spec.max_model_len, concurrency=spec.concurrency,
+                              notes=("memory_bytes given in the spec",))
+    if spec.backend in schemas.HF_BACKENDS:
+        return _estimate_hf(spec)
+    return _estimate_gguf(spec)
+
+
+def estimate_bytes(spec: schemas.ModelSpec) -> int:
+    """Bytes one replica needs on one device (one GPU or host RAM)."""
+    return estimate(spec).total()

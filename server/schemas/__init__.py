@@ -6,15 +6,18 @@ the standard library only.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Backends the cluster knows how to run. The agent's backends/ package holds what each
 # one needs; the server only validates names against this list.
-KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp",)
+KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang")
+# Backends that serve Hugging Face layouts (config.json + safetensors) and need GPUs.
+HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 
@@ -157,6 +160,25 @@ class WorkerRegistered(Schema):
 # --- models -----------------------------------------------------------------
 
 
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+
+
+class GPUSelection(Schema):
+    """Manual placement: the worker and the GPU indexes an instance must use."""
+
+    worker: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    gpu_indexes: list[int] = Field(min_length=1, max_length=64)
+
+    @field_validator("gpu_indexes")
+    @classmethod
+    def _indexes(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("GPU indexes are 0 or more")
+        if len(set(value)) != len(value):
+            raise ValueError("a GPU index is given twice")
+        return value
+
+
 class ModelSpec(Schema):
     """Everything that shapes an instance. A change to it is a new generation."""
 
@@ -167,6 +189,25 @@ class ModelSpec(Schema):
     env: dict[str, str] = Field(default_factory=dict)
     context_length: int = Field(default=2048, ge=64, le=1_048_576)
     cpu_only: bool = Field(default=False, description="never claim a GPU, serve from host RAM")
+    # --- scheduling (see server/scheduler) ---
+    max_model_len: int | None = Field(default=None, ge=16, le=10_485_760, description=(
+        "vllm/sglang: longest sequence (prompt + output) served; default: the model's max_position_embeddings"))
+    concurrency: int = Field(default=1, ge=1, le=4096, description=(
+        "vllm/sglang: full-length sequences the KV cache must hold at once (the claim grows with it)"))
+    memory_bytes: int | None = Field(default=None, ge=1, le=2**50, description=(
+        "claim this many bytes per replica instead of the estimate (e.g. a hub model without local metadata)"))
+    worker_selector: dict[str, str] = Field(default_factory=dict, description="only workers with all these labels")
+    gpu_selector: list[GPUSelection] = Field(default_factory=list, max_length=64, description=(
+        "manual placement: these GPUs of these workers (more than one worker needs distributed)"))
+    gpu_type: str | None = Field(default=None, min_length=1, max_length=100,
+                                 description="only GPUs whose name contains this (case-insensitive), e.g. H100")
+    gpu_vendor: str | None = Field(default=None, min_length=1, max_length=40, description="only GPUs of this vendor")
+    placement_strategy: Literal["spread", "binpack"] = Field(default="spread", description=(
+        "spread: replicas on different workers first (least loaded first); binpack: fill GPUs tightly"))
+    distributed: bool = Field(default=False, description=(
+        "vllm/sglang: may span several workers (pipeline parallel over Ray) when no single worker fits"))
+    partial_offload: bool = Field(default=False, description=(
+        "llama.cpp: when no GPU holds the whole model, keep some layers in host RAM"))
 
     @field_validator("backend")
     @classmethod
@@ -174,6 +215,43 @@ class ModelSpec(Schema):
         if value not in KNOWN_BACKENDS:
             raise ValueError(f"unknown backend {value!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
         return value
+
+    @field_validator("worker_selector")
+    @classmethod
+    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 32:
+            raise ValueError("at most 32 labels")
+        for key, item in value.items():
+            if not LABEL_KEY.match(key):
+                raise ValueError(f"label key {key!r}: use letters, digits, '.', '_', '-' and '/', at most 100 characters")
+            if len(item) > 200:
+                raise ValueError(f"label {key!r}: value longer than 200 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _scheduling_fields_fit_the_backend(self) -> "ModelSpec":
+        hf = self.backend in HF_BACKENDS
+        if not hf and self.max_model_len is not None:
+            raise ValueError(f"max_model_len applies to {'/'.join(HF_BACKENDS)}; {self.backend} uses context_length")
+        if not hf and self.distributed:
+            raise ValueError(f"distributed applies to {'/'.join(HF_BACKENDS)}, not {self.backend}")
+        if hf and self.cpu_only:
+            raise ValueError(f"{self.backend} needs GPUs; cpu_only applies to llama.cpp")
+        if self.partial_offload and self.backend != "llama.cpp":
+            raise ValueError("partial_offload applies to llama.cpp only")
+        if self.partial_offload and self.cpu_only:
+            raise ValueError("partial_offload and cpu_only exclude each other")
+        if self.cpu_only and (self.gpu_selector or self.gpu_type or self.gpu_vendor):
+            raise ValueError("cpu_only cannot be combined with gpu_selector, gpu_type or gpu_vendor")
+        if self.gpu_selector:
+            workers = [s.worker for s in self.gpu_selector]
+            if len(set(workers)) != len(workers):
+                raise ValueError("gpu_selector names a worker twice")
+            if len(workers) > 1 and not self.distributed:
+                raise ValueError("gpu_selector spans several workers: set distributed (vllm/sglang)")
+            if len({len(s.gpu_indexes) for s in self.gpu_selector}) > 1:
+                raise ValueError("gpu_selector: every worker must give the same number of GPUs (the tensor-parallel size)")
+        return self
 
 
 class ModelCreate(ModelSpec):
@@ -190,6 +268,16 @@ class ModelUpdate(Schema):
     env: dict[str, str] | None = None
     context_length: int | None = Field(default=None, ge=64, le=1_048_576)
     cpu_only: bool | None = None
+    max_model_len: int | None = Field(default=None, ge=16, le=10_485_760)
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
+    memory_bytes: int | None = Field(default=None, ge=1, le=2**50)
+    worker_selector: dict[str, str] | None = None
+    gpu_selector: list[GPUSelection] | None = Field(default=None, max_length=64)
+    gpu_type: str | None = Field(default=None, min_length=1, max_length=100)
+    gpu_vendor: str | None = Field(default=None, min_length=1, max_length=40)
+    placement_strategy: Literal["spread", "binpack"] | None = None
+    distributed: bool | None = None
+    partial_offload: bool | None = None
 
     @field_validator("backend")
     @classmethod
@@ -227,6 +315,30 @@ class InstanceState(StrEnum):
     terminating = "terminating"
 
 
+class MemoryEstimateOut(Schema):
+    """What one replica needs and why (bytes)."""
+
+    method: str = Field(description="where the weights came from: safetensors, index, config, gguf, file_size, override")
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    overhead_bytes: int = Field(default=0, description="per GPU: activations, CUDA graphs, CUDA context, buffers")
+    total_bytes: int = Field(default=0, description="on one device (one GPU, or host RAM)")
+    max_model_len: int | None = None
+    concurrency: int | None = None
+    tensor_parallel_sizes: list[int] | None = Field(default=None, description="sizes the attention heads allow")
+    notes: list[str] = Field(default_factory=list)
+
+
+class SubordinateClaim(Schema):
+    """The part of a multi-worker placement on another worker (a Ray worker of the main instance)."""
+
+    worker_id: int
+    worker_name: str
+    address: str | None = None
+    gpu_indexes: list[int] = Field(default_factory=list)
+    vram_bytes_per_gpu: int = 0
+
+
 class ResourceClaim(Schema):
     """What the scheduler reserved for an instance; allocation is computed from these."""
 
@@ -234,6 +346,14 @@ class ResourceClaim(Schema):
     gpu_indexes: list[int] = Field(default_factory=list)
     vram_bytes_per_gpu: int = 0
     ram_bytes: int = 0
+    # Multi-GPU and multi-worker placements (defaults describe one GPU or the CPU).
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="workers: this one plus subordinate_workers")
+    subordinate_workers: list[SubordinateClaim] = Field(default_factory=list)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description=(
+        "vllm --gpu-memory-utilization (sglang --mem-fraction-static): the claim over the smallest chosen GPU"))
+    gpu_layers: int | None = Field(default=None, ge=0, description="llama.cpp partial offload: layers on the GPU")
+    estimate: MemoryEstimateOut | None = None
 
 
 class UnschedulableReason(Schema):
@@ -243,6 +363,9 @@ class UnschedulableReason(Schema):
     need_bytes: int | None = None
     free_bytes: int | None = None
     gpu: int | None = None
+    gpus_needed: int | None = Field(default=None, description="GPUs the closest option needs (tensor-parallel size)")
+    gpus_fitting: int | None = Field(default=None, description="GPUs with need_bytes free on this worker")
+    count: int | None = Field(default=None, description="a summary line: how many workers share this reason")
 
 
 class InstanceOut(Schema):
@@ -264,6 +387,33 @@ class InstanceOut(Schema):
     restart_count: int = 0
     created_at: datetime
     updated_at: datetime
+
+
+class ReplicaPlacement(Schema):
+    replica: int
+    scheduled: bool
+    worker: str | None = None
+    claim: ResourceClaim | None = None
+    reasons: list[UnschedulableReason] = Field(default_factory=list)
+
+
+class ModelEvaluation(Schema):
+    """`POST /v2/models/evaluate`: where each replica would go now, or why not. Nothing is written."""
+
+    name: str
+    estimate: MemoryEstimateOut | None = None
+    replicas: list[ReplicaPlacement] = Field(default_factory=list)
+    schedulable: int = 0
+    pending_ahead: int = Field(default=0, description="pending instances the scheduler would place first")
+    message: str = ""
+
+
+class ModelDescription(Schema):
+    model: ModelOut
+    estimate: MemoryEstimateOut | None = None
+    estimate_error: str | None = None
+    instances: list[InstanceOut] = Field(default_factory=list)
+    events: list[EventOut] = Field(default_factory=list)
 
 
 class AgentInstanceState(StrEnum):
