@@ -122,6 +122,23 @@ class MaasClient:
     async def describe_model(self, name: str) -> schemas.ModelDescription:
         return schemas.ModelDescription.model_validate(await self.request("GET", f"/v2/models/{name}/describe"))
 
+    async def rollout_status(self, name: str) -> schemas.RolloutStatus:
+        return schemas.RolloutStatus.model_validate(await self.request("GET", f"/v2/models/{name}/rollout"))
+
+    async def rollout_action(self, name: str, action: str, to_revision: int | None = None) -> schemas.ModelOut:
+        """restart, undo (optionally to a revision), pause or resume a model's rollout."""
+        body = {"to_revision": to_revision} if to_revision is not None else None
+        return schemas.ModelOut.model_validate(
+            await self.request("POST", f"/v2/models/{name}/rollout/{action}", json_body=body))
+
+    async def model_history(self, name: str) -> list[schemas.ModelRevisionOut]:
+        return [schemas.ModelRevisionOut.model_validate(i)
+                for i in (await self.request("GET", f"/v2/models/{name}/history"))["items"]]
+
+    async def worker_action(self, name: str, action: str) -> schemas.WorkerOut:
+        """cordon, uncordon or drain a worker."""
+        return schemas.WorkerOut.model_validate(await self.request("POST", f"/v2/workers/{name}/{action}"))
+
     # --- instances, workers, events ------------------------------------------------
 
     async def list_instances(self, model: str | None = None) -> list[schemas.InstanceOut]:

@@ -130,3 +130,89 @@ async def _running_on(admin: MaasClient, model: str, workers: set[str], count: i
     instances = await admin.list_instances(model)
     return (len(instances) == count and all(i.state == "running" for i in instances)
             and {i.worker_name for i in instances} <= workers)
+
+
+async def test_failing_rollout_stalls_and_undo_restores(server: MaasServer, admin: MaasClient, api_key: str, agent,
+                                                        tiny_model: Path, traversable_tmp: Path):
+    server.config.restart_backoff = 0.2
+    await admin.create_model({"name": "steady", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 2})
+
+    async def generation_running(generation: int) -> bool:
+        return await _states(admin, "steady") == [(generation, "running")] * 2
+    await eventually(lambda: generation_running(1), message="2 running replicas")
+
+    broken = traversable_tmp / "broken-for-rollout.gguf"
+    broken.write_bytes(b"GGUF, but not a model")
+    await admin.update_model("steady", {"source": str(broken)})
+
+    async def stalled() -> bool:
+        return "stalled" in (await admin.get_model("steady")).rollout_message
+    await eventually(stalled, timeout=60, message="the rollout to report that it stalled")
+    states = await _states(admin, "steady")
+    assert states.count((1, "running")) == 2  # the old generation keeps serving
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    assert (await client.chat.completions.create(model="steady", messages=PROMPT, max_tokens=2)).choices
+    await client.close()
+    status = await admin.rollout_status("steady")
+    assert (status.generation, status.ready, status.available, status.complete) == (2, 0, 2, False)
+
+    await admin.rollout_action("steady", "undo")
+    await eventually(lambda: generation_running(3), timeout=60, message="generation 3 (the old spec) running")
+    assert (await admin.get_model("steady")).rollout_message == ""
+    assert all(i.spec.source == str(tiny_model) for i in await admin.list_instances("steady"))
+    history = await admin.model_history("steady")
+    assert [(r.revision, r.spec.source) for r in history] == [
+        (1, str(tiny_model)), (2, str(broken)), (3, str(tiny_model))]
+    assert history[2].change == "undo to revision 1"
+
+
+async def test_pause_freezes_a_rollout_and_resume_finishes_it(admin: MaasClient, agent, tiny_model: Path):
+    await admin.create_model({"name": "frozen", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
+    await eventually(lambda: _states_are(admin, "frozen", [(1, "running")]), message="1 running replica")
+    await admin.rollout_action("frozen", "pause")
+    await admin.rollout_action("frozen", "restart")
+    await asyncio.sleep(1.0)  # nothing may happen while paused (the controller runs on every change)
+    assert await _states(admin, "frozen") == [(1, "running")]
+    assert (await admin.rollout_status("frozen")).paused
+    await admin.rollout_action("frozen", "resume")
+    await eventually(lambda: _states_are(admin, "frozen", [(2, "running")]), message="the rollout finished")
+
+
+async def test_drain_moves_instances_without_downtime(server: MaasServer, admin: MaasClient, agent, tmp_path: Path,
+                                                      tiny_model: Path):
+    from agent.agent import Agent, AgentConfig
+
+    other = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "other",
+                              name="worker-2", address="127.0.0.1", drain_seconds=1.0))
+    await other.start()
+    try:
+        await eventually(lambda: _worker_ready(admin, "worker-2"), message="the second worker")
+        await admin.create_model({"name": "movable", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 2})
+        await eventually(lambda: _states_are(admin, "movable", [(1, "running")] * 2), message="2 running replicas")
+        before = {i.worker_name for i in await admin.list_instances("movable")}
+        await admin.worker_action("worker-1", "drain")
+        fewest = 2
+        deadline = time.monotonic() + 60
+        while True:
+            instances = await admin.list_instances("movable")
+            fewest = min(fewest, sum(1 for i in instances if i.state == "running"))
+            if [(i.worker_name, i.state) for i in instances] == [("worker-2", "running")] * 2:
+                break
+            assert time.monotonic() < deadline, f"drain did not finish: {instances}"
+            await asyncio.sleep(0.05)
+        assert fewest >= 2, "capacity dropped during the drain"
+        worker = await admin.get_worker("worker-1")
+        assert worker.cordoned and worker.draining
+        print(f"\ninstances were on {sorted(before)}; drained to worker-2")
+        await admin.worker_action("worker-1", "uncordon")
+        assert not (await admin.get_worker("worker-1")).cordoned
+    finally:
+        await other.stop()
+
+
+async def _states_are(admin: MaasClient, model: str, expected: list[tuple[int, str]]) -> bool:
+    return await _states(admin, model) == expected
+
+
+async def _worker_ready(admin: MaasClient, name: str) -> bool:
+    return any(w.name == name and w.state == "ready" for w in await admin.list_workers())

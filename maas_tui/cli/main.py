@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar
 import typer
 
 from maas_tui import config as client_config
+from maas_tui.cli import ops_cmds
 from maas_tui.cli.gateway_cmds import gateway_app
 from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes
 from maas_tui.client import ApiClientError, MaasClient
@@ -31,6 +32,7 @@ app.add_typer(instance_app, name="instance")
 app.add_typer(worker_app, name="worker")
 app.add_typer(key_app, name="key")
 app.add_typer(gateway_app, name="gateway")
+ops_cmds.register(model_app, worker_app)
 
 
 def fail(message: str, code: int = 1) -> None:

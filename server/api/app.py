@@ -6,7 +6,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from server.api import agent_api, gateway_api, resources, usage, watch  # noqa: F401  (they register routes)
+from server.api import agent_api, gateway_api, operations, resources, usage, watch  # noqa: F401  (they register routes)
 from server.api import scheduling  # noqa: F401,E402  (dry run and describe routes)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document

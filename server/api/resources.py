@@ -105,6 +105,14 @@ def _check_source(spec: schemas.ModelSpec) -> None:
             raise bad_request(f"model file not found: {spec.source}")
 
 
+def new_revision(session, model: tables.Model, spec: dict, change: str) -> None:
+    """A new generation with this spec: instances of older ones are rolled over."""
+    model.spec = spec
+    model.generation += 1
+    model.rollout_message = ""
+    session.add(tables.ModelRevision(model_id=model.id, revision=model.generation, spec=spec, change=change))
+
+
 async def ready_counts(session, model_ids: list[int] | None = None) -> dict[int, int]:
     query = (select(tables.ModelInstance.model_id, func.count())
              .where(tables.ModelInstance.state == schemas.InstanceState.running)
@@ -140,18 +148,20 @@ async def create_model(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ModelCreate)
     _check_source(body)
     principal = principal_of(request)
-    spec = schemas.ModelSpec.model_validate(body.model_dump(exclude={"name", "replicas"}))
+    spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     async with server_of(request).db.session() as s:
         existing = (await s.execute(select(tables.Model).where(tables.Model.name == body.name))).scalar_one_or_none()
         if existing is not None:
             what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
             raise conflict(f"model {body.name!r} {what}")
-        model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1)
+        model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1,
+                             max_surge=body.max_surge, max_unavailable=body.max_unavailable)
         s.add(model)
         try:
             await s.flush()
         except IntegrityError:
             raise conflict(f"model {body.name!r} already exists") from None
+        s.add(tables.ModelRevision(model_id=model.id, revision=1, spec=model.spec, change="created"))
         record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas",
                      principal.name)
         await s.commit()
@@ -174,14 +184,18 @@ async def update_model(request: web.Request) -> web.Response:
         model = await _get_model(s, request.match_info["name"])
         if model.state == schemas.ModelState.deleting:
             raise conflict(f"model {model.name!r} is being deleted")
-        changes = body.model_dump(exclude_unset=True, exclude={"replicas"})
+        changes = body.model_dump(exclude_unset=True, exclude=schemas.MODEL_POLICY_FIELDS)
+        surge = model.max_surge if body.max_surge is None else body.max_surge
+        unavailable = model.max_unavailable if body.max_unavailable is None else body.max_unavailable
+        if surge == 0 and unavailable == 0:
+            raise ApiError(422, "invalid", "max_surge and max_unavailable cannot both be 0: a rollout could never progress")
+        model.max_surge, model.max_unavailable = surge, unavailable
         if changes:
             new_spec = schemas.ModelSpec.model_validate({**model.spec, **changes})
             _check_source(new_spec)
             dumped = new_spec.model_dump(mode="json")
             if dumped != model.spec:
-                model.spec = dumped
-                model.generation += 1
+                new_revision(s, model, dumped, "spec changed: " + ", ".join(sorted(changes)))
                 record_event(s, "models", model, "SpecChanged", f"generation {model.generation}", principal.name)
         if body.replicas is not None and body.replicas != model.replicas:
             record_event(s, "models", model, "Scaled", f"{model.replicas} -> {body.replicas} replicas", principal.name)

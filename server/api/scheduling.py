@@ -25,7 +25,7 @@ S = schemas.InstanceState
 async def evaluate_model(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ModelCreate)
     _check_source(body)
-    spec = schemas.ModelSpec.model_validate(body.model_dump(exclude={"name", "replicas"}))
+    spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     server = server_of(request)
     async with server.db.session() as s:
         state = await load_state(s, Reserves.from_env())

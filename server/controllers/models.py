@@ -39,6 +39,7 @@ class ModelController(ReconcileLoop):
             instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
             ready_workers = set((await s.execute(select(tables.Worker.id).where(
                 tables.Worker.state == schemas.WorkerState.ready))).scalars())
+            draining = set((await s.execute(select(tables.Worker.id).where(tables.Worker.draining))).scalars())
             by_model: dict[int, list[tables.ModelInstance]] = {}
             for instance in instances:
                 by_model.setdefault(instance.model_id, []).append(instance)
@@ -48,7 +49,7 @@ class ModelController(ReconcileLoop):
                     await self._tear_down(s, model, own, ready_workers)
                     continue
                 own = [i for i in own if not await self._heal(s, i, ready_workers, now)]
-                self._keep_replicas(s, model, own)
+                self._keep_replicas(s, model, own, draining)
             for instance in instances:
                 if instance.state == S.terminating and _removable_now(instance, instance.worker_id in ready_workers):
                     await s.delete(instance)
@@ -105,9 +106,12 @@ class ModelController(ReconcileLoop):
             await s.delete(model)
             record_event(s, "models", model, "Deleted", "all instances stopped", "model-controller")
 
-    def _keep_replicas(self, s, model: tables.Model, own: list[tables.ModelInstance]) -> None:
-        views = [InstanceView(i.id, i.state, outdated=i.generation < model.generation) for i in own]
-        decision = plan(model.replicas, views)
+    def _keep_replicas(self, s, model: tables.Model, own: list[tables.ModelInstance], draining: set[int]) -> None:
+        # Outdated: an older generation, or on a draining worker. Both move with the rollout rules.
+        views = [InstanceView(i.id, i.state, outdated=i.generation < model.generation or i.worker_id in draining)
+                 for i in own]
+        decision = plan(model.replicas, views, model.max_surge, model.max_unavailable, model.paused)
+        self._note_stall(s, model, own)
         for _ in range(decision.create):
             instance = tables.ModelInstance(
                 name=f"{model.name}-{secrets.token_hex(3)}", model_id=model.id, model_name=model.name,
@@ -118,9 +122,27 @@ class ModelController(ReconcileLoop):
         by_id = {i.id: i for i in own}
         for instance_id in decision.remove:
             instance = by_id[instance_id]
-            outdated = instance.generation < model.generation
+            if instance.generation < model.generation:
+                reason, instance.state_message = "Replaced", f"replaced by generation {model.generation}"
+            elif instance.worker_id in draining:
+                reason, instance.state_message = "Drained", f"moved off draining worker {instance.worker_name}"
+            else:
+                reason, instance.state_message = "ScaledDown", f"scaled down to {model.replicas}"
             instance.state = S.terminating
-            instance.state_message = (f"replaced by generation {model.generation}" if outdated
-                                      else f"scaled down to {model.replicas}")
-            record_event(s, "instances", instance, "Replaced" if outdated else "ScaledDown", instance.state_message,
-                         self.name)
+            record_event(s, "instances", instance, reason, instance.state_message, self.name)
+
+    def _note_stall(self, s, model: tables.Model, own: list[tables.ModelInstance]) -> None:
+        """A rollout whose new instances keep failing stops progressing by itself (old instances
+        stay, since they are removed only as new ones run); say why on the model."""
+        failing = [i for i in own if i.generation == model.generation and i.state == S.error and i.restart_count >= 1]
+        outdated = any(i.generation < model.generation for i in own)
+        message = ""
+        if failing and outdated:
+            first = failing[0]
+            why = first.state_message.splitlines()[0] if first.state_message else "error"
+            message = (f"rollout to generation {model.generation} stalled: {first.name} keeps failing ({why}); "
+                       f"older instances keep serving; 'maas model rollout undo {model.name}' goes back")
+        if message != model.rollout_message:
+            model.rollout_message = message
+            if message:
+                record_event(s, "models", model, "RolloutStalled", message, self.name)

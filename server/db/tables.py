@@ -64,6 +64,7 @@ class Worker(Base, Timestamps):
     state: Mapped[str] = mapped_column(String(32), default="ready")
     state_message: Mapped[str] = mapped_column(Text, default="")
     cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)  # cordoned, and its instances move away
     gpus: Mapped[list[Any]] = mapped_column(default=list)
     host: Mapped[dict[str, Any]] = mapped_column(default=dict)
     token_hash: Mapped[str] = mapped_column(String(128), default="")
@@ -81,6 +82,23 @@ class Model(Base, Timestamps):
     replicas: Mapped[int] = mapped_column(Integer, default=1)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(32), default="active")
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)  # rollout paused
+    max_surge: Mapped[int] = mapped_column(Integer, default=1)
+    max_unavailable: Mapped[int] = mapped_column(Integer, default=0)
+    rollout_message: Mapped[str] = mapped_column(Text, default="")  # why a rollout is stuck, when it is
+
+
+class ModelRevision(Base):
+    """Each spec a model has had, by the generation that introduced it (for history and undo)."""
+
+    __tablename__ = "model_revisions"
+    __table_args__ = (UniqueConstraint("model_id", "revision", name="uq_model_revisions_model_revision"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    change: Mapped[str] = mapped_column(Text, default="")  # what made it: created, spec change, restart, undo
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ModelInstance(Base, Timestamps):

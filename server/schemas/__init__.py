@@ -144,6 +144,7 @@ class WorkerOut(Schema):
     state: WorkerState
     state_message: str = ""
     cordoned: bool = False
+    draining: bool = False
     gpus: list[GPUDevice]
     host: HostInfo
     last_heartbeat_at: datetime | None = None
@@ -257,10 +258,24 @@ class ModelSpec(Schema):
 class ModelCreate(ModelSpec):
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     replicas: int = Field(default=1, ge=0, le=1000)
+    max_surge: int = Field(default=1, ge=0, le=1000, description="rollouts: instances above replicas while replacing")
+    max_unavailable: int = Field(default=0, ge=0, le=1000, description="rollouts: running instances that may be missing")
+
+    @model_validator(mode="after")
+    def _rollout_can_progress(self) -> "ModelCreate":
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise ValueError("max_surge and max_unavailable cannot both be 0: a rollout could never progress")
+        return self
+
+
+# Fields of ModelCreate that are not part of the instance spec.
+MODEL_POLICY_FIELDS = frozenset({"name", "replicas", "max_surge", "max_unavailable"})
 
 
 class ModelUpdate(Schema):
     replicas: int | None = Field(default=None, ge=0, le=1000)
+    max_surge: int | None = Field(default=None, ge=0, le=1000)
+    max_unavailable: int | None = Field(default=None, ge=0, le=1000)
     source: str | None = Field(default=None, min_length=1, max_length=2000)
     backend: str | None = None
     backend_version: str | None = None
@@ -298,8 +313,38 @@ class ModelOut(Schema):
     generation: int
     state: ModelState
     ready_replicas: int = 0
+    paused: bool = False
+    max_surge: int = 1
+    max_unavailable: int = 0
+    rollout_message: str = ""
     created_at: datetime
     updated_at: datetime
+
+
+class ModelRevisionOut(Schema):
+    revision: int
+    spec: ModelSpec
+    change: str
+    created_at: datetime
+
+
+class RolloutStatus(Schema):
+    """Where a model's rollout stands: `updated` instances run the newest spec, `ready` of them are running."""
+
+    model: str
+    generation: int
+    replicas: int
+    updated: int
+    ready: int
+    available: int = Field(description="running instances of any generation")
+    outdated: int = Field(description="instances of older generations still present")
+    paused: bool
+    complete: bool
+    message: str = ""
+
+
+class RolloutUndo(Schema):
+    to_revision: int | None = Field(default=None, ge=1, description="default: the revision before the current one")
 
 
 # --- instances --------------------------------------------------------------

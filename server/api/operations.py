@@ -1,0 +1,141 @@
+"""Operator actions: rollouts (status, restart, undo, pause, resume, history) and worker
+cordon, uncordon and drain. They change rows; the controllers do the rest."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server import schemas
+from server.api.errors import ApiError, conflict, not_found, read_json
+from server.api.resources import _get_model, _get_worker, model_out, new_revision, ready_counts
+from server.api.routing import json_out, principal_of, route, server_of
+from server.db import tables
+from server.events import record_event
+
+S = schemas.InstanceState
+
+
+def rollout_status(model: tables.Model, instances: list[tables.ModelInstance]) -> schemas.RolloutStatus:
+    active = [i for i in instances if i.state != S.terminating]
+    updated = [i for i in active if i.generation == model.generation]
+    ready = [i for i in updated if i.state == S.running]
+    outdated = [i for i in instances if i.generation < model.generation]
+    complete = len(ready) == model.replicas and len(active) == model.replicas and not outdated
+    return schemas.RolloutStatus(
+        model=model.name, generation=model.generation, replicas=model.replicas, updated=len(updated),
+        ready=len(ready), available=sum(1 for i in active if i.state == S.running), outdated=len(outdated),
+        paused=model.paused, complete=complete, message=model.rollout_message)
+
+
+async def _model_instances(s, model: tables.Model) -> list[tables.ModelInstance]:
+    return list((await s.execute(select(tables.ModelInstance).where(
+        tables.ModelInstance.model_id == model.id))).scalars())
+
+
+async def _active_model(s, name: str) -> tables.Model:
+    model = await _get_model(s, name)
+    if model.state == schemas.ModelState.deleting:
+        raise conflict(f"model {model.name!r} is being deleted")
+    return model
+
+
+@route("GET", "/v2/models/{name}/rollout", "Rollout progress: updated / ready / desired", response=schemas.RolloutStatus)
+async def get_rollout(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        model = await _get_model(s, request.match_info["name"])
+        return json_out(rollout_status(model, await _model_instances(s, model)))
+
+
+@route("POST", "/v2/models/{name}/rollout/restart", "Replace every instance with a fresh one (a new generation, same spec)",
+       response=schemas.ModelOut)
+async def restart_rollout(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        model = await _active_model(s, request.match_info["name"])
+        new_revision(s, model, dict(model.spec), "restart")
+        record_event(s, "models", model, "RolloutRestart", f"generation {model.generation}", principal_of(request).name)
+        await s.commit()
+        return json_out(model_out(model, await ready_counts(s, [model.id])))
+
+
+@route("POST", "/v2/models/{name}/rollout/undo", "Roll back to an earlier revision's spec (a new generation)",
+       body=schemas.RolloutUndo, response=schemas.ModelOut)
+async def undo_rollout(request: web.Request) -> web.Response:
+    body = await read_json(request, schemas.RolloutUndo) if request.can_read_body else schemas.RolloutUndo()
+    async with server_of(request).db.session() as s:
+        model = await _active_model(s, request.match_info["name"])
+        revisions = {r.revision: r for r in (await s.execute(select(tables.ModelRevision).where(
+            tables.ModelRevision.model_id == model.id))).scalars()}
+        if body.to_revision is not None:
+            target = revisions.get(body.to_revision)
+            if target is None:
+                raise not_found(f"revision {body.to_revision} of model {model.name!r}")
+        else:
+            # The newest revision whose spec differs from the current one.
+            earlier = [r for n, r in sorted(revisions.items(), reverse=True) if n < model.generation and r.spec != model.spec]
+            if not earlier:
+                raise ApiError(409, "no_revision", f"model {model.name!r} has no earlier spec to go back to")
+            target = earlier[0]
+        new_revision(s, model, dict(target.spec), f"undo to revision {target.revision}")
+        model.paused = False
+        record_event(s, "models", model, "RolloutUndo", f"to revision {target.revision}: generation {model.generation}",
+                     principal_of(request).name)
+        await s.commit()
+        return json_out(model_out(model, await ready_counts(s, [model.id])))
+
+
+async def _set_paused(request: web.Request, paused: bool) -> web.Response:
+    async with server_of(request).db.session() as s:
+        model = await _active_model(s, request.match_info["name"])
+        if model.paused != paused:
+            model.paused = paused
+            record_event(s, "models", model, "RolloutPaused" if paused else "RolloutResumed", "",
+                         principal_of(request).name)
+            await s.commit()
+        return json_out(model_out(model, await ready_counts(s, [model.id])))
+
+
+@route("POST", "/v2/models/{name}/rollout/pause", "Freeze a rollout where it stands", response=schemas.ModelOut)
+async def pause_rollout(request: web.Request) -> web.Response:
+    return await _set_paused(request, True)
+
+
+@route("POST", "/v2/models/{name}/rollout/resume", "Let a paused rollout go on", response=schemas.ModelOut)
+async def resume_rollout(request: web.Request) -> web.Response:
+    return await _set_paused(request, False)
+
+
+@route("GET", "/v2/models/{name}/history", "A model's revisions, oldest first", response=schemas.ModelRevisionOut,
+       response_list=True)
+async def model_history(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        model = await _get_model(s, request.match_info["name"])
+        rows = (await s.execute(select(tables.ModelRevision).where(tables.ModelRevision.model_id == model.id)
+                                .order_by(tables.ModelRevision.revision))).scalars().all()
+    return json_out([schemas.ModelRevisionOut.model_validate(r) for r in rows])
+
+
+async def _set_schedulable(request: web.Request, cordoned: bool, draining: bool, reason: str) -> web.Response:
+    async with server_of(request).db.session() as s:
+        worker = await _get_worker(s, request.match_info["name"])
+        if (worker.cordoned, worker.draining) != (cordoned, draining):
+            worker.cordoned, worker.draining = cordoned, draining
+            record_event(s, "workers", worker, reason, "", principal_of(request).name)
+            await s.commit()
+        return json_out(schemas.WorkerOut.model_validate(worker))
+
+
+@route("POST", "/v2/workers/{name}/cordon", "Stop placing new instances on a worker", response=schemas.WorkerOut)
+async def cordon(request: web.Request) -> web.Response:
+    return await _set_schedulable(request, True, False, "Cordoned")
+
+
+@route("POST", "/v2/workers/{name}/uncordon", "Place instances on a worker again", response=schemas.WorkerOut)
+async def uncordon(request: web.Request) -> web.Response:
+    return await _set_schedulable(request, False, False, "Uncordoned")
+
+
+@route("POST", "/v2/workers/{name}/drain", "Cordon a worker and move its instances away, without downtime "
+       "where capacity allows (the rollout rules)", response=schemas.WorkerOut)
+async def drain(request: web.Request) -> web.Response:
+    return await _set_schedulable(request, True, True, "Draining")
