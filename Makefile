@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup postgres tiny-model clean
+.PHONY: run test setup postgres tiny-model screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: setup
 # A tiny random-weight llama model (about 0.7 MB) to try deployments with.
 tiny-model: $(VENV)/.installed
 	$(BIN)/python tests/tiny_gguf.py tiny.gguf
+
+# Every screen of `maas tui` as an SVG in screenshots/ (a simulated cluster, fixed data; the same
+# scenarios and rendering as tests/test_tui_snapshots.py).
+screenshots: $(VENV)/.installed
+	$(BIN)/python -m maas_tui.tui.screenshots screenshots
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info tiny.gguf

@@ -504,6 +504,17 @@ def chat(model: str, prompt: str, max_tokens: int = typer.Option(64, min=1, max=
     call(work)
 
 
+@app.command()
+def tui() -> None:
+    """The terminal UI: live GPU heatmap, models, instances, logs and events."""
+    from maas_tui.tui.app import run_tui
+
+    config = client_config.load()
+    if not config.server:
+        fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
+    run_tui(config.server, config.token)
+
+
 def main() -> None:
     app()
 

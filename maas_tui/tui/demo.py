@@ -1,0 +1,308 @@
+"""A SIMULATED cluster for the TUI: fixed, deterministic data for snapshots, screenshots and the bench.
+
+Nothing here talks to a server. `demo_state()` builds a `ClusterState` (simulated workers and
+GPUs, models, instances, events, keys, minutes of GPU history) at a fixed clock;
+`DemoClient` answers the app's client calls from memory. `python -m maas_tui.tui.demo` runs the
+TUI on it, with utilisation moving every second (`--static` keeps it still).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any, AsyncIterator
+
+from server import schemas
+from maas_tui.client import ApiClientError
+from maas_tui.tui.state import ClusterState
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+GB = 1000**3
+
+
+def fixed_clock() -> datetime:
+    return NOW
+
+
+def utilisation(worker: int, gpu: int, t: float) -> float:
+    """A deterministic, lively 0..100 signal per GPU."""
+    base = 55 + 40 * math.sin(t / 7.0 + worker * 1.3 + gpu * 0.9)
+    wobble = 10 * math.sin(t / 2.3 + gpu * 2.1 + worker)
+    return float(max(0, min(100, round(base + wobble))))
+
+
+def make_worker(wid: int, name: str, gpus: list[tuple[str, int]], t: float = 0.0, state: str = "ready",
+                simulated: bool = True, cpu_count: int = 64, ram_gb: int = 512) -> schemas.WorkerOut:
+    devices = []
+    for index, (model, memory_gb) in enumerate(gpus):
+        util = utilisation(wid, index, t) if state == "ready" else 0.0
+        devices.append(schemas.GPUDevice(
+            index=index, name=f"{model} (simulated)" if simulated else model, vendor="simulated" if simulated else "nvidia",
+            memory_total=memory_gb * GB, memory_used=int(memory_gb * GB * min(0.95, util / 110 + 0.05)),
+            utilization=util, temperature=round(35 + util * 0.45), simulated=simulated))
+    cpu = 0.0 if state != "ready" else round(20 + 15 * math.sin(t / 5 + wid), 1)
+    return schemas.WorkerOut(
+        id=wid, name=name, address=f"10.0.0.{10 + wid}", agent_port=10150, labels={"zone": "a" if wid % 2 else "b"},
+        state=state, state_message="" if state == "ready" else "no heartbeat for 45s", gpus=devices,
+        host=schemas.HostInfo(hostname=name, os="Linux", cpu_count=cpu_count, cpu_percent=cpu,
+                              memory_total=ram_gb * GB, memory_used=int(ram_gb * GB * (0.2 + 0.1 * (wid % 3)))),
+        last_heartbeat_at=NOW - timedelta(seconds=2 if state == "ready" else 45),
+        created_at=NOW - timedelta(days=3), updated_at=NOW)
+
+
+def _spec(source: str, **kw: Any) -> schemas.ModelSpec:
+    return schemas.ModelSpec(source=source, backend="llama.cpp", **kw)
+
+
+def demo_state(history: int = 60) -> ClusterState:
+    state = ClusterState()
+    h100 = [("H100-80GB", 80)] * 4
+    layout = [
+        (1, "gpu-a01", h100, "ready"), (2, "gpu-a02", h100, "ready"), (3, "gpu-a03", h100, "ready"),
+        (4, "gpu-a04", h100, "not_ready"), (5, "gpu-b01", [("L4-24GB", 24)] * 8, "ready"),
+        (6, "cpu-01", [], "ready"),
+    ]
+    # Minutes of history: one sample per heartbeat, the newest last.
+    for step in range(history):
+        t = step - history + 1.0
+        for wid, name, gpus, wstate in layout:
+            worker = make_worker(wid, name, gpus, t, wstate, cpu_count=16 if not gpus else 64,
+                                 ram_gb=64 if not gpus else 512)
+            state.apply_event("workers", "updated", worker.model_dump(mode="json"))
+    models = [
+        schemas.ModelOut(id=1, name="llama-3.1-8b", spec=_spec("/models/llama-3.1-8b-q4.gguf", context_length=8192),
+                         replicas=2, generation=2, state="active", created_at=NOW - timedelta(hours=5), updated_at=NOW),
+        schemas.ModelOut(id=2, name="qwen2.5-7b", spec=_spec("/models/qwen2.5-7b-instruct-q5.gguf"), replicas=3,
+                         generation=1, state="active", created_at=NOW - timedelta(hours=2), updated_at=NOW),
+        schemas.ModelOut(id=3, name="mistral-7b", spec=_spec("/models/mistral-7b-v0.3.gguf", args=["--threads", "8"]),
+                         replicas=1, generation=1, state="active", created_at=NOW - timedelta(minutes=40),
+                         updated_at=NOW),
+        schemas.ModelOut(id=4, name="tiny", spec=_spec("/srv/models/tiny.gguf", cpu_only=True), replicas=1,
+                         generation=1, state="active", created_at=NOW - timedelta(minutes=12), updated_at=NOW),
+    ]
+    for model in models:
+        state.apply_event("models", "created", model.model_dump(mode="json"))
+
+    def inst(iid: int, name: str, model: schemas.ModelOut, istate: str, worker: tuple[int, str] | None,
+             gpus: list[int] | None, vram: float = 0, port: int | None = None, restarts: int = 0, message: str = "",
+             reasons: list[schemas.UnschedulableReason] | None = None, age_min: int = 30) -> None:
+        claim = None
+        if worker is not None:
+            claim = (schemas.ResourceClaim(device="gpu", gpu_indexes=gpus, vram_bytes_per_gpu=int(vram * GB),
+                                           ram_bytes=2 * GB) if gpus else
+                     schemas.ResourceClaim(device="cpu", ram_bytes=int(1.2 * GB)))
+        obj = schemas.InstanceOut(
+            id=iid, name=name, model_id=model.id, model_name=model.name, generation=model.generation, spec=model.spec,
+            state=istate, state_message=message, worker_id=worker[0] if worker else None,
+            worker_name=worker[1] if worker else None, address=f"10.0.0.{10 + worker[0]}" if worker else None,
+            port=port, pid=40000 + iid if port else None, claim=claim, schedule_reasons=reasons or [],
+            restart_count=restarts, created_at=NOW - timedelta(minutes=age_min), updated_at=NOW)
+        state.apply_event("instances", "created", obj.model_dump(mode="json"))
+
+    llama, qwen, mistral, tiny = models
+    inst(1, "llama-3.1-8b-3f9a1c", llama, "running", (1, "gpu-a01"), [0], 18.5, 40001, age_min=290)
+    inst(2, "llama-3.1-8b-77b2e0", llama, "running", (2, "gpu-a02"), [1], 18.5, 40002, age_min=288)
+    inst(3, "qwen2.5-7b-a1d4e2", qwen, "running", (1, "gpu-a01"), [1, 2], 12.0, 40003, age_min=110)
+    inst(4, "qwen2.5-7b-c0ffee", qwen, "starting", (3, "gpu-a03"), [0, 1], 12.0, 40004, age_min=1)
+    inst(5, "qwen2.5-7b-5e7d21", qwen, "pending", None, None, reasons=[
+        schemas.UnschedulableReason(worker="gpu-a01", reason="insufficient_vram", message="needs 12 GB on 2 GPUs, 1 free",
+                                    need_bytes=12 * GB, free_bytes=61 * GB, gpu=3),
+        schemas.UnschedulableReason(worker="gpu-a04", reason="not_ready", message="worker is not ready"),
+        schemas.UnschedulableReason(worker="gpu-b01", reason="insufficient_vram", message="needs 12 GB per GPU, 9 free",
+                                    need_bytes=12 * GB, free_bytes=9 * GB),
+        schemas.UnschedulableReason(worker="cpu-01", reason="no_gpu", message="the model needs a GPU"),
+    ], age_min=1)
+    inst(6, "mistral-7b-9b31f0", mistral, "error", (5, "gpu-b01"), [0], 16.0, None, restarts=3,
+         message="exited with code 1: CUDA error: out of memory (tried to allocate 2.1 GiB)", age_min=40)
+    inst(7, "tiny-2c4e6a", tiny, "running", (6, "cpu-01"), None, port=40007, age_min=12)
+
+    events = [
+        (1, "workers", "gpu-a04", "NotReady", "no heartbeat for 45s", "server", 1),
+        (2, "models", "llama-3.1-8b", "Created", "llama.cpp from /models/llama-3.1-8b-q4.gguf, 2 replicas", "admin", 300),
+        (3, "instances", "llama-3.1-8b-3f9a1c", "Scheduled", "gpu-a01 GPU 0 (18.5 GB)", "scheduler", 290),
+        (4, "instances", "llama-3.1-8b-3f9a1c", "Running", "port 40001", "gpu-a01", 289),
+        (5, "models", "llama-3.1-8b", "SpecChanged", "generation 2", "admin", 280),
+        (6, "models", "qwen2.5-7b", "Created", "llama.cpp from /models/qwen2.5-7b-instruct-q5.gguf, 2 replicas",
+         "admin", 120),
+        (7, "models", "qwen2.5-7b", "Scaled", "2 -> 3 replicas", "admin", 2),
+        (8, "instances", "qwen2.5-7b-5e7d21", "Unschedulable", "no worker has 12 GB free on 2 GPUs", "scheduler", 1),
+        (9, "models", "mistral-7b", "Created", "llama.cpp from /models/mistral-7b-v0.3.gguf, 1 replicas", "admin", 40),
+        (10, "instances", "mistral-7b-9b31f0", "Error", "exited with code 1: CUDA error: out of memory", "gpu-b01", 3),
+        (11, "models", "tiny", "Created", "llama.cpp from /srv/models/tiny.gguf, 1 replicas", "ops", 12),
+        (12, "instances", "tiny-2c4e6a", "Running", "port 40007", "cpu-01", 11),
+        (13, "instances", "qwen2.5-7b-c0ffee", "Starting", "loading /models/qwen2.5-7b-instruct-q5.gguf", "gpu-a03", 1),
+    ]
+    events.sort(key=lambda e: -e[6])
+    for eid, (_, kind, name, reason, message, actor, minutes) in enumerate(events, start=1):
+        state.apply_event("events", "created", schemas.EventOut(
+            id=eid, kind=kind, object_name=name, reason=reason, message=message, actor=actor,
+            created_at=NOW - timedelta(minutes=minutes)).model_dump(mode="json"))
+
+    state.keys = [
+        schemas.ApiKeyOut(id=1, name="chat-frontend", prefix="maas_3kq9", created_at=NOW - timedelta(days=12),
+                          last_used_at=NOW - timedelta(seconds=4)),
+        schemas.ApiKeyOut(id=2, name="batch-eval", prefix="maas_x71m", created_at=NOW - timedelta(days=2),
+                          expires_at=NOW + timedelta(days=28)),
+    ]
+    state.revision["keys"] += 1
+    state.version = 1000
+    return state
+
+
+def demo_log_lines(count: int) -> list[str]:
+    head = [
+        "llama.cpp build 4521 (cpu) · model /models/qwen2.5-7b-instruct-q5.gguf",
+        "llama_model_loader: loaded meta data with 26 key-value pairs and 339 tensors",
+        "llm_load_tensors: offloading 28 repeating layers to GPU",
+        "llm_load_tensors: CUDA0 buffer size = 5123.42 MiB",
+        "llama_new_context_with_model: n_ctx = 2048, n_batch = 512",
+        "llama.cpp server listening on http://10.0.0.13:40004",
+    ]
+    lines = head[:count]
+    for n in range(len(lines), count):
+        slot = n % 4
+        tokens = 16 + (n * 37) % 240
+        lines.append(f"slot {slot} | task {n} | prompt eval {tokens} tokens, {tokens * 3.1:.1f} t/s · "
+                     f"eval {n % 64 + 1} tokens · POST /v1/chat/completions 200")
+    return lines
+
+
+class DemoClient:
+    """Answers the TUI's client calls from a `ClusterState` in memory. SIMULATED data only."""
+
+    def __init__(self, state: ClusterState, server: str = "demo://simulated", live: bool = False,
+                 log_lines: int = 400, interval: float = 1.0) -> None:
+        self.server = server
+        self.state = state
+        self.live = live
+        self.log_lines = log_lines
+        self.interval = interval
+        self._next_id = 1000
+
+    async def close(self) -> None:
+        pass
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "simulated": True}
+
+    async def watch(self, kinds: list[str], since: int | None = None) -> AsyncIterator[schemas.WatchMessage]:
+        version = self.state.version or 1
+        yield schemas.WatchMessage(type="heartbeat", version=version)
+        t = 0.0
+        layout = {w.id: w for w in self.state.workers.values()}
+        while True:
+            await asyncio.sleep(self.interval if self.live else 3600)
+            t += 1
+            for wid, worker in sorted(layout.items()):
+                if worker.state != "ready":
+                    continue
+                updated = make_worker(wid, worker.name, [(g.name.replace(" (simulated)", ""),
+                                                          g.memory_total // GB) for g in worker.gpus], t,
+                                      cpu_count=worker.host.cpu_count, ram_gb=worker.host.memory_total // GB)
+                version += 1
+                yield schemas.WatchMessage(type="event", version=version, kind="workers", action="updated",
+                                           object=updated.model_dump(mode="json"))
+
+    async def stream_logs(self, ref: str, tail: int = 200, follow: bool = False,
+                          previous: bool = False) -> AsyncIterator[bytes]:
+        if self.state.instance_by_name(ref) is None:
+            raise ApiClientError(404, "not_found", f"instance {ref!r} not found")
+        lines = demo_log_lines(self.log_lines)
+        if tail >= 0:
+            lines = lines[-tail:] if tail else []
+        data = ("\n".join(lines) + "\n").encode()
+        for start in range(0, len(data), 1 << 20):
+            yield data[start: start + (1 << 20)]
+        if follow:
+            await asyncio.sleep(3600)
+
+    if hasattr(schemas, "ModelEvaluation"):  # the dry run (POST /v2/models/evaluate) is in this build
+        async def evaluate_model(self, body: dict[str, Any]) -> Any:
+            """A SIMULATED dry run: first fit of 12 GB per replica on the GPUs with the least claimed."""
+            create = schemas.ModelCreate.model_validate(body)
+            need = 12 * GB
+            free: list[tuple[int, str, int]] = []
+            for worker in self.state.sorted_workers():
+                if worker.state != "ready" or create.cpu_only:
+                    continue
+                for gpu in worker.gpus:
+                    free.append((gpu.memory_total - self.state.claimed_bytes(worker.id, gpu.index), worker.name, gpu.index))
+            free.sort(key=lambda f: -f[0])
+            replicas = []
+            for n in range(create.replicas):
+                if n < len(free) and free[n][0] >= need:
+                    claim = schemas.ResourceClaim(device="gpu", gpu_indexes=[free[n][2]], vram_bytes_per_gpu=need)
+                    replicas.append(schemas.ReplicaPlacement(replica=n, scheduled=True, worker=free[n][1], claim=claim))
+                else:
+                    replicas.append(schemas.ReplicaPlacement(replica=n, scheduled=False, reasons=[
+                        schemas.UnschedulableReason(reason="insufficient_vram", message="no GPU has 12 GB free")]))
+            fit = sum(1 for r in replicas if r.scheduled)
+            return schemas.ModelEvaluation(name=create.name, replicas=replicas, schedulable=fit,
+                                           message=f"{fit} of {create.replicas} replicas fit now (simulated)")
+
+    async def list_keys(self) -> list[schemas.ApiKeyOut]:
+        return list(self.state.keys)
+
+    async def create_key(self, name: str, expires_in_days: int | None = None) -> schemas.ApiKeyCreated:
+        if any(k.name == name for k in self.state.keys):
+            raise ApiClientError(409, "conflict", f"key {name!r} already exists")
+        self._next_id += 1
+        created = schemas.ApiKeyCreated(id=self._next_id, name=name, prefix="maas_demo", created_at=NOW,
+                                        key="maas_demo_SIMULATED_not_a_real_secret_0123456789")
+        self.state.keys.append(schemas.ApiKeyOut.model_validate(created.model_dump(exclude={"key"})))
+        return created
+
+    async def delete_key(self, name: str) -> None:
+        self.state.keys = [k for k in self.state.keys if k.name != name]
+
+    async def create_model(self, body: dict[str, Any]) -> schemas.ModelOut:
+        create = schemas.ModelCreate.model_validate(body)
+        if self.state.model_by_name(create.name):
+            raise ApiClientError(409, "conflict", f"model {create.name!r} already exists")
+        self._next_id += 1
+        model = schemas.ModelOut(id=self._next_id, name=create.name, spec=schemas.ModelSpec.model_validate(
+            create.model_dump(exclude={"name", "replicas"})), replicas=create.replicas, generation=1, state="active",
+            created_at=NOW, updated_at=NOW)
+        self.state.apply_event("models", "created", model.model_dump(mode="json"))
+        return model
+
+    async def update_model(self, name: str, changes: dict[str, Any]) -> schemas.ModelOut:
+        model = self.state.model_by_name(name)
+        if model is None:
+            raise ApiClientError(404, "not_found", f"model {name!r} not found")
+        updated = model.model_copy(update={"replicas": changes.get("replicas", model.replicas)})
+        self.state.apply_event("models", "updated", updated.model_dump(mode="json"))
+        return updated
+
+    async def delete_model(self, name: str) -> schemas.ModelOut:
+        model = self.state.model_by_name(name)
+        if model is None:
+            raise ApiClientError(404, "not_found", f"model {name!r} not found")
+        self.state.apply_event("models", "deleted", model.model_dump(mode="json"))
+        return model
+
+    async def delete_instance(self, ref: str) -> schemas.InstanceOut:
+        inst = self.state.instance_by_name(ref)
+        if inst is None:
+            raise ApiClientError(404, "not_found", f"instance {ref!r} not found")
+        self.state.apply_event("instances", "deleted", inst.model_dump(mode="json"))
+        return inst
+
+    async def delete_worker(self, name: str) -> None:
+        worker = self.state.worker_by_name(name)
+        if worker is not None:
+            self.state.apply_event("workers", "deleted", worker.model_dump(mode="json"))
+
+
+def demo_app(live: bool = False, **kwargs: Any):
+    from maas_tui.tui.app import MaasApp
+
+    state = demo_state()
+    return MaasApp(DemoClient(state, live=live), state=state, clock=fixed_clock, **kwargs)
+
+
+if __name__ == "__main__":  # pragma: no cover - interactive
+    import sys
+
+    demo_app(live="--static" not in sys.argv).run()

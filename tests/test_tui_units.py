@@ -1,0 +1,195 @@
+"""TUI parts on their own: the cluster state fed by watch messages, filters, commands, the
+line-virtualised log view (100,000 lines) and table (the cursor stays on its row)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any, Callable
+
+import pytest
+from textual.app import App, ComposeResult
+
+from maas_tui.tui import format as fmt
+from maas_tui.tui.demo import DemoClient, demo_state, fixed_clock, make_worker
+from maas_tui.tui.app import MaasApp
+from maas_tui.tui.logs import LogView, clean_line
+from maas_tui.tui.screens import DashboardScreen, InstancesScreen, LogsScreen, ModelsScreen
+from maas_tui.tui.state import ClusterState
+from maas_tui.tui.widgets import GpuHeatmap, ResourceTable, resolve_command
+from server import schemas
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+async def until(pilot: Any, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await pilot.pause(0.02)
+
+
+def instance(iid: int, state: str, model_id: int = 1, worker_id: int | None = 1, gpus: list[int] | None = None,
+             vram: int = 0) -> dict[str, Any]:
+    claim = {"device": "gpu", "gpu_indexes": gpus, "vram_bytes_per_gpu": vram} if gpus else None
+    return schemas.InstanceOut(
+        id=iid, name=f"m-{iid}", model_id=model_id, model_name="m", generation=1,
+        spec=schemas.ModelSpec(source="/m.gguf", backend="llama.cpp"), state=state, worker_id=worker_id,
+        worker_name="w1" if worker_id else None, claim=claim, created_at=NOW, updated_at=NOW).model_dump(mode="json")
+
+
+def test_state_applies_snapshot_and_events():
+    state = ClusterState(history=3)
+    worker = make_worker(1, "w1", [("H100-80GB", 80)] * 2).model_dump(mode="json")
+    model = schemas.ModelOut(id=1, name="m", spec=schemas.ModelSpec(source="/m.gguf", backend="llama.cpp"), replicas=2,
+                             generation=1, state="active", created_at=NOW, updated_at=NOW).model_dump(mode="json")
+    changed = state.apply(schemas.WatchMessage(type="snapshot", version=10, items={
+        "workers": [worker], "models": [model], "instances": [instance(1, "running", gpus=[0], vram=10 * 1000**3),
+                                                              instance(2, "pending", worker_id=None)],
+        "events": []}))
+    assert changed == {"workers", "models", "instances", "events"} and state.version == 10
+    summary = state.summary()
+    assert (summary.workers_ready, summary.workers_total, summary.gpus_total, summary.gpus_claimed,
+            summary.gpus_simulated) == (1, 1, 2, 1, 2)
+    assert (summary.replicas_ready, summary.replicas_desired, summary.models_ready) == (1, 2, 0)
+    assert state.claimed_bytes(1, 0) == 10 * 1000**3 and state.claimed_bytes(1, 1) == 0
+
+    # Events: an instance becomes running, another appears in error, the worker reports usage.
+    state.apply(schemas.WatchMessage(type="event", version=11, kind="instances", action="updated",
+                                     object=instance(2, "running", gpus=[1], vram=1)))
+    state.apply(schemas.WatchMessage(type="event", version=12, kind="instances", action="created",
+                                     object=instance(3, "error", gpus=[1], vram=1)))
+    for step in range(5):
+        state.apply(schemas.WatchMessage(type="event", version=13 + step, kind="workers", action="updated",
+                                         object=make_worker(1, "w1", [("H100-80GB", 80)] * 2, float(step))
+                                         .model_dump(mode="json")))
+    summary = state.summary()
+    assert (summary.replicas_ready, summary.models_ready, summary.instances_error, summary.alerts) == (2, 1, 1, 1)
+    assert len(state.gpu_util[(1, 0)]) == 3  # bounded history
+    state.apply(schemas.WatchMessage(type="event", version=20, kind="instances", action="deleted",
+                                     object=instance(3, "error")))
+    assert state.summary().instances_error == 0
+    state.apply(schemas.WatchMessage(type="heartbeat", version=21))
+    assert state.version == 21
+
+    # A new snapshot (after a reconnect the server no longer remembers) replaces everything.
+    state.apply(schemas.WatchMessage(type="snapshot", version=30, items={"workers": [], "models": [],
+                                                                        "instances": []}))
+    assert state.summary().workers_total == 0 and state.gpu_util == {}
+
+
+def test_filters_and_commands():
+    assert fmt.matches("", "anything") and fmt.matches("LLAMA", "llama-3 running")
+    assert not fmt.matches("!llama", "llama-3") and fmt.matches("!llama", "qwen")
+    assert fmt.matches("!", "anything")
+    assert resolve_command(":workers") == "workers" and resolve_command("po") == "instances"
+    assert resolve_command("inst") == "instances" and resolve_command("ev") == "events"
+    assert resolve_command("mod") == "models"  # a unique prefix
+    assert resolve_command("q") == "quit" and resolve_command("nope") is None and resolve_command("") is None
+    assert clean_line("\x1b[32mgreen\x1b[0m\tx\x07") == "green   x"
+    assert fmt.age(datetime(2025, 6, 1, 11, 58), NOW) == "2m"  # naive times from the server are UTC
+    assert fmt.sparkline([0, 50, 100], 5) == "  ▁▅█"
+
+
+class Harness(App):
+    def __init__(self, widget: Any) -> None:
+        super().__init__()
+        self.widget = widget
+
+    def compose(self) -> ComposeResult:
+        yield self.widget
+
+
+async def test_log_view_takes_100k_lines_and_caps_memory():
+    view = LogView(max_lines=150_000)
+    app = Harness(view)
+    async with app.run_test(size=(80, 24)) as pilot:
+        started = time.perf_counter()
+        for chunk in range(10):
+            view.append(f"line {chunk * 10_000 + i} some text here GET /v1/models 200" for i in range(10_000))
+            await pilot.pause()
+        elapsed = time.perf_counter() - started
+        assert view.line_count == 100_000
+        assert elapsed < 5.0, f"appending 100,000 lines took {elapsed:.1f} s"
+        assert view.scroll_offset.y == view.max_scroll_y > 99_000  # following the end
+        assert "line 99999 " in "".join(s.text for s in view.render_line(view.scrollable_content_region.height - 1))
+        view.set_search("line 5000")
+        assert len(view.matches()) == 11  # 5000, 50000..50009
+        assert view.find(True) is not None and not view.follow
+        view.set_wrap(True)
+        await pilot.pause()
+        assert view.virtual_size.height >= 100_000
+        view.append(f"more {i}" for i in range(60_000))  # over the cap: the oldest go
+        assert view.line_count <= 150_000 and view.lines[-1] == "more 59999"
+
+
+async def test_table_cursor_stays_on_its_row():
+    table = ResourceTable([("NAME", None), ("STATE", None)])
+    app = Harness(table)
+    async with app.run_test(size=(40, 10)) as pilot:
+        table.sync([("a", ("a", "ok")), ("b", ("b", "ok")), ("c", ("c", "ok"))])
+        table.move_cursor(1)
+        await pilot.pause()
+        assert table.selected_key == "b"
+        table.sync([("0", ("0", "new")), ("a", ("a", "ok")), ("b", ("b", "changed")), ("c", ("c", "ok"))])
+        assert table.selected_key == "b" and table.get_cell("b", "STATE") == "changed"
+        table.sync([("0", ("0", "new")), ("c", ("c", "ok"))])  # b went away: the cursor stays at its place
+        assert table.selected_key == "c"
+        table.sync([(f"r{i}", (f"r{i}", "ok")) for i in range(1000)])
+        await pilot.press("end")
+        assert table.selected_key == "r999" and table.scroll_offset.y > 900
+        await pilot.press("home", "down", "down")
+        assert table.selected_key == "r2"
+
+
+async def test_logs_screen_streams_100k_lines():
+    state = demo_state()
+    app = MaasApp(DemoClient(state, log_lines=100_000), state=state, clock=fixed_clock, tick=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.state.connected)
+        started = time.perf_counter()
+        app.push_screen(LogsScreen("tiny-2c4e6a", tail=-1))
+        await until(pilot, lambda: isinstance(app.screen, LogsScreen) and app.screen.query(LogView)
+                    and app.screen.log_view.line_count == 100_000)
+        assert time.perf_counter() - started < 10
+        await pilot.pause()
+        view = app.screen.log_view
+        assert "task 99999 " in "".join(s.text for s in view.render_line(view.scrollable_content_region.height - 1))
+        await pilot.press("home")
+        assert view.scroll_offset.y == 0 and not view.follow
+        await pilot.press("f")
+        assert view.follow
+
+
+async def test_heatmap_scrolls_a_thousand_gpus():
+    state = ClusterState()
+    for wid in range(1, 251):
+        state.apply_event("workers", "created", make_worker(wid, f"sim-{wid:03d}", [("H100-80GB", 80)] * 4, 0.0)
+                          .model_dump(mode="json"))
+    app = MaasApp(DemoClient(state), state=state, clock=fixed_clock, tick=0, watch=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        heatmap = app.screen.query_one(GpuHeatmap)
+        await until(pilot, lambda: len(heatmap.rows) == 250)
+        assert sum(len(w.gpus) for w in heatmap.rows) == 1000
+        await pilot.press("end")
+        assert heatmap.current.name == "sim-250" and heatmap.scroll_offset.y > 200
+        await pilot.press("m")
+        assert heatmap.metric == "mem"
+
+
+async def test_drill_down_into_a_view_never_visited():
+    state = demo_state()
+    app = MaasApp(DemoClient(state), state=state, clock=fixed_clock, tick=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.state.connected)
+        await pilot.press("colon", *"models", "enter")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen) and app.screen.query(ResourceTable))
+        await pilot.press("i")  # llama-3.1-8b's instances: the instances view is composed now
+        await until(pilot, lambda: isinstance(app.screen, InstancesScreen) and app.screen.query(ResourceTable)
+                    and app.screen.table.row_count == 2)
+        assert app.screen.filter_text == "llama-3.1-8b"
