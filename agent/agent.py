@@ -239,8 +239,11 @@ class Agent:
                 continue
             # A failed workload runs again only when the server asks, by raising restart_count;
             # a stale `scheduled` from the watch must not relaunch it.
-            if workload is None or (workload.exited and instance.restart_count > workload.instance.restart_count):
+            restart_asked = workload is not None and instance.restart_count > workload.instance.restart_count
+            if workload is None or (workload.exited and restart_asked):
                 self._launch(instance)
+            elif restart_asked and instance_id not in self._terminating:
+                self._spawn_restart(instance, workload)
             elif workload.state and workload.state != instance.state and not workload.resyncing:
                 # The server missed a report, restarted, or marked the worker unreachable
                 # meanwhile: tell it again what actually runs here.
@@ -249,6 +252,20 @@ class Agent:
         for instance_id, workload in list(self.workloads.items()):
             if instance_id not in self.desired and instance_id not in self._terminating:
                 self._spawn_terminate(instance_id, workload, report=False)
+
+    def _spawn_restart(self, instance: InstanceOut, workload: Workload) -> None:
+        """An operator asked for a restart of a running workload: stop it, then start it afresh."""
+        self._terminating.add(instance.id)
+
+        async def restart() -> None:
+            try:
+                await self._stop_workload(workload)
+                if self.workloads.get(instance.id) is workload:
+                    self._launch(self.desired.get(instance.id, instance))
+            finally:
+                self._terminating.discard(instance.id)
+
+        asyncio.create_task(restart())
 
     def _spawn_terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:
         self._terminating.add(instance_id)
@@ -368,11 +385,10 @@ class Agent:
             path = path.with_suffix(".previous.log")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
-        data = await asyncio.to_thread(tail_lines, path, tail)
-        await response.write(data)
-        if request.query.get("follow") == "1":
-            offset = path.stat().st_size if path.exists() else 0
-            while True:
+        offset = path.stat().st_size if path.exists() else 0  # the tail ends here and following starts here
+        try:
+            await response.write(await asyncio.to_thread(tail_lines, path, tail, offset))
+            while request.query.get("follow") == "1":
                 workload = self.workloads.get(int(instance_id))
                 size = path.stat().st_size if path.exists() else 0
                 if size > offset:
@@ -381,10 +397,12 @@ class Agent:
                         chunk = handle.read(size - offset)
                     offset = size
                     await response.write(chunk)
-                elif workload is None or workload.exited:
-                    break
+                elif (workload.exited if workload else int(instance_id) not in self.desired):
+                    break  # nothing more will come (a starting instance is followed until its log appears)
                 await asyncio.sleep(0.25)
-        await response.write_eof()
+            await response.write_eof()
+        except ConnectionResetError:  # the reader left
+            pass
         return response
 
 

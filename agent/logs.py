@@ -9,17 +9,16 @@ from pathlib import Path
 _BLOCK = 64 * 1024
 
 
-def tail_lines(path: Path, count: int) -> bytes:
-    """The last `count` lines (all when count < 0), read from the end: cheap on huge logs."""
-    if not path.exists():
-        return b""
-    if count < 0:
-        return path.read_bytes()
-    if count == 0:
+def tail_lines(path: Path, count: int, end: int | None = None) -> bytes:
+    """The last `count` lines (all when count < 0) before byte `end` (default: the end of the
+    file), read backwards: cheap on huge logs."""
+    if not path.exists() or count == 0:
         return b""
     with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        position = handle.tell()
+        position = handle.seek(0, os.SEEK_END) if end is None else end
+        if count < 0:
+            handle.seek(0)
+            return handle.read(position)
         chunks: deque[bytes] = deque()
         newlines = 0
         while position > 0 and newlines <= count:

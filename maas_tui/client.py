@@ -149,6 +149,9 @@ class MaasClient:
     async def get_instance(self, ref: str) -> schemas.InstanceOut:
         return schemas.InstanceOut.model_validate(await self.request("GET", f"/v2/instances/{ref}"))
 
+    async def restart_instance(self, ref: str) -> schemas.InstanceOut:
+        return schemas.InstanceOut.model_validate(await self.request("POST", f"/v2/instances/{ref}/restart"))
+
     async def delete_instance(self, ref: str) -> schemas.InstanceOut:
         return schemas.InstanceOut.model_validate(await self.request("DELETE", f"/v2/instances/{ref}"))
 
@@ -183,12 +186,15 @@ class MaasClient:
     async def watch(self, kinds: list[str], since: int | None = None) -> AsyncIterator[schemas.WatchMessage]:
         params = {"kinds": ",".join(kinds)} | ({"since": str(since)} if since is not None else {})
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        async with self.session.get(f"{self.server}/v2/watch", params=params, headers=self._headers(),
-                                    timeout=timeout) as response:
-            if response.status >= 400:
-                raise _error_from(response.status, await _json_or_text(response))
-            async for line in response.content:
-                yield schemas.WatchMessage.model_validate(json.loads(line))
+        try:
+            async with self.session.get(f"{self.server}/v2/watch", params=params, headers=self._headers(),
+                                        timeout=timeout) as response:
+                if response.status >= 400:
+                    raise _error_from(response.status, await _json_or_text(response))
+                async for line in response.content:
+                    yield schemas.WatchMessage.model_validate(json.loads(line))
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from None
 
     async def chat(self, model: str, prompt: str, max_tokens: int = 64) -> AsyncIterator[str]:
         """Stream a chat completion through the gateway, yielding text pieces."""

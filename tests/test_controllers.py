@@ -216,3 +216,16 @@ async def _states_are(admin: MaasClient, model: str, expected: list[tuple[int, s
 
 async def _worker_ready(admin: MaasClient, name: str) -> bool:
     return any(w.name == name and w.state == "ready" for w in await admin.list_workers())
+
+
+async def test_operator_restart_of_a_running_instance(admin: MaasClient, agent, tiny_model: Path):
+    await admin.create_model({"name": "kick", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
+    await eventually(lambda: _states_are(admin, "kick", [(1, "running")]), message="1 running replica")
+    before = (await admin.list_instances("kick"))[0]
+    await admin.restart_instance(before.name)
+
+    async def restarted() -> bool:
+        after = (await admin.list_instances("kick"))[0]
+        return after.state == "running" and after.restart_count == 1 and after.pid != before.pid
+    await eventually(restarted, message="the instance running again with a new process")
+    assert (await admin.list_instances("kick"))[0].id == before.id

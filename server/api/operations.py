@@ -115,6 +115,22 @@ async def model_history(request: web.Request) -> web.Response:
     return json_out([schemas.ModelRevisionOut.model_validate(r) for r in rows])
 
 
+@route("POST", "/v2/instances/{ref}/restart", "Restart an instance's workload on its worker", response=schemas.InstanceOut)
+async def restart_instance(request: web.Request) -> web.Response:
+    from server.api.resources import _get_instance
+
+    async with server_of(request).db.session() as s:
+        instance = await _get_instance(s, request.match_info["ref"])
+        if instance.worker_id is None or instance.state in (S.pending, S.terminating):
+            raise conflict(f"instance {instance.name} is {instance.state}: nothing to restart")
+        instance.restart_count += 1
+        instance.state = S.scheduled
+        instance.state_message = f"restart requested by {principal_of(request).name}"
+        record_event(s, "instances", instance, "Restarting", instance.state_message, principal_of(request).name)
+        await s.commit()
+        return json_out(schemas.InstanceOut.model_validate(instance))
+
+
 async def _set_schedulable(request: web.Request, cordoned: bool, draining: bool, reason: str) -> web.Response:
     async with server_of(request).db.session() as s:
         worker = await _get_worker(s, request.match_info["name"])

@@ -84,6 +84,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 if event.kind in kinds and _visible(event, worker_id):
                     await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
                                                 "action": event.action, "object": event.object}))
+        await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
         while True:
             try:
                 async with asyncio.timeout(server.config.watch_heartbeat):  # not wait_for: see controllers/loop.py
