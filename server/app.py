@@ -122,7 +122,7 @@ class MaasServer:
         self._loops = [
             ModelController(self, self.config.resync_interval),
             Scheduler(self, self.config.resync_interval),
-            WorkerLivenessController(self, min(5.0, self.config.worker_timeout / 3)),
+            WorkerLivenessController(self, max(0.5, min(3.0, self.config.worker_timeout / 5))),
         ]
         if self.config.higress_dir:
             self._loops.append(HigressSync(self, self.config.resync_interval, Path(self.config.higress_dir)))

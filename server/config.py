@@ -24,7 +24,9 @@ class ServerConfig:
     port: int = 8080
     database_url: str | None = None
     worker_timeout: float = 15.0  # seconds without heartbeat before a worker is not_ready
-    reschedule_after: float = 15.0  # seconds an instance stays unreachable before it is replaced elsewhere
+    # Seconds an instance stays unreachable before it is replaced elsewhere. With the worker
+    # timeout this puts a replacement in service within about 30 s of a worker's loss.
+    reschedule_after: float = 10.0
     restart_backoff: float = 10.0  # first restart delay after an error; doubles each time
     restart_backoff_max: float = 300.0
     max_restarts: int = 5  # then the instance is replaced by a new one (placed afresh)

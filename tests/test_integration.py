@@ -42,7 +42,7 @@ class Cluster:
         self.env.pop("MAAS_SERVER", None)
         self.env.pop("MAAS_API_KEY", None)
         self.server: subprocess.Popen | None = None
-        self.agent: subprocess.Popen | None = None
+        self.agents: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = open(self.base / log_name, "ab")
@@ -66,10 +66,11 @@ class Cluster:
         self.server.send_signal(signal.SIGTERM)
         assert self.server.wait(30) == 0, self.log("server.log")
 
-    def start_agent(self) -> None:
+    def start_agent(self, name: str = "worker-a") -> subprocess.Popen:
         token = (self.data_dir / "token").read_text().strip()
-        self.agent = self._spawn(["agent", "--server-url", self.url, "--token", token, "--name", "worker-a",
-                                  "--data-dir", str(self.base / "agent-data")], "agent.log")
+        self.agents[name] = self._spawn(["agent", "--server-url", self.url, "--token", token, "--name", name,
+                                         "--data-dir", str(self.base / f"agent-{name}")], f"{name}.log")
+        return self.agents[name]
 
     def maas(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(MAAS + list(args), capture_output=True, text=True, env=self.env, timeout=120)
@@ -82,7 +83,7 @@ class Cluster:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def close(self) -> None:
-        for process in (self.agent, self.server):
+        for process in (*self.agents.values(), self.server):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -102,7 +103,7 @@ def _wait_running(cluster: Cluster, count: int, timeout: float = 60) -> list[dic
         if len(items) == count and all(i["state"] == "running" for i in items):
             return items
         time.sleep(0.2)
-    raise AssertionError(f"not {count} running: {items}\n{cluster.log('agent.log')}")
+    raise AssertionError(f"not {count} running: {items}\n{cluster.log('worker-a.log')}")
 
 
 @pytest.mark.skipif(not _have_postgres(), reason="PostgreSQL server binaries not installed")
@@ -126,7 +127,7 @@ def test_walking_skeleton(traversable_tmp: Path, tiny_model: Path, tmp_path_fact
 
         deadline = time.monotonic() + 30
         while "worker-a" not in cluster.maas("worker", "list").stdout:
-            assert time.monotonic() < deadline, cluster.log("agent.log")
+            assert time.monotonic() < deadline, cluster.log("worker-a.log")
             time.sleep(0.2)
 
         started = time.monotonic()
