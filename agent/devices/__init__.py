@@ -45,6 +45,7 @@ class GPUInventory:
     def __init__(self, simulate: str | None = None):
         self.simulated = parse_simulated(simulate) if simulate else None
         self._nvml = None
+        self.power_watts: dict[int, float] = {}  # from the last read (for /metrics; not on the wire)
         if self.simulated is None:
             try:
                 import pynvml
@@ -72,6 +73,10 @@ class GPUInventory:
                 temperature = float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
             except nv.NVMLError:
                 temperature = None
+            try:
+                self.power_watts[index] = nv.nvmlDeviceGetPowerUsage(handle) / 1000.0  # milliwatts
+            except nv.NVMLError:
+                self.power_watts.pop(index, None)
             name = nv.nvmlDeviceGetName(handle)
             gpus.append(GPUDevice(
                 index=index, name=name.decode() if isinstance(name, bytes) else name, vendor="nvidia",

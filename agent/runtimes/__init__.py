@@ -1,5 +1,5 @@
-"""Runtimes start, stop and log workloads. Without a Docker engine the process runtime is used."""
+"""Runtimes start, stop and log workloads: Docker containers (docker.py) or host processes (process.py)."""
 
-from agent.runtimes.process import ProcessHandle, ProcessRuntime
+from agent.runtimes.process import AdoptedHandle, ProcessHandle, ProcessRuntime
 
-__all__ = ["ProcessHandle", "ProcessRuntime"]
+__all__ = ["AdoptedHandle", "ProcessHandle", "ProcessRuntime"]

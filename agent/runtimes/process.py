@@ -1,4 +1,5 @@
-"""Workloads as host processes: one process group each, logs to a file, pidfiles for cleanup."""
+"""Workloads as host processes: one process group each, logs to a file, pidfiles to adopt them after an
+agent restart (or stop them when they are no longer wanted)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -30,6 +31,17 @@ class ProcessHandle:
         return self.process.returncode
 
 
+@dataclass
+class AdoptedHandle:
+    """A process a previous agent started and this one took over: not our child, so it is polled."""
+
+    key: str
+    pid: int
+    log_path: Path
+    record: dict = field(default_factory=dict)
+    returncode: int | None = None
+
+
 class ProcessRuntime:
     name = "process"
 
@@ -41,7 +53,8 @@ class ProcessRuntime:
     def _pidfile(self, key: str) -> Path:
         return self.run_dir / f"{key}.pid.json"
 
-    async def start(self, key: str, command: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
+    async def start(self, key: str, command: list[str], env: dict[str, str], log_path: Path,
+                    meta: dict | None = None) -> ProcessHandle:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab", buffering=0) as log_file:
             process = await asyncio.create_subprocess_exec(
@@ -50,16 +63,26 @@ class ProcessRuntime:
                 start_new_session=True,  # its own process group: a stop reaches its children too
             )
         create_time = psutil.Process(process.pid).create_time()
-        self._pidfile(key).write_text(json.dumps({"pid": process.pid, "create_time": create_time}))
+        record = {**(meta or {}), "pid": process.pid, "create_time": create_time, "log_path": str(log_path)}
+        self._pidfile(key).write_text(json.dumps(record))
         return ProcessHandle(key, process, log_path)
 
-    async def wait(self, handle: ProcessHandle) -> int:
+    async def wait(self, handle: ProcessHandle | AdoptedHandle) -> int | None:
+        if isinstance(handle, AdoptedHandle):
+            while _alive(handle.pid, handle.record.get("create_time")):
+                await asyncio.sleep(0.5)
+            self._pidfile(handle.key).unlink(missing_ok=True)
+            return handle.returncode  # not our child: its exit status is unknown
         code = await handle.process.wait()
         self._pidfile(handle.key).unlink(missing_ok=True)
         return code
 
-    async def stop(self, handle: ProcessHandle) -> int | None:
+    async def stop(self, handle: ProcessHandle | AdoptedHandle) -> int | None:
         """SIGTERM to the group, SIGKILL after the grace period."""
+        if isinstance(handle, AdoptedHandle):
+            await asyncio.to_thread(self._stop_record, handle.record)
+            self._pidfile(handle.key).unlink(missing_ok=True)
+            return None
         if handle.returncode is None:
             _signal_group(handle.pid, signal.SIGTERM)
             try:
@@ -71,6 +94,41 @@ class ProcessRuntime:
                 await handle.process.wait()
         self._pidfile(handle.key).unlink(missing_ok=True)
         return handle.returncode
+
+    def leftovers(self) -> dict[str, dict]:
+        """Processes a previous agent left running, by key (their pidfile records). Stale pidfiles go."""
+        found: dict[str, dict] = {}
+        for pidfile in self.run_dir.glob("*.pid.json"):
+            key = pidfile.name[:-len(".pid.json")]
+            try:
+                record = json.loads(pidfile.read_text())
+                if _alive(int(record["pid"]), float(record["create_time"])):
+                    found[key] = record
+                    continue
+            except (ValueError, KeyError, OSError, TypeError):
+                pass
+            pidfile.unlink(missing_ok=True)
+        return found
+
+    def adopt(self, key: str, record: dict) -> AdoptedHandle:
+        return AdoptedHandle(key, int(record["pid"]), Path(record.get("log_path", "")), record)
+
+    def stop_leftover(self, key: str, record: dict) -> None:
+        """Stop a left-over process nobody wants any more (blocking)."""
+        self._stop_record(record)
+        self._pidfile(key).unlink(missing_ok=True)
+
+    def _stop_record(self, record: dict) -> None:
+        pid = int(record["pid"])
+        if not _alive(pid, record.get("create_time")):
+            return
+        _signal_group(pid, signal.SIGTERM)
+        try:
+            psutil.Process(pid).wait(self.stop_grace)
+        except psutil.TimeoutExpired:
+            _signal_group(pid, signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
     def clean_up_leftovers(self) -> int:
         """Stop processes a previous agent left behind (it was killed before it could)."""
@@ -90,6 +148,16 @@ class ProcessRuntime:
                 pass
             pidfile.unlink(missing_ok=True)
         return stopped
+
+
+def _alive(pid: int, create_time: float | None) -> bool:
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and abs(process.create_time() - float(create_time)) >= 1:
+            return False  # the pid was reused
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(pid: int, sig: int) -> None:

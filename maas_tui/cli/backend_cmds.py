@@ -1,0 +1,69 @@
+"""`maas backend ...`: the built-in backends and custom ones (deployed as `--backend custom:NAME`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+import yaml
+
+from maas_tui.cli.output import Format, OutputOption, emit
+
+backend_app = typer.Typer(help="Inference backends: list them, register custom ones.", no_args_is_help=True)
+
+_COLUMNS = [("NAME", lambda b: b.name if b.builtin else f"custom:{b.name}"),
+            ("KIND", lambda b: "built-in" if b.builtin else "custom"),
+            ("HEALTH", lambda b: b.health_path),
+            ("DESCRIPTION", lambda b: b.description)]
+_WIDE = [("COMMAND", lambda b: " ".join(b.command)), ("IMAGE", lambda b: b.image or "")]
+
+
+@backend_app.command("list")
+def backend_list(output: Format = OutputOption) -> None:
+    """List the backends models can be deployed with."""
+    from maas_tui.cli.main import call
+
+    emit(call(lambda c: c.list_backends()), output, _COLUMNS, _WIDE)
+
+
+@backend_app.command("get")
+def backend_get(name: str = typer.Argument(..., help="a custom backend's name (with or without custom:)"),
+                output: Format = OutputOption) -> None:
+    """Show a custom backend's definition."""
+    from maas_tui.cli.main import call
+
+    emit(call(lambda c: c.get_backend(name.removeprefix("custom:"))), output, _COLUMNS, _WIDE)
+
+
+@backend_app.command("add")
+def backend_add(file: Path = typer.Option(..., "-f", "--file", exists=True, dir_okay=False, readable=True,
+                                          help="YAML (or JSON): name, command, env, health_path, metrics_path, metrics, image"),
+                replace: bool = typer.Option(False, "--replace", help="change a backend registered before"),
+                output: Format = OutputOption) -> None:
+    """Register a custom backend (admin). Deploy it with --backend custom:NAME.
+
+    The command is an argv template (a list, or one string split like a shell would) with the
+    placeholders {model_path} {port} {host} {model_name} {gpus} {instance_name}; the model's
+    args are appended. `metrics` maps the backend's metric names to unified ones
+    (requests_running, requests_waiting, prompt_tokens_total, generation_tokens_total, kv_cache_usage_ratio).
+    """
+    from maas_tui.cli.main import call, fail
+
+    try:
+        definition = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        fail(f"{file}: not YAML: {exc}")
+        return
+    if not isinstance(definition, dict):
+        fail(f"{file}: expected a mapping with name, command, ...")
+        return
+    emit(call(lambda c: c.add_backend(definition, replace=replace)), output, _COLUMNS, _WIDE)
+
+
+@backend_app.command("delete")
+def backend_delete(name: str = typer.Argument(..., help="a custom backend's name")) -> None:
+    """Remove a custom backend (admin). Instances already running keep running."""
+    from maas_tui.cli.main import call
+
+    call(lambda c: c.delete_backend(name.removeprefix("custom:")))
+    typer.echo(f"backend custom:{name.removeprefix('custom:')} deleted")

@@ -1,0 +1,95 @@
+"""The server's `/metrics` (Prometheus text, no auth): models desired/running, instances and workers
+by state, gateway requests and tokens (from the usage table, so every server reports the same
+cluster-wide totals), and the event bus lag.
+
+Everything is read at scrape time with a few aggregate queries; nothing sits on the request path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy import func, select
+
+from server import schemas
+from server.api.routing import server_of
+from server.db import tables
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Fixed:
+    def __init__(self, metrics: list[Metric]):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
+async def collect(server: Any) -> list[Metric]:
+    out: list[Metric] = []
+    async with server.db.session() as s:
+        models = (await s.execute(select(tables.Model.name, tables.Model.replicas, tables.Model.state))).all()
+        by_model_state = (await s.execute(
+            select(tables.ModelInstance.model_id, tables.Model.name, tables.ModelInstance.state, func.count())
+            .join(tables.Model, tables.Model.id == tables.ModelInstance.model_id)
+            .group_by(tables.ModelInstance.model_id, tables.Model.name, tables.ModelInstance.state))).all()
+        workers = (await s.execute(select(tables.Worker.state, func.count()).group_by(tables.Worker.state))).all()
+        usage = (await s.execute(select(tables.Usage.model_name, func.sum(tables.Usage.requests),
+                                        func.sum(tables.Usage.prompt_tokens), func.sum(tables.Usage.completion_tokens))
+                                 .group_by(tables.Usage.model_name))).all()
+
+    desired = GaugeMetricFamily("maas_model_replicas_desired", "Replicas asked for", labels=["model"])
+    running = GaugeMetricFamily("maas_model_replicas_running", "Instances running", labels=["model"])
+    running_by_model: dict[str, int] = {}
+    for _model_id, name, state, count in by_model_state:
+        if str(state) == "running":
+            running_by_model[name] = running_by_model.get(name, 0) + count
+    for name, replicas, state in models:
+        desired.add_metric([name], 0 if str(state) == "deleting" else replicas)
+        running.add_metric([name], running_by_model.get(name, 0))
+    out += [desired, running]
+
+    instances = GaugeMetricFamily("maas_instances", "Instances by model and state", labels=["model", "state"])
+    totals = {state.value: 0 for state in schemas.InstanceState}
+    for _model_id, name, state, count in by_model_state:
+        instances.add_metric([name, str(state)], count)
+        totals[str(state)] = totals.get(str(state), 0) + count
+    by_state = GaugeMetricFamily("maas_instances_by_state", "Instances by state", labels=["state"])
+    for state, count in totals.items():
+        by_state.add_metric([state], count)
+    out += [instances, by_state]
+
+    worker_states = GaugeMetricFamily("maas_workers", "Workers by state", labels=["state"])
+    counts = {state.value: 0 for state in schemas.WorkerState} | {str(state): count for state, count in workers}
+    for state, count in counts.items():
+        worker_states.add_metric([state], count)
+    out.append(worker_states)
+
+    requests = CounterMetricFamily("maas_gateway_requests", "Requests through the /v1 gateway", labels=["model"])
+    prompt = CounterMetricFamily("maas_gateway_prompt_tokens", "Prompt tokens through the gateway", labels=["model"])
+    completion = CounterMetricFamily("maas_gateway_completion_tokens", "Completion tokens through the gateway",
+                                     labels=["model"])
+    for name, n_requests, n_prompt, n_completion in usage:
+        requests.add_metric([name], float(n_requests or 0))
+        prompt.add_metric([name], float(n_prompt or 0))
+        completion.add_metric([name], float(n_completion or 0))
+    out += [requests, prompt, completion]
+
+    lag = GaugeMetricFamily("maas_bus_lag_seconds", "Commit to publication delay of the newest change read")
+    lag.add_metric([], float(getattr(server.feed, "lag_seconds", 0.0) or 0.0))
+    out.append(lag)
+    return out
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(await collect(server_of(request))))
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_metrics_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics_handler)

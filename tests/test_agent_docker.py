@@ -1,0 +1,160 @@
+"""The docker runtime as data: the exact container specification per backend, runtime selection, and
+the thin engine calls against a fake docker client (no engine on this machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+import pytest
+
+from agent.agent import Agent, AgentConfig, make_runtime
+from agent.backends import BackendDefinition, LaunchContext, build_launch
+from agent.runtimes import ProcessRuntime
+from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec
+from server.schemas import GPUDevice, ResourceClaim
+from test_backends import instance
+
+GPUS = [GPUDevice(index=i, name="H100", uuid=f"GPU-{i}", memory_total=80 * 10**9) for i in range(4)]
+OPTIONS = ContainerOptions(worker="w1", model_cache=Path("/var/lib/maas/models"), shm_size="8g")
+CTX = LaunchContext(host="10.0.0.5", port=20001)
+
+
+def spec_for(inst, gpus=GPUS, context=CTX):
+    launch = build_launch(inst, context)
+    return container_spec(inst, launch.image, launch.container_command, launch.env, gpus, OPTIONS)
+
+
+def test_vllm_container_spec():
+    claim = ResourceClaim(device="gpu", gpu_indexes=[2, 3], tensor_parallel_size=2, gpu_memory_utilization=0.85)
+    inst = instance("vllm", claim, source="meta-llama/Llama-3.1-8B-Instruct", max_model_len=8192,
+                    backend_version="v0.11.0", env={"HF_TOKEN": "t"})
+    assert spec_for(inst) == {
+        "image": "vllm/vllm-openai:v0.11.0",
+        "command": ["--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "m", "--host", "10.0.0.5",
+                    "--port", "20001", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.85",
+                    "--max-model-len", "8192"],
+        "name": "maas-m-7-7",
+        "detach": True,
+        "environment": {"HF_TOKEN": "t", "HF_HOME": "/root/.cache/huggingface"},  # no host CUDA pin inside
+        "labels": {"maas.managed": "true", "maas.instance-id": "7", "maas.instance": "m-7", "maas.model": "m",
+                   "maas.generation": "1", "maas.restart-count": "0", "maas.worker": "w1"},
+        "network_mode": "host",
+        "ipc_mode": "host",
+        "shm_size": "8g",
+        "device_requests": [{"Driver": "nvidia", "DeviceIDs": ["GPU-2", "GPU-3"], "Capabilities": [["gpu"]],
+                             "Count": 0, "Options": {}}],
+        "volumes": {"/var/lib/maas/models": {"bind": "/root/.cache/huggingface", "mode": "rw"}},
+        "restart_policy": {"Name": "no"},
+    }
+
+
+def test_sglang_container_command_and_index_fallback():
+    claim = ResourceClaim(device="gpu", gpu_indexes=[1], gpu_memory_utilization=0.5)
+    spec = spec_for(instance("sglang", claim, source="/models/qwen"), gpus=[])  # inventory without UUIDs
+    assert spec["image"] == "lmsysorg/sglang:latest"
+    assert spec["command"][:3] == ["python3", "-m", "sglang.launch_server"]
+    assert spec["command"][3:5] == ["--model-path", "/models/qwen"]
+    assert spec["device_requests"][0]["DeviceIDs"] == ["1"]
+    assert spec["volumes"]["/models/qwen"] == {"bind": "/models/qwen", "mode": "ro"}  # the local model, read-only
+
+
+def test_llama_cpp_container_on_cpu_and_gpu():
+    cpu = spec_for(instance("llama.cpp", ResourceClaim(device="cpu", ram_bytes=1), context_length=4096))
+    assert cpu["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    assert cpu["command"] == ["--model", "/models/m.gguf", "--alias", "m", "--host", "10.0.0.5", "--port", "20001",
+                              "--ctx-size", "4096", "--metrics"]
+    assert cpu["device_requests"] == []
+    assert cpu["volumes"]["/models/m.gguf"]["mode"] == "ro"
+    gpu = spec_for(instance("llama.cpp", ResourceClaim(device="gpu", gpu_indexes=[0], gpu_layers=12)))
+    assert gpu["command"][-2:] == ["--n-gpu-layers", "12"]
+    assert gpu["device_requests"][0]["DeviceIDs"] == ["GPU-0"]
+
+
+def test_custom_backend_container():
+    definition = BackendDefinition(name="tgi", image="ghcr.io/huggingface/text-generation-inference:3",
+                                   command=["--model-id", "{model_path}", "--port", "{port}"])
+    inst = instance("custom:tgi", ResourceClaim(device="gpu", gpu_indexes=[0, 1]), memory_bytes=1, source="org/m")
+    spec = spec_for(inst, context=LaunchContext(host="0.0.0.0", port=20009, custom=definition))
+    assert spec["image"] == "ghcr.io/huggingface/text-generation-inference:3"
+    assert spec["command"] == ["--model-id", "org/m", "--port", "20009"]
+    assert spec["device_requests"][0]["DeviceIDs"] == ["GPU-0", "GPU-1"]
+
+
+def test_runtime_selection(tmp_path: Path):
+    config = AgentConfig(server_url="http://x", token="t", data_dir=tmp_path)
+    assert isinstance(make_runtime(config), ProcessRuntime)  # the default for in-process agents
+    config.runtime = "auto"
+    assert isinstance(make_runtime(config), ProcessRuntime)  # no engine answers on this machine
+    config.runtime = "docker"
+    with pytest.raises(docker.errors.DockerException):
+        make_runtime(config)
+    config.runtime = "containers"
+    with pytest.raises(ValueError, match="auto, docker or process"):
+        make_runtime(config)
+
+
+async def test_agent_builds_the_container_from_its_inventory(tmp_path: Path):
+    agent = Agent(AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, name="w9", simulate_gpus="2xL4-24GB"))
+    inst = instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[1]))
+    launch = build_launch(inst, LaunchContext(host="127.0.0.1", port=20001))
+    spec = await agent.container_for(inst, launch)
+    assert spec["device_requests"][0]["DeviceIDs"] == [agent.gpus.read()[1].uuid]
+    assert spec["labels"]["maas.worker"] == "w9"
+    assert spec["volumes"][str(tmp_path / "models")]["bind"] == "/root/.cache/huggingface"
+
+
+class FakeContainer:
+    def __init__(self, name: str, labels: dict[str, str]):
+        self.name, self.labels, self.calls = name, labels, []
+        self.attrs = {"State": {"Pid": 4242}}
+
+    def reload(self): self.calls.append("reload")
+    def logs(self, stream, follow): return iter([b"line 1\n", b"line 2\n"])
+    def wait(self): return {"StatusCode": 3}
+    def stop(self, timeout): self.calls.append(("stop", timeout))
+    def remove(self, force): self.calls.append("remove")
+
+
+class FakeContainers:
+    def __init__(self):
+        self.run_kwargs, self.existing = None, []
+
+    def get(self, name):
+        raise docker.errors.NotFound("no")
+
+    def run(self, **kwargs):
+        self.run_kwargs = kwargs
+        self.container = FakeContainer(kwargs["name"], kwargs["labels"])
+        return self.container
+
+    def list(self, all, filters):
+        self.filters = filters
+        return self.existing
+
+
+class FakeClient:
+    def __init__(self):
+        self.containers = FakeContainers()
+
+
+async def test_docker_runtime_engine_calls_are_thin(tmp_path: Path):
+    client = FakeClient()
+    runtime = DockerRuntime(worker="w1", stop_grace=5, client=client)
+    claim = ResourceClaim(device="gpu", gpu_indexes=[0])
+    spec = spec_for(instance("vllm", claim))
+    handle = await runtime.start("7", spec, tmp_path / "logs" / "7.log")
+    kwargs = client.containers.run_kwargs
+    assert isinstance(kwargs["device_requests"][0], docker.types.DeviceRequest)
+    assert kwargs["device_requests"][0]["DeviceIDs"] == ["GPU-0"]
+    assert {k: v for k, v in kwargs.items() if k != "device_requests"} == \
+        {k: v for k, v in spec.items() if k != "device_requests"}
+    assert handle.pid == 4242
+    assert await runtime.wait(handle) == 3
+    handle._follower.join(5)
+    assert (tmp_path / "logs" / "7.log").read_bytes() == b"line 1\nline 2\n"
+    await runtime.stop(handle)
+    assert client.containers.container.calls[-2:] == [("stop", 5), "remove"]
+    client.containers.existing = [FakeContainer("old", {})]
+    assert runtime.clean_up_leftovers() == 1
+    assert client.containers.filters == {"label": ["maas.managed=true", "maas.worker=w1"]}
