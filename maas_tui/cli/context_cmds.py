@@ -1,0 +1,244 @@
+"""Commands for scripts: contexts (`maas context ...`, the global `--context`) and `maas apply -f`.
+
+Exit codes: 0 success, 1 failure (the server refused, a file is invalid), 2 usage error
+(Click's own for bad options and arguments; ours for missing files and unknown contexts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+
+from maas_tui import config as client_config
+from maas_tui.cli.output import Format, OutputOption, console, emit, err_console
+from server import schemas
+
+context_app = typer.Typer(help="Named servers and credentials in one config file (like kubectl contexts).",
+                          no_args_is_help=True)
+
+# Commands that may name a context that does not exist yet (they create it).
+_CREATES_CONTEXTS = {"login", "context", "version"}
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(context_app, name="context")
+    app.callback()(global_options)
+    app.command("apply")(apply)
+
+
+def global_options(ctx: typer.Context,
+                   context: Optional[str] = typer.Option(None, "--context", envvar="MAAS_CONTEXT",
+                                                         help="use this context of the config file")) -> None:
+    """MaaS-Base: deploy and serve models on your GPU machines."""
+    client_config.ACTIVE_CONTEXT = context
+    if context is None:
+        return
+    if ctx.invoked_subcommand not in _CREATES_CONTEXTS and context not in client_config.read_file()["contexts"]:
+        _usage(f"no context named {context!r} (see 'maas context list')")
+
+
+def _usage(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+# --- contexts ---------------------------------------------------------------------------
+
+
+@context_app.command("add")
+def context_add(name: str = typer.Argument(..., help="what to call this server"),
+                server: str = typer.Option(..., help="the server URL, e.g. http://10.0.0.1:8080"),
+                api_key: Optional[str] = typer.Option(None, help="an API key (or log in with --username)"),
+                username: Optional[str] = typer.Option(None, help="log in as this user"),
+                password: Optional[str] = typer.Option(None, help="password (prompted when missing)"),
+                use: bool = typer.Option(False, "--use", help="make it the current context")) -> None:
+    """Add (or replace) a context: a server and credentials for it."""
+    from maas_tui.cli.main import call
+
+    server = server.rstrip("/")
+    if api_key and username:
+        _usage("give --api-key or --username, not both")
+    if username:
+        secret = password if password is not None else getpass.getpass(f"password for {username}: ")
+        token = call(lambda c: c.login(username, secret), server=server, token="").token
+    elif api_key:
+        call(lambda c: c.list_models(), server=server, token=api_key)  # the key works
+        token = api_key
+    else:
+        token = ""
+    client_config.save(client_config.ClientConfig(server=server, token=token), context=name)
+    if use:
+        _set_current(name)
+    console.print(f"context {name!r} added ({server})" + (", now current" if use else ""), highlight=False)
+
+
+def _set_current(name: str) -> None:
+    data = client_config.read_file()
+    if name not in data["contexts"]:
+        _usage(f"no context named {name!r} (see 'maas context list')")
+    data["current_context"] = name
+    client_config.write_file(data)
+
+
+@context_app.command("use")
+def context_use(name: str) -> None:
+    """Make NAME the current context."""
+    _set_current(name)
+    console.print(f"now using context {name!r}", highlight=False)
+
+
+@context_app.command("list")
+def context_list(output: Format = OutputOption) -> None:
+    """List contexts; the current one is marked."""
+    data = client_config.read_file()
+    active = client_config.active_context_name(data)
+    rows = [{"name": n, "current": n == active, "server": c.get("server", ""),
+             "credentials": "yes" if c.get("token") else "no"} for n, c in sorted(data["contexts"].items())]
+    emit(rows, output, [("CURRENT", lambda r: "*" if r["current"] else ""), ("NAME", lambda r: r["name"]),
+                        ("SERVER", lambda r: r["server"]), ("CREDENTIALS", lambda r: r["credentials"])])
+
+
+@context_app.command("delete")
+def context_delete(name: str) -> None:
+    """Forget a context."""
+    data = client_config.read_file()
+    if data["contexts"].pop(name, None) is None:
+        _usage(f"no context named {name!r}")
+    if data["current_context"] == name:
+        data["current_context"] = next(iter(sorted(data["contexts"])), "")
+    client_config.write_file(data)
+    console.print(f"context {name!r} deleted", highlight=False)
+
+
+# --- apply ------------------------------------------------------------------------------
+
+POLICY = ("replicas", "max_surge", "max_unavailable")
+
+
+def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
+    import yaml
+
+    if file == "-":
+        text, base = sys.stdin.read(), Path.cwd()
+    else:
+        path = Path(file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            _usage(f"cannot read {file}: {exc.strerror or exc}")
+        base = path.absolute().parent
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        _fail(f"{file} is not valid YAML: {exc}")
+    models: list[schemas.ModelCreate] = []
+    problems: list[str] = []
+    for number, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            problems.append(f"document {number}: expected a mapping")
+            continue
+        kind = doc.get("kind", "Model")
+        if kind != "Model":
+            problems.append(f"document {number}: kind {kind!r} is not supported (only Model)")
+            continue
+        if isinstance(doc.get("metadata"), dict) or isinstance(doc.get("spec"), dict):  # kubectl style
+            body = dict(doc.get("spec") or {}) | {"name": (doc.get("metadata") or {}).get("name")}
+        else:
+            body = {k: v for k, v in doc.items() if k != "kind"}
+        source = body.get("source")
+        if body.get("backend") == "llama.cpp" and isinstance(source, str) and not source.startswith("/"):
+            body["source"] = str((base / Path(source).expanduser()).resolve())  # relative to the file
+        try:
+            models.append(schemas.ModelCreate.model_validate(body))
+        except ValidationError as exc:
+            where = body.get("name") or f"document {number}"
+            details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors())
+            problems.append(f"{where}: {details}")
+    names = [m.name for m in models]
+    problems += [f"{n}: declared more than once" for n in sorted({n for n in names if names.count(n) > 1})]
+    if problems:
+        _fail("invalid model file:\n  " + "\n  ".join(problems))
+    if not models:
+        _fail(f"{file} declares no model")
+    return models, base
+
+
+def _diff(current: schemas.ModelOut, desired: schemas.ModelCreate) -> dict[str, tuple[Any, Any]]:
+    now = current.spec.model_dump(mode="json") | {k: getattr(current, k) for k in POLICY}
+    want = desired.model_dump(mode="json", exclude={"name"})
+    return {k: (now.get(k), v) for k, v in want.items() if now.get(k) != v}
+
+
+def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of models (several documents: ---), or -"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print what would change, change nothing"),
+          output: Format = OutputOption) -> None:
+    """Create or update models to match a file; a spec change starts a rollout. Idempotent."""
+    from maas_tui.cli.main import call
+    from maas_tui.client import ApiClientError
+
+    models, _ = _documents(file)
+
+    async def work(client) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        for model in models:
+            entry: dict[str, Any] = {"name": model.name, "action": "", "changes": {}, "error": ""}
+            try:
+                try:
+                    current = await client.get_model(model.name)
+                except ApiClientError as exc:
+                    if exc.status != 404:
+                        raise
+                    current = None
+                if current is None:
+                    entry["action"] = "create"
+                    entry["changes"] = {k: [None, v] for k, v in model.model_dump(mode="json", exclude={"name"}).items()}
+                    if not dry_run:
+                        await client.create_model(model.model_dump(mode="json"))
+                else:
+                    changes = _diff(current, model)
+                    spec_change = any(k not in POLICY for k in changes)
+                    entry["action"] = ("rollout" if spec_change else "update") if changes else "unchanged"
+                    entry["changes"] = {k: list(v) for k, v in changes.items()}
+                    if changes and not dry_run:
+                        await client.update_model(model.name, {k: v[1] for k, v in changes.items()})
+            except ApiClientError as exc:
+                entry["action"], entry["error"] = "failed", exc.message
+            results.append(entry)
+        return results
+
+    results = call(work)
+    if output in (Format.json, Format.yaml):
+        emit([r | {"dry_run": dry_run} for r in results], output)
+    else:
+        suffix = " (dry run)" if dry_run else ""
+        verbs = {"create": "created", "rollout": "updated, rollout started", "update": "updated",
+                 "unchanged": "unchanged", "failed": "failed"}
+        for r in results:
+            verb = verbs[r["action"]] if not dry_run else {"create": "would be created", "rollout":
+                                                           "would be updated (rollout)", "update": "would be updated",
+                                                           "unchanged": "unchanged", "failed": "failed"}[r["action"]]
+            console.print(f"model/{r['name']} {verb}{suffix if r['action'] != 'unchanged' else ''}"
+                          + (f": {r['error']}" if r["error"] else ""), highlight=False)
+            if r["action"] in ("rollout", "update") or (dry_run and r["action"] == "create"):
+                for key, (old, new) in r["changes"].items():
+                    if r["action"] == "create":
+                        console.print(f"  + {key}: {json.dumps(new)}", highlight=False, markup=False)
+                    else:
+                        console.print(f"  ~ {key}: {json.dumps(old)} -> {json.dumps(new)}", highlight=False, markup=False)
+    if any(r["action"] == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+__all__ = ["register", "context_app", "apply", "asyncio"]

@@ -1,0 +1,233 @@
+"""`maas user ...` (users and their SSH keys) and `maas ssh serve` (the TUI over SSH)."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console
+
+user_app = typer.Typer(help="Users and the SSH keys that let them into the TUI over SSH.", no_args_is_help=True)
+ssh_app = typer.Typer(help="Serve the TUI over SSH.", no_args_is_help=True)
+
+KEY_COLUMNS = [("NAME", lambda k: k.name), ("FINGERPRINT", lambda k: k.fingerprint),
+               ("LAST USED", lambda k: age(k.last_used_at) if k.last_used_at else "never"),
+               ("AGE", lambda k: age(k.created_at))]
+USER_COLUMNS = [("NAME", lambda u: u.username), ("ADMIN", lambda u: "yes" if u.is_admin else ""),
+                ("AGE", lambda u: age(u.created_at))]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(user_app, name="user")
+    app.add_typer(ssh_app, name="ssh")
+    for group in app.registered_groups:  # `maas worker add` joins the existing worker group
+        if group.name == "worker" and group.typer_instance is not None:
+            group.typer_instance.command("add")(worker_add)
+            group.typer_instance.command("uninstall")(worker_uninstall)
+
+
+def _call(work):  # late import: main imports this module
+    from maas_tui.cli.main import call
+
+    return call(work)
+
+
+@user_app.command("add-key")
+def user_add_key(name: str = typer.Argument(..., help="the user"),
+                 key_file: Path = typer.Option(..., "--key-file", help="an OpenSSH public key, e.g. ~/.ssh/id_ed25519.pub"),
+                 key_name: str = typer.Option("", "--name", help="what to call the key (default: its comment)"),
+                 output: Format = OutputOption) -> None:
+    """Let a public key log in as NAME (`ssh -p 2222 NAME@server`)."""
+    try:
+        text = key_file.expanduser().read_text()
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] cannot read {key_file}: {exc.strerror or exc}", highlight=False)
+        raise typer.Exit(2) from None
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(lines) != 1:
+        err_console.print(f"[bold red]error:[/] {key_file} must hold exactly one public key line", highlight=False)
+        raise typer.Exit(2)
+    key = _call(lambda c: c.add_ssh_key(name, lines[0], key_name))
+    emit(key, output, KEY_COLUMNS)
+
+
+@user_app.command("keys")
+def user_keys(name: str = typer.Argument(..., help="the user"), output: Format = OutputOption) -> None:
+    """List the SSH keys of a user."""
+    emit(_call(lambda c: c.list_ssh_keys(name)), output, KEY_COLUMNS)
+
+
+@user_app.command("remove-key")
+def user_remove_key(name: str = typer.Argument(..., help="the user"),
+                    key: str = typer.Argument(..., help="fingerprint (SHA256:...), name or id")) -> None:
+    """Stop a public key from logging in."""
+    _call(lambda c: c.delete_ssh_key(name, key))
+    console.print(f"removed SSH key {key} of {name}", highlight=False)
+
+
+@user_app.command("list")
+def user_list(output: Format = OutputOption) -> None:
+    """List users (admin)."""
+    emit(_call(lambda c: c.list_users()), output, USER_COLUMNS)
+
+
+@user_app.command("create")
+def user_create(name: str = typer.Argument(..., help="lower-case user name"),
+                password: Optional[str] = typer.Option(None, help="prompted when missing"),
+                admin: bool = typer.Option(False, "--admin", help="give the user admin rights"),
+                output: Format = OutputOption) -> None:
+    """Create a user (admin)."""
+    secret = password if password is not None else getpass.getpass(f"password for {name}: ")
+    emit(_call(lambda c: c.create_user(name, secret, admin)), output, USER_COLUMNS)
+
+
+@ssh_app.command("serve")
+def ssh_serve(server: Optional[str] = typer.Option(None, help="the server URL (default: the current context)"),
+              port: int = typer.Option(2222, help="SSH port"),
+              host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
+              data_dir: Optional[Path] = typer.Option(None, help="where the host key is kept"),
+              max_sessions: int = typer.Option(16, min=1, help="concurrent sessions at most"),
+              log_level: str = typer.Option("info", help="debug, info, warning or error")) -> None:
+    """Serve the TUI to SSH clients, with an admin login (maas login) to mint their sessions."""
+    import platformdirs
+
+    from maas_tui import config as client_config
+    from maas_tui.cli.serve import _run_until_signal, _setup_logging, _wait_for_signal
+    from maas_tui.ssh.server import ApiBackend, SshConfig, TuiFrontDoor
+
+    _setup_logging(log_level)
+    config = client_config.load()
+    url = server or config.server
+    if not url or not config.token:
+        err_console.print("[bold red]error:[/] no server or credentials: run 'maas login' as an admin first")
+        raise typer.Exit(2)
+    folder = data_dir or Path(platformdirs.user_data_dir("maas"))
+
+    async def main() -> None:
+        backend = ApiBackend(url, config.token)
+        door = TuiFrontDoor(backend, SshConfig(host=host, port=port, data_dir=folder, max_sessions=max_sessions))
+        try:
+            await door.start()
+            console.print(f"TUI over SSH on {host}:{door.port} for {url}: ssh -p {door.port} USER@{host}",
+                          highlight=False)
+            await _wait_for_signal()
+        finally:
+            await door.stop()
+            await backend.close()
+
+    try:
+        _run_until_signal(main())
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] cannot serve SSH on {host}:{port}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+
+
+def worker_add(target: str = typer.Argument(..., help="user@host or user@host:port"),
+               token: str = typer.Option(..., envvar="MAAS_TOKEN", help="the cluster token (<data-dir>/token on the server)"),
+               identity: Optional[Path] = typer.Option(None, help="SSH private key (default: your agent and ~/.ssh keys)"),
+               port: int = typer.Option(22, "--port", help="SSH port"),
+               name: Optional[str] = typer.Option(None, help="worker name (default: the remote host name)"),
+               address: Optional[str] = typer.Option(None, help="address the server uses to reach the worker (default: host)"),
+               server_url: Optional[str] = typer.Option(None, help="the server URL as the worker sees it (default: the context's)"),
+               simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB"),
+               remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
+               venv: Optional[str] = typer.Option(None, help="the remote venv (default: <remote-dir>/venv)"),
+               pip_arg: list[str] = typer.Option([], "--pip-arg", help="extra pip install arguments (repeatable)"),
+               no_host_key_check: bool = typer.Option(False, "--no-host-key-check", help="accept any host key (labs only)"),
+               supervisor: str = typer.Option("auto", help="auto (systemd when it runs and the user is root), systemd or process"),
+               timeout: float = typer.Option(120, help="seconds to wait for the worker to be ready")) -> None:
+    """Bootstrap an agent on a remote host over SSH (same version, supervised), and wait until it is ready."""
+    from maas_tui import config as client_config
+    from maas_tui.cli.main import fail
+    from maas_tui.client import ApiClientError, MaasClient
+    from maas_tui.ssh.bootstrap import AgentPlan, BootstrapError, bootstrap, parse_target
+
+    if supervisor not in ("auto", "systemd", "process"):
+        err_console.print("[bold red]error:[/] --supervisor must be auto, systemd or process", highlight=False)
+        raise typer.Exit(2)
+    try:
+        where = parse_target(target, port)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    where.identity = str(identity.expanduser()) if identity else None
+    if no_host_key_check:
+        where.known_hosts = None
+    config = client_config.load()
+    if not config.server:
+        fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
+
+    async def main() -> str:
+        async with MaasClient(config.server, config.token) as client:
+            worker_name = name
+            if worker_name is None:
+                import asyncssh
+
+                options = {"username": where.user, "port": where.port, **({"client_keys": [where.identity]}
+                                                                           if where.identity else {})}
+                if where.known_hosts is None:
+                    options["known_hosts"] = None
+                async with asyncssh.connect(where.host, **options) as conn:
+                    worker_name = str((await conn.run("hostname", check=True)).stdout).strip()
+            plan = AgentPlan(server_url=(server_url or config.server).rstrip("/"), cluster_token=token,
+                             name=worker_name, address=address or where.host, remote_dir=remote_dir,
+                             venv=venv or "", simulate_gpus=simulate_gpus, pip_args=list(pip_arg),
+                             supervisor=supervisor)
+
+            async def ready() -> None:
+                deadline = asyncio.get_running_loop().time() + timeout
+                while True:
+                    try:
+                        if (await client.get_worker(worker_name)).state == "ready":
+                            console.print(f"worker {worker_name} is ready", highlight=False)
+                            return
+                    except ApiClientError as exc:
+                        if exc.status != 404:
+                            raise
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise BootstrapError(f"worker {worker_name} not ready after {timeout:g} s "
+                                             f"(see {remote_dir}/agent.log on {where.host})")
+                    await asyncio.sleep(0.5)
+
+            return await bootstrap(where, plan, ready, say=lambda m: console.print(m, highlight=False))
+
+    try:
+        asyncio.run(main())
+    except (BootstrapError, ApiClientError, OSError) as exc:
+        fail(str(getattr(exc, "message", "") or exc))
+    except Exception as exc:  # asyncssh errors: refused key, host key mismatch
+        fail(f"{type(exc).__name__}: {exc}")
+
+
+def worker_uninstall(target: str = typer.Argument(..., help="user@host or user@host:port"),
+                     identity: Optional[Path] = typer.Option(None, help="SSH private key"),
+                     port: int = typer.Option(22, "--port", help="SSH port"),
+                     remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
+                     remove: Optional[str] = typer.Option(None, "--remove", help="then remove this worker from the cluster"),
+                     no_host_key_check: bool = typer.Option(False, "--no-host-key-check", help="accept any host key")) -> None:
+    """Stop and remove an agent that `maas worker add` installed (and with --remove NAME, the worker)."""
+    from maas_tui.cli.main import call, fail
+    from maas_tui.ssh.bootstrap import BootstrapError, parse_target, uninstall
+
+    try:
+        where = parse_target(target, port)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    where.identity = str(identity.expanduser()) if identity else None
+    if no_host_key_check:
+        where.known_hosts = None
+    try:
+        asyncio.run(uninstall(where, remote_dir, say=lambda m: console.print(m, highlight=False)))
+    except (BootstrapError, OSError) as exc:
+        fail(str(exc))
+    if remove:
+        call(lambda c: c.delete_worker(remove))
+        console.print(f"worker {remove} removed", highlight=False)
+
+
+__all__ = ["register", "user_app", "ssh_app", "worker_add", "worker_uninstall", "asyncio"]

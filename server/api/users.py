@@ -1,0 +1,225 @@
+"""Users and their SSH public keys, and the short-lived sessions the SSH front door mints.
+
+The functions below the handlers are the whole logic; the SSH front door calls them
+directly when it runs inside the server process (`maas start --ssh-port`), and through
+these routes when it runs on its own (`maas ssh serve --server URL`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from server import schemas
+from server.api.errors import ApiError, bad_request, conflict, forbidden, not_found, read_json
+from server.api.routing import json_out, principal_of, route, server_of
+from server.api.security import hash_password, hash_secret, new_user_token
+from server.db import tables
+from server.db.database import Database
+from server.events import record_event
+
+
+def parse_public_key(text: str) -> tuple[str, str, str]:
+    """(authorized_keys line without options or comment, SHA256 fingerprint, comment) of one OpenSSH public key."""
+    import asyncssh
+
+    line = text.strip()
+    if not line or "\n" in line:
+        raise bad_request("give exactly one public key line (e.g. the content of ~/.ssh/id_ed25519.pub)")
+    if "PRIVATE KEY" in line:
+        raise bad_request("that is a private key; give the .pub file")
+    try:
+        key = asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise bad_request(f"not an OpenSSH public key: {exc}") from None
+    comment = key.get_comment() or ""
+    key.set_comment(None)
+    return key.export_public_key("openssh").decode().strip(), key.get_fingerprint("sha256"), comment
+
+
+def _check_self_or_admin(request: web.Request, username: str) -> None:
+    principal = principal_of(request)
+    if not (principal.is_admin or principal.name == username):
+        raise forbidden("only an admin or the user themselves may do that")
+
+
+def _check_admin(request: web.Request) -> None:
+    if not principal_of(request).is_admin:
+        raise forbidden("only an admin may do that")
+
+
+async def _user(session, username: str) -> tables.User:
+    user = (await session.execute(select(tables.User).where(tables.User.username == username))).scalar_one_or_none()
+    if user is None:
+        raise not_found(f"user {username!r}")
+    return user
+
+
+# --- logic shared with the in-process SSH front door ----------------------------
+
+
+async def authorized_keys(db: Database, username: str) -> list[str]:
+    """The public keys that may log in as `username` (empty for an unknown user)."""
+    async with db.session() as s:
+        rows = (await s.execute(select(tables.SshKey.public_key).join(tables.User).where(
+            tables.User.username == username).order_by(tables.SshKey.id))).scalars()
+        return list(rows)
+
+
+async def mint_ssh_session(db: Database, username: str, fingerprint: str = "", peer: str = "",
+                           ttl_seconds: int = 12 * 3600) -> schemas.SshSessionOut:
+    """A session token for `username`, recorded as an SSH login event."""
+    token, prefix = new_user_token()
+    expires = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+    async with db.session() as s:
+        user = await _user(s, username)
+        s.add(tables.ApiKey(user_id=user.id, kind="session", name=f"ssh-{prefix}", prefix=prefix,
+                            secret_hash=hash_secret(token), expires_at=expires))
+        if fingerprint:
+            key = (await s.execute(select(tables.SshKey).where(
+                tables.SshKey.user_id == user.id, tables.SshKey.fingerprint == fingerprint))).scalar_one_or_none()
+            if key is not None:
+                key.last_used_at = datetime.now(UTC)
+        record_event(s, "users", user, "SshLogin",
+                     f"{username} logged in over SSH" + (f" from {peer}" if peer else "")
+                     + (f" with key {fingerprint}" if fingerprint else ""), username)
+        await s.commit()
+    return schemas.SshSessionOut(token=token, prefix=prefix, username=username, expires_at=expires)
+
+
+async def end_ssh_session(db: Database, username: str, prefix: str, reason: str = "") -> bool:
+    """Revoke the session token minted for one SSH session and record the logout."""
+    async with db.session() as s:
+        user = await _user(s, username)
+        key = (await s.execute(select(tables.ApiKey).where(
+            tables.ApiKey.user_id == user.id, tables.ApiKey.kind == "session",
+            tables.ApiKey.prefix == prefix))).scalar_one_or_none()
+        if key is None:
+            return False
+        await s.delete(key)
+        record_event(s, "users", user, "SshLogout", f"{username} left the SSH session" + (f": {reason}" if reason else ""),
+                     username)
+        await s.commit()
+    return True
+
+
+# --- users ------------------------------------------------------------------------
+
+
+@route("GET", "/v2/users", "List users (admin)", response=schemas.UserOut, response_list=True)
+async def list_users(request: web.Request) -> web.Response:
+    _check_admin(request)
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(select(tables.User).order_by(tables.User.id))).scalars()
+        return json_out([schemas.UserOut.model_validate(r) for r in rows])
+
+
+@route("POST", "/v2/users", "Create a user (admin)", body=schemas.UserCreate, response=schemas.UserOut, status=201)
+async def create_user(request: web.Request) -> web.Response:
+    _check_admin(request)
+    body = await read_json(request, schemas.UserCreate)
+    password_hash = await asyncio.to_thread(hash_password, body.password)
+    async with server_of(request).db.session() as s:
+        user = tables.User(username=body.username, password_hash=password_hash, is_admin=body.is_admin)
+        s.add(user)
+        try:
+            await s.flush()
+        except IntegrityError:
+            raise conflict(f"a user named {body.username!r} already exists") from None
+        record_event(s, "users", user, "Created", f"user {body.username} created", principal_of(request).name)
+        await s.commit()
+        return json_out(schemas.UserOut.model_validate(user), status=201)
+
+
+# --- SSH keys ---------------------------------------------------------------------
+
+
+@route("GET", "/v2/users/{name}/keys", "List a user's SSH public keys (admin or self)",
+       response=schemas.SshKeyOut, response_list=True)
+async def list_ssh_keys(request: web.Request) -> web.Response:
+    username = request.match_info["name"]
+    _check_self_or_admin(request, username)
+    async with server_of(request).db.session() as s:
+        user = await _user(s, username)
+        rows = (await s.execute(select(tables.SshKey).where(tables.SshKey.user_id == user.id)
+                                .order_by(tables.SshKey.id))).scalars()
+        return json_out([schemas.SshKeyOut.model_validate(r) for r in rows])
+
+
+@route("POST", "/v2/users/{name}/keys", "Register an SSH public key for a user (admin or self)",
+       body=schemas.SshKeyCreate, response=schemas.SshKeyOut, status=201)
+async def add_ssh_key(request: web.Request) -> web.Response:
+    username = request.match_info["name"]
+    _check_self_or_admin(request, username)
+    body = await read_json(request, schemas.SshKeyCreate)
+    line, fingerprint, comment = parse_public_key(body.public_key)
+    async with server_of(request).db.session() as s:
+        user = await _user(s, username)
+        existing = (await s.execute(select(tables.SshKey).where(
+            tables.SshKey.user_id == user.id, tables.SshKey.fingerprint == fingerprint))).scalar_one_or_none()
+        if existing is not None:  # adding the same key twice changes nothing
+            return json_out(schemas.SshKeyOut.model_validate(existing), status=200)
+        key = tables.SshKey(user_id=user.id, name=body.name or comment or fingerprint, fingerprint=fingerprint,
+                            public_key=line)
+        s.add(key)
+        await s.flush()
+        record_event(s, "users", user, "SshKeyAdded", f"SSH key {fingerprint} ({key.name}) added",
+                     principal_of(request).name)
+        await s.commit()
+        return json_out(schemas.SshKeyOut.model_validate(key), status=201)
+
+
+@route("DELETE", "/v2/users/{name}/keys/{key}", "Remove an SSH key by fingerprint, name or id (admin or self)")
+async def delete_ssh_key(request: web.Request) -> web.Response:
+    username = request.match_info["name"]
+    ref = request.match_info["key"]
+    _check_self_or_admin(request, username)
+    async with server_of(request).db.session() as s:
+        user = await _user(s, username)
+        keys = (await s.execute(select(tables.SshKey).where(tables.SshKey.user_id == user.id))).scalars().all()
+        matches = [k for k in keys if ref in (k.fingerprint, k.name, str(k.id))]
+        if not matches:
+            raise not_found(f"SSH key {ref!r} of {username}")
+        if len(matches) > 1:
+            raise conflict(f"{ref!r} names several keys; give the fingerprint")
+        await s.delete(matches[0])
+        record_event(s, "users", user, "SshKeyRemoved", f"SSH key {matches[0].fingerprint} removed",
+                     principal_of(request).name)
+        await s.commit()
+    return web.json_response({"deleted": matches[0].fingerprint})
+
+
+# --- SSH sessions (for a front door running outside the server) ----------------------
+
+
+@route("GET", "/v2/users/{name}/authorized-keys", "The public keys that may log in as a user (admin)")
+async def get_authorized_keys(request: web.Request) -> web.Response:
+    _check_admin(request)
+    return web.json_response({"items": await authorized_keys(server_of(request).db, request.match_info["name"])})
+
+
+@route("POST", "/v2/users/{name}/sessions", "Mint a session token for a user logging in over SSH (admin)",
+       body=schemas.SshSessionCreate, response=schemas.SshSessionOut, status=201)
+async def create_ssh_session(request: web.Request) -> web.Response:
+    _check_admin(request)
+    body = await read_json(request, schemas.SshSessionCreate)
+    out = await mint_ssh_session(server_of(request).db, request.match_info["name"], body.fingerprint, body.peer,
+                                 body.ttl_seconds)
+    return json_out(out, status=201)
+
+
+@route("DELETE", "/v2/users/{name}/sessions/{prefix}", "End an SSH session: revoke its token (admin)")
+async def delete_ssh_session(request: web.Request) -> web.Response:
+    _check_admin(request)
+    name, prefix = request.match_info["name"], request.match_info["prefix"]
+    if not await end_ssh_session(server_of(request).db, name, prefix, request.query.get("reason", "")):
+        raise not_found(f"session {prefix!r} of {name}")
+    server_of(request).auth.invalidate()
+    return web.json_response({"deleted": prefix})
+
+
+__all__ = ["ApiError", "authorized_keys", "end_ssh_session", "mint_ssh_session", "parse_public_key"]
