@@ -164,9 +164,25 @@ class MaasClient:
     async def delete_worker(self, name: str) -> None:
         await self.request("DELETE", f"/v2/workers/{name}")
 
-    async def list_events(self, limit: int = 100, name: str | None = None) -> list[schemas.EventOut]:
-        params = {"limit": str(limit)} | ({"name": name} if name else {})
+    async def list_events(self, limit: int = 100, name: str | None = None, kind: str | None = None) -> list[schemas.EventOut]:
+        params = {"limit": str(limit)} | ({"name": name} if name else {}) | ({"kind": kind} if kind else {})
         return [schemas.EventOut.model_validate(i) for i in (await self.request("GET", "/v2/events", params=params))["items"]]
+
+    # --- backends -------------------------------------------------------------------
+
+    async def list_backends(self) -> list[schemas.BackendOut]:
+        return [schemas.BackendOut.model_validate(i) for i in (await self.request("GET", "/v2/backends"))["items"]]
+
+    async def get_backend(self, name: str) -> schemas.BackendOut:
+        return schemas.BackendOut.model_validate(await self.request("GET", f"/v2/backends/{name}"))
+
+    async def add_backend(self, definition: dict[str, Any], replace: bool = False) -> schemas.BackendOut:
+        params = {"replace": "1"} if replace else None
+        return schemas.BackendOut.model_validate(await self.request("POST", "/v2/backends", json_body=definition,
+                                                                    params=params))
+
+    async def delete_backend(self, name: str) -> None:
+        await self.request("DELETE", f"/v2/backends/{name}")
 
     # --- streams --------------------------------------------------------------------
 
@@ -220,6 +236,39 @@ class MaasClient:
             raise ServerUnreachable(self.server, str(exc)) from None
 
 
+    # --- users and SSH keys (the TUI over SSH) -----------------------------------------
+
+    async def list_users(self) -> list[schemas.UserOut]:
+        return [schemas.UserOut.model_validate(i) for i in (await self.request("GET", "/v2/users"))["items"]]
+
+    async def create_user(self, username: str, password: str, is_admin: bool = False) -> schemas.UserOut:
+        body = {"username": username, "password": password, "is_admin": is_admin}
+        return schemas.UserOut.model_validate(await self.request("POST", "/v2/users", json_body=body))
+
+    async def list_ssh_keys(self, username: str) -> list[schemas.SshKeyOut]:
+        data = await self.request("GET", f"/v2/users/{_seg(username)}/keys")
+        return [schemas.SshKeyOut.model_validate(i) for i in data["items"]]
+
+    async def add_ssh_key(self, username: str, public_key: str, name: str = "") -> schemas.SshKeyOut:
+        data = await self.request("POST", f"/v2/users/{_seg(username)}/keys",
+                                  json_body={"public_key": public_key, "name": name})
+        return schemas.SshKeyOut.model_validate(data)
+
+    async def delete_ssh_key(self, username: str, key: str) -> None:
+        await self.request("DELETE", f"/v2/users/{_seg(username)}/keys/{_seg(key)}")
+
+    async def ssh_authorized_keys(self, username: str) -> list[str]:
+        return list((await self.request("GET", f"/v2/users/{_seg(username)}/authorized-keys"))["items"])
+
+    async def open_ssh_session(self, username: str, fingerprint: str = "", peer: str = "") -> schemas.SshSessionOut:
+        data = await self.request("POST", f"/v2/users/{_seg(username)}/sessions",
+                                  json_body={"fingerprint": fingerprint, "peer": peer})
+        return schemas.SshSessionOut.model_validate(data)
+
+    async def close_ssh_session(self, username: str, prefix: str, reason: str = "") -> None:
+        await self.request("DELETE", f"/v2/users/{_seg(username)}/sessions/{_seg(prefix)}", params={"reason": reason})
+
+
 async def _json_or_text(response: aiohttp.ClientResponse) -> Any:
     text = await response.text()
     try:
@@ -234,3 +283,10 @@ def _error_from(status: int, data: Any) -> ApiClientError:
         return ApiClientError(status, str(error.get("code") or error.get("type") or "error"),
                               str(error.get("message", "")), error.get("details"))
     return ApiClientError(status, "error", str(data)[:500] or f"HTTP {status}")
+
+
+def _seg(value: str) -> str:
+    """One URL path segment (SSH fingerprints hold '/' and '+')."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")

@@ -33,6 +33,12 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(key_app, name="key")
 app.add_typer(gateway_app, name="gateway")
 ops_cmds.register(model_app, worker_app)
+from maas_tui.cli.backend_cmds import backend_app  # noqa: E402
+app.add_typer(backend_app, name="backend")
+from maas_tui.cli import ssh_cmds  # noqa: E402
+ssh_cmds.register(app)
+from maas_tui.cli import context_cmds  # noqa: E402
+context_cmds.register(app)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -75,12 +81,13 @@ def start(
     higress_dir: Optional[Path] = typer.Option(None, help="keep Higress objects in this folder (Higress standalone layout)"),
     advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    ssh_port: Optional[int] = typer.Option(None, help="also serve the TUI over SSH on this port (public keys: maas user add-key)"),
 ) -> None:
     """Run the server (with an embedded PostgreSQL unless --database-url) and a local agent."""
     from maas_tui.cli.serve import run_start
 
     run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
-              simulate_gpus=simulate_gpus, log_level=log_level,
+              simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port,
               extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None, "advertise_url": advertise_url})
 
 
@@ -94,13 +101,14 @@ def agent(
     data_dir: Optional[Path] = typer.Option(None, help="where instance logs and state live"),
     simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB,2xL4-24GB"),
     runtime: str = typer.Option("auto", help="auto, docker or process"),
+    drain_seconds: float = typer.Option(5.0, min=0, help="how long a terminating instance keeps serving in-flight requests"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run an agent that joins this host to a cluster."""
     from maas_tui.cli.serve import run_agent
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
-              simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level)
+              simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds)
 
 
 @app.command()
@@ -470,11 +478,21 @@ EVENT_COLUMNS = [("AGE", lambda e: age(e.created_at)), ("KIND", lambda e: e.kind
                  ("MESSAGE", lambda e: e.message.splitlines()[0] if e.message else "")]
 
 
+_EVENT_KINDS = {"model": "models", "instance": "instances", "worker": "workers", "key": "api_keys"}
+
+
 @app.command()
-def events(limit: int = typer.Option(50, min=1, max=1000), name: Optional[str] = typer.Option(None, "--for", help="only this object"),
+def events(limit: int = typer.Option(50, min=1, max=1000),
+           name: Optional[str] = typer.Option(None, "--for", help="only this object: NAME or KIND/NAME (model/tiny)"),
            output: Format = OutputOption) -> None:
     """Recent cluster events, newest last."""
-    emit(call(lambda c: c.list_events(limit, name)), output, EVENT_COLUMNS)
+    kind = None
+    if name and "/" in name:
+        prefix, name = name.split("/", 1)
+        if prefix not in _EVENT_KINDS:
+            fail(f"--for {prefix}/...: the kind is one of {', '.join(_EVENT_KINDS)}", code=2)
+        kind = _EVENT_KINDS[prefix]
+    emit(call(lambda c: c.list_events(limit, name, kind)), output, EVENT_COLUMNS)
 
 
 @app.command()

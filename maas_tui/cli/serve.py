@@ -42,7 +42,8 @@ async def _wait_for_signal() -> None:
 
 
 def run_start(*, data_dir: Path | None, host: str | None, port: int | None, database_url: str | None, no_agent: bool,
-              simulate_gpus: str | None, log_level: str, extra: dict[str, object] | None = None) -> None:
+              simulate_gpus: str | None, log_level: str, extra: dict[str, object] | None = None,
+              ssh_port: int | None = None) -> None:
     from agent.agent import Agent, AgentConfig
     from agent.devices import DeviceSpecError, parse_simulated
     from server.app import MaasServer
@@ -66,17 +67,29 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
     async def main() -> None:
         server = MaasServer(config)
         agent = None
+        door = None
         try:
             await server.start()
+            if ssh_port is not None:
+                from maas_tui.ssh.server import DatabaseBackend, SshConfig, TuiFrontDoor
+
+                door = TuiFrontDoor(DatabaseBackend(server), SshConfig(host=config.host, port=ssh_port,
+                                                                       data_dir=config.data_dir))
+                await door.start()
             if not no_agent:
                 agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "",
                                           data_dir=config.data_dir / "agent", name=socket.gethostname(),
                                           address="127.0.0.1", simulate_gpus=simulate_gpus))
                 await agent.start()
             _banner(server, agent is not None)
+            if door is not None:
+                console.print(f"  TUI over SSH:    ssh -p {door.port} USER@{config.host}  (add a key: maas user add-key USER --key-file ~/.ssh/id_ed25519.pub)",
+                              highlight=False, soft_wrap=True)
             await _wait_for_signal()
             console.print("stopping...")
         finally:
+            if door is not None:
+                await door.stop()
             if agent is not None:
                 await agent.stop()
             await server.stop()
@@ -113,7 +126,7 @@ def _banner(server, with_agent: bool) -> None:
 
 
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
-              simulate_gpus: str | None, runtime: str, log_level: str) -> None:
+              simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0) -> None:
     import platformdirs
 
     from agent.agent import Agent, AgentConfig, ServerRejected
@@ -123,18 +136,22 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     if runtime not in ("auto", "process", "docker"):
         err_console.print(f"[bold red]error:[/] --runtime must be auto, docker or process, not {runtime!r}")
         raise typer.Exit(2)
-    if runtime == "docker":
-        err_console.print("[bold red]error:[/] the docker runtime is not available in this version; use --runtime process")
-        raise typer.Exit(2)
     worker_name = name or socket.gethostname()
     folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
     try:
         config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
-                             address=address, port=port, simulate_gpus=simulate_gpus)
+                             address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
+                             runtime=runtime)
         agent = Agent(config)
     except DeviceSpecError as exc:
         err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
         raise typer.Exit(2) from None
+    except Exception as exc:  # docker.errors.DockerException: --runtime docker without an engine
+        if runtime != "docker":
+            raise
+        err_console.print(f"[bold red]error:[/] --runtime docker: no Docker engine answers here ({exc}); "
+                          "use --runtime process or auto")
+        raise typer.Exit(1) from None
 
     async def main() -> None:
         await agent.start()

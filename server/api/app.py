@@ -6,7 +6,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from server.api import agent_api, gateway_api, operations, resources, usage, watch  # noqa: F401  (they register routes)
+from server.api import agent_api, gateway_api, operations, resources, usage, users, watch  # noqa: F401  (they register routes)
+from server.api import backends, metrics  # noqa: F401,E402  (custom backends; /metrics)
 from server.api import scheduling  # noqa: F401,E402  (dry run and describe routes)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
@@ -69,5 +70,6 @@ def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Applicat
         app.router.add_route(r.method, r.path, r.handler)
     add_gateway_routes(app)
     gateway_api.add_gateway_admin_routes(app)
+    metrics.add_metrics_routes(app)
     return app
 

@@ -175,3 +175,17 @@ class ChangeLog(Base):
     action: Mapped[str] = mapped_column(String(16))
     object: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class SshKey(Base):
+    """A public key that lets its user into the TUI over SSH (`maas user add-key`)."""
+
+    __tablename__ = "ssh_keys"
+    __table_args__ = (UniqueConstraint("user_id", "fingerprint", name="uq_ssh_keys_user_fingerprint"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))  # the key's comment, or what the operator named it
+    fingerprint: Mapped[str] = mapped_column(String(100))  # SHA256:...
+    public_key: Mapped[str] = mapped_column(Text)  # one authorized_keys line, without options
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -20,6 +20,10 @@ KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang")
 HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+# Backends users register (`maas backend add -f FILE`) are deployed as `custom:NAME`.
+CUSTOM_BACKEND_PREFIX = "custom:"
+BACKEND_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+CUSTOM_BACKEND_REF = re.compile(r"^custom:[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class Schema(BaseModel):
@@ -213,8 +217,9 @@ class ModelSpec(Schema):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value not in KNOWN_BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
+        if value not in KNOWN_BACKENDS and not CUSTOM_BACKEND_REF.match(value):
+            raise ValueError(f"unknown backend {value!r}; known backends: {', '.join(KNOWN_BACKENDS)}, "
+                             f"or {CUSTOM_BACKEND_PREFIX}NAME for one registered with `maas backend add`")
         return value
 
     @field_validator("worker_selector")
@@ -507,3 +512,117 @@ class WatchMessage(Schema):
     object: dict[str, Any] | None = None
     items: dict[str, list[dict[str, Any]]] | None = None
 
+
+
+# --- users and their SSH keys (the TUI over SSH) ------------------------------
+
+class UserCreate(Schema):
+    username: str = Field(pattern=r"^[a-z_][a-z0-9_.-]{0,99}$")
+    password: str = Field(min_length=8)
+    is_admin: bool = False
+
+
+class UserOut(Schema):
+    id: int
+    username: str
+    is_admin: bool
+    created_at: datetime
+
+
+class SshKeyCreate(Schema):
+    public_key: str = Field(description="One OpenSSH public key line, e.g. the content of ~/.ssh/id_ed25519.pub")
+    name: str = Field("", max_length=200, description="Defaults to the key's comment")
+
+
+class SshKeyOut(Schema):
+    id: int
+    name: str
+    fingerprint: str
+    public_key: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+
+class SshSessionCreate(Schema):
+    """Asked by the SSH front door (admin only) once a user's key is accepted."""
+
+    fingerprint: str = ""
+    peer: str = Field("", max_length=200)
+    ttl_seconds: int = Field(12 * 3600, ge=60, le=7 * 24 * 3600)
+
+
+class SshSessionOut(Schema):
+    token: str = Field(description="A session token for that user; revoke it with DELETE /v2/users/{name}/sessions/{prefix}")
+    prefix: str
+    username: str
+    expires_at: datetime
+
+
+# --- backends users register, and metrics names ------------------------------
+
+# Unified names each backend's own metrics are re-exported under (by the agent's /metrics,
+# with model, instance and backend labels). A backend definition maps its metric names to these.
+UNIFIED_INSTANCE_METRICS: dict[str, str] = {
+    "requests_running": "gauge",
+    "requests_waiting": "gauge",
+    "prompt_tokens_total": "counter",
+    "generation_tokens_total": "counter",
+    "kv_cache_usage_ratio": "gauge",
+    "time_to_first_token_seconds_sum": "counter",
+    "time_to_first_token_seconds_count": "counter",
+}
+# What a custom backend's command, image and env may refer to.
+BACKEND_PLACEHOLDERS: tuple[str, ...] = ("model_path", "port", "host", "model_name", "gpus", "instance_name")
+
+
+def _placeholders(text: str) -> list[str]:
+    import string
+
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
+class BackendDefinition(Schema):
+    """A backend registered by users: how to start it (a command template), and what it answers."""
+
+    name: str = Field(pattern=BACKEND_NAME_PATTERN, description="deploy it with --backend custom:NAME")
+    description: str = Field(default="", max_length=1000)
+    command: list[str] = Field(min_length=1, max_length=200, description=(
+        "argv template; a string is split like a shell would. Placeholders: "
+        "{model_path} {port} {host} {model_name} {gpus} {instance_name}; the model's args are appended"))
+    image: str | None = Field(default=None, max_length=500, description="container image for the docker runtime")
+    env: dict[str, str] = Field(default_factory=dict, description="values may use the same placeholders")
+    health_path: str = Field(default="/health", pattern=r"^/[^\s]*$", max_length=500)
+    metrics_path: str | None = Field(default="/metrics", pattern=r"^/[^\s]*$", max_length=500)
+    metrics: dict[str, str] = Field(default_factory=dict, description=(
+        "the backend's metric name -> a unified name (requests_running, prompt_tokens_total, ...)"))
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import shlex
+
+            return shlex.split(value)
+        return value
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> "BackendDefinition":
+        for text in [*self.command, *self.env.values(), *([self.image] if self.image else [])]:
+            unknown = [n for n in _placeholders(text) if n not in BACKEND_PLACEHOLDERS]
+            if unknown:
+                raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {text!r}; "
+                                 f"use {', '.join('{' + p + '}' for p in BACKEND_PLACEHOLDERS)}")
+        for source, unified in self.metrics.items():
+            if unified not in UNIFIED_INSTANCE_METRICS:
+                raise ValueError(f"metrics: {source!r} maps to {unified!r}, which is not one of "
+                                 f"{', '.join(UNIFIED_INSTANCE_METRICS)}")
+        return self
+
+
+class BackendOut(BackendDefinition):
+    builtin: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
