@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup postgres tiny-model screenshots clean
+.PHONY: run test test-tools setup postgres tiny-model screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ postgres:
 run: setup
 	$(BIN)/maas start $(ARGS)
 
-test: setup
+test: setup test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-tools:
+	@sh scripts/ensure-test-tools.sh
 
 # A tiny random-weight llama model (about 0.7 MB) to try deployments with.
 tiny-model: $(VENV)/.installed

@@ -1,0 +1,12 @@
+#!/bin/sh
+# Tools the tests use beyond Python packages: OpenSSH's sshd for `maas worker add` over SSH.
+# Best effort: without it that test skips itself.
+if command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; then
+    exit 0
+fi
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing openssh-server for the SSH bootstrap test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null) \
+        || echo "could not install openssh-server; the SSH bootstrap test will be skipped" >&2
+fi
+exit 0
