@@ -144,19 +144,12 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
     from maas_tui import config as client_config
     from maas_tui.cli.main import fail
     from maas_tui.client import ApiClientError, MaasClient
-    from maas_tui.ssh.bootstrap import AgentPlan, BootstrapError, bootstrap, parse_target
+    from maas_tui.ssh.bootstrap import AgentPlan, BootstrapError, bootstrap
 
     if supervisor not in ("auto", "systemd", "process"):
         err_console.print("[bold red]error:[/] --supervisor must be auto, systemd or process", highlight=False)
         raise typer.Exit(2)
-    try:
-        where = parse_target(target, port)
-    except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    where.identity = str(identity.expanduser()) if identity else None
-    if no_host_key_check:
-        where.known_hosts = None
+    where = _target(target, port, identity, no_host_key_check)
     config = client_config.load()
     if not config.server:
         fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
@@ -203,15 +196,9 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
         fail(f"{type(exc).__name__}: {exc}")
 
 
-def worker_uninstall(target: str = typer.Argument(..., help="user@host or user@host:port"),
-                     identity: Optional[Path] = typer.Option(None, help="SSH private key"),
-                     port: int = typer.Option(22, "--port", help="SSH port"),
-                     remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
-                     remove: Optional[str] = typer.Option(None, "--remove", help="then remove this worker from the cluster"),
-                     no_host_key_check: bool = typer.Option(False, "--no-host-key-check", help="accept any host key")) -> None:
-    """Stop and remove an agent that `maas worker add` installed (and with --remove NAME, the worker)."""
-    from maas_tui.cli.main import call, fail
-    from maas_tui.ssh.bootstrap import BootstrapError, parse_target, uninstall
+def _target(target: str, port: int, identity: Optional[Path], no_host_key_check: bool):
+    """user@host[:port] and the connection options; a bad target is a usage error (exit 2)."""
+    from maas_tui.ssh.bootstrap import parse_target
 
     try:
         where = parse_target(target, port)
@@ -221,6 +208,20 @@ def worker_uninstall(target: str = typer.Argument(..., help="user@host or user@h
     where.identity = str(identity.expanduser()) if identity else None
     if no_host_key_check:
         where.known_hosts = None
+    return where
+
+
+def worker_uninstall(target: str = typer.Argument(..., help="user@host or user@host:port"),
+                     identity: Optional[Path] = typer.Option(None, help="SSH private key"),
+                     port: int = typer.Option(22, "--port", help="SSH port"),
+                     remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
+                     remove: Optional[str] = typer.Option(None, "--remove", help="then remove this worker from the cluster"),
+                     no_host_key_check: bool = typer.Option(False, "--no-host-key-check", help="accept any host key")) -> None:
+    """Stop and remove an agent that `maas worker add` installed (and with --remove NAME, the worker)."""
+    from maas_tui.cli.main import call, fail
+    from maas_tui.ssh.bootstrap import BootstrapError, uninstall
+
+    where = _target(target, port, identity, no_host_key_check)
     try:
         asyncio.run(uninstall(where, remote_dir, say=lambda m: console.print(m, highlight=False)))
     except (BootstrapError, OSError) as exc:

@@ -112,19 +112,23 @@ def _supervisor(plan: AgentPlan, venv: str, home: str) -> str:
     )
 
 
-async def bootstrap(target: WorkerTarget, plan: AgentPlan, wait_ready: Callable[[], Any] | None = None,
-                    say: Callable[[str], None] = print) -> str:
-    """Install and start the agent; returns 'started', 'restarted' or 'unchanged'."""
+async def _connect(target: WorkerTarget) -> asyncssh.SSHClientConnection:
     options: dict[str, Any] = {"username": target.user, "port": target.port}
     if target.identity:
         options["client_keys"] = [target.identity]
     if target.known_hosts != ():
         options["known_hosts"] = target.known_hosts
     try:
-        conn = await asyncio.wait_for(asyncssh.connect(target.host, **options), 30)
+        async with asyncio.timeout(30):
+            return await asyncssh.connect(target.host, **options)
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise BootstrapError(f"cannot connect to {target.user}@{target.host}:{target.port}: {exc}") from None
-    async with conn:
+
+
+async def bootstrap(target: WorkerTarget, plan: AgentPlan, wait_ready: Callable[[], Any] | None = None,
+                    say: Callable[[str], None] = print) -> str:
+    """Install and start the agent; returns 'started', 'restarted' or 'unchanged'."""
+    async with await _connect(target) as conn:
         home = (await _run(conn, f"mkdir -p {plan.remote_dir} && cd {plan.remote_dir} && pwd")).stdout.strip()
         venv = plan.venv or f"{home}/venv"
         python = (await _run(conn, "command -v python3 || true")).stdout.strip()
@@ -200,16 +204,7 @@ async def _stop_background(conn: asyncssh.SSHClientConnection, home: str) -> Non
 
 async def uninstall(target: WorkerTarget, remote_dir: str = "~/.maas", say: Callable[[str], None] = print) -> None:
     """Stop the agent (systemd unit or background process) and remove what `bootstrap` wrote."""
-    options: dict[str, Any] = {"username": target.user, "port": target.port}
-    if target.identity:
-        options["client_keys"] = [target.identity]
-    if target.known_hosts != ():
-        options["known_hosts"] = target.known_hosts
-    try:
-        conn = await asyncio.wait_for(asyncssh.connect(target.host, **options), 30)
-    except (OSError, asyncssh.Error, TimeoutError) as exc:
-        raise BootstrapError(f"cannot connect to {target.user}@{target.host}:{target.port}: {exc}") from None
-    async with conn:
+    async with await _connect(target) as conn:
         found = await _run(conn, f"cd {remote_dir} 2>/dev/null && pwd", check=False)
         if found.exit_status != 0:
             say(f"nothing installed in {remote_dir} on {target.host}")
