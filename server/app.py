@@ -61,7 +61,7 @@ class MaasServer:
         self.leadership: LeaderElection | None = None
         self.gateway_timeout = aiohttp.ClientTimeout(total=config.gateway_timeout, sock_connect=5)
         self.url = ""
-        self.cluster_token: str | None = None  # set when this start wrote a new one
+        self.cluster_token: str | None = None  # the registration token agents join with (from <data-dir>/token)
         self.admin_password: str | None = None  # set on the first start only
         self._runner: web.AppRunner | None = None
         self._loops: list[Any] = []
