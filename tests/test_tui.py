@@ -274,3 +274,126 @@ async def test_a_refused_token_is_explained(server: MaasServer):
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "maas login" in app.state.error, what="the refusal")
         await until(pilot, lambda: "✖ refused — run maas login" in screen_text(app), what="the header")
+
+
+def seen_recorder(pilot: Any, app: MaasApp, key: str, column: str, into: list[str]) -> Callable[[], bool]:
+    """A predicate helper: remembers every value a cell showed while waiting on something else."""
+    def record() -> None:
+        if isinstance(app.screen, ModelsScreen) and key in rows(app):
+            value = cell(app, key, column)
+            if not into or into[-1] != value:
+                into.append(value)
+    return record
+
+
+async def test_edit_rolls_out_with_pause_resume_history_and_instance_restart(server: MaasServer, admin: MaasClient,
+                                                                             agent, tiny_model: Path):
+    from maas_tui.tui.modals import EditForm, HistoryScreen
+
+    await admin.create_model({"name": "tiny", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
+    app = MaasApp(MaasClient(server.url, admin.token), start="models")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "tiny" in rows(app) and cell(app, "tiny", "READY") == "1/1", timeout=60,
+                    what="tiny ready")
+        assert cell(app, "tiny", "ROLLOUT") == "-"
+
+        # Pause first: a spec change then waits, old instance serving, until resumed.
+        await pilot.press("p")
+        await until(pilot, lambda: app.state.model_by_name("tiny").paused, what="paused")
+        assert (await admin.get_model("tiny")).paused
+
+        # The edit form refuses bad input in the field and sends nothing.
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, EditForm), what="the edit form")
+        form = app.screen
+        form.query_one("#context").value = "lots"
+        form.query_one("#max_surge").value = "0"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "whole number" in text and "cannot both be 0" in text and "nothing was sent" in text
+        assert (await admin.get_model("tiny")).generation == 1
+        form.query_one("#context").value = "4096"
+        form.query_one("#max_surge").value = "1"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen), what="the form to close")
+        model = await admin.get_model("tiny")
+        assert model.generation == 2 and model.spec.context_length == 4096 and model.paused
+        await until(pilot, lambda: cell(app, "tiny", "GEN") == "2" and cell(app, "tiny", "ROLLOUT").startswith("‖"),
+                    what="the paused rollout")
+        await pilot.pause(1.0)  # paused: no new-generation instance appears
+        rollout = app.state.rollouts()[model.id]
+        assert rollout.updated == 0 and rollout.outdated == 1 and rollout.old_ready == 1
+        assert "PAUSED" in screen_text(app)
+
+        # Resume: the progress bar moves, then the rollout completes on generation 2.
+        seen: list[str] = []
+        record = seen_recorder(pilot, app, "tiny", "ROLLOUT", seen)
+        await pilot.press("p")
+
+        def complete() -> bool:
+            record()
+            r = app.state.rollouts()[model.id]
+            return not app.state.model_by_name("tiny").paused and r.outdated == 0 and r.ready == 1
+        await until(pilot, complete, timeout=60, what="the rollout to complete")
+        assert any("█" in s or "▒" in s or "░" in s for s in seen), seen
+        await until(pilot, lambda: cell(app, "tiny", "ROLLOUT") == "-" and cell(app, "tiny", "READY") == "1/1",
+                    what="the rollout shown complete")
+        status = await admin.rollout_status("tiny")
+        assert status.complete and status.generation == 2
+
+        # History lists both revisions; esc closes it.
+        await pilot.press("h")
+        await until(pilot, lambda: isinstance(app.screen, HistoryScreen), what="the history")
+        assert sorted(app.screen.query_one(ResourceTable)._keys) == ["1", "2"]
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+
+        # Restart the instance from the instances view, confirming.
+        await pilot.press("i")
+        await until(pilot, lambda: isinstance(app.screen, InstancesScreen) and len(rows(app)) == 1)
+        name = rows(app)[0]
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the restart confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: cell(app, name, "RESTARTS") == "1", what="the restart count")
+        assert (await admin.get_instance(name)).restart_count == 1
+        await until(pilot, lambda: cell(app, name, "STATE") == "running", timeout=60, what="running again")
+
+
+async def test_cordon_uncordon_drain_and_sort_wide(server: MaasServer, admin: MaasClient, agent, sim_agent):
+    app = MaasApp(MaasClient(server.url, admin.token), start="workers")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: rows(app) == ["sim-worker", "worker-1"], what="two workers")
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the cordon confirmation")
+        await pilot.press("n")  # cancelled: nothing changes
+        await until(pilot, lambda: isinstance(app.screen, WorkersScreen))
+        assert not (await admin.get_worker("sim-worker")).cordoned
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: cell(app, "sim-worker", "STATE") == "ready,cordoned", what="cordoned")
+        assert (await admin.get_worker("sim-worker")).cordoned
+        await pilot.press("c")  # uncordon needs no confirmation
+        await until(pilot, lambda: cell(app, "sim-worker", "STATE") == "ready", what="uncordoned")
+        assert not (await admin.get_worker("sim-worker")).cordoned
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the drain confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: cell(app, "sim-worker", "STATE") == "ready,draining", what="draining")
+        worker = await admin.get_worker("sim-worker")
+        assert worker.draining and worker.cordoned
+
+        # Sort: `o` cycles the column (NAME first), `O` reverses; ctrl+w adds the wide columns.
+        await pilot.press("o")
+        await until(pilot, lambda: "NAME↑" in screen_text(app))
+        assert rows(app) == ["sim-worker", "worker-1"]
+        await pilot.press("O")
+        await until(pilot, lambda: rows(app) == ["worker-1", "sim-worker"], what="reversed")
+        assert "NAME↓" in screen_text(app)
+        await pilot.press("ctrl+w")
+        await until(pilot, lambda: "ADDRESS" in app.screen.query_one(ResourceTable)._labels, what="wide")
+        assert cell(app, "worker-1", "ADDRESS").startswith("127.0.0.1:")
+        await pilot.press("ctrl+w")
+        await until(pilot, lambda: "ADDRESS" not in app.screen.query_one(ResourceTable)._labels)

@@ -193,3 +193,42 @@ async def test_drill_down_into_a_view_never_visited():
         await until(pilot, lambda: isinstance(app.screen, InstancesScreen) and app.screen.query(ResourceTable)
                     and app.screen.table.row_count == 2)
         assert app.screen.filter_text == "llama-3.1-8b"
+
+
+def test_rollout_progress_sort_keys_and_bar():
+    state = demo_state()
+    qwen = state.model_by_name("qwen2.5-7b")
+    rollout = state.rollouts()[qwen.id]
+    # generation 2: one starting and one pending new instance, one old one still serving
+    assert (rollout.generation, rollout.desired, rollout.updated, rollout.ready, rollout.outdated,
+            rollout.old_ready) == (2, 3, 2, 0, 1, 1)
+    assert rollout.in_progress and not rollout.complete
+    assert not state.rollouts()[state.model_by_name("tiny").id].in_progress
+    assert fmt.rollout_bar(1, 2, 4, 8).plain == "██▒▒░░░░"
+    assert fmt.rollout_bar(0, 0, 0, 4).plain == "░░░░"
+    ages = ["2h", "40m", "5s", "3d", "-"]
+    assert sorted(ages, key=fmt.sort_key) == ["5s", "40m", "2h", "3d", "-"]
+    assert sorted(["18.5G", "4G", "120G"], key=fmt.sort_key) == ["4G", "18.5G", "120G"]
+
+
+async def test_log_view_timestamps_prefix_arrival_time():
+    class LogApp(App[None]):
+        def compose(self) -> ComposeResult:
+            yield LogView(id="log")
+
+    app = LogApp()
+    async with app.run_test(size=(60, 10)) as pilot:
+        view = app.query_one(LogView)
+        view.replace(["from the tail"])
+        view.append(["live line"], "12:00:01")
+        view.set_timestamps(True)
+        await pilot.pause()
+        assert view.render_line(0).text.startswith("········ from the tail")
+        assert view.render_line(1).text.startswith("12:00:01 live line")
+        view.set_wrap(True)
+        view.append(["x" * 70], "12:00:02")
+        await pilot.pause()
+        assert view.render_line(2).text.startswith("12:00:02 xxx") and view.render_line(3).text.startswith("         x")
+        view.set_timestamps(False)
+        await pilot.pause()
+        assert view.render_line(1).text.startswith("live line")

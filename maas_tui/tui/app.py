@@ -20,7 +20,8 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
 from maas_tui.client import ApiClientError, MaasClient
-from maas_tui.tui.modals import ConfirmScreen, DeployForm, HelpScreen, KeyCreateForm, ScaleForm, SecretScreen
+from maas_tui.tui.modals import ConfirmScreen, DeployForm, EditForm, HelpScreen, HistoryScreen, KeyCreateForm, \
+    ScaleForm, SecretScreen
 from maas_tui.tui.screens import VIEWS, DescribeScreen, LogsScreen, MaasScreen
 from maas_tui.tui.state import WATCH_KINDS, ClusterState
 from server import schemas
@@ -34,6 +35,8 @@ class MaasCommands(Provider):
         commands = [(f"Go to {name}", partial(app.navigate, name), f":{name}") for name in VIEWS]
         commands += [
             ("Deploy a model", app.deploy, "the deploy form"),
+            ("Sort the table by the next column", partial(app.screen_action, "sort"), "o; O reverses"),
+            ("Toggle wide mode", partial(app.screen_action, "wide"), "ctrl+w: more columns"),
             ("Create an API key", app.create_key, "the secret is shown once"),
             ("Help", partial(app.navigate, "help"), "keys and commands"),
         ]
@@ -214,6 +217,15 @@ class MaasApp(App[None]):
             assert isinstance(view, MaasScreen)
             view.set_filter(filter_text)
 
+    def screen_action(self, action: str) -> None:
+        """Run a view's action from the palette (the palette itself is a screen on top)."""
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, MaasScreen):
+                method = getattr(screen, f"action_{action}", None)
+                if method is not None:
+                    method()
+                return
+
     def back(self) -> None:
         if self.history:
             self.switch_screen(self.history.pop())
@@ -284,12 +296,84 @@ class MaasApp(App[None]):
                       label="Revoke")
 
     def _confirm(self, title: str, message: str, call: Callable[[], Any], success: str,
-                 then: Callable[[Any], None] | None = None, label: str = "Delete") -> None:
+                 then: Callable[[Any], None] | None = None, label: str = "Delete", variant: str = "error") -> None:
         def answered(yes: bool | None) -> None:
             if yes:
                 self.call_api(call, success, then)
 
-        self.push_screen(ConfirmScreen(title, message, label), answered)
+        self.push_screen(ConfirmScreen(title, message, label, variant), answered)
+
+    # models: edit and rollouts
+    def edit_model(self, name: str) -> None:
+        model = self.state.model_by_name(name)
+        if model is None:
+            return
+
+        def done(result: schemas.ModelOut | None) -> None:
+            if result is None:
+                return
+            if result.generation != model.generation:
+                self.notify(f"rolling out {result.name} generation {result.generation}")
+            else:
+                self.notify(f"updated {result.name}")
+
+        self.push_screen(EditForm(model), done)
+
+    def rollout_restart(self, name: str) -> None:
+        self._confirm(f"Restart {name}?", "Every instance is replaced by a fresh one (a new generation, same spec), "
+                      "within max surge / max unavailable.", lambda: self.client.rollout_action(name, "restart"),
+                      f"restarting {name}", label="Restart", variant="warning")
+
+    def rollout_undo(self, name: str, to_revision: int | None = None) -> None:
+        target = f"revision {to_revision}" if to_revision is not None else "the previous spec"
+        self._confirm(f"Roll {name} back to {target}?", "The older spec is rolled out as a new generation.",
+                      lambda: self.client.rollout_action(name, "undo", to_revision),
+                      f"rolling {name} back to {target}", label="Roll back", variant="warning")
+
+    def rollout_pause(self, name: str, pause: bool) -> None:
+        action = "pause" if pause else "resume"
+        self.call_api(lambda: self.client.rollout_action(name, action),
+                      f"{'paused' if pause else 'resumed'} the rollout of {name}")
+
+    def model_history(self, name: str) -> None:
+        async def run() -> None:
+            model = self.state.model_by_name(name)
+            try:
+                revisions = await self.client.model_history(name)
+            except ApiClientError as exc:
+                self.notify(exc.message, title="cannot read the history", severity="error", timeout=6)
+                return
+            if model is None:
+                return
+
+            def picked(revision: int | None) -> None:
+                if revision is not None:
+                    self.rollout_undo(name, revision)
+
+            self.push_screen(HistoryScreen(model, revisions, self.clock()), picked)
+
+        self.run_worker(run, group="api")
+
+    # workers and instances
+    def cordon_worker(self, name: str) -> None:
+        worker = self.state.worker_by_name(name)
+        if worker is not None and (worker.cordoned or worker.draining):
+            self.call_api(lambda: self.client.worker_action(name, "uncordon"), f"uncordoned {name}")
+            return
+        self._confirm(f"Cordon worker {name}?", "No new instances are placed on it; the ones there keep running.",
+                      lambda: self.client.worker_action(name, "cordon"), f"cordoned {name}", label="Cordon",
+                      variant="warning")
+
+    def drain_worker(self, name: str) -> None:
+        count = len(self.state.instances_on(w.id)) if (w := self.state.worker_by_name(name)) else 0
+        self._confirm(f"Drain worker {name}?", f"It is cordoned and its {count} instance{'s' if count != 1 else ''} "
+                      "move to other workers (replacements start before the old ones stop).",
+                      lambda: self.client.worker_action(name, "drain"), f"draining {name}", label="Drain")
+
+    def restart_instance(self, name: str) -> None:
+        self._confirm(f"Restart instance {name}?", "Its workload is stopped and started again on the same worker.",
+                      lambda: self.client.restart_instance(name), f"restarting {name}", label="Restart",
+                      variant="warning")
 
     def create_key(self) -> None:
         def created(result: schemas.ApiKeyCreated | None) -> None:

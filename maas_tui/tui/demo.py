@@ -73,27 +73,32 @@ def demo_state(history: int = 60) -> ClusterState:
     models = [
         schemas.ModelOut(id=1, name="llama-3.1-8b", spec=_spec("/models/llama-3.1-8b-q4.gguf", context_length=8192),
                          replicas=2, generation=2, state="active", created_at=NOW - timedelta(hours=5), updated_at=NOW),
-        schemas.ModelOut(id=2, name="qwen2.5-7b", spec=_spec("/models/qwen2.5-7b-instruct-q5.gguf"), replicas=3,
-                         generation=1, state="active", created_at=NOW - timedelta(hours=2), updated_at=NOW),
+        schemas.ModelOut(id=2, name="qwen2.5-7b", spec=_spec("/models/qwen2.5-7b-instruct-q5.gguf",
+                                                              context_length=4096), replicas=3,
+                         generation=2, state="active", created_at=NOW - timedelta(hours=2), updated_at=NOW),
         schemas.ModelOut(id=3, name="mistral-7b", spec=_spec("/models/mistral-7b-v0.3.gguf", args=["--threads", "8"]),
                          replicas=1, generation=1, state="active", created_at=NOW - timedelta(minutes=40),
                          updated_at=NOW),
         schemas.ModelOut(id=4, name="tiny", spec=_spec("/srv/models/tiny.gguf", cpu_only=True), replicas=1,
                          generation=1, state="active", created_at=NOW - timedelta(minutes=12), updated_at=NOW),
     ]
+    cordoned = state.workers[5].model_copy(update={"cordoned": True})
+    state.apply_event("workers", "updated", cordoned.model_dump(mode="json"))
     for model in models:
         state.apply_event("models", "created", model.model_dump(mode="json"))
 
     def inst(iid: int, name: str, model: schemas.ModelOut, istate: str, worker: tuple[int, str] | None,
              gpus: list[int] | None, vram: float = 0, port: int | None = None, restarts: int = 0, message: str = "",
-             reasons: list[schemas.UnschedulableReason] | None = None, age_min: int = 30) -> None:
+             reasons: list[schemas.UnschedulableReason] | None = None, age_min: int = 30,
+             generation: int | None = None) -> None:
         claim = None
         if worker is not None:
             claim = (schemas.ResourceClaim(device="gpu", gpu_indexes=gpus, vram_bytes_per_gpu=int(vram * GB),
                                            ram_bytes=2 * GB) if gpus else
                      schemas.ResourceClaim(device="cpu", ram_bytes=int(1.2 * GB)))
         obj = schemas.InstanceOut(
-            id=iid, name=name, model_id=model.id, model_name=model.name, generation=model.generation, spec=model.spec,
+            id=iid, name=name, model_id=model.id, model_name=model.name,
+            generation=generation or model.generation, spec=model.spec,
             state=istate, state_message=message, worker_id=worker[0] if worker else None,
             worker_name=worker[1] if worker else None, address=f"10.0.0.{10 + worker[0]}" if worker else None,
             port=port, pid=40000 + iid if port else None, claim=claim, schedule_reasons=reasons or [],
@@ -103,7 +108,7 @@ def demo_state(history: int = 60) -> ClusterState:
     llama, qwen, mistral, tiny = models
     inst(1, "llama-3.1-8b-3f9a1c", llama, "running", (1, "gpu-a01"), [0], 18.5, 40001, age_min=290)
     inst(2, "llama-3.1-8b-77b2e0", llama, "running", (2, "gpu-a02"), [1], 18.5, 40002, age_min=288)
-    inst(3, "qwen2.5-7b-a1d4e2", qwen, "running", (1, "gpu-a01"), [1, 2], 12.0, 40003, age_min=110)
+    inst(3, "qwen2.5-7b-a1d4e2", qwen, "running", (1, "gpu-a01"), [1, 2], 12.0, 40003, age_min=110, generation=1)
     inst(4, "qwen2.5-7b-c0ffee", qwen, "starting", (3, "gpu-a03"), [0, 1], 12.0, 40004, age_min=1)
     inst(5, "qwen2.5-7b-5e7d21", qwen, "pending", None, None, reasons=[
         schemas.UnschedulableReason(worker="gpu-a01", reason="insufficient_vram", message="needs 12 GB on 2 GPUs, 1 free",
@@ -126,6 +131,8 @@ def demo_state(history: int = 60) -> ClusterState:
         (6, "models", "qwen2.5-7b", "Created", "llama.cpp from /models/qwen2.5-7b-instruct-q5.gguf, 2 replicas",
          "admin", 120),
         (7, "models", "qwen2.5-7b", "Scaled", "2 -> 3 replicas", "admin", 2),
+        (14, "models", "qwen2.5-7b", "SpecChanged", "context_length 2048 -> 4096: generation 2", "admin", 1),
+        (15, "workers", "gpu-b01", "Cordoned", "by admin", "admin", 5),
         (8, "instances", "qwen2.5-7b-5e7d21", "Unschedulable", "no worker has 12 GB free on 2 GPUs", "scheduler", 1),
         (9, "models", "mistral-7b", "Created", "llama.cpp from /models/mistral-7b-v0.3.gguf, 1 replicas", "admin", 40),
         (10, "instances", "mistral-7b-9b31f0", "Error", "exited with code 1: CUDA error: out of memory", "gpu-b01", 3),
@@ -271,7 +278,12 @@ class DemoClient:
         model = self.state.model_by_name(name)
         if model is None:
             raise ApiClientError(404, "not_found", f"model {name!r} not found")
-        updated = model.model_copy(update={"replicas": changes.get("replicas", model.replicas)})
+        update = schemas.ModelUpdate.model_validate(changes).model_dump(exclude_none=True)
+        top = {k: update.pop(k) for k in ("replicas", "max_surge", "max_unavailable") if k in update}
+        spec = model.spec.model_copy(update=update)
+        if spec != model.spec:
+            top.update(spec=spec, generation=model.generation + 1)
+        updated = model.model_copy(update=top)
         self.state.apply_event("models", "updated", updated.model_dump(mode="json"))
         return updated
 
@@ -288,6 +300,46 @@ class DemoClient:
             raise ApiClientError(404, "not_found", f"instance {ref!r} not found")
         self.state.apply_event("instances", "deleted", inst.model_dump(mode="json"))
         return inst
+
+    def _model(self, name: str) -> schemas.ModelOut:
+        model = self.state.model_by_name(name)
+        if model is None:
+            raise ApiClientError(404, "not_found", f"model {name!r} not found")
+        return model
+
+    async def rollout_action(self, name: str, action: str, to_revision: int | None = None) -> schemas.ModelOut:
+        model = self._model(name)
+        update: dict[str, Any] = {"paused": action == "pause"} if action in ("pause", "resume") else {
+            "generation": model.generation + 1, "paused": False}
+        updated = model.model_copy(update=update)
+        self.state.apply_event("models", "updated", updated.model_dump(mode="json"))
+        return updated
+
+    async def model_history(self, name: str) -> list[schemas.ModelRevisionOut]:
+        model = self._model(name)
+        revisions = [schemas.ModelRevisionOut(revision=1, spec=model.spec.model_copy(update={"context_length": 2048}),
+                                              change="created", created_at=model.created_at)]
+        for n in range(2, model.generation + 1):
+            revisions.append(schemas.ModelRevisionOut(revision=n, spec=model.spec, change="context_length 2048 -> "
+                                                      f"{model.spec.context_length}", created_at=NOW - timedelta(
+                                                          minutes=2)))
+        return revisions
+
+    async def worker_action(self, name: str, action: str) -> schemas.WorkerOut:
+        worker = self.state.worker_by_name(name)
+        if worker is None:
+            raise ApiClientError(404, "not_found", f"worker {name!r} not found")
+        updated = worker.model_copy(update={"cordoned": action != "uncordon", "draining": action == "drain"})
+        self.state.apply_event("workers", "updated", updated.model_dump(mode="json"))
+        return updated
+
+    async def restart_instance(self, ref: str) -> schemas.InstanceOut:
+        inst = self.state.instance_by_name(ref)
+        if inst is None:
+            raise ApiClientError(404, "not_found", f"instance {ref!r} not found")
+        updated = inst.model_copy(update={"restart_count": inst.restart_count + 1, "state": "starting"})
+        self.state.apply_event("instances", "updated", updated.model_dump(mode="json"))
+        return updated
 
     async def delete_worker(self, name: str) -> None:
         worker = self.state.worker_by_name(name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from typing import Any
 
 from rich.style import Style
 from rich.text import Text
@@ -140,3 +142,31 @@ def middle_truncate(text: str, width: int) -> str:
         return text
     keep = width - 1
     return text[: keep // 3] + "…" + text[len(text) - (keep - keep // 3):]
+
+
+_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([a-zA-Z%°]*)")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def sort_key(value: Any) -> tuple:
+    """A table cell as a sort key: numbers (and ages like 5m, 2h) by value, the rest as text."""
+    text = value.plain if hasattr(value, "plain") else str(value)
+    match = _NUMBER.match(text)
+    if match:
+        number = float(match.group(1)) * _AGE_UNITS.get(match.group(2), 1)
+        return (0, number, text.lower())
+    if text.strip() in ("-", ""):
+        return (2, 0.0, "")
+    return (1, 0.0, text.lower())
+
+
+def rollout_bar(ready: int, updated: int, desired: int, width: int = 6) -> Text:
+    """New-generation progress: █ ready, ▒ started but not ready, ░ still to come; readable without colour."""
+    desired = max(desired, 1)
+    full = min(width, round(width * min(ready, desired) / desired))
+    started = min(width - full, round(width * max(0, min(updated, desired) - ready) / desired))
+    bar = Text()
+    bar.append("█" * full, style="green")
+    bar.append("▒" * started, style="yellow")
+    bar.append("░" * (width - full - started), style="grey42")
+    return bar

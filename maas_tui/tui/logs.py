@@ -19,6 +19,8 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 _PLAIN = Style()
+BACKLOG = "·" * 8  # the time of a line fetched with the tail is unknown: it arrived before we looked
+STAMP_WIDTH = 9
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _CONTROL = str.maketrans({c: None for c in map(chr, list(range(0, 9)) + list(range(11, 32)) + [127])})
 
@@ -51,6 +53,9 @@ class LogView(ScrollView, can_focus=True):
         super().__init__(**kwargs)
         self.max_lines = max_lines
         self.lines: list[str] = []
+        # When each line arrived (HH:MM:SS), parallel to `lines`; BACKLOG for lines fetched as the tail.
+        self.stamps: list[str] = []
+        self.timestamps = False
         self.follow = True
         self.wrap = False
         self.search = ""
@@ -59,6 +64,7 @@ class LogView(ScrollView, can_focus=True):
         self._rows: list[tuple[int, int]] = []  # wrap mode: (line index, start offset) per visual row
         self._rows_width = 0
         self._hl = Style(bgcolor="yellow", color="black", bold=True)
+        self._stamp_style = Style(dim=True)
 
     # --- content ---------------------------------------------------------------------------
 
@@ -69,24 +75,27 @@ class LogView(ScrollView, can_focus=True):
     def clear(self) -> None:
         self.replace([])
 
-    def replace(self, lines: Iterable[str]) -> None:
+    def replace(self, lines: Iterable[str], stamp: str = "") -> None:
         self.lines = [clean_line(line) for line in lines][-self.max_lines:]
+        self.stamps = [stamp or BACKLOG] * len(self.lines)
         self._width = max((len(line) for line in self.lines), default=0)
         self._rows = []
         self._rows_width = 0
         self._update_size()
 
-    def append(self, lines: Iterable[str]) -> None:
+    def append(self, lines: Iterable[str], stamp: str = "") -> None:
         new = [clean_line(line) for line in lines]
         if not new:
             return
         self.lines.extend(new)
+        self.stamps.extend([stamp or BACKLOG] * len(new))
         self._width = max(self._width, max(len(line) for line in new))
         overflow = len(self.lines) - self.max_lines
         if overflow > 0:
             # Drop the oldest in one slice (amortised: at least a tenth of the cap at a time).
             overflow = max(overflow, self.max_lines // 10)
             del self.lines[:overflow]
+            del self.stamps[:overflow]
             self._rows = []
             self._rows_width = 0
         elif self.wrap and self._rows_width:
@@ -94,7 +103,8 @@ class LogView(ScrollView, can_focus=True):
         self._update_size()
 
     def _wrap_width(self) -> int:
-        return max(10, self.scrollable_content_region.width or self.size.width or 80)
+        width = self.scrollable_content_region.width or self.size.width or 80
+        return max(10, width - (STAMP_WIDTH if self.timestamps else 0))
 
     def _extend_rows(self, start: int) -> None:
         width = self._rows_width
@@ -118,7 +128,7 @@ class LogView(ScrollView, can_focus=True):
             self._ensure_rows()
             self.virtual_size = Size(self._rows_width, len(self._rows))
         else:
-            self.virtual_size = Size(self._width + 1, len(self.lines))
+            self.virtual_size = Size(self._width + 1 + (STAMP_WIDTH if self.timestamps else 0), len(self.lines))
         if self.follow:
             self._scroll_end()
             self.call_after_refresh(self._scroll_end)
@@ -139,6 +149,17 @@ class LogView(ScrollView, can_focus=True):
         self._update_size()
         if not self.follow:
             self.scroll_to_line(top)
+
+    def set_timestamps(self, on: bool) -> None:
+        """Prefix each line with the time it arrived (the agent's log lines carry none of their own)."""
+        top = self._top_line()
+        self.timestamps = on
+        self._rows = []
+        self._rows_width = 0
+        self._update_size()
+        if not self.follow:
+            self.scroll_to_line(top)
+        self.refresh()
 
     def set_follow(self, follow: bool) -> None:
         if follow != self.follow:
@@ -201,10 +222,19 @@ class LogView(ScrollView, can_focus=True):
                 return Strip.blank(width, style)
             index, offset = self._rows[row]
             text = self.lines[index][offset: offset + self._rows_width]
-            return self._strip(text).crop_extend(0, width, style)
+            strip = self._strip(text)
+            if self.timestamps:
+                strip = self._stamped(strip, self.stamps[index] if offset == 0 else "")
+            return strip.crop_extend(0, width, style)
         if row >= len(self.lines):
             return Strip.blank(width, style)
-        return self._strip(self.lines[row]).crop_extend(scroll_x, scroll_x + width, style)
+        strip = self._strip(self.lines[row])
+        if self.timestamps:
+            strip = self._stamped(strip, self.stamps[row])
+        return strip.crop_extend(scroll_x, scroll_x + width, style)
+
+    def _stamped(self, strip: Strip, stamp: str) -> Strip:
+        return Strip([Segment(stamp.ljust(STAMP_WIDTH), self._stamp_style), *strip])
 
     def _strip(self, text: str) -> Strip:
         needle = self._search_lower

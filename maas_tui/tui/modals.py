@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any, Callable
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -39,18 +40,19 @@ class ConfirmScreen(ModalScreen[bool]):
 
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
-    def __init__(self, title: str, message: str, confirm_label: str = "Delete") -> None:
+    def __init__(self, title: str, message: str, confirm_label: str = "Delete", variant: str = "error") -> None:
         super().__init__(classes="dialog-screen")
         self.title_text = title
         self.message = message
         self.confirm_label = confirm_label
+        self.variant = variant
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog confirm"):
             yield Static(self.title_text, classes="dialog-title")
             yield Static(self.message, classes="dialog-body")
             with Horizontal(classes="buttons"):
-                yield Button(f"{self.confirm_label} (y)", id="yes", variant="error", compact=True)
+                yield Button(f"{self.confirm_label} (y)", id="yes", variant=self.variant, compact=True)  # type: ignore[arg-type]
                 yield Button("Cancel (n)", id="no", compact=True)
 
     def on_mount(self) -> None:
@@ -328,6 +330,157 @@ class ScaleForm(FormScreen):
         self.send(lambda: self.app.client.update_model(self.model, {"replicas": value}))
 
 
+class EditForm(FormScreen):
+    """Edit a model's spec: a change is a new generation, rolled out within max surge / max unavailable.
+    Only the fields that changed are sent; with none changed, nothing is."""
+
+    def __init__(self, model: schemas.ModelOut) -> None:
+        super().__init__()
+        self.model = model
+
+    def compose(self) -> ComposeResult:
+        spec = self.model.spec
+        with Vertical(classes="dialog form edit"):
+            yield Static(f"Edit {self.model.name} (generation {self.model.generation})", classes="dialog-title")
+            with VerticalScroll(classes="form-body"):
+                yield from self.field("Source", Input(spec.source, id="source", compact=True), "source")
+                yield from self.field("Context", Input(str(spec.context_length), id="context", compact=True), "context")
+                yield from self.field("Args", Input(shlex.join(spec.args), placeholder="extra backend arguments",
+                                                    id="args", compact=True), "args")
+                yield from self.field("Max surge", Input(str(self.model.max_surge), id="max_surge", compact=True),
+                                      "max_surge")
+                yield from self.field("Max unav.", Input(str(self.model.max_unavailable), id="max_unavailable",
+                                                           compact=True), "max_unavailable")
+            yield Static("A spec change starts a rollout: new instances replace old ones, within max surge (extra) "
+                         "and max unavailable (missing).", classes="hint")
+            yield Static("", id="status", classes="status")
+            with Horizontal(classes="buttons"):
+                yield Button("Roll out (ctrl+s)", id="submit", variant="primary", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#source", Input).focus()
+
+    def validate_fields(self) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        errors: dict[str, str] = {}
+        spec = self.model.spec
+        source = self.query_one("#source", Input).value.strip()
+        if not source:
+            errors["source"] = "a source is required"
+        elif "\x00" in source or len(source) > 2000:
+            errors["source"] = "not a usable path"
+        elif spec.backend == "llama.cpp" and not source.startswith("/"):
+            errors["source"] = "llama.cpp needs an absolute path to a .gguf file on the worker"
+        context, message = whole_number(self.query_one("#context", Input).value, 64, 1_048_576, "context length")
+        if message:
+            errors["context"] = message
+        try:
+            args = shlex.split(self.query_one("#args", Input).value)
+        except ValueError as exc:
+            errors["args"] = f"cannot split the arguments: {exc}"
+            args = []
+        surge, message = whole_number(self.query_one("#max_surge", Input).value, 0, 1000, "max surge")
+        if message:
+            errors["max_surge"] = message
+        unavailable, message = whole_number(self.query_one("#max_unavailable", Input).value, 0, 1000,
+                                            "max unavailable")
+        if message:
+            errors["max_unavailable"] = message
+        if surge == 0 and unavailable == 0:
+            errors["max_unavailable"] = "max surge and max unavailable cannot both be 0: the rollout could not move"
+        for field in ("source", "context", "args", "max_surge", "max_unavailable"):
+            self.set_error(field, errors.get(field))
+        if errors:
+            return None, errors
+        changes: dict[str, Any] = {}
+        if source != spec.source:
+            changes["source"] = source
+        if context != spec.context_length:
+            changes["context_length"] = context
+        if args != list(spec.args):
+            changes["args"] = args
+        if surge != self.model.max_surge:
+            changes["max_surge"] = surge
+        if unavailable != self.model.max_unavailable:
+            changes["max_unavailable"] = unavailable
+        return changes, errors
+
+    def action_submit(self) -> None:
+        if self.busy:
+            return
+        changes, errors = self.validate_fields()
+        if changes is None:
+            self.set_status(f"✖ fix {len(errors)} field{'s' if len(errors) > 1 else ''}; nothing was sent")
+            self.query_one(f"#{next(iter(errors))}").focus()
+            return
+        if not changes:
+            self.set_status("nothing changed; nothing was sent")
+            return
+
+        def server_error(exc: ApiClientError) -> bool:
+            text = exc.message.lower()
+            for field, words in (("source", ("source", "model file", "path")), ("context", ("context",)),
+                                 ("args", ("args", "argument")), ("max_surge", ("surge",)),
+                                 ("max_unavailable", ("unavailable",))):
+                if any(w in text for w in words):
+                    self.set_error(field, exc.message)
+                    return True
+            return False
+
+        self.send(lambda: self.app.client.update_model(self.model.name, changes), server_error)
+
+
+class HistoryScreen(ModalScreen[int | None]):
+    """A model's revisions, newest first; Enter rolls back to the highlighted one (the app confirms)."""
+
+    BINDINGS = [Binding("escape,q", "close", "Close"), Binding("enter", "pick", "Roll back to it")]
+
+    def __init__(self, model: schemas.ModelOut, revisions: list[schemas.ModelRevisionOut], now: Any) -> None:
+        super().__init__(classes="dialog-screen")
+        self.model = model
+        self.revisions = sorted(revisions, key=lambda r: -r.revision)
+        self.now = now
+
+    def compose(self) -> ComposeResult:
+        from maas_tui.tui import format as fmt
+        from maas_tui.tui.widgets import ResourceTable
+
+        with Vertical(classes="dialog history"):
+            yield Static(f"History of {self.model.name}", classes="dialog-title")
+            yield ResourceTable([("REV", None), ("AGE", None), ("CHANGE", 22), ("SPEC", None)], id="history")
+            yield Static("enter rolls back to the highlighted revision (a new generation) · esc closes",
+                         classes="hint")
+        self._rows = []
+        for r in self.revisions:
+            rev = Text(f"{r.revision}{' *' if r.revision == self.model.generation else ''}",
+                       style="bold" if r.revision == self.model.generation else "")
+            spec = f"{fmt.middle_truncate(r.spec.source, 24)} ctx {r.spec.context_length}"
+            if r.spec.args:
+                spec += " " + " ".join(r.spec.args)
+            self._rows.append((str(r.revision), (rev, fmt.age(r.created_at, self.now), r.change or "-", spec)))
+
+    def on_mount(self) -> None:
+        from maas_tui.tui.widgets import ResourceTable
+
+        table = self.query_one(ResourceTable)
+        table.sync(self._rows)
+        table.focus()
+
+    def on_resource_table_row_selected(self, event: Any) -> None:
+        event.stop()
+        self.dismiss(int(event.key))
+
+    def action_pick(self) -> None:
+        from maas_tui.tui.widgets import ResourceTable
+
+        key = self.query_one(ResourceTable).selected_key
+        if key is not None:
+            self.dismiss(int(key))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 class KeyCreateForm(FormScreen):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog small"):
@@ -405,12 +558,19 @@ HELP = """\
             memory used, memory claimed
 [b]Models[/b]      [b]n[/b] deploy (in the form [b]ctrl+r[/b] previews placement)
             [b]s[/b] scale · [b]+[/b]/[b]-[/b] one more/less · [b]i[/b] its instances
-            [b]ctrl+d[/b] delete
-[b]Instances[/b]   [b]l[/b] logs · [b]ctrl+d[/b] delete (it is replaced)
-[b]Logs[/b]        [b]f[/b] follow · [b]w[/b] wrap · [b]t[/b] tail size · [b]p[/b] previous run
-            [b]/[/b] search, [b]n[/b]/[b]N[/b] next/previous · [b]ctrl+s[/b] save
+            [b]e[/b] edit the spec (a rollout) · [b]ctrl+d[/b] delete
+            rollout: [b]r[/b] restart · [b]u[/b] undo · [b]p[/b] pause/resume
+            [b]h[/b] history (enter there rolls back to a revision)
+            bar: █ ready ▒ starting ░ not yet · ‖ paused ⚠ stalled
+[b]Instances[/b]   [b]l[/b] logs · [b]r[/b] restart · [b]ctrl+d[/b] delete (it is replaced)
+[b]Logs[/b]        [b]f[/b] follow · [b]w[/b] wrap · [b]T[/b] timestamps · [b]t[/b] tail size
+            [b]p[/b] previous run · [b]/[/b] search, [b]n[/b]/[b]N[/b] next/previous
+            [b]ctrl+s[/b] save
 [b]Keys[/b]        [b]n[/b] create (secret shown once) · [b]ctrl+d[/b] revoke
-[b]Workers[/b]     [b]ctrl+d[/b] remove the worker
+[b]Workers[/b]     [b]c[/b] cordon/uncordon · [b]d[/b] drain (move instances away)
+            [b]ctrl+d[/b] remove the worker
+[b]Tables[/b]      [b]o[/b] sort by the next column · [b]O[/b] reverse
+            [b]ctrl+w[/b] wide mode (more columns; ←/→ scroll)
 """
 
 
@@ -425,6 +585,10 @@ class HelpScreen(ModalScreen[None]):
             yield Static("Help", classes="dialog-title")
             with VerticalScroll():
                 yield Static(HELP, markup=True)
+            yield Static("↑/↓ scroll · esc closes", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(VerticalScroll).focus()
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -20,13 +20,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
 
 from maas_tui.client import ApiClientError
 from maas_tui.tui import format as fmt
 from maas_tui.tui.logs import LogView
-from maas_tui.tui.state import ClusterState
-from maas_tui.tui.widgets import METRICS, ClusterHeader, GpuHeatmap, PromptBar, ResourceTable, gpu_detail, \
+from maas_tui.tui.state import ClusterState, Rollout
+from maas_tui.tui.widgets import METRICS, ClusterHeader, GpuHeatmap, KeyFooter, PromptBar, ResourceTable, gpu_detail, \
     resolve_command, set_content
 from server import schemas
 
@@ -57,7 +57,7 @@ class MaasScreen(Screen):
             yield Static(":", id="prompt-label")
             yield PromptBar(id="prompt")
             yield Static("tab completes · enter · esc", id="prompt-hint")
-        yield Footer(compact=True, show_command_palette=False)
+        yield KeyFooter(compact=True, show_command_palette=False)
 
     def compose_body(self) -> ComposeResult:  # pragma: no cover - overridden
         yield from ()
@@ -243,12 +243,61 @@ class DashboardScreen(MaasScreen):
 
 
 class TableScreen(MaasScreen):
+    """A live table. `rows()` yields every cell, the wide-mode ones (WIDE_COLUMNS) last; `o` cycles the
+    sort column (the default order, then each column), `O` reverses it, ctrl+w toggles wide mode."""
+
     TITLE_TEXT: ClassVar[str] = ""
     COLUMNS: ClassVar[list[tuple[str, int | None]]] = []
+    WIDE_COLUMNS: ClassVar[list[tuple[str, int | None]]] = []
     KINDS: ClassVar[set[str]] = set()
+    BINDINGS = [
+        Binding("o", "sort", "Sort", show=False),
+        Binding("O", "sort_reverse", "Reverse", show=False),
+        Binding("ctrl+w", "wide", "Wide", show=False),
+    ]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sort_column: int | None = None
+        self.sort_reverse = False
+        self.wide = False
 
     def compose_body(self) -> ComposeResult:
-        yield ResourceTable(self.COLUMNS, id="table")
+        yield ResourceTable(self.columns(), id="table")
+
+    def columns(self) -> list[tuple[str, int | None]]:
+        columns = list(self.COLUMNS) + (list(self.WIDE_COLUMNS) if self.wide else [])
+        if self.sort_column is not None and self.sort_column < len(columns):
+            label, cap = columns[self.sort_column]
+            columns[self.sort_column] = (label + ("↓" if self.sort_reverse else "↑"), cap)
+        return columns
+
+    def action_sort(self) -> None:
+        count = len(self.COLUMNS) + (len(self.WIDE_COLUMNS) if self.wide else 0)
+        self.sort_column = 0 if self.sort_column is None else self.sort_column + 1
+        if self.sort_column >= count:
+            self.sort_column = None
+        self.sort_reverse = False
+        self._resort()
+
+    def action_sort_reverse(self) -> None:
+        if self.sort_column is None:
+            self.sort_column = 0
+        self.sort_reverse = not self.sort_reverse
+        self._resort()
+
+    def action_wide(self) -> None:
+        self.wide = not self.wide
+        if not self.wide and self.sort_column is not None and self.sort_column >= len(self.COLUMNS):
+            self.sort_column = None
+        self._resort()
+
+    def _resort(self) -> None:
+        self.table.set_columns(self.columns())
+        self.refresh_body(None)
+        label = "default order" if self.sort_column is None else \
+            f"sorted by {self.columns()[self.sort_column][0]}"
+        self.app.notify(f"{label}{' · wide' if self.wide else ''}", timeout=1.5)
 
     def main_widget(self) -> Any:
         return self.query_one(ResourceTable)
@@ -263,7 +312,15 @@ class TableScreen(MaasScreen):
     def refresh_body(self, kinds: set[str] | None = None) -> None:
         if kinds is not None and not kinds & self.KINDS:
             return
-        rows = [(key, cells) for key, cells in self.rows() if self.visible(*cells)]
+        count = len(self.COLUMNS) + (len(self.WIDE_COLUMNS) if self.wide else 0)
+        rows = [(key, cells[:count]) for key, cells in self.rows() if self.visible(*cells)]
+        if self.sort_column is not None:
+            column = self.sort_column
+            keyed = [(fmt.sort_key(cells[column]) if column < len(cells) else (2, 0.0, ""), key, cells)
+                     for key, cells in rows]
+            keyed.sort(key=lambda item: item[0], reverse=self.sort_reverse)
+            # Rows without a value ("-") stay last either way.
+            rows = [(k, c) for sk, k, c in keyed if sk[0] != 2] + [(k, c) for sk, k, c in keyed if sk[0] == 2]
         self.table.sync(rows)
         self.set_title(self.TITLE_TEXT, len(rows), self.title_extra())
 
@@ -290,7 +347,9 @@ class WorkersScreen(TableScreen):
     KINDS = {"workers", "instances"}
     COLUMNS = [("NAME", None), ("STATE", None), ("GPUS", None), ("VRAM USED", None), ("CLAIMED", None),
                ("UTIL", None), ("CPU", None), ("RAM", None), ("BEAT", None)]
-    BINDINGS = [Binding("ctrl+d", "delete", "Remove")]
+    WIDE_COLUMNS = [("ADDRESS", None), ("INSTANCES", None), ("LABELS", 40), ("AGE", None)]
+    BINDINGS = [Binding("c", "cordon", "Cordon"), Binding("d", "drain", "Drain"),
+                Binding("ctrl+d", "delete", "Remove")]
 
     def rows(self) -> Iterable[tuple[str, tuple[Any, ...]]]:
         state, now = self.state, self.now
@@ -303,14 +362,18 @@ class WorkersScreen(TableScreen):
             util = sum(g.utilization for g in gpus) / len(gpus) if gpus else None
             ram = f"{fmt.gb(w.host.memory_used)}/{fmt.gb(w.host.memory_total)}G"
             state_cell = fmt.state_text(w.state)
-            if w.cordoned:
+            if w.draining:
+                state_cell.append(",draining", style="bold yellow")
+            elif w.cordoned:
                 state_cell.append(",cordoned", style="yellow")
             yield w.name, (
                 w.name, state_cell, f"{len(gpus)}{sim}",
                 f"{fmt.gb(used)}/{fmt.gb(total)}G" if gpus else "-",
                 f"{fmt.gb(claimed, 1)}G" if claimed else "-",
                 f"{util:.0f}%" if util is not None else "-",
-                f"{w.host.cpu_percent:.0f}%", ram, fmt.age(w.last_heartbeat_at, now))
+                f"{w.host.cpu_percent:.0f}%", ram, fmt.age(w.last_heartbeat_at, now),
+                f"{w.address}:{w.agent_port}", str(len(state.instances_on(w.id))) if self.wide else "",
+                ",".join(f"{k}={v}" for k, v in sorted(w.labels.items())) or "-", fmt.age(w.created_at, now))
 
     def describe(self, key: str) -> None:
         self.app.describe("worker", key)
@@ -319,6 +382,14 @@ class WorkersScreen(TableScreen):
         if (key := self.table.selected_key) is not None:
             self.app.remove_worker(key)
 
+    def action_cordon(self) -> None:
+        if (key := self.table.selected_key) is not None:
+            self.app.cordon_worker(key)
+
+    def action_drain(self) -> None:
+        if (key := self.table.selected_key) is not None:
+            self.app.drain_worker(key)
+
 
 class GpusScreen(TableScreen):
     VIEW = "gpus"
@@ -326,6 +397,7 @@ class GpusScreen(TableScreen):
     KINDS = {"workers", "instances"}
     COLUMNS = [("WORKER", None), ("GPU", None), ("NAME", None), ("UTIL", None), ("MEM USED", None),
                ("CLAIMED", None), ("TEMP", None), ("INSTANCES", None)]
+    WIDE_COLUMNS = [("VENDOR", None), ("UUID", None)]
 
     def rows(self) -> Iterable[tuple[str, tuple[Any, ...]]]:
         state = self.state
@@ -341,7 +413,8 @@ class GpusScreen(TableScreen):
                     w.name, str(g.index), name_cell, util, f"{fmt.gb(g.memory_used)}/{fmt.gb(g.memory_total)}G",
                     f"{fmt.gb(claimed, 1)}G" if holders else "-",
                     f"{g.temperature:.0f}°C" if g.temperature is not None else "-",
-                    fmt.truncate(",".join(i.name for i in holders) or "-", 18))
+                    fmt.truncate(",".join(i.name for i in holders) or "-", 18), g.vendor,
+                    g.uuid or "-")
 
     def describe(self, key: str) -> None:
         self.app.describe("worker", key.rsplit("/", 1)[0])
@@ -351,26 +424,54 @@ class ModelsScreen(TableScreen):
     VIEW = "models"
     TITLE_TEXT = "Models"
     KINDS = {"models", "instances"}
-    COLUMNS = [("NAME", None), ("READY", None), ("STATE", None), ("BACKEND", None), ("GEN", None),
-               ("SOURCE", None), ("AGE", None)]
+    COLUMNS = [("NAME", None), ("READY", None), ("STATE", None), ("GEN", None), ("ROLLOUT", None),
+               ("SOURCE", 20), ("AGE", None)]
+    WIDE_COLUMNS = [("BACKEND", None), ("CTX", None), ("SURGE/UNAV", None), ("ARGS", 40)]
     BINDINGS = [
         Binding("n", "deploy", "Deploy"),
         Binding("s", "scale", "Scale"),
+        Binding("e", "edit", "Edit"),
+        Binding("r", "restart", "Restart"),
+        Binding("u", "undo", "Undo"),
+        Binding("p", "pause", "Pause"),
+        Binding("h", "history", "History"),
         Binding("plus", "nudge(1)", "+1", show=False),
         Binding("minus", "nudge(-1)", "-1", show=False),
         Binding("i", "instances", "Instances"),
         Binding("ctrl+d", "delete", "Delete"),
     ]
 
+    def compose_body(self) -> ComposeResult:
+        yield from super().compose_body()
+        yield Static(id="row-detail")
+
     def rows(self) -> Iterable[tuple[str, tuple[Any, ...]]]:
         ready = self.state.ready_counts()
+        rollouts = self.state.rollouts()
         now = self.now
         for m in self.state.sorted_models():
             count = ready[m.id]
             ready_text = Text(f"{count}/{m.replicas}",
                               style="green" if count >= m.replicas else ("yellow" if count else "red"))
-            yield m.name, (m.name, ready_text, fmt.state_text(m.state), m.spec.backend, str(m.generation),
-                           fmt.middle_truncate(m.spec.source, 26), fmt.age(m.created_at, now))
+            yield m.name, (m.name, ready_text, fmt.state_text(m.state), str(m.generation),
+                           rollout_cell(rollouts.get(m.id)), fmt.middle_truncate(m.spec.source, 20),
+                           fmt.age(m.created_at, now), m.spec.backend, str(m.spec.context_length),
+                           f"{m.max_surge}/{m.max_unavailable}", " ".join(m.spec.args) or "-")
+
+    def refresh_body(self, kinds: set[str] | None = None) -> None:
+        super().refresh_body(kinds)
+        self.update_row_detail()
+
+    @on(ResourceTable.RowHighlighted)
+    def update_row_detail(self) -> None:
+        """The highlighted model's rollout in words: new vs old generation, paused, why it stalled."""
+        model = self._model()
+        rollout = self.state.rollouts().get(model.id) if model else None
+        text = Text()
+        if model is not None and rollout is not None:
+            text.append(f" {model.name} ", style="bold")
+            text.append_text(rollout_text(rollout))
+        set_content(self.query_one("#row-detail", Static), text, layout=True)
 
     def describe(self, key: str) -> None:
         self.app.describe("model", key)
@@ -386,6 +487,26 @@ class ModelsScreen(TableScreen):
         if (model := self._model()) is not None:
             self.app.scale(model.name, model.replicas)
 
+    def action_edit(self) -> None:
+        if (model := self._model()) is not None:
+            self.app.edit_model(model.name)
+
+    def action_restart(self) -> None:
+        if (model := self._model()) is not None:
+            self.app.rollout_restart(model.name)
+
+    def action_undo(self) -> None:
+        if (model := self._model()) is not None:
+            self.app.rollout_undo(model.name)
+
+    def action_pause(self) -> None:
+        if (model := self._model()) is not None:
+            self.app.rollout_pause(model.name, not model.paused)
+
+    def action_history(self) -> None:
+        if (model := self._model()) is not None:
+            self.app.model_history(model.name)
+
     def action_nudge(self, delta: int) -> None:
         if (model := self._model()) is not None:
             self.app.scale_to(model.name, max(0, model.replicas + delta))
@@ -397,6 +518,43 @@ class ModelsScreen(TableScreen):
     def action_delete(self) -> None:
         if (model := self._model()) is not None:
             self.app.delete_model(model.name)
+
+
+def rollout_cell(rollout: Rollout | None) -> Text:
+    """The ROLLOUT column: `done`, or a bar of the new generation's progress with the old count."""
+    if rollout is None:
+        return Text("-", style="dim")
+    if not rollout.in_progress:
+        return Text("-", style="dim")
+    cell = Text()
+    if rollout.paused:
+        cell.append("‖ ", style="bold yellow")
+    elif rollout.message:
+        cell.append("⚠ ", style="bold red")
+    cell.append_text(fmt.rollout_bar(rollout.ready, rollout.updated, rollout.desired))
+    cell.append(f" {rollout.ready}/{rollout.desired}")
+    if rollout.outdated:
+        cell.append(f" old {rollout.outdated}", style="dim")
+    return cell
+
+
+def rollout_text(rollout: Rollout) -> Text:
+    """A rollout in words, for the detail line and describe."""
+    text = Text()
+    if not rollout.in_progress:
+        text.append(f"generation {rollout.generation}: no rollout in progress · {rollout.ready}/{rollout.desired} "
+                    "ready", style="dim")
+        return text
+    text.append(f"rollout to gen {rollout.generation}: ", style="bold")
+    text.append_text(fmt.rollout_bar(rollout.ready, rollout.updated, rollout.desired, 8))
+    text.append(f" {rollout.updated}/{rollout.desired} new, {rollout.ready} ready")
+    if rollout.outdated:
+        text.append(f" · old {rollout.outdated} ({rollout.old_ready} serving)", style="dim")
+    if rollout.paused:
+        text.append(" · PAUSED (p resumes)", style="bold yellow")
+    if rollout.message:
+        text.append(f"\n ⚠ {rollout.message}", style="bold red")
+    return text
 
 
 def placement(inst: schemas.InstanceOut) -> str:
@@ -414,7 +572,8 @@ class InstancesScreen(TableScreen):
     KINDS = {"instances"}
     COLUMNS = [("NAME", None), ("STATE", None), ("WORKER", None), ("PLACEMENT", None), ("PORT", None),
                ("RESTARTS", None), ("AGE", None)]
-    BINDINGS = [Binding("l", "logs", "Logs"), Binding("ctrl+d", "delete", "Delete")]
+    WIDE_COLUMNS = [("MODEL", None), ("GEN", None), ("ADDRESS", None), ("PID", None)]
+    BINDINGS = [Binding("l", "logs", "Logs"), Binding("r", "restart", "Restart"), Binding("ctrl+d", "delete", "Delete")]
 
     def compose_body(self) -> ComposeResult:
         yield from super().compose_body()
@@ -424,7 +583,8 @@ class InstancesScreen(TableScreen):
         now = self.now
         for i in self.state.sorted_instances():
             yield i.name, (i.name, fmt.state_text(i.state), i.worker_name or "-", placement(i),
-                           str(i.port) if i.port else "-", str(i.restart_count), fmt.age(i.created_at, now))
+                           str(i.port) if i.port else "-", str(i.restart_count), fmt.age(i.created_at, now),
+                           i.model_name, str(i.generation), i.address or "-", str(i.pid) if i.pid else "-")
 
     def refresh_body(self, kinds: set[str] | None = None) -> None:
         super().refresh_body(kinds)
@@ -459,6 +619,10 @@ class InstancesScreen(TableScreen):
     def action_delete(self) -> None:
         if (key := self.table.selected_key) is not None:
             self.app.delete_instance(key)
+
+    def action_restart(self) -> None:
+        if (key := self.table.selected_key) is not None:
+            self.app.restart_instance(key)
 
 
 class KeysScreen(TableScreen):
@@ -539,6 +703,8 @@ class DescribeScreen(MaasScreen):
         Binding("escape", "back", "Back"),
         Binding("l", "logs", "Logs"),
         Binding("s", "scale", "Scale"),
+        Binding("e", "edit", "Edit"),
+        Binding("r", "restart", "Restart"),
         Binding("ctrl+d", "delete", "Delete"),
     ]
 
@@ -561,8 +727,10 @@ class DescribeScreen(MaasScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "logs":
             return self.kind == "instance"
-        if action == "scale":
+        if action in ("scale", "edit"):
             return self.kind == "model"
+        if action == "restart":
+            return self.kind in ("model", "instance")
         if action == "delete":
             return self.kind in ("instance", "model", "worker")
         return True
@@ -649,7 +817,11 @@ class DescribeScreen(MaasScreen):
         grid.add_row("Name", model.name)
         grid.add_row("State", fmt.state_text(model.state))
         grid.add_row("Replicas", Text(f"{ready}/{model.replicas} ready", style="green" if ready >= model.replicas else "yellow"))
-        grid.add_row("Generation", str(model.generation))
+        grid.add_row("Generation", f"{model.generation}  (max surge {model.max_surge}, max unavailable "
+                                   f"{model.max_unavailable})")
+        rollout = self.state.rollouts().get(model.id)
+        if rollout is not None:
+            grid.add_row("Rollout", rollout_text(rollout))
         grid.add_row("Backend", f"{model.spec.backend}{' ' + model.spec.backend_version if model.spec.backend_version else ''}")
         grid.add_row("Source", model.spec.source)
         grid.add_row("Context", str(model.spec.context_length))
@@ -677,7 +849,8 @@ class DescribeScreen(MaasScreen):
         if worker.state_message:
             state.append(f"  {worker.state_message}", style="dim")
         grid.add_row("State", state)
-        grid.add_row("Cordoned", "yes" if worker.cordoned else "no")
+        grid.add_row("Cordoned", "yes, draining: its instances move away" if worker.draining else
+                     "yes: no new instances" if worker.cordoned else "no")
         grid.add_row("Address", f"{worker.address} (agent port {worker.agent_port})")
         grid.add_row("Heartbeat", f"{fmt.age(worker.last_heartbeat_at, self.now)} ago")
         host = worker.host
@@ -711,6 +884,16 @@ class DescribeScreen(MaasScreen):
         if self.kind == "model" and (model := self.state.model_by_name(self.name_)) is not None:
             self.app.scale(model.name, model.replicas)
 
+    def action_edit(self) -> None:
+        if self.kind == "model":
+            self.app.edit_model(self.name_)
+
+    def action_restart(self) -> None:
+        if self.kind == "instance":
+            self.app.restart_instance(self.name_)
+        elif self.kind == "model":
+            self.app.rollout_restart(self.name_)
+
     def action_delete(self) -> None:
         if self.kind == "instance":
             self.app.delete_instance(self.name_)
@@ -732,6 +915,7 @@ class LogsScreen(MaasScreen):
         Binding("escape", "back", "Back"),
         Binding("f", "follow", "Follow"),
         Binding("w", "wrap", "Wrap"),
+        Binding("T", "timestamps", "Time"),
         Binding("t", "tail", "Tail"),
         Binding("p", "previous", "Prev run"),
         Binding("n", "next_match(True)", "Next", show=False),
@@ -769,7 +953,7 @@ class LogsScreen(MaasScreen):
         state = inst.state if inst else "deleted"
         parts = [f"[{fmt.STATE_STYLES.get(state, 'dim')}]{state}[/]",
                  f"follow:{'[b green]on[/]' if view.follow else 'off'} tail:{'all' if self.tail < 0 else self.tail} "
-                 f"wrap:{'on' if view.wrap else 'off'}",
+                 f"wrap:{'on' if view.wrap else 'off'}{' time:on' if view.timestamps else ''}",
                  f"{view.line_count:,} lines"]
         if self.previous:
             parts.append("[yellow]previous run[/]")
@@ -797,15 +981,15 @@ class LogsScreen(MaasScreen):
                     pending = lines.pop()
                     decoded = [line.decode("utf-8", "replace") for line in lines]
                     if replace:
-                        view.replace(decoded)
+                        view.replace(decoded)  # the tail: lines from before we looked, time unknown
                         replace = False
                     elif decoded:
-                        view.append(decoded)
+                        view.append(decoded, self._now_stamp())
                     if self.stream_state != "streaming":
                         self.stream_state = "streaming"
                     self._after_lines()
                 if pending:
-                    view.append([pending.decode("utf-8", "replace")])
+                    view.append([pending.decode("utf-8", "replace")], self._now_stamp())
                 self.stream_state = "stream ended"
             except ApiClientError as exc:
                 self.stream_state = f"no log yet: {exc.message}" if exc.status == 409 else f"error: {exc.message}"
@@ -822,6 +1006,9 @@ class LogsScreen(MaasScreen):
             # the view in one go so nothing flickers.
             await asyncio.sleep(1.0 if inst.state in ("pending", "scheduled", "starting", "running") else 3.0)
             replace = True
+
+    def _now_stamp(self) -> str:
+        return self.app.clock().astimezone().strftime("%H:%M:%S")
 
     def _after_lines(self) -> None:
         view = self.log_view
@@ -869,6 +1056,11 @@ class LogsScreen(MaasScreen):
     def action_wrap(self) -> None:
         view = self.log_view
         view.set_wrap(not view.wrap)
+        self.refresh_body(None)
+
+    def action_timestamps(self) -> None:
+        view = self.log_view
+        view.set_timestamps(not view.timestamps)
         self.refresh_body(None)
 
     def action_tail(self) -> None:

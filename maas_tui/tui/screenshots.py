@@ -73,6 +73,22 @@ SCENARIOS: list[Scenario] = [
              ["colon", *type_keys("mo"), "enter", "n", *type_keys("qwen-14b"), "tab", *type_keys("/models/q14.gguf"),
               "tab", "tab", "backspace", "3", "ctrl+r"],
              lambda app: "Preview" in getattr(app.screen, "status_text", "")),
+    Scenario("model-edit-invalid", "e on a model: the edit form (a spec change is a rollout) refusing bad input",
+             ["colon", *type_keys("mo"), "enter", "down", "down", "e", "tab", "ctrl+a", "ctrl+k", *type_keys("lots"), "tab",
+              "tab", "ctrl+a", "ctrl+k", "0", "tab", "ctrl+a", "ctrl+k", "0", "ctrl+s"],
+             lambda app: "nothing was sent" in getattr(app.screen, "status_text", "")
+             and getattr(app.focused, "id", None) == "context"),
+    Scenario("model-history", "h on a model: its revisions; enter rolls back to one",
+             ["colon", *type_keys("mo"), "enter", "down", "down", "h"], _screen_is("HistoryScreen")),
+    Scenario("rollout-undo-confirm", "u on a model mid-rollout: confirm the roll back",
+             ["colon", *type_keys("mo"), "enter", "down", "down", "u"], _screen_is("ConfirmScreen")),
+    Scenario("worker-drain-confirm", "d on a worker: drain asks first",
+             ["colon", *type_keys("wo"), "enter", "down", "d"], _screen_is("ConfirmScreen")),
+    Scenario("workers-sorted", "o o o o o O: workers sorted by GPU utilisation, highest first",
+             ["colon", *type_keys("wo"), "enter", "o", "o", "o", "o", "o", "o", "O"], _screen_is("WorkersScreen")),
+    Scenario("instances-wide", "ctrl+w on instances: wide mode adds model, generation, address, PID",
+             ["colon", *type_keys("in"), "enter", "ctrl+w", "right", "right", "right", "right", "right", "right"],
+             _screen_is("InstancesScreen")),
     Scenario("instances", ":instances, the pending one highlighted with why it is not scheduled",
              ["colon", *type_keys("in"), "enter", "down", "down", "down"], _screen_is("InstancesScreen")),
     Scenario("instance-describe", "enter on an instance: placement, claim, port, reasons, events",
@@ -80,6 +96,8 @@ SCENARIOS: list[Scenario] = [
              _screen_is("DescribeScreen")),
     Scenario("logs", "l on an instance: follow, search highlight",
              ["colon", *type_keys("in"), "enter", "l", "slash", *type_keys("slot 2"), "enter"], _logs_loaded),
+    Scenario("logs-timestamps", "T in the logs: the time each line arrived (·· for the tail fetched on opening)",
+             ["colon", *type_keys("in"), "enter", "l", "T"], _logs_loaded),
     Scenario("keys", ":keys", ["colon", *type_keys("key"), "enter"], _screen_is("KeysScreen")),
     Scenario("key-created", "a new key: the secret is shown once",
              ["colon", *type_keys("key"), "enter", "n", *type_keys("ci-bot"), "enter"], _screen_is("SecretScreen")),
@@ -132,6 +150,11 @@ def runner(scenario: Scenario) -> Callable[[Any], Awaitable[None]]:
         if scenario.wait is not None:
             await until(pilot, lambda: scenario.wait(app), what=f"scenario {scenario.name}")
         await pilot.pause()
+        await pilot.wait_for_scheduled_animations()
+        from textual.widgets import Input
+
+        for field in app.screen.query(Input):  # a blinking cursor would make the picture depend on timing
+            field.cursor_blink = False
         app.mark_dirty({"clock"})
         app.flush()
         await pilot.pause()

@@ -41,6 +41,28 @@ class Summary:
         return self.instances_error + self.instances_unreachable + self.workers_not_ready
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """Where a model's rollout stands, from the instances the TUI sees (no extra request)."""
+
+    generation: int
+    desired: int
+    updated: int  # instances of the newest generation
+    ready: int  # ... of which running
+    outdated: int  # instances of older generations still present
+    old_ready: int  # ... of which running
+    paused: bool = False
+    message: str = ""
+
+    @property
+    def in_progress(self) -> bool:
+        return self.outdated > 0 or self.paused or bool(self.message)
+
+    @property
+    def complete(self) -> bool:
+        return self.outdated == 0 and self.ready >= self.desired and self.updated <= self.desired
+
+
 class ClusterState:
     def __init__(self, history: int = HISTORY) -> None:
         self.history_len = history
@@ -211,6 +233,31 @@ class ClusterState:
     def sorted_instances(self) -> list[schemas.InstanceOut]:
         return self._cached("instances", ("instances",),
                             lambda: sorted(self.instances.values(), key=lambda i: (i.model_name, i.name)))
+
+    def rollouts(self) -> dict[int, "Rollout"]:
+        """Per model id: instances of the newest generation (updated, ready of them) and of older ones."""
+        def build() -> dict[int, Rollout]:
+            counts: dict[int, list[int]] = {}
+            for inst in self.instances.values():
+                model = self.models.get(inst.model_id)
+                if model is None:
+                    continue
+                c = counts.setdefault(inst.model_id, [0, 0, 0, 0])
+                if inst.generation >= model.generation:
+                    if inst.state == schemas.InstanceState.terminating:
+                        continue
+                    c[0] += 1
+                    c[1] += inst.state == schemas.InstanceState.running
+                else:
+                    c[2] += 1
+                    c[3] += inst.state == schemas.InstanceState.running
+            result = {}
+            for model in self.models.values():
+                updated, ready, outdated, old_ready = counts.get(model.id, [0, 0, 0, 0])
+                result[model.id] = Rollout(model.generation, model.replicas, updated, ready, outdated, old_ready,
+                                           model.paused, model.rollout_message)
+            return result
+        return self._cached("rollouts", ("models", "instances"), build)
 
     def model_by_name(self, name: str) -> schemas.ModelOut | None:
         return next((m for m in self.models.values() if m.name == name), None)

@@ -16,7 +16,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.suggester import SuggestFromList
-from textual.widgets import Input, Static
+from textual.containers import HorizontalGroup
+from textual.widgets import Footer, Input, Static
 
 from server import schemas
 from maas_tui.tui import format as fmt
@@ -147,6 +148,17 @@ class ResourceTable(ScrollView, can_focus=True):
 
     # --- data --------------------------------------------------------------------------------
 
+    def set_columns(self, columns: Sequence[tuple[str, int | None]]) -> None:
+        """Change the columns (wide mode, the sort marker); the next `sync` brings rows to match."""
+        columns = list(columns)
+        if columns == self._column_spec:
+            return
+        self._column_spec = columns
+        self._labels = [label for label, _ in columns]
+        self._widths = [len(label) for label in self._labels]
+        self._strips.clear()
+        self.refresh()
+
     @property
     def row_count(self) -> int:
         return len(self._keys)
@@ -158,7 +170,8 @@ class ResourceTable(ScrollView, can_focus=True):
         return self._keys[self.cursor_row]
 
     def get_cell(self, key: str, column: str) -> Any:
-        return self._cells[key][self._labels.index(column)]
+        labels = [label.rstrip("↑↓") for label in self._labels]
+        return self._cells[key][labels.index(column)]
 
     def get_row(self, key: str) -> tuple[Any, ...]:
         return self._cells[key]
@@ -619,3 +632,35 @@ class PromptBar(Input):
         if suggestion and suggestion != self.value:
             self.value = suggestion
             self.cursor_position = len(suggestion)
+
+
+# --- footer ------------------------------------------------------------------------------
+
+
+class KeyFooter(Footer):
+    """Textual's footer, wrapped onto a second line when the keys do not fit (80 columns and many actions)."""
+
+    DEFAULT_CSS = """
+    KeyFooter { layout: vertical; height: auto; max-height: 2; }
+    KeyFooter > HorizontalGroup.footer-row { height: 1; width: 1fr; }
+    """
+
+    def compose(self) -> Any:
+        keys = list(super().compose())
+        width = (self.size.width or self.app.size.width or 80) - 1
+        rows: list[list[Any]] = [[]]
+        used = 0
+        for key in keys:
+            need = cell_len(getattr(key, "key_display", "") or "") + cell_len(getattr(key, "description", "") or "") + 2
+            if rows[-1] and used + need > width:
+                rows.append([])
+                used = 0
+            rows[-1].append(key)
+            used += need
+        for row in rows[:2]:
+            yield HorizontalGroup(*row, classes="footer-row")
+
+    def on_resize(self, event: Any) -> None:
+        if self._bindings_ready and event.size.width != getattr(self, "_laid_width", None):
+            self._laid_width = event.size.width
+            self.call_after_refresh(self.recompose)
