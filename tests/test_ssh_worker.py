@@ -78,7 +78,7 @@ async def test_worker_add_over_ssh(server, admin: MaasClient, sshd, tmp_path: Pa
     args = ["worker", "add", f"{getpass.getuser()}@127.0.0.1", "--port", str(port), "--identity", str(identity),
             "--no-host-key-check", "--name", "remote-1", "--remote-dir", str(remote),
             "--venv", sys.prefix,  # this host already has this version: nothing to install
-            "--simulate-gpus", "2xL4-24GB", "--timeout", "60"]
+            "--simulate-gpus", "2xL4-24GB", "--labels", "zone=lab,rack=7", "--timeout", "60"]
     env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": admin.token, "MAAS_TOKEN": server.cluster_token or "",
            "MAAS_CONFIG": str(tmp_path / "config.json")}
     runner = CliRunner()
@@ -89,6 +89,7 @@ async def test_worker_add_over_ssh(server, admin: MaasClient, sshd, tmp_path: Pa
         assert "worker remote-1 is ready" in result.output
         worker = await admin.get_worker("remote-1")
         assert worker.state == "ready" and len(worker.gpus) == 2
+        assert worker.labels == {"zone": "lab", "rack": "7"}
         pid = (remote / "agent.pid").read_text().strip()
 
         # Twice: nothing changes, the same supervisor keeps running.

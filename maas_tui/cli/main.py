@@ -102,13 +102,15 @@ def agent(
     simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB,2xL4-24GB"),
     runtime: str = typer.Option("auto", help="auto, docker or process"),
     drain_seconds: float = typer.Option(5.0, min=0, help="how long a terminating instance keeps serving in-flight requests"),
+    labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable), for worker_selector"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run an agent that joins this host to a cluster."""
     from maas_tui.cli.serve import run_agent
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
-              simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds)
+              simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
+              labels=labels)
 
 
 @app.command()

@@ -41,6 +41,18 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """`k=v,k2=v2` items (repeatable) as a dict."""
+    labels: dict[str, str] = {}
+    for item in items:
+        for pair in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{pair!r}: write KEY=VALUE")
+            labels[key] = value
+    return labels
+
+
 def run_start(*, data_dir: Path | None, host: str | None, port: int | None, database_url: str | None, no_agent: bool,
               simulate_gpus: str | None, log_level: str, extra: dict[str, object] | None = None,
               ssh_port: int | None = None) -> None:
@@ -126,7 +138,8 @@ def _banner(server, with_agent: bool) -> None:
 
 
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
-              simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0) -> None:
+              simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0,
+              labels: list[str] | None = None) -> None:
     import platformdirs
 
     from agent.agent import Agent, AgentConfig, ServerRejected
@@ -136,12 +149,17 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     if runtime not in ("auto", "process", "docker"):
         err_console.print(f"[bold red]error:[/] --runtime must be auto, docker or process, not {runtime!r}")
         raise typer.Exit(2)
+    try:
+        worker_labels = parse_labels(labels or [])
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] --labels: {exc}")
+        raise typer.Exit(2) from None
     worker_name = name or socket.gethostname()
     folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
     try:
         config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
                              address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
-                             runtime=runtime)
+                             runtime=runtime, labels=worker_labels)
         agent = Agent(config)
     except DeviceSpecError as exc:
         err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")

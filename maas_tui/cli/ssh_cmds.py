@@ -134,6 +134,7 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
                address: Optional[str] = typer.Option(None, help="address the server uses to reach the worker (default: host)"),
                server_url: Optional[str] = typer.Option(None, help="the server URL as the worker sees it (default: the context's)"),
                simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB"),
+               labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable)"),
                remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
                venv: Optional[str] = typer.Option(None, help="the remote venv (default: <remote-dir>/venv)"),
                pip_arg: list[str] = typer.Option([], "--pip-arg", help="extra pip install arguments (repeatable)"),
@@ -144,12 +145,18 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
     from maas_tui import config as client_config
     from maas_tui.cli.main import fail
     from maas_tui.client import ApiClientError, MaasClient
+    from maas_tui.cli.serve import parse_labels
     from maas_tui.ssh.bootstrap import AgentPlan, BootstrapError, bootstrap
 
     if supervisor not in ("auto", "systemd", "process"):
         err_console.print("[bold red]error:[/] --supervisor must be auto, systemd or process", highlight=False)
         raise typer.Exit(2)
     where = _target(target, port, identity, no_host_key_check)
+    try:
+        worker_labels = parse_labels(labels)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] --labels: {exc}", highlight=False)
+        raise typer.Exit(2) from None
     config = client_config.load()
     if not config.server:
         fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
@@ -168,7 +175,7 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
                     worker_name = str((await conn.run("hostname", check=True)).stdout).strip()
             plan = AgentPlan(server_url=(server_url or config.server).rstrip("/"), cluster_token=token,
                              name=worker_name, address=address or where.host, remote_dir=remote_dir,
-                             venv=venv or "", simulate_gpus=simulate_gpus, pip_args=list(pip_arg),
+                             venv=venv or "", simulate_gpus=simulate_gpus, labels=worker_labels, pip_args=list(pip_arg),
                              supervisor=supervisor)
 
             async def ready() -> None:

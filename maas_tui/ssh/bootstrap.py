@@ -45,6 +45,7 @@ class AgentPlan:
     remote_dir: str = "~/.maas"
     venv: str = ""  # default: <remote_dir>/venv
     simulate_gpus: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
     pip_args: list[str] = field(default_factory=list)
     version: str = __version__
     supervisor: str = "auto"  # auto: systemd where it runs and we are root, else a background process
@@ -98,6 +99,8 @@ def _supervisor(plan: AgentPlan, venv: str, home: str) -> str:
             "--address", plan.address, "--data-dir", f"{home}/agent"]
     if plan.simulate_gpus:
         args += ["--simulate-gpus", plan.simulate_gpus]
+    if plan.labels:
+        args += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(plan.labels.items()))]
     return (
         "#!/bin/sh\n"
         f"# MaaS-Base {plan.version} agent, written by 'maas worker add'. Restarts the agent when it exits.\n"
