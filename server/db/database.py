@@ -130,7 +130,8 @@ class Database:
         async with self._sessions() as session:
             yield session
 
-    async def migrate(self) -> None:
+    async def migrate(self, revision: str = "head") -> None:
+        """Upgrade the schema to `revision` (the newest by default)."""
         from alembic import command
         from alembic.config import Config
 
@@ -140,10 +141,30 @@ class Database:
 
         def upgrade(connection: Any) -> None:
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
 
-        async with self.engine.begin() as conn:
-            await conn.run_sync(upgrade)
+        if not self.is_sqlite:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(upgrade)
+            return
+        # SQLite: Alembic's batch mode changes a table by copying it, dropping the original and
+        # renaming the copy. With foreign keys enforced (as every connection here has them), that
+        # DROP TABLE runs the children's ON DELETE actions: 0004's rebuild of `models` deleted
+        # every instance and revision, its rebuild of `workers` unassigned every instance. So
+        # enforcement is off while the schema changes (the pragma only works outside a
+        # transaction), and the result is checked before it commits.
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
+            try:
+                async with conn.begin():
+                    await conn.run_sync(upgrade)
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(f"the schema upgrade left rows with dangling references: {broken[:10]}")
+            finally:
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
 
     async def dispose(self) -> None:
         await self.engine.dispose()
