@@ -39,6 +39,8 @@ from maas_tui.cli import ssh_cmds  # noqa: E402
 ssh_cmds.register(app)
 from maas_tui.cli import context_cmds  # noqa: E402
 context_cmds.register(app)
+from maas_tui.cli.db_cmds import db_app  # noqa: E402
+app.add_typer(db_app, name="db")
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -73,9 +73,51 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
         return error_response(request, exc.status, code, exc.reason or "error")
-    except Exception:  # a 5xx is a bug: log it whole, tell the client little
+    except Exception as exc:  # a 5xx is a bug: log it whole, tell the client little
+        if database_unavailable(exc):
+            log.warning("database unavailable in %s %s: %s", request.method, request.path,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return error_response(request, 503, "database_unavailable",
+                                  "the database is unavailable; try again shortly (the server reconnects by itself)")
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(request, 500, "internal", "internal server error (see the server log)")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the database cannot be reached right now: a lost
+    or refused connection, a server shutting down, an exhausted pool. Not for errors in the
+    statement itself (an integrity error stays a bug)."""
+    import asyncpg
+    from sqlalchemy import exc as sa
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, sa.DBAPIError) and (
+                exc.connection_invalidated or isinstance(exc, (sa.OperationalError, sa.InterfaceError))):
+            return True
+        if isinstance(exc, (sa.TimeoutError, sa.DisconnectionError)):  # pool exhausted / disconnect
+            return True
+        if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError,
+                            asyncpg.exceptions.ConnectionDoesNotExistError)):
+            return True
+        # A refused or dropped TCP connection while the pool connects comes out raw (not wrapped
+        # by SQLAlchemy): recognised by having been raised inside the driver or the pool.
+        if isinstance(exc, (OSError, TimeoutError)) and _raised_in(exc, ("asyncpg", "sqlalchemy.pool")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether a frame of `exc`'s traceback belongs to one of `packages`."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith(packages):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 MAX_ID = 2**63 - 1

@@ -211,6 +211,12 @@ class EmbeddedPostgres:
         self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._pg_user: pwd.struct_passwd | None = None
+        #: True when start() found the cluster already running (another process started it);
+        #: callers that only borrow the cluster (``maas db backup``) then leave it running.
+        self.reused = False
+        # A restart by this object comes back on the same port when it is still free, so the
+        # URLs that engines already hold stay valid (a server recovers by itself).
+        self._last_port: int | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -235,7 +241,7 @@ class EmbeddedPostgres:
             else:
                 password = self._initdb()
             port = self._adopt_running()
-            reused = port is not None
+            reused = self.reused = port is not None
             if port is None:
                 port = self._start_server()
             self._ensure_database(port, password)
@@ -274,7 +280,7 @@ class EmbeddedPostgres:
                     f"the directory).\n{self._log_tail()}"
                 )
             self._url = None
-            self.port = None
+            self._last_port, self.port = self.port, None
             if res.returncode == 0:
                 self.log.info("embedded PostgreSQL stopped (%.2f s)", time.perf_counter() - t0)
             else:
@@ -360,6 +366,24 @@ class EmbeddedPostgres:
             os.chown(self.log_file, pg.pw_uid, pg.pw_gid)
 
     # ------------------------------------------------------------------ subprocesses
+
+    def bin_path(self, name: str) -> Path:
+        """A PostgreSQL program (``pg_dump``, ``pg_restore``, ...) of the version that runs this
+        cluster; valid after :meth:`start`."""
+        if self._bin is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL is not started")
+        return self._bin / name
+
+    def run_client(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        """Run a client program (pg_dump, pg_restore, psql) as this process's user, connected
+        over TCP with the cluster's password: no need to be the ``postgres`` user, and the files
+        it writes belong to the caller."""
+        if self._url is None or self.port is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL is not started")
+        env = self._env()
+        env.update(PGPASSWORD=self._read_password(), PGCONNECT_TIMEOUT="10", PGHOST="127.0.0.1",
+                   PGPORT=str(self.port), PGUSER=SUPERUSER, PGDATABASE=self.database)
+        return self._run(argv, timeout=timeout, privileged=False, env=env)
 
     def _pg(self, name: str) -> str:
         assert self._bin is not None
@@ -553,7 +577,7 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
             attempts += 1
-            port = _free_port()
+            port = self._last_port if attempts == 1 and self._last_port and not _port_accepts(self._last_port, 0.5) else _free_port()
             try:
                 log_start = self.log_file.stat().st_size
             except OSError:
