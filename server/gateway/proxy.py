@@ -147,6 +147,9 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
     pending = b""
     try:
         async for chunk in upstream.content.iter_any():
+            if not pending and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+                await response.write(chunk)  # whole events without usage: the common case, as they come
+                continue
             pending += chunk
             # Relay whole server-sent events as they complete: no buffering beyond one event.
             *events, pending = pending.split(b"\n\n")
