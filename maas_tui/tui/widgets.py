@@ -97,6 +97,18 @@ class ClusterHeader(Static):
 # --- resource table ----------------------------------------------------------------------
 
 
+# Row cursor keys shared by the tables and the heatmap (each implements move, page, jump, select).
+CURSOR_BINDINGS = [
+    Binding("up,k", "move(-1)", "Up", show=False),
+    Binding("down,j", "move(1)", "Down", show=False),
+    Binding("pageup", "page(-1)", show=False),
+    Binding("pagedown", "page(1)", show=False),
+    Binding("home,g", "jump(0)", show=False),
+    Binding("end,G", "jump(-1)", show=False),
+    Binding("enter", "select", "Describe"),
+]
+
+
 class ResourceTable(ScrollView, can_focus=True):
     """A line-virtualised table synced with a list of keyed rows.
 
@@ -113,15 +125,9 @@ class ResourceTable(ScrollView, can_focus=True):
     ResourceTable:blur > .resource-table--cursor { background: $block-cursor-blurred-background; text-style: bold; }
     """
     BINDINGS = [
-        Binding("up,k", "move(-1)", "Up", show=False),
-        Binding("down,j", "move(1)", "Down", show=False),
-        Binding("pageup", "page(-1)", show=False),
-        Binding("pagedown", "page(1)", show=False),
-        Binding("home,g", "jump(0)", show=False),
-        Binding("end,G", "jump(-1)", show=False),
+        *CURSOR_BINDINGS,
         Binding("left", "scroll_x_by(-8)", show=False),
         Binding("right", "scroll_x_by(8)", show=False),
-        Binding("enter", "select", "Describe"),
     ]
 
     cursor_row = reactive(0, repaint=False, init=False)
@@ -348,15 +354,7 @@ class GpuHeatmap(ScrollView, can_focus=True):
     Line-virtualised: only the visible rows are rendered, so thousands of GPUs scroll without lag.
     """
 
-    BINDINGS = [
-        Binding("up,k", "move(-1)", "Up", show=False),
-        Binding("down,j", "move(1)", "Down", show=False),
-        Binding("pageup", "page(-1)", show=False),
-        Binding("pagedown", "page(1)", show=False),
-        Binding("home,g", "jump(0)", show=False),
-        Binding("end,G", "jump(-1)", show=False),
-        Binding("enter", "select", "Describe"),
-    ]
+    BINDINGS = CURSOR_BINDINGS
 
     cursor = reactive(0, repaint=False, init=False)
 
