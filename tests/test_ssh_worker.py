@@ -108,10 +108,10 @@ async def test_worker_add_over_ssh(server, admin: MaasClient, sshd, tmp_path: Pa
             return bool(now) and now != children and (await admin.get_worker("remote-1")).state == "ready"
         await eventually(restarted, timeout=30, message="the agent to be restarted by its supervisor")
 
-        # Uninstall: the supervisor and its agent stop, the worker goes.
+        # Remove with --uninstall: the supervisor and its agent stop, the worker goes.
         result = await asyncio.to_thread(runner.invoke, app, [
-            "worker", "uninstall", f"{getpass.getuser()}@127.0.0.1", "--port", str(port), "--identity", str(identity),
-            "--no-host-key-check", "--remote-dir", str(remote), "--remove", "remote-1"], env=env)
+            "worker", "remove", "remote-1", "--uninstall", f"{getpass.getuser()}@127.0.0.1:{port}",
+            "--identity", str(identity), "--no-host-key-check", "--remote-dir", str(remote)], env=env)
         assert result.exit_code == 0, result.output
         assert not (remote / "agent.pid").exists() and not (remote / "run-agent.sh").exists()
         assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0

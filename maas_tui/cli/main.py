@@ -435,8 +435,19 @@ def worker_get(name: str, output: Format = OutputOption) -> None:
 
 
 @worker_app.command("remove")
-def worker_remove(name: str) -> None:
+def worker_remove(name: str,
+                  uninstall: Optional[str] = typer.Option(
+                      None, "--uninstall", metavar="USER@HOST[:PORT]",
+                      help="also stop and remove the agent that 'maas worker add' installed there"),
+                  identity: Optional[Path] = typer.Option(None, help="SSH private key (with --uninstall)"),
+                  remote_dir: str = typer.Option("~/.maas", help="where the agent lives there (with --uninstall)"),
+                  no_host_key_check: bool = typer.Option(False, "--no-host-key-check")) -> None:
     """Remove a worker from the cluster; its instances are rescheduled."""
+    if uninstall:
+        from maas_tui.cli.ssh_cmds import worker_uninstall
+
+        worker_uninstall(uninstall, identity=identity, port=22, remote_dir=remote_dir, remove=None,
+                         no_host_key_check=no_host_key_check)
     call(lambda c: c.delete_worker(name))
     console.print(f"worker {name} removed")
 
