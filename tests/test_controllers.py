@@ -218,11 +218,17 @@ async def _worker_ready(admin: MaasClient, name: str) -> bool:
     return any(w.name == name and w.state == "ready" for w in await admin.list_workers())
 
 
-async def test_operator_restart_of_a_running_instance(admin: MaasClient, agent, tiny_model: Path):
+async def test_operator_restart_of_a_running_instance(admin: MaasClient, agent, tiny_model: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from maas_tui.cli.main import app
+
     await admin.create_model({"name": "kick", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
     await eventually(lambda: _states_are(admin, "kick", [(1, "running")]), message="1 running replica")
     before = (await admin.list_instances("kick"))[0]
-    await admin.restart_instance(before.name)
+    env = {"MAAS_SERVER": admin.server, "MAAS_API_KEY": admin.token, "MAAS_CONFIG": str(tmp_path / "cli.json")}
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["instance", "restart", before.name], env=env)
+    assert result.exit_code == 0 and "is restarting (restart 1)" in result.output, result.output
 
     async def restarted() -> bool:
         after = (await admin.list_instances("kick"))[0]

@@ -388,6 +388,13 @@ def instance_delete(ref: str = typer.Argument(..., help="instance id or name")) 
     console.print(f"instance {instance.name} is terminating")
 
 
+@instance_app.command("restart")
+def instance_restart(ref: str = typer.Argument(..., help="instance id or name")) -> None:
+    """Restart an instance's workload on its worker."""
+    instance = call(lambda c: c.restart_instance(ref))
+    console.print(f"instance {instance.name} is restarting (restart {instance.restart_count})")
+
+
 @instance_app.command("logs")
 def instance_logs(ref: str = typer.Argument(..., help="instance id or name"),
                   follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines"),
