@@ -33,6 +33,7 @@ from server.scheduler.service import Scheduler
 log = logging.getLogger(__name__)
 
 CLUSTER_TOKEN_SETTING = "cluster_token_hash"
+CLUSTER_TOKEN = "cluster_token"
 _FOLLOWED = ("models", "instances", "api_keys", "workers")  # what the gateway table and key cache follow
 
 
@@ -171,19 +172,23 @@ class MaasServer:
                 self.admin_password = secrets.token_urlsafe(18)
                 s.add(tables.User(username="admin", password_hash=hash_password(self.admin_password), is_admin=True))
                 write_secret(self.admin_password_file, self.admin_password)
-            setting = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
+            # One cluster token for every server on this database. It is kept in the database
+            # (servers must hand it out and agents present it) and copied to each data folder.
+            stored = await s.get(tables.Setting, CLUSTER_TOKEN)
             on_disk = self.token_file.read_text().strip() if self.token_file.exists() else None
-            if setting is None or on_disk is None or hash_secret(on_disk) != setting.value:
-                # The token file is how operators add workers; (re)issue it when it is missing or stale.
-                token = new_cluster_token()
-                if setting is None:
-                    s.add(tables.Setting(key=CLUSTER_TOKEN_SETTING, value=hash_secret(token)))
+            if stored is None:
+                hashed = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
+                # A database from before the token was stored keeps the token its data folder holds.
+                keep = on_disk if on_disk and hashed is not None and hash_secret(on_disk) == hashed.value else None
+                stored = tables.Setting(key=CLUSTER_TOKEN, value=keep or new_cluster_token())
+                s.add(stored)
+                if hashed is None:
+                    s.add(tables.Setting(key=CLUSTER_TOKEN_SETTING, value=hash_secret(stored.value)))
                 else:
-                    setting.value = hash_secret(token)
-                write_secret(self.token_file, token)
-                self.cluster_token = token
-            else:
-                self.cluster_token = on_disk
+                    hashed.value = hash_secret(stored.value)
+            if on_disk != stored.value:
+                write_secret(self.token_file, stored.value)
+            self.cluster_token = stored.value
             await s.commit()
 
     async def _load_routes(self) -> None:

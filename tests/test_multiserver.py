@@ -106,3 +106,81 @@ async def _true(value: bool) -> bool:
 
 async def _serving(server: MaasServer, model: str) -> bool:
     return model in server.routes.serving_models()
+
+
+def test_kill_9_of_the_leader_process_hands_over(postgres_url, tiny_model: Path):
+    """Two `maas start --no-agent` processes over one PostgreSQL; SIGKILL the leader."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    url, base = postgres_url
+    plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
+    env = {**os.environ, "MAAS_CONFIG": str(base / "cli.json"), "PYTHONUNBUFFERED": "1"}
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    agent = None
+
+    def health(port: int) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    def wait_for(check, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if value := check():
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def maas(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "maas_tui", *args], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            log = open(base / f"server-{name}.log", "wb")
+            process = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--database-url",
+                                        plain_url, "--data-dir", str(base / f"data-{name}"), "--port", str(port)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            servers[name] = (process, port)
+            wait_for(lambda: health(port), 60, f"server {name}")
+        leader = wait_for(lambda: next((n for n, (_, p) in servers.items() if (health(p) or {}).get("leader")), None),
+                          15, "a leader")
+        follower = "b" if leader == "a" else "a"
+        follower_port = servers[follower][1]
+        follower_url = f"http://127.0.0.1:{follower_port}"
+        password = (base / "data-a" / "initial_admin_password").read_text().strip()
+        maas("login", "--server", follower_url, "--username", "admin", "--password", password)
+        token = (base / "data-a" / "token").read_text().strip()
+        assert (base / "data-b" / "token").read_text().strip() == token  # one cluster token for the cluster
+        agent = subprocess.Popen([sys.executable, "-m", "maas_tui", "agent", "--server-url", follower_url, "--token",
+                                  token, "--name", "worker-1", "--data-dir", str(base / "agent")],
+                                 stdout=open(base / "agent.log", "wb"), stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+
+        servers[leader][0].send_signal(signal.SIGKILL)
+        servers[leader][0].wait(10)
+        killed_at = time.monotonic()
+        wait_for(lambda: (health(follower_port) or {}).get("leader"), 10, "the other server to take over")
+        print(f"\nleader killed -> new leader after {time.monotonic() - killed_at:.1f} s")
+        maas("model", "deploy", "after-kill", "--source", str(tiny_model), "--backend", "llama.cpp", "--replicas", "1",
+             "--wait", "--timeout", "60")
+        instances = json.loads(maas("instance", "list", "-o", "json"))["items"]
+        assert [(i["model_name"], i["state"]) for i in instances] == [("after-kill", "running")]
+    finally:
+        for process in [agent] + [p for p, _ in servers.values()]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)

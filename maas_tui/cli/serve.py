@@ -119,12 +119,18 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
         raise typer.Exit(2) from None
 
 
+def _without_password(url: str | None) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True) if url else ""
+
+
 def _banner(server, with_agent: bool) -> None:
     config = server.config
     lines = [
         f"MaaS-Base {server.version} is up at [bold]{server.url}[/]",
         f"  data folder:     {config.data_dir}",
-        f"  database:        {'embedded PostgreSQL' if server.embedded else 'external: ' + (config.database_url or '')}",
+        f"  database:        {'embedded PostgreSQL' if server.embedded else 'external: ' + _without_password(config.database_url)}",
         f"  admin password:  {server.admin_password_file}",
         f"  worker token:    {server.token_file}",
         f"  local agent:     {'running' if with_agent else 'off (--no-agent)'}",

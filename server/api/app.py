@@ -51,7 +51,9 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": request.app[SERVER_KEY].version})
+    server = request.app[SERVER_KEY]
+    leading = bool(server.leadership and server.leadership.is_leader)
+    return web.json_response({"status": "ok", "version": server.version, "leader": leading})
 
 
 def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:
