@@ -183,7 +183,8 @@ async def test_drain_moves_instances_without_downtime(server: MaasServer, admin:
     from agent.agent import Agent, AgentConfig
 
     other = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "other",
-                              name="worker-2", address="127.0.0.1", drain_seconds=1.0))
+                              name="worker-2", address="127.0.0.1", drain_seconds=1.0,
+                              heartbeat_interval=1.0))
     await other.start()
     try:
         await eventually(lambda: _worker_ready(admin, "worker-2"), message="the second worker")
