@@ -16,7 +16,8 @@ from server.scheduler import estimate as est
 from server.scheduler.estimate import MemoryEstimate
 from server.scheduler.placement import (Cluster, Placement, Request, WorkerSnapshot, evaluate, failure_message, plan,
                                         summarize)
-from server.scheduler.snapshot import ClusterState, Reserves, parse_size, worker_from_wire
+from server.scheduler.snapshot import ClusterState, Reserves, worker_from_wire
+from server.schemas import parse_size
 
 GB = 1000**3
 GiB = 1024**3

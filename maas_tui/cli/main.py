@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import sys
 import time
 from pathlib import Path
@@ -216,7 +215,7 @@ def _scheduling_fields(max_model_len: int | None, concurrency: int | None, memor
                        gpu_type: str | None, gpu_vendor: str | None, gpus: list[str], strategy: str | None,
                        distributed: bool, partial_offload: bool) -> dict[str, Any]:
     """The deploy flags that shape scheduling, as spec fields (only those given)."""
-    from server.scheduler.snapshot import parse_size
+    from server.schemas import parse_size
 
     fields: dict[str, Any] = {}
     if max_model_len is not None:

@@ -6,9 +6,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from server.api import agent_api, gateway_api, operations, resources, usage, users, watch  # noqa: F401  (they register routes)
-from server.api import backends, metrics  # noqa: F401,E402  (custom backends; /metrics)
-from server.api import scheduling  # noqa: F401,E402  (dry run and describe routes)
+# Importing a handler module registers its routes in the route table.
+from server.api import (agent_api, backends, gateway_api, metrics, operations, resources,  # noqa: F401
+                        scheduling, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from server import schemas
 from server.scheduler.placement import Cluster, WorkerSnapshot
+from server.schemas import parse_size
 
 S = schemas.InstanceState
 # Instances whose claims still hold resources.
@@ -22,25 +22,6 @@ CLAIMING = frozenset({S.scheduled, S.starting, S.running, S.error, S.unreachable
 
 RESERVED_RAM_LABEL = "maas.reserved-ram"
 RESERVED_VRAM_LABEL = "maas.reserved-vram"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "KI": 1024, "M": 1000**2, "MB": 1000**2, "MI": 1024**2,
-          "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4,
-          "TI": 1024**4, "TIB": 1024**4}
-
-
-def parse_size(text: str | None) -> int | None:
-    """'4GiB', '512MiB', '8G', '1073741824' -> bytes; None when absent or unreadable."""
-    if not text:
-        return None
-    match = _SIZE.match(text)
-    if not match:
-        return None
-    unit = (match[2] or "").upper()
-    if unit not in _UNITS:
-        return None
-    return int(float(match[1]) * _UNITS[unit])
-
-
 @dataclass(frozen=True)
 class Reserves:
     """Memory kept back on every worker: host RAM (None: 10%, at most 2 GiB) and per GPU.

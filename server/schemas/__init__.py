@@ -626,3 +626,23 @@ class BackendOut(BackendDefinition):
     builtin: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+
+# Sizes as people write them (flags, labels, environment variables).
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "KI": 1024, "M": 1000**2, "MB": 1000**2, "MI": 1024**2,
+          "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4,
+          "TI": 1024**4, "TIB": 1024**4}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'4GiB', '512MiB', '8G', '1073741824' -> bytes; None when absent or unreadable."""
+    if not text:
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        return None
+    unit = (match[2] or "").upper()
+    if unit not in _UNITS:
+        return None
+    return int(float(match[1]) * _UNITS[unit])
