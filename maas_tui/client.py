@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -186,55 +187,48 @@ class MaasClient:
 
     # --- streams --------------------------------------------------------------------
 
-    async def stream_logs(self, ref: str, tail: int = 200, follow: bool = False, previous: bool = False) -> AsyncIterator[bytes]:
-        params = {"tail": str(tail), "follow": "1" if follow else "0", "previous": "1" if previous else "0"}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+    @asynccontextmanager
+    async def _stream(self, method: str, path: str, read_timeout: float | None,
+                      **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An open streaming response: API errors raised as ApiClientError, a lost connection
+        (at any point while reading) as ServerUnreachable."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
         try:
-            async with self.session.get(f"{self.server}/v2/instances/{ref}/logs", params=params,
-                                        headers=self._headers(), timeout=timeout) as response:
+            async with self.session.request(method, self.server + path, headers=self._headers(), timeout=timeout,
+                                            **kwargs) as response:
                 if response.status >= 400:
                     raise _error_from(response.status, await _json_or_text(response))
-                async for chunk in response.content.iter_any():
-                    yield chunk
-        except aiohttp.ClientConnectionError as exc:
-            raise ServerUnreachable(self.server, str(exc)) from None
+                yield response
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from None
+
+    async def stream_logs(self, ref: str, tail: int = 200, follow: bool = False, previous: bool = False) -> AsyncIterator[bytes]:
+        params = {"tail": str(tail), "follow": "1" if follow else "0", "previous": "1" if previous else "0"}
+        async with self._stream("GET", f"/v2/instances/{ref}/logs", None, params=params) as response:
+            async for chunk in response.content.iter_any():
+                yield chunk
 
     async def watch(self, kinds: list[str], since: int | None = None) -> AsyncIterator[schemas.WatchMessage]:
         params = {"kinds": ",".join(kinds)} | ({"since": str(since)} if since is not None else {})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        try:
-            async with self.session.get(f"{self.server}/v2/watch", params=params, headers=self._headers(),
-                                        timeout=timeout) as response:
-                if response.status >= 400:
-                    raise _error_from(response.status, await _json_or_text(response))
-                async for line in response.content:
-                    yield schemas.WatchMessage.model_validate(json.loads(line))
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from None
+        async with self._stream("GET", "/v2/watch", 60, params=params) as response:
+            async for line in response.content:
+                yield schemas.WatchMessage.model_validate(json.loads(line))
 
     async def chat(self, model: str, prompt: str, max_tokens: int = 64) -> AsyncIterator[str]:
         """Stream a chat completion through the gateway, yielding text pieces."""
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "stream": True}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300)
-        try:
-            async with self.session.post(f"{self.server}/v1/chat/completions", json=body, headers=self._headers(),
-                                         timeout=timeout) as response:
-                if response.status >= 400:
-                    raise _error_from(response.status, await _json_or_text(response))
-                async for raw in response.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    for choice in json.loads(data).get("choices", []):
-                        if piece := (choice.get("delta") or {}).get("content"):
-                            yield piece
-        except aiohttp.ClientConnectionError as exc:
-            raise ServerUnreachable(self.server, str(exc)) from None
-
+        async with self._stream("POST", "/v1/chat/completions", 300, json=body) as response:
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                for choice in json.loads(data).get("choices", []):
+                    if piece := (choice.get("delta") or {}).get("content"):
+                        yield piece
 
     # --- users and SSH keys (the TUI over SSH) -----------------------------------------
 
