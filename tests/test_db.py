@@ -123,6 +123,16 @@ async def seed_first_schema(db: Database) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
+async def _seeded_checksums(url: str) -> dict[str, tuple[int, str]]:
+    """Seed a head-schema database with rows in every table; its per-table checksums."""
+    db = Database(url)
+    try:
+        await _seed_head(db)
+        return await maintenance.checksums(db)
+    finally:
+        await db.dispose()
+
+
 @pytest.mark.parametrize("store_url", ["sqlite", pytest.param("postgresql", marks=postgres)], indirect=True)
 async def test_upgrade_from_first_schema_keeps_data(store_url: str):
     db = Database(store_url)
@@ -256,15 +266,7 @@ def test_backup_wipe_restore_through_the_cli(tmp_path: Path):
     try:
         url = pg.start()
 
-        async def prepare() -> dict[str, tuple[int, str]]:
-            db = Database(url)
-            try:
-                await _seed_head(db)
-                return await maintenance.checksums(db)
-            finally:
-                await db.dispose()
-
-        want = asyncio.run(prepare())
+        want = asyncio.run(_seeded_checksums(url))
         pg.stop()  # a stopped server: the command starts the cluster for the job and stops it again
 
         runner = CliRunner()
@@ -395,15 +397,7 @@ def test_cli_migrate_between_sqlite_files(tmp_path: Path):
 
     source_url = f"sqlite:///{tmp_path / 'a.db'}"
 
-    async def seed() -> dict[str, tuple[int, str]]:
-        db = Database(source_url)
-        try:
-            await _seed_head(db)
-            return await maintenance.checksums(db)
-        finally:
-            await db.dispose()
-
-    want = asyncio.run(seed())
+    want = asyncio.run(_seeded_checksums(source_url))
     target_url = f"sqlite:///{tmp_path / 'b.db'}"
     runner = CliRunner()
     result = runner.invoke(app, ["db", "migrate", "--from", source_url, "--to", target_url])
@@ -441,15 +435,7 @@ def test_cli_migrate_from_a_data_dir(cluster, tmp_path: Path):
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "no MaaS-Base schema" in result.output
 
-    async def seed() -> dict[str, tuple[int, str]]:
-        db = Database(cluster.url)
-        try:
-            await _seed_head(db)
-            return await maintenance.checksums(db)
-        finally:
-            await db.dispose()
-
-    want = asyncio.run(seed())
+    want = asyncio.run(_seeded_checksums(cluster.url))
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
 
