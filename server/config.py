@@ -35,6 +35,8 @@ class ServerConfig:
     gateway_timeout: float = 600.0  # seconds for one /v1 request, streams included
     gateway_max_body_mb: int = 64  # largest /v1 request body (audio uploads)
     higress_dir: str | None = None  # write Higress objects here (the file layout of Higress standalone)
+    higress_kubeconfig: str | None = None  # apply Higress objects through this cluster's Kubernetes API
+    higress_kube_context: str | None = None  # that kubeconfig's context (default: its current-context)
     advertise_url: str | None = None  # how Higress and remote agents reach this server
 
     @classmethod
@@ -53,6 +55,8 @@ class ServerConfig:
             "gateway_timeout": os.environ.get("MAAS_GATEWAY_TIMEOUT"),
             "gateway_max_body_mb": os.environ.get("MAAS_GATEWAY_MAX_BODY_MB"),
             "higress_dir": os.environ.get("MAAS_HIGRESS_DIR"),
+            "higress_kubeconfig": os.environ.get("MAAS_HIGRESS_KUBECONFIG"),
+            "higress_kube_context": os.environ.get("MAAS_HIGRESS_KUBE_CONTEXT"),
             "advertise_url": os.environ.get("MAAS_ADVERTISE_URL"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}

@@ -13,43 +13,14 @@ import pytest
 import yaml
 
 from conftest import eventually, free_port
+from kube_api_double import CRDS, KUBERNETES_VERSION
+from kube_api_double import FIXTURES as SCHEMAS  # copied from Higress, Apache-2.0: see NOTICE.md there
+from kube_api_double import strict_schema as _strict
 from maas_tui.client import MaasClient
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.higress.objects import Endpoint, build_objects, slug
 
-SCHEMAS = Path(__file__).parent / "fixtures" / "higress"  # copied from Higress, Apache-2.0: see NOTICE.md there
-KUBERNETES_VERSION = "1.30"
-
-
-def _strict(schema: Any) -> Any:
-    """The CRD schema, but rejecting unknown fields (Kubernetes would drop them silently) and
-    reading `nullable` the JSON-schema way."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items() if k not in ("nullable", "x-kubernetes-preserve-unknown-fields")}
-    if schema.get("nullable") and "type" in schema:
-        out["type"] = [schema["type"], "null"]
-    if (schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    return out
-
-
-def _crds() -> dict[str, dict[str, Any]]:
-    found = {}
-    for crd in yaml.safe_load_all((SCHEMAS / "customresourcedefinitions.gen.yaml").read_text()):
-        if crd:
-            for version in crd["spec"]["versions"]:
-                api = f"{crd['spec']['group']}/{version['name']}"
-                found[crd["spec"]["names"]["kind"]] = {"apiVersion": api,
-                                                       "schema": _strict(version["schema"]["openAPIV3Schema"])}
-    return found
-
-
-CRDS = _crds()
 MODEL_ROUTER = _strict(yaml.safe_load((SCHEMAS / "plugin-model-router.spec.yaml").read_text())
                        ["spec"]["configSchema"]["openAPIV3Schema"])
 

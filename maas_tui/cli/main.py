@@ -14,7 +14,7 @@ import typer
 from maas_tui import config as client_config
 from maas_tui.cli import ops_cmds
 from maas_tui.cli.gateway_cmds import gateway_app
-from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes
+from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes, instance_state
 from maas_tui.client import ApiClientError, MaasClient
 from server import __version__, schemas
 
@@ -80,6 +80,7 @@ def start(
     no_agent: bool = typer.Option(False, "--no-agent", help="do not run a local agent"),
     simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),
     higress_dir: Optional[Path] = typer.Option(None, help="keep Higress objects in this folder (Higress standalone layout)"),
+    higress_kubeconfig: Optional[Path] = typer.Option(None, help="apply Higress objects through the Kubernetes API of this kubeconfig (namespace higress-system)"),
     advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssh_port: Optional[int] = typer.Option(None, help="also serve the TUI over SSH on this port (public keys: maas user add-key)"),
@@ -89,7 +90,9 @@ def start(
 
     run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
               simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port,
-              extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None, "advertise_url": advertise_url})
+              extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None,
+                     "higress_kubeconfig": str(higress_kubeconfig.absolute()) if higress_kubeconfig else None,
+                     "advertise_url": advertise_url})
 
 
 @app.command()
@@ -340,7 +343,7 @@ def model_delete(name: str, wait: bool = typer.Option(False, "--wait", help="wai
 
 INSTANCE_COLUMNS = [
     ("ID", lambda i: i.id), ("NAME", lambda i: i.name), ("MODEL", lambda i: i.model_name),
-    ("STATE", lambda i: i.state), ("WORKER", lambda i: i.worker_name),
+    ("STATE", instance_state), ("WORKER", lambda i: i.worker_name),
     ("ENDPOINT", lambda i: f"{i.address}:{i.port}" if i.port else ""), ("AGE", lambda i: age(i.created_at)),
 ]
 INSTANCE_WIDE = [

@@ -10,9 +10,11 @@ from server.higress.objects import MODEL_HEADER
 from server.higress.sync import current_objects
 
 
-@route("GET", "/v2/gateway/higress", "The Higress objects (McpBridge, Ingress, WasmPlugin) for what runs now")
+@route("GET", "/v2/gateway/higress", "The Higress objects (McpBridge, Ingress, WasmPlugin) for what runs now, and how their sync fares")
 async def higress_objects(request: web.Request) -> web.Response:
-    return json_out({"items": await current_objects(server_of(request))})
+    server = server_of(request)
+    sync = [status.as_dict() for status in getattr(server, "higress_status", None) or []]
+    return json_out({"items": await current_objects(server), "sync": sync})
 
 
 async def authorize(request: web.Request) -> web.Response:

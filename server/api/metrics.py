@@ -82,6 +82,22 @@ async def collect(server: Any) -> list[Metric]:
     lag = GaugeMetricFamily("maas_bus_lag_seconds", "Commit to publication delay of the newest change read")
     lag.add_metric([], float(getattr(server.feed, "lag_seconds", 0.0) or 0.0))
     out.append(lag)
+
+    # Higress sync, on the server that runs it (the leader): is each applier in sync, how often it failed.
+    sync = getattr(server, "higress_status", None) or []
+    if sync:
+        up = GaugeMetricFamily("maas_higress_sync_up", "1 when the last Higress apply succeeded",
+                               labels=["applier", "target"])
+        failures = CounterMetricFamily("maas_higress_sync_failures", "Failed Higress applies",
+                                       labels=["applier", "target"])
+        conflicts = CounterMetricFamily("maas_higress_sync_conflicts", "409 Conflicts met and retried",
+                                        labels=["applier", "target"])
+        for status in sync:
+            labels = [status.applier, status.target]
+            up.add_metric(labels, 1.0 if status.ok else 0.0)
+            failures.add_metric(labels, float(status.failures))
+            conflicts.add_metric(labels, float(status.conflicts))
+        out += [up, failures, conflicts]
     return out
 
 

@@ -19,9 +19,14 @@ from typing import Any
 NAMESPACE = "higress-system"
 MODEL_HEADER = "x-higress-llm-model"
 BRIDGE_NAME = "default"
-SERVER_REGISTRY = "maas-server"
+SERVER_REGISTRY = "maas-server"  # starts with REGISTRY_PREFIX: ours
 PLUGIN_REGISTRY = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins"
 LABELS = {"app.kubernetes.io/managed-by": "maas"}
+REGISTRY_PREFIX = "maas-"  # McpBridge registries MaaS owns; the bridge is shared with other writers
+
+
+def is_managed_registry(registry: dict[str, Any]) -> bool:
+    return str(registry.get("name", "")).startswith(REGISTRY_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,9 @@ def model_registries(model: str, endpoints: list[Endpoint]) -> list[dict[str, An
         return []
     ordered = sorted(set(endpoints), key=lambda e: (e.host, e.port))
     if all(_is_ip(e.host) for e in ordered):
-        return [{"name": f"maas-{slug(model)}", "type": "static", "protocol": "http", "port": 80,
+        return [{"name": f"{REGISTRY_PREFIX}{slug(model)}", "type": "static", "protocol": "http", "port": 80,
                  "domain": ",".join(f"{e.host}:{e.port}" for e in ordered)}]
-    return [{"name": f"maas-{slug(model)}-{i}", "type": "dns", "protocol": "http", "domain": e.host, "port": e.port}
+    return [{"name": f"{REGISTRY_PREFIX}{slug(model)}-{i}", "type": "dns", "protocol": "http", "domain": e.host, "port": e.port}
             for i, e in enumerate(ordered)]
 
 
