@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -136,3 +137,66 @@ async def test_key_scopes_and_allowed_models(server: MaasServer, admin: MaasClie
     with pytest.raises(ApiClientError) as refused:
         await admin.request("POST", "/v2/keys", json_body={"name": "x", "scopes": ["root"]})
     assert refused.value.status == 422 and "scopes" in refused.value.message
+
+
+SPEECH_BACKEND = {
+    "name": "speech",
+    "description": "tests/speech_backend.py: answers with what it received",
+    "command": [sys.executable, str(Path(__file__).parent / "speech_backend.py"), "--host", "{host}",
+                "--port", "{port}", "--model-name", "{model_name}"],
+    "health_path": "/health",
+    "metrics_path": None,
+}
+
+
+async def test_endpoints_follow_model_categories_and_audio_passes_through(
+        server: MaasServer, admin: MaasClient, api_key: str, agent, tiny_model: Path, tmp_path: Path):
+    await admin.add_backend(SPEECH_BACKEND)
+    source = tmp_path / "speech-model.bin"
+    source.write_bytes(b"weights")
+    await admin.create_model({"name": "ears", "source": str(source), "backend": "custom:speech", "replicas": 1,
+                              "cpu_only": True, "memory_bytes": 10**7,
+                              "categories": ["speech_to_text", "text_to_speech"]})
+    await admin.create_model({"name": "chatty", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 0})
+
+    async def running() -> bool:
+        instances = await admin.list_instances("ears")
+        return bool(instances) and instances[0].state == "running"
+    await eventually(running, message="the speech backend running")
+
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    audio = bytes(range(256)) * 4096 + b"\r\n--not-a-boundary\r\n"  # 1 MiB of binary with CRLFs in it
+    heard = await client.audio.transcriptions.create(model="ears", file=("clip.wav", audio, "audio/wav"),
+                                                     language="en", temperature=0.5)
+    extra = heard.model_extra
+    assert heard.text == f"{len(audio)} bytes heard"
+    assert extra["file"] == {"filename": "clip.wav", "content_type": "audio/wav", "bytes": len(audio),
+                             "sha256": hashlib.sha256(audio).hexdigest()}
+    assert extra["fields"] == {"model": "ears", "language": "en", "temperature": "0.5"}
+    spoken = await client.audio.speech.create(model="ears", input="hello", voice="alloy")
+    assert spoken.content == b"RIFF\x00\x00\x00\x00WAVEhello" + bytes(range(256))
+
+    models = {m.id: m.model_extra["categories"] for m in (await client.models.list()).data}
+    assert models == {"ears": ["speech_to_text", "text_to_speech"]}  # chatty runs nothing: not listed
+
+    with pytest.raises(openai.BadRequestError) as wrong:  # the speech model does not chat
+        await client.chat.completions.create(model="ears", messages=PROMPT, max_tokens=2)
+    assert wrong.value.code == "model_not_supported" and "category llm" in wrong.value.message
+    with pytest.raises(openai.BadRequestError) as wrong:  # the llm does not transcribe (checked before it runs)
+        await client.audio.transcriptions.create(model="chatty", file=("a.wav", b"x", "audio/wav"))
+    assert "does not serve /v1/audio/transcriptions" in wrong.value.message
+    for path, body in (("/v1/rerank", {"query": "q", "documents": ["a"]}), ("/v1/images/generations", {"prompt": "p"}),
+                       ("/v1/embeddings", {"input": "x"})):
+        async with aiohttp.ClientSession() as http, http.post(
+                server.url + path, json={"model": "chatty", **body},
+                headers={"Authorization": f"Bearer {api_key}"}) as response:
+            error = (await response.json())["error"]
+            assert (response.status, error["type"], error["code"]) == (400, "invalid_request_error",
+                                                                       "model_not_supported"), error
+    await client.close()
+
+    from maas_tui.client import ApiClientError
+    with pytest.raises(ApiClientError) as refused:
+        await admin.create_model({"name": "bad", "source": str(source), "backend": "custom:speech",
+                                  "categories": ["audio"]})
+    assert refused.value.status == 422 and "categories" in refused.value.message

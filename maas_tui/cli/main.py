@@ -183,6 +183,7 @@ def model_deploy(
     strategy: Optional[str] = typer.Option(None, help="spread (default) or binpack"),
     distributed: bool = typer.Option(False, "--distributed", help="vllm/sglang: may span workers when none fits alone"),
     partial_offload: bool = typer.Option(False, "--partial-offload", help="llama.cpp: layers that do not fit stay in RAM"),
+    category: list[str] = typer.Option([], "--category", help=f"what the model serves (repeatable): {', '.join(schemas.MODEL_CATEGORIES)}; gates the /v1 endpoints [default: llm]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show where each replica would go (or why not); deploy nothing. Exit code 1 when some replica does not fit"),
     output: Format = OutputOption,
 ) -> None:
@@ -195,6 +196,8 @@ def model_deploy(
         env_map[key] = value
     body = {"name": name, "source": _resolve_source(source), "backend": backend, "replicas": replicas,
             "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
+    if category:
+        body["categories"] = category
     body.update(_scheduling_fields(max_model_len, concurrency, memory, selector, gpu_type, gpu_vendor, gpus, strategy,
                                    distributed, partial_offload))
     if dry_run:

@@ -26,6 +26,10 @@ _FORWARDED_HEADERS = ("Content-Type", "Accept")
 _RETRY_STATUSES = {502, 503}
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
+# Endpoint -> the model category that serves it (ModelSpec.categories).
+CATEGORY_OF = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "embedding",
+               "/v1/rerank": "reranker", "/v1/audio/transcriptions": "speech_to_text",
+               "/v1/audio/speech": "text_to_speech", "/v1/images/generations": "image"}
 JSON_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
                   "/v1/audio/speech", "/v1/images/generations")
 MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions",)
@@ -38,7 +42,8 @@ class _Upstream(Exception):
 async def list_models(request: web.Request) -> web.Response:
     table = server_of(request).routes
     principal = principal_of(request)
-    data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas"}
+    data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas",
+             "categories": sorted(table.models[name].categories)}
             for name in table.serving_models() if principal.may_use_model(name)]
     return web.json_response({"object": "list", "data": data})
 
@@ -76,6 +81,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     routes = server.routes.models.get(name)
     if routes is None:
         raise ApiError(404, "model_not_found", f"the model {name!r} does not exist")
+    category = CATEGORY_OF[request.path]
+    if category not in routes.categories:
+        served = ", ".join(sorted(routes.categories))
+        raise ApiError(400, "model_not_supported", f"the model {name!r} does not serve {request.path}: it serves "
+                       f"{served}; {request.path} needs a model deployed with category {category}")
     targets = routes.ordered()
     if not targets:
         raise ApiError(503, "no_running_instance", f"the model {name!r} has no running instance yet")

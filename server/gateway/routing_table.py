@@ -6,6 +6,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.schemas import derive_categories
+
 
 @dataclass
 class Target:
@@ -17,6 +19,7 @@ class Target:
 @dataclass
 class ModelRoutes:
     targets: dict[int, Target] = field(default_factory=dict)
+    categories: frozenset[str] = frozenset({"llm"})  # what the model serves: gates the /v1 endpoints
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def ordered(self) -> list[Target]:
@@ -40,7 +43,10 @@ class RoutingTable:
             self.models.pop(name, None)
             self.created.pop(name, None)
             return
-        self.models.setdefault(name, ModelRoutes())
+        routes = self.models.setdefault(name, ModelRoutes())
+        spec = model.get("spec") or {}
+        routes.categories = frozenset(derive_categories(spec.get("backend", ""), spec.get("args") or (),
+                                                        spec.get("categories")))
         self.created.setdefault(name, _epoch(model.get("created_at")))
 
     def apply_instance(self, action: str, instance: dict[str, Any]) -> None:

@@ -21,6 +21,28 @@ HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 # Backends users register (`maas backend add -f FILE`) are deployed as `custom:NAME`.
+# What a model serves; the gateway routes a /v1 endpoint only to models of its category.
+MODEL_CATEGORIES: tuple[str, ...] = ("llm", "embedding", "reranker", "speech_to_text", "text_to_speech", "image")
+ModelCategory = Literal["llm", "embedding", "reranker", "speech_to_text", "text_to_speech", "image"]
+
+
+def derive_categories(backend: str, args: list[str] | tuple[str, ...] = (),
+                      categories: list[str] | None = None) -> tuple[str, ...]:
+    """The categories a model serves: as given, else from the backend and its args. Text generation
+    (llm) by default; llama.cpp's --embedding(s)/--reranking add embedding/reranker (what that server
+    then answers); vox-box serves speech both ways."""
+    if categories:
+        return tuple(categories)
+    if backend == "vox-box":
+        return ("speech_to_text", "text_to_speech")
+    derived = ["llm"]
+    if any(a in ("--embedding", "--embeddings") for a in args):
+        derived.append("embedding")
+    if any(a in ("--reranking", "--rerank") for a in args):
+        derived.append("reranker")
+    return tuple(derived)
+
+
 CUSTOM_BACKEND_PREFIX = "custom:"
 BACKEND_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 CUSTOM_BACKEND_REF = re.compile(r"^custom:[a-z0-9][a-z0-9._-]{0,63}$")
@@ -213,6 +235,11 @@ class ModelSpec(Schema):
         "vllm/sglang: may span several workers (pipeline parallel over Ray) when no single worker fits"))
     partial_offload: bool = Field(default=False, description=(
         "llama.cpp: when no GPU holds the whole model, keep some layers in host RAM"))
+    categories: list[ModelCategory] | None = Field(default=None, min_length=1, max_length=len(MODEL_CATEGORIES),
+                                                   description=(
+        "what the model serves, which gates the /v1 endpoints: llm (chat, completions), embedding, reranker, "
+        "speech_to_text (audio/transcriptions), text_to_speech (audio/speech), image (images/generations); "
+        "default: llm, plus embedding/reranker for llama.cpp's --embeddings/--reranking, speech both ways for vox-box"))
 
     @field_validator("backend")
     @classmethod
@@ -221,6 +248,14 @@ class ModelSpec(Schema):
             raise ValueError(f"unknown backend {value!r}; known backends: {', '.join(KNOWN_BACKENDS)}, "
                              f"or {CUSTOM_BACKEND_PREFIX}NAME for one registered with `maas backend add`")
         return value
+
+    @field_validator("categories")
+    @classmethod
+    def _unique_categories(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
+
+    def served_categories(self) -> tuple[str, ...]:
+        return derive_categories(self.backend, self.args, self.categories)
 
     @field_validator("worker_selector")
     @classmethod
