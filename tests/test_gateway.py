@@ -193,7 +193,27 @@ async def test_endpoints_follow_model_categories_and_audio_passes_through(
             error = (await response.json())["error"]
             assert (response.status, error["type"], error["code"]) == (400, "invalid_request_error",
                                                                        "model_not_supported"), error
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="no-such-model-xyz", messages=PROMPT)
     await client.close()
+
+    # Latency and answers by model and status in /metrics; an unknown name is no label value.
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as response:
+        text = await response.text()
+
+    def count(model: str, status: int) -> float:
+        match = re.search(rf'^maas_gateway_request_duration_seconds_count\{{model="{model}",status="{status}"\}} (\S+)$',
+                          text, re.M)
+        answered = re.search(rf'^maas_gateway_http_requests_total\{{model="{model}",status="{status}"\}} (\S+)$',
+                             text, re.M)
+        assert match and answered and match.group(1) == answered.group(1), text
+        return float(match.group(1))
+
+    assert (count("ears", 200), count("ears", 400), count("chatty", 400), count("", 404)) == (2, 1, 4, 1)
+    assert "no-such-model-xyz" not in text
+    inf = re.search(r'^maas_gateway_request_duration_seconds_bucket\{le="\+Inf",model="ears",status="200"\} (\S+)$',
+                    text, re.M)
+    assert inf and float(inf.group(1)) == 2, text
 
     from maas_tui.client import ApiClientError
     with pytest.raises(ApiClientError) as refused:

@@ -1,8 +1,10 @@
 """The server's `/metrics` (Prometheus text, no auth): models desired/running, instances and workers
 by state, gateway requests and tokens (from the usage table, so every server reports the same
-cluster-wide totals), and the event bus lag.
+cluster-wide totals), this server's gateway latency and answers by model and status, the Higress
+sync, and the event bus lag.
 
-Everything is read at scrape time with a few aggregate queries; nothing sits on the request path.
+Everything is read at scrape time with a few aggregate queries; the gateway's counters are
+in-memory additions on the request path (server/gateway/stats.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select
 
 from server import schemas
@@ -78,6 +80,19 @@ async def collect(server: Any) -> list[Metric]:
         prompt.add_metric([name], float(n_prompt or 0))
         completion.add_metric([name], float(n_completion or 0))
     out += [requests, prompt, completion]
+
+    # This server's own gateway: latency and answers by model and status, counted in memory
+    # on the request path (server/gateway/stats.py) and read here.
+    latency = HistogramMetricFamily("maas_gateway_request_duration_seconds",
+                                    "Time to the last byte of /v1 requests through this server's gateway",
+                                    labels=["model", "status"])
+    answered = CounterMetricFamily("maas_gateway_http_requests",
+                                   "/v1 requests answered by this server's gateway, by model and HTTP status",
+                                   labels=["model", "status"])
+    for model, status, buckets, count, total in server.routes.stats.snapshot():
+        latency.add_metric([model, str(status)], buckets, total)
+        answered.add_metric([model, str(status)], float(count))
+    out += [latency, answered]
 
     lag = GaugeMetricFamily("maas_bus_lag_seconds", "Commit to publication delay of the newest change read")
     lag.add_metric([], float(getattr(server.feed, "lag_seconds", 0.0) or 0.0))

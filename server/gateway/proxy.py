@@ -7,10 +7,12 @@ database work happens here; the routing table and keys are kept current by the b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from email.parser import BytesParser
 from email.policy import HTTP
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _FORWARDED_HEADERS = ("Content-Type", "Accept")
 _RETRY_STATUSES = {502, 503}
+_MODEL_KEY: web.RequestKey[str] = web.RequestKey("maas.gateway.model", str)  # for the latency labels
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
 # Endpoint -> the model category that serves it (ModelSpec.categories).
@@ -60,6 +63,27 @@ def _model_from_multipart(body: bytes, content_type: str) -> str | None:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
+    started = perf_counter()
+    model = ""  # a label only once the name is known to be a model: bodies must not mint label values
+    status = 500
+    try:
+        response = await _proxy(request, server)
+        status = response.status
+        model = request.get(_MODEL_KEY, "")
+        return response
+    except ApiError as exc:
+        status = exc.status
+        model = request.get(_MODEL_KEY, "")
+        raise
+    except asyncio.CancelledError:  # the client left (nginx's 499)
+        status = 499
+        model = request.get(_MODEL_KEY, "")
+        raise
+    finally:
+        server.routes.stats.observe(model, status, perf_counter() - started)
+
+
+async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     principal = principal_of(request)
     body = await request.read()
     payload: dict[str, Any] | None = None
@@ -81,6 +105,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     routes = server.routes.models.get(name)
     if routes is None:
         raise ApiError(404, "model_not_found", f"the model {name!r} does not exist")
+    request[_MODEL_KEY] = name
     category = CATEGORY_OF[request.path]
     if category not in routes.categories:
         served = ", ".join(sorted(routes.categories))

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.gateway.stats import GatewayStats
 from server.schemas import derive_categories
 
 
@@ -36,12 +37,14 @@ class RoutingTable:
     def __init__(self) -> None:
         self.models: dict[str, ModelRoutes] = {}  # every model that exists, with its running targets
         self.created: dict[str, int] = {}
+        self.stats = GatewayStats()  # latency by model and status: the gateway's own, lives with its table
 
     def apply_model(self, action: str, model: dict[str, Any]) -> None:
         name = model["name"]
         if action == "deleted":
             self.models.pop(name, None)
             self.created.pop(name, None)
+            self.stats.forget(name)
             return
         routes = self.models.setdefault(name, ModelRoutes())
         spec = model.get("spec") or {}
