@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from agent.logs import tail_lines, tail_text
 from agent.ports import DEFAULT_RANGE, PortAllocator
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
+from agent.sources import ModelCache
 from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ except ImportError:  # pragma: no cover - docker is a dependency
     class DockerError(Exception):  # type: ignore[no-redef]
         pass
 
-_RUNNABLE = {"scheduled", "starting", "running", "unreachable"}
+_RUNNABLE = {"scheduled", "downloading", "starting", "running", "unreachable"}
 
 
 @dataclass
@@ -58,6 +60,9 @@ class AgentConfig:
     # process, docker, or auto (docker when an engine answers, else process). The CLI passes auto.
     runtime: str = "process"
     docker_shm_size: str = "16g"
+    model_cache: Path | None = None  # hub downloads (agent/sources.py); default <data_dir>/models
+    # A download that moves no byte for this long fails the instance (network gone, hub stuck).
+    download_stall_timeout: float = 300.0
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Agent:
         self.gpus = GPUInventory(config.simulate_gpus)
         self.runtime = make_runtime(config)
         self.ports = PortAllocator(config.address, *config.port_range)
+        self.models = ModelCache(config.model_cache or config.data_dir / "models",
+                                 stall_timeout=config.download_stall_timeout)
         self.logs_dir = config.data_dir / "logs"
         self.desired: dict[int, InstanceOut] = {}
         self.workloads: dict[int, Workload] = {}
@@ -327,14 +334,20 @@ class Agent:
         try:
             workload.port = self.ports.allocate()
             spec = await self.launch_for(instance, workload.port)
-            workload.launch = spec
-            if self.runtime.name == "docker":
-                workload.handle = await self.runtime.start(str(instance.id), await self.container_for(instance, spec),
-                                                           path)
-            else:
+            if self.runtime.name != "docker":  # before any download: a backend missing here fails at once
                 missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
                 if missing:
                     raise BackendError(missing)
+            fetched = await self._fetch_model(workload)  # the same instance, a hub source now a path here
+            if fetched is not instance:
+                instance, spec = fetched, await self.launch_for(fetched, workload.port)
+            workload.launch = spec
+            if self.runtime.name == "docker":
+                if spec.image:
+                    await self.runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
+                workload.handle = await self.runtime.start(str(instance.id), await self.container_for(instance, spec),
+                                                           path)
+            else:
                 meta = {"port": workload.port, "restart_count": instance.restart_count,
                         "generation": instance.generation}
                 workload.handle = await self.runtime.start(str(instance.id), spec.command, spec.env, path, meta=meta)
@@ -347,6 +360,22 @@ class Agent:
         await self._set_state(workload, "starting", f"pid {handle.pid}, port {workload.port}",
                               port=workload.port, pid=handle.pid)
         await self._supervise(workload, spec.health_path, path)
+
+    async def _fetch_model(self, workload: Workload) -> InstanceOut:
+        """Download a hub source into the model cache (state `downloading` with progress); local paths pass."""
+        instance = workload.instance
+        source = instance.spec.source
+        if self.models.parse(source).kind == "local":
+            if os.path.isabs(source) or custom_name(instance.spec.backend) is None:
+                await self.models.resolve(source)  # a clear error now rather than a backend's traceback later
+            return instance  # a custom backend may take a name of its own (not a path) as its source
+        what = f"downloading {source} into {self.models.root}"
+        await self._downloading(workload, what, 0.0)
+        path = await self.models.resolve(source, lambda f: self._downloading(workload, what, f))
+        return instance.model_copy(update={"spec": instance.spec.model_copy(update={"source": path})})
+
+    async def _downloading(self, workload: Workload, message: str, fraction: float) -> None:
+        await self._set_state(workload, "downloading", message, download_progress=round(fraction, 4))
 
     async def _supervise(self, workload: Workload, health_path: str, path: Path, adopted: bool = False) -> None:
         """Probe until healthy, report running, then wait for the exit and report it unless asked to stop."""
@@ -415,7 +444,7 @@ class Agent:
         if not spec.image:
             raise BackendError(f"backend {instance.spec.backend} has no container image; "
                                "add `image` to its definition or run this worker with --runtime process")
-        options = ContainerOptions(worker=self.config.name, model_cache=self.config.data_dir / "models",
+        options = ContainerOptions(worker=self.config.name, model_cache=self.models.root,
                                    shm_size=self.config.docker_shm_size)
         gpus = await asyncio.to_thread(self.gpus.read)
         return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options)
@@ -459,6 +488,8 @@ class Agent:
         workload.stopping = True
         if workload.handle is not None:
             await self.runtime.stop(workload.handle)
+        elif workload.task is not None:
+            workload.task.cancel()  # still downloading: nothing runs yet, stop waiting for the download
         if workload.task is not None:
             await asyncio.gather(workload.task, return_exceptions=True)
         self.ports.release(workload.port)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.schemas import GPUDevice, HostInfo, UNIFIED_INSTANCE_METRICS
 
-INSTANCE_STATES = ("starting", "running", "error")
+INSTANCE_STATES = ("downloading", "starting", "running", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -11,7 +11,7 @@ import pytest
 from agent.agent import Agent, AgentConfig, make_runtime
 from agent.backends import BackendDefinition, LaunchContext, build_launch
 from agent.runtimes import ProcessRuntime
-from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec
+from agent.runtimes.docker import ContainerOptions, DockerRuntime, PullProgress, container_spec, split_image
 from server.schemas import GPUDevice, ResourceClaim
 from test_backends import instance
 
@@ -36,7 +36,7 @@ def test_vllm_container_spec():
                     "--max-model-len", "8192"],
         "name": "maas-m-7-7",
         "detach": True,
-        "environment": {"HF_TOKEN": "t", "HF_HOME": "/root/.cache/huggingface"},  # no host CUDA pin inside
+        "environment": {"HF_TOKEN": "t", "HF_HOME": "/var/lib/maas/models/huggingface"},  # no host CUDA pin inside
         "labels": {"maas.managed": "true", "maas.instance-id": "7", "maas.instance": "m-7", "maas.model": "m",
                    "maas.generation": "1", "maas.restart-count": "0", "maas.worker": "w1"},
         "network_mode": "host",
@@ -44,7 +44,8 @@ def test_vllm_container_spec():
         "shm_size": "8g",
         "device_requests": [{"Driver": "nvidia", "DeviceIDs": ["GPU-2", "GPU-3"], "Capabilities": [["gpu"]],
                              "Count": 0, "Options": {}}],
-        "volumes": {"/var/lib/maas/models": {"bind": "/root/.cache/huggingface", "mode": "rw"}},
+        # The model cache at the same path inside: commands name snapshot paths, whose files link into blobs.
+        "volumes": {"/var/lib/maas/models": {"bind": "/var/lib/maas/models", "mode": "rw"}},
         "restart_policy": {"Name": "no"},
     }
 
@@ -101,7 +102,14 @@ async def test_agent_builds_the_container_from_its_inventory(tmp_path: Path):
     spec = await agent.container_for(inst, launch)
     assert spec["device_requests"][0]["DeviceIDs"] == [agent.gpus.read()[1].uuid]
     assert spec["labels"]["maas.worker"] == "w9"
-    assert spec["volumes"][str(tmp_path / "models")]["bind"] == "/root/.cache/huggingface"
+    assert spec["volumes"][str(tmp_path / "models")]["bind"] == str(tmp_path / "models")
+
+
+def test_a_downloaded_model_is_inside_the_mounted_cache():
+    snapshot = "/var/lib/maas/models/huggingface/hub/models--acme--tiny/snapshots/0123abcd"
+    spec = spec_for(instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[0]), source=snapshot))
+    assert spec["command"][:2] == ["--model", snapshot]
+    assert spec["volumes"] == {"/var/lib/maas/models": {"bind": "/var/lib/maas/models", "mode": "rw"}}
 
 
 class FakeContainer:
@@ -158,3 +166,102 @@ async def test_docker_runtime_engine_calls_are_thin(tmp_path: Path):
     client.containers.existing = [FakeContainer("old", {})]
     assert runtime.clean_up_leftovers() == 1
     assert client.containers.filters == {"label": ["maas.managed=true", "maas.worker=w1"]}
+
+
+# --- image pulls: progress from the engine's pull stream -------------------------------------
+
+# The JSON lines `docker pull` streams (docker SDK `api.pull(..., stream=True, decode=True)`), as an
+# engine sends them for a two-layer image, one layer already present.
+PULL_STREAM = [
+    {"status": "Pulling from vllm/vllm-openai", "id": "v0.11.0"},
+    {"status": "Already exists", "progressDetail": {}, "id": "a1b2c3d4e5f6"},
+    {"status": "Pulling fs layer", "progressDetail": {}, "id": "0f1e2d3c4b5a"},
+    {"status": "Pulling fs layer", "progressDetail": {}, "id": "99aa88bb77cc"},
+    {"status": "Waiting", "progressDetail": {}, "id": "99aa88bb77cc"},
+    {"status": "Downloading", "progressDetail": {"current": 100, "total": 400},
+     "progress": "[=====>        ]     100B/400B", "id": "0f1e2d3c4b5a"},
+    {"status": "Downloading", "progressDetail": {"current": 300, "total": 600},
+     "progress": "[=====>        ]     300B/600B", "id": "99aa88bb77cc"},
+    {"status": "Downloading", "progressDetail": {"current": 400, "total": 400}, "id": "0f1e2d3c4b5a"},
+    {"status": "Verifying Checksum", "progressDetail": {}, "id": "0f1e2d3c4b5a"},
+    {"status": "Download complete", "progressDetail": {}, "id": "0f1e2d3c4b5a"},
+    {"status": "Extracting", "progressDetail": {"current": 32768, "total": 400}, "id": "0f1e2d3c4b5a"},
+    {"status": "Pull complete", "progressDetail": {}, "id": "0f1e2d3c4b5a"},
+    {"status": "Download complete", "progressDetail": {}, "id": "99aa88bb77cc"},
+    {"status": "Pull complete", "progressDetail": {}, "id": "99aa88bb77cc"},
+    {"status": "Digest: sha256:4f2d8e1c"},
+    {"status": "Status: Downloaded newer image for vllm/vllm-openai:v0.11.0"},
+]
+
+
+def test_pull_progress_follows_the_layers():
+    progress = PullProgress()
+    seen = []
+    for event in PULL_STREAM:
+        progress.feed(event)
+        seen.append(progress.fraction())
+    assert seen[0] is None  # the image line is about no layer
+    # Two layers announced without sizes: never more than 99% while sizes are unknown.
+    assert all(f is None or f <= 0.99 for f in seen[:6])
+    assert seen[6] == pytest.approx(400 / 1000)  # 100 of 400 + 300 of 600 (the present layer weighs 0)
+    assert seen[7] == pytest.approx(700 / 1000)
+    assert seen[-3] == pytest.approx(1.0) and seen[-1] == 1.0
+    assert [f for f in seen if f is not None] == sorted(f for f in seen if f is not None)
+    assert progress.error is None
+
+
+def test_pull_progress_keeps_the_engine_error():
+    progress = PullProgress()
+    progress.feed({"errorDetail": {"message": "manifest for vllm/vllm-openai:nope not found: manifest unknown"},
+                   "error": "manifest for vllm/vllm-openai:nope not found: manifest unknown"})
+    assert progress.error == "manifest for vllm/vllm-openai:nope not found: manifest unknown"
+
+
+@pytest.mark.parametrize("image, parts", [
+    ("vllm/vllm-openai:v0.11.0", ("vllm/vllm-openai", "v0.11.0")),
+    ("gpustack/vox-box", ("gpustack/vox-box", "latest")),
+    ("registry.local:5000/team/img", ("registry.local:5000/team/img", "latest")),
+    ("registry.local:5000/team/img:1.2", ("registry.local:5000/team/img", "1.2")),
+    ("img@sha256:abcd", ("img", "sha256:abcd")),
+])
+def test_split_image(image: str, parts: tuple[str, str]):
+    assert split_image(image) == parts
+
+
+class FakeImages:
+    def __init__(self, present: set[str]):
+        self.present = present
+
+    def get(self, image):
+        if image not in self.present:
+            raise docker.errors.ImageNotFound("no such image")
+        return object()
+
+
+class FakeApi:
+    def __init__(self, stream):
+        self.stream, self.pulled = stream, []
+
+    def pull(self, repository, tag, stream, decode):
+        assert stream and decode
+        self.pulled.append((repository, tag))
+        return iter(self.stream)
+
+
+async def test_docker_runtime_pull_reports_progress_once_per_percent():
+    client = FakeClient()
+    client.images, client.api = FakeImages({"here:1"}), FakeApi(PULL_STREAM)
+    runtime = DockerRuntime(worker="w1", client=client)
+    runtime.progress_interval = 0.01
+    reports: list[float] = []
+
+    async def note(fraction: float) -> None:
+        reports.append(fraction)
+
+    assert await runtime.pull("here:1", note) is False and reports == []  # present: nothing pulled
+    assert await runtime.pull("vllm/vllm-openai:v0.11.0", note) is True
+    assert client.api.pulled == [("vllm/vllm-openai", "v0.11.0")]
+    assert reports[-1] == 1.0 and reports == sorted(reports)
+    client.api = FakeApi([PULL_STREAM[0], {"error": "pull access denied", "errorDetail": {"message": "denied"}}])
+    with pytest.raises(RuntimeError, match="cannot pull image private/x:1: denied"):
+        await runtime.pull("private/x:1", note)

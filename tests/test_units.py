@@ -340,7 +340,8 @@ def test_routing_needs_an_address_and_port():
     assert table.serving_models() == []
 
 
-@pytest.mark.parametrize("state", ["error", "unreachable", "terminating", "pending", "scheduled", "starting"])
+@pytest.mark.parametrize("state", ["error", "unreachable", "terminating", "pending", "scheduled", "downloading",
+                                   "starting"])
 def test_routing_non_running_instance_is_removed(state: str):
     table = RoutingTable()
     table.apply_model("created", {"name": "m"})
@@ -501,3 +502,29 @@ def test_tail_lines_counts_newlines_only(tmp_path: Path):
     path = tmp_path / "progress.log"
     path.write_bytes(b"start\nloading 1%\rloading 50%\rloading 100%\nready\n")
     assert tail_lines(path, 2) == b"loading 1%\rloading 50%\rloading 100%\nready\n"
+
+
+# --- `downloading` counts as not ready everywhere `starting` does ------------------------------
+
+
+def test_rollout_never_counts_a_downloading_instance_as_running():
+    from server.controllers.rollout import InstanceView, plan
+
+    # Surge 1, unavailable 0: the old instance stays while its replacement downloads.
+    views = [InstanceView(1, "running", outdated=True), InstanceView(2, "downloading")]
+    assert plan(1, views, max_surge=1, max_unavailable=0).remove == []
+    views = [InstanceView(1, "running", outdated=True), InstanceView(2, "running")]
+    assert plan(1, views, max_surge=1, max_unavailable=0).remove == [1]
+
+
+def test_scale_down_drops_a_downloading_instance_before_a_starting_one():
+    from server.controllers.rollout import InstanceView, plan
+
+    views = [InstanceView(1, "running"), InstanceView(2, "starting"), InstanceView(3, "downloading")]
+    assert plan(2, views).remove == [3]
+    assert plan(1, views).remove == [3, 2]
+
+
+def test_not_ready_states_include_downloading():
+    assert schemas.NOT_READY_STATES == {"scheduled", "downloading", "starting"}
+    assert schemas.InstanceState.downloading in schemas.AgentInstanceState.__members__.values()

@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 
 LABEL_PREFIX = "maas."
 MANAGED_LABEL = "maas.managed"
-CONTAINER_MODEL_CACHE = "/root/.cache/huggingface"
 
 
 @dataclass
 class ContainerOptions:
     worker: str
-    model_cache: Path  # host folder mounted as the model cache (Hugging Face layout)
+    # The agent's model cache (agent/sources.py), mounted at the same path inside: the launch command names
+    # snapshot paths on the host, and their files are relative links into the cache's blobs.
+    model_cache: Path
     shm_size: str = "16g"
     extra_labels: dict[str, str] = field(default_factory=dict)
 
@@ -60,11 +61,13 @@ def container_spec(instance: InstanceOut, image: str, command: list[str], env: d
     pinned = ",".join(str(i) for i in claim.gpu_indexes) if claim and claim.device == "gpu" else None
     # Inside the container the requested GPUs are renumbered from 0: the host pin must not leak in.
     environment = {k: v for k, v in env.items() if not (k == "CUDA_VISIBLE_DEVICES" and v == pinned)}
-    volumes = {str(options.model_cache): {"bind": CONTAINER_MODEL_CACHE, "mode": "rw"}}
+    cache = str(options.model_cache)
+    volumes = {cache: {"bind": cache, "mode": "rw"}}
     source = instance.spec.source
-    if os.path.isabs(source):  # a local model: the same path inside, read-only
+    inside_cache = os.path.commonpath([cache, source]) == cache if os.path.isabs(source) else False
+    if os.path.isabs(source) and not inside_cache:  # a local model: the same path inside, read-only
         volumes[source] = {"bind": source, "mode": "ro"}
-    environment.setdefault("HF_HOME", CONTAINER_MODEL_CACHE)
+    environment.setdefault("HF_HOME", os.path.join(cache, "huggingface"))
     return {
         "image": image,
         "command": list(command),
@@ -79,6 +82,66 @@ def container_spec(instance: InstanceOut, image: str, command: list[str], env: d
         "volumes": volumes,
         "restart_policy": {"Name": "no"},  # the server decides restarts
     }
+
+
+class PullProgress:
+    """The fraction of an image pull, from the JSON events of the engine's pull stream.
+
+    Each layer reports `Pulling fs layer`, then `Downloading` with progressDetail current/total, then
+    `Download complete`, `Extracting`, `Pull complete`; a layer already here says `Already exists`.
+    The fraction is downloaded bytes over the total of the layers whose size is known so far; layers
+    announced without a size yet count as not done, so it never reads 100% too early.
+    """
+
+    DONE = ("Download complete", "Extracting", "Verifying Checksum", "Pull complete", "Already exists")
+
+    def __init__(self) -> None:
+        self.layers: dict[str, tuple[int, int | None]] = {}  # id -> (bytes downloaded, size or None)
+        self.error: str | None = None
+
+    def feed(self, event: dict[str, Any]) -> None:
+        if event.get("error"):
+            self.error = str(event.get("errorDetail", {}).get("message") or event["error"])
+            return
+        layer, status = event.get("id"), str(event.get("status", ""))
+        if not layer or status.startswith(("Pulling from", "Digest:", "Status:")):
+            return  # lines about the whole image, not a layer
+        current, total = self.layers.get(layer, (0, None))
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading" and detail.get("total"):
+            current, total = int(detail.get("current", 0)), int(detail["total"])
+        elif status.startswith(self.DONE):
+            current = total if total is not None else current
+            if total is None:  # done without a size seen (e.g. Already exists): weigh it as nothing left
+                total = current = 0
+        self.layers[layer] = (current, total)
+
+    def fraction(self) -> float | None:
+        if not self.layers:
+            return None
+        if any(total is None for _, total in self.layers.values()):
+            sized = [(c, t) for c, t in self.layers.values() if t]
+            unsized = sum(1 for _, t in self.layers.values() if t is None)
+            # A layer of unknown size is at least as big as the average known one.
+            average = sum(t for _, t in sized) / len(sized) if sized else 1
+            done = sum(c for c, _ in sized)
+            return min(done / (sum(t for _, t in sized) + unsized * average), 0.99)
+        total = sum(t or 0 for _, t in self.layers.values())
+        if total == 0:  # only layers already here so far: nothing to say until bytes move (the end says 1.0)
+            return None
+        return min(sum(c for c, _ in self.layers.values()) / total, 1.0)
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """`repo[:tag]` or `repo@digest` -> (repository, tag or digest) as the engine's pull API takes them."""
+    if "@" in image:
+        repository, digest = image.split("@", 1)
+        return repository, digest
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > slash:  # a colon after the last slash is a tag; before it, a registry port
+        return image[:colon], image[colon + 1:]
+    return image, "latest"
 
 
 def engine_answers() -> bool:
@@ -116,12 +179,58 @@ class DockerRuntime:
 
     def __init__(self, worker: str = "", stop_grace: float = 10.0, client: Any = None):
         self.worker = worker
+        self.progress_interval = 1.0  # seconds between pull progress reports
         if client is None:
             import docker
 
             client = docker.from_env()
         self.client = client
         self.stop_grace = stop_grace
+
+    async def pull(self, image: str, on_progress: Any = None) -> bool:
+        """Pull `image` unless the engine has it; `on_progress(fraction)` (a coroutine function) follows the
+        pull. False when it was already here. Raises RuntimeError with the engine's reason."""
+        import docker
+
+        def present() -> bool:
+            try:
+                self.client.images.get(image)
+                return True
+            except docker.errors.ImageNotFound:
+                return False
+
+        if await asyncio.to_thread(present):
+            return False
+        progress = PullProgress()
+        repository, tag = split_image(image)
+
+        def pull() -> None:
+            for event in self.client.api.pull(repository, tag=tag, stream=True, decode=True):
+                progress.feed(event)  # plain assignments: read from the event loop between events
+                if progress.error:
+                    return
+
+        task = asyncio.ensure_future(asyncio.to_thread(pull))
+        reported = -1.0
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.progress_interval):
+                        await asyncio.shield(task)
+                    break
+                except TimeoutError:
+                    pass
+                fraction = progress.fraction()
+                if on_progress is not None and fraction is not None and fraction - reported >= 0.01:
+                    reported = fraction
+                    await on_progress(fraction)
+        except docker.errors.APIError as exc:  # unknown image, no access to the registry
+            raise RuntimeError(f"cannot pull image {image}: {exc.explanation or exc}") from None
+        if progress.error:
+            raise RuntimeError(f"cannot pull image {image}: {progress.error}")
+        if on_progress is not None and reported < 1.0:
+            await on_progress(1.0)
+        return True
 
     async def start(self, key: str, spec: dict[str, Any], log_path: Path) -> ContainerHandle:
         import docker

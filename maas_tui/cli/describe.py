@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table, box
 
-from maas_tui.cli.output import age, console, human_bytes
+from maas_tui.cli.output import age, console, human_bytes, instance_state
 from server import schemas
 
 
@@ -78,7 +78,7 @@ def print_evaluation(evaluation: schemas.ModelEvaluation) -> None:
 
 def print_instance(instance: schemas.InstanceOut, events: list[schemas.EventOut]) -> None:
     rows = [("Name", instance.name), ("ID", str(instance.id)), ("Model", f"{instance.model_name} (generation {instance.generation})"),
-            ("State", instance.state + (f": {instance.state_message}" if instance.state_message else "")),
+            ("State", instance_state(instance) + (f": {instance.state_message}" if instance.state_message else "")),
             ("Worker", instance.worker_name or "-"),
             ("Endpoint", f"{instance.address}:{instance.port}" if instance.port else "-"),
             ("Claim", claim_text(instance.claim)), ("Restarts", str(instance.restart_count)),
@@ -122,7 +122,7 @@ def print_model(description: schemas.ModelDescription) -> None:
         console.print(f"Memory:     cannot estimate: {description.estimate_error}", highlight=False)
     table = _table("ID", "NAME", "STATE", "WORKER", "PLACEMENT", "AGE")
     for i in description.instances:
-        table.add_row(str(i.id), i.name, i.state, i.worker_name or "-", claim_text(i.claim), age(i.created_at))
+        table.add_row(str(i.id), i.name, instance_state(i), i.worker_name or "-", claim_text(i.claim), age(i.created_at))
     console.print("Instances:", highlight=False)
     console.print(table)
     for i in description.instances:

@@ -14,7 +14,7 @@ import typer
 from maas_tui import config as client_config
 from maas_tui.cli import ops_cmds
 from maas_tui.cli.gateway_cmds import gateway_app
-from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes
+from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console, human_bytes, instance_state
 from maas_tui.client import ApiClientError, MaasClient
 from server import __version__, schemas
 
@@ -346,7 +346,7 @@ def model_delete(name: str, wait: bool = typer.Option(False, "--wait", help="wai
 
 INSTANCE_COLUMNS = [
     ("ID", lambda i: i.id), ("NAME", lambda i: i.name), ("MODEL", lambda i: i.model_name),
-    ("STATE", lambda i: i.state), ("WORKER", lambda i: i.worker_name),
+    ("STATE", instance_state), ("WORKER", lambda i: i.worker_name),
     ("ENDPOINT", lambda i: f"{i.address}:{i.port}" if i.port else ""), ("AGE", lambda i: age(i.created_at)),
 ]
 INSTANCE_WIDE = [

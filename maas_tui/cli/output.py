@@ -79,3 +79,11 @@ def age(moment: datetime | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{max(seconds, 0)}s"
+
+
+def instance_state(instance: Any) -> str:
+    """`downloading 42%` while the agent reports download progress, else the state itself."""
+    progress = getattr(instance, "download_progress", None)
+    if str(instance.state) == "downloading" and progress is not None:
+        return f"downloading {min(max(progress, 0.0), 1.0) * 100:.0f}%"
+    return str(instance.state)

@@ -17,6 +17,7 @@ BAR_FULL, BAR_EMPTY = "█", "░"
 STATE_STYLES: dict[str, str] = {
     "running": "bold green",
     "ready": "bold green",
+    "downloading": "cyan",
     "starting": "cyan",
     "scheduled": "blue",
     "pending": "yellow",
@@ -31,6 +32,17 @@ STATE_STYLES: dict[str, str] = {
 
 def state_text(state: str) -> Text:
     return Text(str(state), style=STATE_STYLES.get(str(state), ""))
+
+
+def instance_state(state: str, download_progress: float | None = None) -> str:
+    """`downloading 42%` while a download reports progress, else the state itself."""
+    if str(state) == "downloading" and download_progress is not None:
+        return f"downloading {min(max(download_progress, 0.0), 1.0) * 100:.0f}%"
+    return str(state)
+
+
+def instance_state_text(inst: Any) -> Text:
+    return Text(instance_state(inst.state, inst.download_progress), style=STATE_STYLES.get(str(inst.state), ""))
 
 
 def gb(value: int | float | None, digits: int = 0) -> str:

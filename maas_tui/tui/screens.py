@@ -582,7 +582,7 @@ class InstancesScreen(TableScreen):
     def rows(self) -> Iterable[tuple[str, tuple[Any, ...]]]:
         now = self.now
         for i in self.state.sorted_instances():
-            yield i.name, (i.name, fmt.state_text(i.state), i.worker_name or "-", placement(i),
+            yield i.name, (i.name, fmt.instance_state_text(i), i.worker_name or "-", placement(i),
                            str(i.port) if i.port else "-", str(i.restart_count), fmt.age(i.created_at, now),
                            i.model_name, str(i.generation), i.address or "-", str(i.pid) if i.pid else "-")
 
@@ -598,7 +598,7 @@ class InstancesScreen(TableScreen):
         text = Text()
         if inst is not None:
             text.append(f" {inst.name} ", style="bold")
-            text.append_text(fmt.state_text(inst.state))
+            text.append_text(fmt.instance_state_text(inst))
             if inst.state_message:
                 text.append(": " + " ".join(inst.state_message.split())[:300],
                             style="red" if inst.state == "error" else "")
@@ -776,7 +776,7 @@ class DescribeScreen(MaasScreen):
         grid = self._grid()
         grid.add_row("Name", inst.name)
         grid.add_row("Model", f"{inst.model_name}  (generation {inst.generation})")
-        grid.add_row("State", fmt.state_text(inst.state))
+        grid.add_row("State", fmt.instance_state_text(inst))
         if inst.state_message:
             grid.add_row("Message", Text(inst.state_message.strip()[-600:], style="red" if inst.state == "error" else ""))
         grid.add_row("Worker", inst.worker_name or "-  (not scheduled)")
@@ -835,7 +835,7 @@ class DescribeScreen(MaasScreen):
         names = {model.name}
         for inst in self.state.instances_of(model.id):
             names.add(inst.name)
-            instances.add_row(inst.name, fmt.state_text(inst.state), inst.worker_name or "-", placement(inst),
+            instances.add_row(inst.name, fmt.instance_state_text(inst), inst.worker_name or "-", placement(inst),
                               str(inst.port or "-"), str(inst.restart_count))
         return Group(grid, Text(""), Text("Instances", style="bold"), instances, Text(""),
                      Text("Events", style="bold"), self._events(names))
@@ -865,7 +865,7 @@ class DescribeScreen(MaasScreen):
         for column in ("INSTANCE", "STATE", "PLACEMENT", "PORT"):
             instances.add_column(column, no_wrap=True)
         for inst in self.state.instances_on(worker.id):
-            instances.add_row(inst.name, fmt.state_text(inst.state), placement(inst), str(inst.port or "-"))
+            instances.add_row(inst.name, fmt.instance_state_text(inst), placement(inst), str(inst.port or "-"))
         return Group(grid, Text(""), Text("GPUs", style="bold"), detail, Text(""), Text("Instances", style="bold"),
                      instances, Text(""), Text("Events", style="bold"), self._events({worker.name}))
 
@@ -1004,7 +1004,7 @@ class LogsScreen(MaasScreen):
                 return
             # The instance may be starting, restarting or briefly unreachable: fetch again, replacing
             # the view in one go so nothing flickers.
-            await asyncio.sleep(1.0 if inst.state in ("pending", "scheduled", "starting", "running") else 3.0)
+            await asyncio.sleep(1.0 if inst.state in ("pending", "scheduled", "downloading", "starting", "running") else 3.0)
             replace = True
 
     def _now_stamp(self) -> str:

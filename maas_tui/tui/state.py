@@ -17,7 +17,7 @@ WATCH_KINDS = ["workers", "models", "instances", "events"]
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
 EVENTS_KEPT = 2000
 # An instance in one of these states holds its claim.
-CLAIMING = {"scheduled", "starting", "running", "error", "unreachable", "terminating"}
+CLAIMING = {"scheduled", "downloading", "starting", "running", "error", "unreachable", "terminating"}
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,10 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 # Unreachable instances come back only through their worker's heartbeat (see _recover_unreachable).
 _ALLOWED_FROM = {
-    schemas.AgentInstanceState.starting: {S.scheduled, S.starting, S.running, S.error},
-    schemas.AgentInstanceState.running: {S.scheduled, S.starting, S.running},
-    schemas.AgentInstanceState.error: {S.scheduled, S.starting, S.running, S.error},
+    schemas.AgentInstanceState.downloading: {S.scheduled, S.downloading, S.error},
+    schemas.AgentInstanceState.starting: {S.scheduled, S.downloading, S.starting, S.running, S.error},
+    schemas.AgentInstanceState.running: {S.scheduled, S.downloading, S.starting, S.running},
+    schemas.AgentInstanceState.error: {S.scheduled, S.downloading, S.starting, S.running, S.error},
 }
 
 
@@ -119,6 +120,8 @@ async def report_status(request: web.Request) -> web.Response:
             instance.port = body.port
         if body.pid is not None:
             instance.pid = body.pid
+        # The fraction means something only while downloading; any other state clears it.
+        instance.download_progress = body.download_progress if body.state == S.downloading else None
         if changed:
             record_event(s, "instances", instance, body.state.value.capitalize(), body.message[-2000:], principal.name)
         await s.commit()

@@ -92,7 +92,19 @@ async def delete_key(request: web.Request) -> web.Response:
 
 
 def _check_source(spec: schemas.ModelSpec) -> None:
-    """Sources that are local paths must be absolute and exist (the CLI resolves relative ones)."""
+    """Sources that are local paths must be absolute and exist (the CLI resolves relative ones).
+
+    Hub sources (hf://ORG/NAME, ms://ORG/NAME, or a bare ORG/NAME: see schemas.parse_model_source)
+    are downloaded by the agent; only their form is checked here."""
+    try:
+        source = schemas.parse_model_source(spec.source)
+    except schemas.SourceError as exc:
+        raise bad_request(str(exc)) from None
+    if source.kind != "local":
+        if spec.backend == "llama.cpp" and not (source.filename or "").endswith(".gguf"):
+            raise bad_request(f"llama.cpp serves one GGUF file: name it in the source, e.g. "
+                              f"{'ms' if source.kind == 'modelscope' else 'hf'}://{source.repo_id}/FILE.gguf")
+        return
     if spec.backend == "llama.cpp":
         path = Path(spec.source)
         if not path.is_absolute():

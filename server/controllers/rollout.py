@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 RUNNING = "running"
 TERMINATING = "terminating"
 # Which instances go first when there are too many: the least useful first.
-_REMOVAL_ORDER = ["pending", "error", "unreachable", "scheduled", "starting", "running"]
+_REMOVAL_ORDER = ["pending", "error", "unreachable", "scheduled", "downloading", "starting", "running"]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class WorkerLivenessController(ReconcileLoop):
                 record_event(s, "workers", worker, "NotReady", worker.state_message, self.name)
                 instances = (await s.execute(select(tables.ModelInstance).where(
                     tables.ModelInstance.worker_id == worker.id,
-                    tables.ModelInstance.state.in_([S.scheduled, S.starting, S.running, S.error])))).scalars()
+                    tables.ModelInstance.state.in_([S.scheduled, S.downloading, S.starting, S.running, S.error])))).scalars()
                 for instance in instances:
                     instance.state = S.unreachable
                     instance.state_message = f"worker {worker.name} stopped answering"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -120,6 +121,7 @@ class ModelInstance(Base, Timestamps):
     claim: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     schedule_reasons: Mapped[list[Any]] = mapped_column(default=list)
     restart_count: Mapped[int] = mapped_column(Integer, default=0)
+    download_progress: Mapped[float | None] = mapped_column(Float, default=None)  # 0..1 while downloading
 
 
 class Event(Base):

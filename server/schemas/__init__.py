@@ -393,11 +393,16 @@ class RolloutUndo(Schema):
 class InstanceState(StrEnum):
     pending = "pending"
     scheduled = "scheduled"
+    downloading = "downloading"  # the agent fetches the model or the container image (download_progress)
     starting = "starting"
     running = "running"
     error = "error"
     unreachable = "unreachable"
     terminating = "terminating"
+
+
+# Placed on a worker but not serving yet: what "not ready" means for rollouts, routing and the UI.
+NOT_READY_STATES: frozenset[str] = frozenset({"scheduled", "downloading", "starting"})
 
 
 class MemoryEstimateOut(Schema):
@@ -470,6 +475,8 @@ class InstanceOut(Schema):
     claim: ResourceClaim | None = None
     schedule_reasons: list[UnschedulableReason] = Field(default_factory=list)
     restart_count: int = 0
+    download_progress: float | None = Field(default=None, ge=0, le=1, description=(
+        "while downloading: the fraction of the model or image fetched so far"))
     created_at: datetime
     updated_at: datetime
 
@@ -502,6 +509,7 @@ class ModelDescription(Schema):
 
 
 class AgentInstanceState(StrEnum):
+    downloading = "downloading"
     starting = "starting"
     running = "running"
     error = "error"
@@ -513,6 +521,7 @@ class InstanceStatusReport(Schema):
     message: str = Field(default="", max_length=20_000)
     port: int | None = Field(default=None, ge=1, le=65535)
     pid: int | None = None
+    download_progress: float | None = Field(default=None, ge=0, le=1, description="with downloading: 0..1")
 
 
 # --- events and the watch stream -------------------------------------------
@@ -681,3 +690,44 @@ def parse_size(text: str | None) -> int | None:
     if unit not in _UNITS:
         return None
     return int(float(match[1]) * _UNITS[unit])
+
+# --- where a model comes from ------------------------------------------------------
+#
+# `spec.source` is one of:
+#   /abs/path                            a local file or folder on the worker (the CLI makes relative paths absolute)
+#   hf://ORG/NAME[@REV][/FILE]           a Hugging Face repository, optionally one file of it (a .gguf for llama.cpp)
+#   ms://ORG/NAME[@REV][/FILE]           the same on ModelScope
+#   ORG/NAME                             short for hf://ORG/NAME (exactly two parts, never absolute)
+# Anything else is taken as a local path and fails on the worker when it does not exist there.
+
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_HUB_REF = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}))?"
+                      r"(?:/(?P<file>[^\s@]+))?$")
+_BARE_REPO = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
+HUBS = {"hf://": "huggingface", "ms://": "modelscope"}
+
+
+class ModelSource(BaseModel):
+    kind: Literal["local", "huggingface", "modelscope"]
+    path: str | None = None  # local
+    repo_id: str | None = None  # hubs
+    revision: str | None = None
+    filename: str | None = None  # one file of the repository (e.g. a GGUF)
+
+
+class SourceError(ValueError):
+    pass
+
+
+def parse_model_source(source: str) -> ModelSource:
+    """What `spec.source` names (see the table above). Raises SourceError for a malformed hub reference."""
+    for prefix, kind in HUBS.items():
+        if source.startswith(prefix):
+            match = _HUB_REF.match(source[len(prefix):])
+            if not match or ".." in (match["file"] or "").split("/"):
+                raise SourceError(f"model source {source!r}: write {prefix}ORG/NAME, {prefix}ORG/NAME@REVISION "
+                                  f"or {prefix}ORG/NAME/FILE")
+            return ModelSource(kind=kind, repo_id=match["repo"], revision=match["revision"], filename=match["file"])
+    if _BARE_REPO.match(source) and not source.startswith("."):
+        return ModelSource(kind="huggingface", repo_id=source)
+    return ModelSource(kind="local", path=source)
