@@ -265,3 +265,20 @@ async def test_docker_runtime_pull_reports_progress_once_per_percent():
     client.api = FakeApi([PULL_STREAM[0], {"error": "pull access denied", "errorDetail": {"message": "denied"}}])
     with pytest.raises(RuntimeError, match="cannot pull image private/x:1: denied"):
         await runtime.pull("private/x:1", note)
+
+
+def test_mindie_container_maps_the_claimed_npus():
+    spec = spec_for(instance("mindie", ResourceClaim(device="gpu", gpu_indexes=[2, 3]), source="/models/qwen"))
+    assert spec["device_requests"] == []  # no NVIDIA request for NPUs
+    assert spec["devices"] == ["/dev/davinci2:/dev/davinci2:rwm", "/dev/davinci3:/dev/davinci3:rwm",
+                               "/dev/davinci_manager:/dev/davinci_manager:rwm", "/dev/devmm_svm:/dev/devmm_svm:rwm",
+                               "/dev/hisi_hdc:/dev/hisi_hdc:rwm"]
+    assert "ASCEND_RT_VISIBLE_DEVICES" not in spec["environment"]  # renumbered from 0 inside
+    assert spec["volumes"]["/usr/local/Ascend/driver/lib64"] == {"bind": "/usr/local/Ascend/driver/lib64", "mode": "ro"}
+
+
+def test_voxbox_container():
+    spec = spec_for(instance("vox-box", ResourceClaim(device="gpu", gpu_indexes=[1]), source="/models/whisper"))
+    assert spec["image"] == "gpustack/vox-box:latest"
+    assert spec["command"][:2] == ["vox-box", "start"]
+    assert spec["device_requests"][0]["DeviceIDs"] == ["GPU-1"]

@@ -140,3 +140,71 @@ def test_uninstalled_backend_is_reported():
 
 def test_python_overrides_from_the_environment():
     assert python_overrides({"MAAS_VLLM_PYTHON": "/v/bin/python", "MAAS_SGLANG_PYTHON": ""}) == {"vllm": "/v/bin/python"}
+
+
+# --- VoxBox (speech) and MindIE (Ascend NPUs) ---------------------------------------------
+
+
+def test_voxbox_on_a_gpu():
+    claim = ResourceClaim(device="gpu", gpu_indexes=[2], vram_bytes_per_gpu=4 * 10**9)
+    launch = build_launch(instance("vox-box", claim, source="/models/faster-whisper-small",
+                                   args=["--data-dir", "/var/cache/vox"]), CTX)
+    assert launch.command == ["vox-box", "start", "--model", "/models/faster-whisper-small", "--host", "10.0.0.5",
+                              "--port", "20001", "--device", "cuda:0", "--data-dir", "/var/cache/vox"]
+    assert launch.env == {"CUDA_VISIBLE_DEVICES": "2"}  # the pinned GPU is the process's cuda:0
+    assert launch.health_path == "/health" and launch.metrics_path is None and launch.metrics == {}
+    assert launch.image == "gpustack/vox-box:latest" and launch.container_command == launch.command
+    assert launch.requires == ("executable", "vox-box")
+
+
+def test_voxbox_on_cpu():
+    launch = build_launch(instance("vox-box", ResourceClaim(device="cpu", ram_bytes=10**9), source="/models/tts",
+                                   backend_version="0.0.20"), CTX)
+    assert launch.command[-2:] == ["--device", "cpu"] and launch.env == {}
+    assert launch.image == "gpustack/vox-box:0.0.20"
+
+
+def test_mindie_on_two_npus():
+    import json
+
+    from agent.backends import MINDIE_DAEMON
+
+    claim = ResourceClaim(device="gpu", gpu_indexes=[4, 5], tensor_parallel_size=2)
+    launch = build_launch(instance("mindie", claim, source="/models/qwen2.5-7b", context_length=4096,
+                                   env={"MINDIE_LOG_LEVEL": "INFO"}), CTX)
+    assert launch.command == ["/bin/sh", "-c",
+                              'printf %s "$MAAS_MINDIE_CONFIG" > "$MIES_CONFIG_JSON_PATH" && exec "$0" "$@"',
+                              MINDIE_DAEMON]
+    config = json.loads(launch.env.pop("MAAS_MINDIE_CONFIG"))
+    assert launch.env == {"MIES_CONFIG_JSON_PATH": "/tmp/maas-mindie-m-7.json", "MIES_SERVICE_MONITOR_MODE": "1",
+                          "ASCEND_RT_VISIBLE_DEVICES": "4,5", "MINDIE_LOG_LEVEL": "INFO"}  # never CUDA_*
+    assert config["ServerConfig"]["ipAddress"] == "10.0.0.5" and config["ServerConfig"]["port"] == 20001
+    backend = config["BackendConfig"]
+    assert backend["npuDeviceIds"] == [[0, 1]]  # renumbered by ASCEND_RT_VISIBLE_DEVICES
+    assert backend["ModelDeployConfig"]["maxSeqLen"] == 4096
+    assert backend["ModelDeployConfig"]["ModelConfig"] == [{
+        "modelInstanceType": "Standard", "modelName": "m", "modelWeightPath": "/models/qwen2.5-7b", "worldSize": 2,
+        "backendType": "atb", "trustRemoteCode": False}]
+    assert launch.health_path == "/v1/models" and launch.metrics["num_requests_running"] == "requests_running"
+    assert launch.image.startswith("ascendhub.huawei.com/public-ascendhub/mindie:")
+    assert launch.requires == ("executable", MINDIE_DAEMON)
+
+
+def test_mindie_launch_writes_its_config_then_runs_the_daemon(tmp_path):
+    """The shell step for real: the config lands in the file MindIE reads, then the daemon (here `echo`) runs."""
+    import json
+    import os
+    import subprocess
+
+    launch = build_launch(instance("mindie", ResourceClaim(device="gpu", gpu_indexes=[0]), source="/m"), CTX)
+    env = {**os.environ, **launch.env, "MIES_CONFIG_JSON_PATH": str(tmp_path / "config.json")}
+    done = subprocess.run([*launch.command[:3], "echo", "daemon started"], env=env, capture_output=True, text=True,
+                          timeout=10)
+    assert done.stdout == "daemon started\n"
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(launch.env["MAAS_MINDIE_CONFIG"])
+
+
+def test_new_backends_are_known_to_the_server():
+    from server.schemas import KNOWN_BACKENDS
+
+    assert {"vox-box", "mindie"} <= set(KNOWN_BACKENDS)

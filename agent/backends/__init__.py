@@ -197,7 +197,78 @@ def custom(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
                       container_command=command + list(instance.spec.args))
 
 
-BACKENDS = {"llama.cpp": llama_cpp, "vllm": vllm, "sglang": sglang}
+# --- speech (VoxBox) and Ascend NPUs (MindIE) -----------------------------------------------
+
+
+def voxbox(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    """VoxBox: OpenAI-compatible speech-to-text and text-to-speech (Whisper, FunASR, CosyVoice...)."""
+    spec, claim = instance.spec, instance.claim
+    on_gpu = claim is not None and claim.device == "gpu" and bool(claim.gpu_indexes)
+    # CUDA_VISIBLE_DEVICES pins the claimed GPU, which the process then sees as its first device.
+    device = "cuda:0" if on_gpu else "cpu"
+    command = ["vox-box", "start", "--model", spec.source, "--host", context.host, "--port", str(context.port),
+               "--device", device]
+    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+                      health_path="/health", metrics_path=None, metrics={},
+                      image=f"gpustack/vox-box:{spec.backend_version or 'latest'}",
+                      container_command=command + list(spec.args), requires=("executable", "vox-box"))
+
+
+# MindIE's service monitor (MIES_SERVICE_MONITOR_MODE=1) exports vLLM's metric names without the prefix.
+MINDIE_METRICS = {
+    "num_requests_running": "requests_running",
+    "num_requests_waiting": "requests_waiting",
+    "prompt_tokens_total": "prompt_tokens_total",
+    "generation_tokens_total": "generation_tokens_total",
+    "npu_cache_usage_perc": "kv_cache_usage_ratio",
+    "time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
+}
+MINDIE_DAEMON = "/usr/local/Ascend/mindie/latest/mindie-service/bin/mindieservice_daemon"
+
+
+def mindie_config(instance: InstanceOut, context: LaunchContext) -> dict:
+    """The part of MindIE's config.json that depends on the instance; MindIE's defaults cover the rest."""
+    spec, claim = instance.spec, instance.claim
+    devices = len(claim.gpu_indexes) if claim and claim.device == "gpu" and claim.gpu_indexes else 1
+    max_len = spec.context_length
+    return {
+        "ServerConfig": {"ipAddress": context.host, "port": context.port, "managementIpAddress": context.host,
+                         "managementPort": context.port, "metricsPort": context.port, "allowAllZeroIpListening": True,
+                         "httpsEnabled": False, "interCommTLSEnabled": False},
+        "BackendConfig": {
+            # ASCEND_RT_VISIBLE_DEVICES renumbers the claimed NPUs from 0, as CUDA_VISIBLE_DEVICES does GPUs.
+            "npuDeviceIds": [list(range(devices))], "multiNodesInferEnabled": False, "interNodeTLSEnabled": False,
+            "ModelDeployConfig": {
+                "maxSeqLen": max_len, "maxInputTokenLen": max_len, "truncation": False,
+                "ModelConfig": [{"modelInstanceType": "Standard", "modelName": instance.model_name,
+                                 "modelWeightPath": spec.source, "worldSize": devices, "backendType": "atb",
+                                 "trustRemoteCode": False}]},
+            "ScheduleConfig": {"maxIterTimes": max_len, "maxPrefillTokens": max_len},
+        },
+    }
+
+
+def mindie(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    """MindIE Service on Ascend NPUs: its daemon reads a config file, which the launch writes first."""
+    import json
+
+    spec, claim = instance.spec, instance.claim
+    env: dict[str, str] = {"MAAS_MINDIE_CONFIG": json.dumps(mindie_config(instance, context), sort_keys=True),
+                           "MIES_CONFIG_JSON_PATH": f"/tmp/maas-mindie-{instance.name}.json",
+                           "MIES_SERVICE_MONITOR_MODE": "1"}  # expose /metrics
+    if claim and claim.device == "gpu" and claim.gpu_indexes and context.real_gpus:
+        env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(i) for i in claim.gpu_indexes)
+    # The daemon takes no flags: the config goes through a file named by MIES_CONFIG_JSON_PATH.
+    script = 'printf %s "$MAAS_MINDIE_CONFIG" > "$MIES_CONFIG_JSON_PATH" && exec "$0" "$@"'
+    command = ["/bin/sh", "-c", script, MINDIE_DAEMON, *spec.args]
+    return LaunchSpec(command=command, env={**env, **spec.env}, health_path="/v1/models", metrics_path="/metrics",
+                      metrics=dict(MINDIE_METRICS),
+                      image=f"ascendhub.huawei.com/public-ascendhub/mindie:{spec.backend_version or '2.0.RC1-800I-A2-py311-openeuler24.03-lts'}",
+                      container_command=command, requires=("executable", MINDIE_DAEMON))
+
+
+BACKENDS = {"llama.cpp": llama_cpp, "vllm": vllm, "sglang": sglang, "vox-box": voxbox, "mindie": mindie}
 
 
 def custom_name(backend: str) -> str | None:

@@ -54,13 +54,29 @@ def device_requests(instance: InstanceOut, gpus: list[GPUDevice]) -> list[dict[s
     return [{"Driver": "nvidia", "DeviceIDs": ids, "Capabilities": [["gpu"]], "Count": 0, "Options": {}}]
 
 
+# An Ascend NPU container: the claimed davinci devices, the shared control devices and the host driver.
+ASCEND_CONTROL_DEVICES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
+ASCEND_HOST_PATHS = ("/usr/local/dcmi", "/usr/local/bin/npu-smi", "/usr/local/Ascend/driver/lib64",
+                     "/usr/local/Ascend/driver/version.info", "/etc/ascend_install.info")
+
+
+def ascend_devices(instance: InstanceOut) -> list[str]:
+    claim = instance.claim
+    if not claim or claim.device != "gpu" or not claim.gpu_indexes:
+        return []
+    return [f"/dev/davinci{i}:/dev/davinci{i}:rwm" for i in claim.gpu_indexes] + \
+        [f"{d}:{d}:rwm" for d in ASCEND_CONTROL_DEVICES]
+
+
 def container_spec(instance: InstanceOut, image: str, command: list[str], env: dict[str, str],
                    gpus: list[GPUDevice], options: ContainerOptions) -> dict[str, Any]:
     """The keyword arguments of `client.containers.run` for this instance."""
     claim = instance.claim
     pinned = ",".join(str(i) for i in claim.gpu_indexes) if claim and claim.device == "gpu" else None
-    # Inside the container the requested GPUs are renumbered from 0: the host pin must not leak in.
-    environment = {k: v for k, v in env.items() if not (k == "CUDA_VISIBLE_DEVICES" and v == pinned)}
+    ascend = instance.spec.backend == "mindie"
+    # Inside the container the requested GPUs (NPUs) are renumbered from 0: the host pin must not leak in.
+    environment = {k: v for k, v in env.items()
+                   if not (k in ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES") and v == pinned)}
     cache = str(options.model_cache)
     volumes = {cache: {"bind": cache, "mode": "rw"}}
     source = instance.spec.source
@@ -68,6 +84,8 @@ def container_spec(instance: InstanceOut, image: str, command: list[str], env: d
     if os.path.isabs(source) and not inside_cache:  # a local model: the same path inside, read-only
         volumes[source] = {"bind": source, "mode": "ro"}
     environment.setdefault("HF_HOME", os.path.join(cache, "huggingface"))
+    if ascend:
+        volumes.update({path: {"bind": path, "mode": "ro"} for path in ASCEND_HOST_PATHS})
     return {
         "image": image,
         "command": list(command),
@@ -78,10 +96,10 @@ def container_spec(instance: InstanceOut, image: str, command: list[str], env: d
         "network_mode": "host",  # the port the agent allocated is the port the server binds
         "ipc_mode": "host",  # NCCL and PyTorch shared memory between tensor-parallel ranks
         "shm_size": options.shm_size,
-        "device_requests": device_requests(instance, gpus),
+        "device_requests": [] if ascend else device_requests(instance, gpus),
         "volumes": volumes,
         "restart_policy": {"Name": "no"},  # the server decides restarts
-    }
+    } | ({"devices": ascend_devices(instance)} if ascend else {})
 
 
 class PullProgress:

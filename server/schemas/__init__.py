@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Backends the cluster knows how to run. The agent's backends/ package holds what each
 # one needs; the server only validates names against this list.
-KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang")
+KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang", "vox-box", "mindie")
 # Backends that serve Hugging Face layouts (config.json + safetensors) and need GPUs.
 HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 
