@@ -22,7 +22,7 @@ from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launc
                             missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
 from agent.logs import tail_lines, tail_text
-from agent.ports import DEFAULT_RANGE, PortAllocator
+from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
 from agent.sources import ModelCache
@@ -88,7 +88,8 @@ class Agent:
         self.config = config
         self.gpus = GPUInventory(config.simulate_gpus)
         self.runtime = make_runtime(config)
-        self.ports = PortAllocator(config.address, *config.port_range)
+        # A clear PortRangeError now rather than workloads losing their ports to outgoing connections later.
+        self.ports = PortAllocator(config.address, *validate_port_range(*config.port_range, ephemeral_range()))
         self.models = ModelCache(config.model_cache or config.data_dir / "models",
                                  stall_timeout=config.download_stall_timeout)
         self.logs_dir = config.data_dir / "logs"
@@ -413,7 +414,7 @@ class Agent:
 
     def _adopt(self, instance: InstanceOut, key: str, record: dict[str, Any]) -> None:
         workload = Workload(instance=instance, port=int(record["port"]), handle=self.runtime.adopt(key, record))
-        self.ports.in_use.add(workload.port)
+        self.ports.reserve(workload.port)
         self.workloads[instance.id] = workload
         log.info("adopted instance %s (pid %s, port %s) left running by a previous agent", instance.name,
                  workload.handle.pid, workload.port)

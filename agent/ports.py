@@ -1,17 +1,59 @@
-"""Ports for workloads, from a range below the kernel's ephemeral range (32768+) and above Ray's (10002-19999)."""
+"""Ports for workloads, from a configured range (default 20000-29999: below the kernel's ephemeral range,
+32768+ on Linux, and above Ray's worker ports, 10002-19999).
+
+A range must not overlap the kernel's ephemeral range: the kernel hands those ports to outgoing
+connections at any time, so a workload could find its port taken between the check and its bind.
+Every port is checked free (bindable) before it is handed out, and never handed out twice while held.
+"""
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
 
 DEFAULT_RANGE = (20000, 29999)
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_RANGE = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
+
+
+class PortRangeError(ValueError):
+    pass
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] | None:
+    """The kernel's ephemeral port range (two numbers in the /proc file), or None where there is none."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):  # not Linux, or an unexpected format: nothing to check against
+        return None
+    return low, high
+
+
+def parse_port_range(text: str, ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+    """`20000-29999` -> (20000, 29999), checked: ports 1024-65535, low <= high, clear of the ephemeral range."""
+    match = _RANGE.match(text or "")
+    if not match:
+        raise PortRangeError(f"port range {text!r}: write LOW-HIGH, e.g. 20000-29999")
+    return validate_port_range(int(match[1]), int(match[2]), ephemeral)
+
+
+def validate_port_range(low: int, high: int, ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+    if not 1024 <= low <= high <= 65535:
+        raise PortRangeError(f"port range {low}-{high}: ports must lie in 1024-65535 with LOW <= HIGH")
+    if ephemeral is not None and low <= ephemeral[1] and ephemeral[0] <= high:
+        raise PortRangeError(
+            f"port range {low}-{high} overlaps the kernel's ephemeral range {ephemeral[0]}-{ephemeral[1]} "
+            f"({EPHEMERAL_RANGE_FILE}), whose ports outgoing connections take at any time; choose a range "
+            f"outside it (e.g. {DEFAULT_RANGE[0]}-{DEFAULT_RANGE[1]})")
+    return low, high
 
 
 class PortAllocator:
     def __init__(self, host: str, low: int = DEFAULT_RANGE[0], high: int = DEFAULT_RANGE[1]):
         self.host = host
         self.low, self.high = low, high
-        self.in_use: set[int] = set()
+        self.in_use: set[int] = set()  # handed out and not released: never handed out again meanwhile
         self._next = low
 
     def allocate(self) -> int:
@@ -23,7 +65,12 @@ class PortAllocator:
                 continue
             self.in_use.add(port)
             return port
-        raise RuntimeError(f"no free port in {self.low}-{self.high} on {self.host}")
+        raise RuntimeError(f"no free port in {self.low}-{self.high} on {self.host} "
+                           f"({len(self.in_use)} held by this agent's workloads)")
+
+    def reserve(self, port: int) -> None:
+        """A port already in use by a workload this agent took over (adopted after a restart)."""
+        self.in_use.add(port)
 
     def release(self, port: int | None) -> None:
         self.in_use.discard(port)

@@ -107,6 +107,10 @@ def agent(
     runtime: str = typer.Option("auto", help="auto, docker or process"),
     drain_seconds: float = typer.Option(5.0, min=0, help="how long a terminating instance keeps serving in-flight requests"),
     labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable), for worker_selector"),
+    port_range: str = typer.Option("20000-29999", envvar="MAAS_AGENT_PORT_RANGE",
+                                   help="ports for the workloads, LOW-HIGH, outside the kernel's ephemeral range"),
+    model_cache: Optional[Path] = typer.Option(None, envvar="MAAS_MODEL_CACHE", help=(
+        "where Hugging Face and ModelScope downloads are kept (default: <data-dir>/models)")),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run an agent that joins this host to a cluster."""
@@ -114,7 +118,7 @@ def agent(
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
               simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
-              labels=labels)
+              labels=labels, port_range=port_range, model_cache=model_cache)
 
 
 @app.command()

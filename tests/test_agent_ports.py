@@ -1,0 +1,90 @@
+"""Service ports: the configured range, checked against the kernel's ephemeral range, free before use,
+never handed out twice while held; and the `maas agent --port-range` flag."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.agent import Agent, AgentConfig
+from agent.ports import PortAllocator, PortRangeError, ephemeral_range, parse_port_range
+from conftest import free_port
+from maas_tui.cli.main import app as cli_app
+
+
+def test_ephemeral_range_is_read_from_proc(tmp_path: Path):
+    proc = tmp_path / "ip_local_port_range"
+    proc.write_text("32768\t60999\n")
+    assert ephemeral_range(proc) == (32768, 60999)
+    assert ephemeral_range(tmp_path / "missing") is None
+    proc.write_text("garbage\n")
+    assert ephemeral_range(proc) is None
+    assert ephemeral_range() is not None  # this Linux machine has one
+
+
+@pytest.mark.parametrize("text, expected", [("20000-29999", (20000, 29999)), (" 5000 - 5000 ", (5000, 5000))])
+def test_parse_port_range(text: str, expected: tuple[int, int]):
+    assert parse_port_range(text, (32768, 60999)) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("20000", "write LOW-HIGH"),
+    ("a-b", "write LOW-HIGH"),
+    ("30000-20000", "LOW <= HIGH"),
+    ("80-1000", "1024-65535"),
+    ("60000-70000", "1024-65535"),
+    ("30000-40000", "overlaps the kernel's ephemeral range 32768-60999"),
+    ("60999-61000", "overlaps the kernel's ephemeral range 32768-60999"),
+])
+def test_bad_port_ranges_are_refused_clearly(text: str, message: str):
+    with pytest.raises(PortRangeError, match=message):
+        parse_port_range(text, (32768, 60999))
+
+
+def test_a_port_is_never_handed_out_twice_while_held():
+    base = free_port()
+    ports = PortAllocator("127.0.0.1", base, base + 2)
+    held = [ports.allocate() for _ in range(3)]
+    assert sorted(held) == [base, base + 1, base + 2]
+    with pytest.raises(RuntimeError, match=f"no free port in {base}-{base + 2}"):
+        ports.allocate()
+    ports.release(held[1])
+    assert ports.allocate() == held[1]  # only a released port comes back
+
+
+def test_a_port_in_use_by_someone_else_is_skipped():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen(1)
+        ports = PortAllocator("127.0.0.1", port, port)
+        with pytest.raises(RuntimeError, match="no free port"):
+            ports.allocate()
+    assert PortAllocator("127.0.0.1", port, port).allocate() == port  # free again once the other let go
+
+
+def test_reserved_ports_are_held(tmp_path: Path):
+    base = free_port()
+    ports = PortAllocator("127.0.0.1", base, base + 1)
+    ports.reserve(base)
+    assert ports.allocate() == base + 1
+
+
+def test_agent_refuses_a_range_inside_the_ephemeral_range(tmp_path: Path):
+    low, high = ephemeral_range()
+    with pytest.raises(PortRangeError, match="ephemeral"):
+        Agent(AgentConfig(server_url="http://127.0.0.1:1", token="t", data_dir=tmp_path, port_range=(low, low + 10)))
+    agent = Agent(AgentConfig(server_url="http://127.0.0.1:1", token="t", data_dir=tmp_path, port_range=(21000, 21009)))
+    assert (agent.ports.low, agent.ports.high) == (21000, 21009)
+
+
+def test_cli_port_range_flag_and_environment(tmp_path: Path):
+    low, _high = ephemeral_range()
+    args = ["agent", "--server-url", "http://127.0.0.1:1", "--token", "t", "--data-dir", str(tmp_path)]
+    flag = CliRunner().invoke(cli_app, [*args, "--port-range", f"{low}-{low + 5}"])
+    assert flag.exit_code == 2 and "--port-range" in flag.output and "ephemeral" in flag.output
+    env = CliRunner().invoke(cli_app, args, env={"MAAS_AGENT_PORT_RANGE": "nonsense"})
+    assert env.exit_code == 2 and "write LOW-HIGH" in env.output
