@@ -81,8 +81,9 @@ def families(host: HostInfo, gpus: Iterable[GPUDevice], instances: Iterable[Inst
         used.add_metric(values, g.memory_used)
         if g.temperature is not None:
             temperature.add_metric(values, g.temperature)
-        if power_watts and g.index in power_watts:
-            power.add_metric(values, power_watts[g.index])
+        watts = g.power_watts if g.power_watts is not None else (power_watts or {}).get(g.index)
+        if watts is not None:
+            power.add_metric(values, watts)
 
     instances = list(instances)
     state = gauge("maas_instance_state", "1 for the state each instance on this worker is in",

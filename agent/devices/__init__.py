@@ -7,10 +7,11 @@ import platform
 import re
 import socket
 import uuid
+from typing import Any
 
 import psutil
 
-from server.schemas import GPUDevice, HostInfo
+from server.schemas import GPUDevice, GPUProcess, HostInfo
 
 log = logging.getLogger(__name__)
 GB = 1000**3
@@ -45,7 +46,7 @@ class GPUInventory:
     def __init__(self, simulate: str | None = None):
         self.simulated = parse_simulated(simulate) if simulate else None
         self._nvml = None
-        self.power_watts: dict[int, float] = {}  # from the last read (for /metrics; not on the wire)
+        self.power_watts: dict[int, float] = {}  # from the last read, by GPU index (each GPUDevice has it too)
         if self.simulated is None:
             try:
                 import pynvml
@@ -60,29 +61,47 @@ class GPUInventory:
             return [g.model_copy() for g in self.simulated]
         if self._nvml is None:
             return []
-        nv = self._nvml
-        gpus = []
-        for index in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                utilization = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except nv.NVMLError:
-                utilization = 0.0
-            try:
-                temperature = float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-            except nv.NVMLError:
-                temperature = None
-            try:
-                self.power_watts[index] = nv.nvmlDeviceGetPowerUsage(handle) / 1000.0  # milliwatts
-            except nv.NVMLError:
-                self.power_watts.pop(index, None)
-            name = nv.nvmlDeviceGetName(handle)
-            gpus.append(GPUDevice(
-                index=index, name=name.decode() if isinstance(name, bytes) else name, vendor="nvidia",
-                uuid=_text(nv.nvmlDeviceGetUUID(handle)), memory_total=int(memory.total), memory_used=int(memory.used),
-                utilization=utilization, temperature=temperature))
+        gpus = [read_nvml_device(self._nvml, index) for index in range(self._nvml.nvmlDeviceGetCount())]
+        self.power_watts = {g.index: g.power_watts for g in gpus if g.power_watts is not None}
         return gpus
+
+
+def _optional(nv: Any, function: str, *args: Any) -> Any:
+    """A value NVML may not have on this GPU or driver (NotSupported, NoPermission...), or a function an
+    older nvidia-ml-py lacks: None then."""
+    call = getattr(nv, function, None)
+    if call is None:
+        return None
+    try:
+        return call(*args)
+    except nv.NVMLError:
+        return None
+
+
+def read_nvml_device(nv: Any, index: int) -> GPUDevice:
+    """One GPU from NVML (`nv` is the pynvml module): the values every GPU has, then the optional ones."""
+    handle = nv.nvmlDeviceGetHandleByIndex(index)
+    memory = nv.nvmlDeviceGetMemoryInfo(handle)
+    rates = _optional(nv, "nvmlDeviceGetUtilizationRates", handle)
+    temperature = _optional(nv, "nvmlDeviceGetTemperature", handle, nv.NVML_TEMPERATURE_GPU)
+    milliwatts = _optional(nv, "nvmlDeviceGetPowerUsage", handle)
+    mig = _optional(nv, "nvmlDeviceGetMigMode", handle)  # [current, pending]; NotSupported before Ampere
+    processes: dict[int, GPUProcess] = {}
+    for kind, function in (("graphics", "nvmlDeviceGetGraphicsRunningProcesses"),
+                           ("compute", "nvmlDeviceGetComputeRunningProcesses")):
+        for proc in _optional(nv, function, handle) or []:
+            used = proc.usedGpuMemory  # None where the driver cannot tell (WDDM, some MIG setups)
+            # A process with both contexts is listed once, as compute (what serving uses).
+            processes[int(proc.pid)] = GPUProcess(pid=int(proc.pid), kind=kind,
+                                                  used_memory=int(used) if used is not None else None)
+    return GPUDevice(
+        index=index, name=_text(nv.nvmlDeviceGetName(handle)), vendor="nvidia", uuid=_text(nv.nvmlDeviceGetUUID(handle)),
+        memory_total=int(memory.total), memory_used=int(memory.used),
+        utilization=float(rates.gpu) if rates is not None else 0.0,
+        temperature=float(temperature) if temperature is not None else None,
+        power_watts=milliwatts / 1000.0 if milliwatts is not None else None,
+        mig_mode=(mig[0] == nv.NVML_DEVICE_MIG_ENABLE) if mig is not None else None,
+        processes=sorted(processes.values(), key=lambda p: p.pid))
 
 
 def _text(value: object) -> str:

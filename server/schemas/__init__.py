@@ -121,6 +121,12 @@ class UsageRow(Schema):
 # --- workers ----------------------------------------------------------------
 
 
+class GPUProcess(Schema):
+    pid: int
+    used_memory: int | None = Field(default=None, ge=0, description="bytes; None where the driver does not say")
+    kind: Literal["compute", "graphics"] = "compute"
+
+
 class GPUDevice(Schema):
     index: int
     name: str
@@ -130,6 +136,9 @@ class GPUDevice(Schema):
     memory_used: int = Field(default=0, ge=0, description="bytes")
     utilization: float = Field(default=0.0, ge=0, le=100)
     temperature: float | None = None
+    power_watts: float | None = Field(default=None, ge=0, description="power draw (NVML)")
+    mig_mode: bool | None = Field(default=None, description="MIG enabled (None: not supported or unknown)")
+    processes: list[GPUProcess] = Field(default_factory=list, description="processes using this GPU (NVML)")
     simulated: bool = False
 
 
@@ -690,6 +699,7 @@ def parse_size(text: str | None) -> int | None:
     if unit not in _UNITS:
         return None
     return int(float(match[1]) * _UNITS[unit])
+
 
 # --- where a model comes from ------------------------------------------------------
 #
