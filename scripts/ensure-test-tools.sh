@@ -1,6 +1,7 @@
 #!/bin/sh
-# Tools the tests use beyond Python packages: OpenSSH's sshd for `maas worker add` over SSH.
-# Best effort: without it that test skips itself.
+# Tools the tests use beyond Python packages: OpenSSH's sshd for `maas worker add` over SSH, and
+# MariaDB's server for the MariaDB store tier. Best effort: without them those tests skip themselves.
+sh "$(dirname "$0")/ensure-mariadb.sh"
 if command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; then
     exit 0
 fi

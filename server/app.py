@@ -84,6 +84,9 @@ class MaasServer:
             self.embedded = EmbeddedPostgres(data_dir)
             database_url = await asyncio.to_thread(self.embedded.start)
         self.db = Database(database_url)
+        self.leadership = LeaderElection(self.db, self._start_loops, self._stop_loops)
+        # SQLite and MySQL take one server: refused here, before anything is written (StoreInUse).
+        await self.leadership.claim_store()
         self.feed = ChangeFeed(self.db, self.bus)
         self.db.set_feed(self.feed)
         await self.db.migrate()
@@ -105,7 +108,6 @@ class MaasServer:
         await self.feed.start()
         await self._load_routes()
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
-        self.leadership = LeaderElection(self.db, self._start_loops, self._stop_loops)
         await self.leadership.start()
         app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2,
@@ -136,6 +138,19 @@ class MaasServer:
         loops, self._loops = self._loops, []
         for loop in loops:
             await loop.stop()
+
+    async def database_status(self) -> dict[str, Any]:
+        """Whether the database answers now (for /healthz: reported, never a 5xx)."""
+        if self.db is None:
+            return {"database": "unavailable", "database_error": "not connected yet"}
+        try:
+            async with asyncio.timeout(2):  # not wait_for: see controllers/loop.py
+                async with self.db.engine.connect() as conn:
+                    await conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:  # any failure to answer is "down" here; the reason goes along
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return {"database": "unavailable", "database_error": first[:300]}
+        return {"database": "ok"}
 
     def advertised_endpoint(self) -> tuple[str, int]:
         """(host, port) others use to reach this server: --advertise-url, else the listening address."""

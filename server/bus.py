@@ -2,7 +2,7 @@
 
 Commits write their changes to the `change_log` table (server/db/database.py). The
 ChangeFeed follows that table, woken by PostgreSQL's NOTIFY (changes made by any server
-process) or directly after a local commit, and publishes each row to this process's
+process) or directly after a local commit (the only wake-up on SQLite and MySQL/MariaDB), and publishes each row to this process's
 subscribers. A change's id in the log is its resource version, the same on every server.
 Subscribers get bounded queues; one that falls behind is dropped and must resync.
 """
@@ -140,13 +140,15 @@ class ChangeFeed:
         await self._close_listener()
 
     async def _listen(self) -> None:
-        """On PostgreSQL, a NOTIFY from any server wakes us."""
-        if self.db.is_sqlite or self._listener is not None:
+        """On PostgreSQL, a NOTIFY from any server wakes us. On SQLite and MySQL/MariaDB only
+        this process writes (one server per store there): its own commits wake the feed
+        directly, and the poll below is the safety net."""
+        if not self.db.is_postgres or self._listener is not None:
             return
         import asyncpg
 
         try:
-            self._listener = await asyncpg.connect(self.db.asyncpg_dsn, timeout=10)
+            self._listener = await self.db.connect_raw()
             await self._listener.add_listener("maas_changes", lambda *_args: self._wake.set())
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("cannot LISTEN for changes (%s); polling every %.0f s", exc, self.POLL_SECONDS)

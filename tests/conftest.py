@@ -1,20 +1,33 @@
-"""Shared fixtures: a tiny GGUF model, an in-process server on SQLite, a local agent, clients.
+"""Shared fixtures: a tiny GGUF model, an in-process server, a local agent, clients, and the stores.
 
 The fast tier runs the real server and agent in the test's event loop over real HTTP on
 127.0.0.1 with SQLite; the integration tier (test_integration.py) runs them as separate
 processes on the embedded PostgreSQL.
+
+Store tiers: a module named in EVERY_STORE_MODULES (or that sets ``EVERY_STORE = True``) runs each of its tests that use the
+``server`` (or ``store_url``) fixture once per store, marked ``sqlite``, ``postgres`` or
+``mariadb`` (``pytest -m mariadb`` runs one tier). The PostgreSQL and MariaDB servers are
+started once per session, on loopback ports with data folders of their own; each test gets a
+new, empty database. A store whose server binaries are missing skips its tier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import os
+import pwd
+import secrets
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -60,10 +73,216 @@ def tiny_model(traversable_tmp: Path) -> Path:
     return write_tiny_gguf(traversable_tmp / "tiny.gguf", seed=0)
 
 
+# --------------------------------------------------------------------------- stores
+
+STORES = [pytest.param("sqlite", marks=pytest.mark.sqlite), pytest.param("postgres", marks=pytest.mark.postgres),
+          pytest.param("mariadb", marks=pytest.mark.mariadb)]
+_database_names = itertools.count(1)
+
+
+# The store-dependent modules: their tests that use the `server` (or `store_url`) fixture run on
+# every store. The rest of the suite runs on SQLite, the fastest, where the store does not matter.
+EVERY_STORE_MODULES = {"test_api", "test_db", "test_store_outage", "test_store_cluster"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    every = getattr(metafunc.module, "EVERY_STORE", False) or metafunc.module.__name__ in EVERY_STORE_MODULES
+    if "store" in metafunc.fixturenames and every:
+        metafunc.parametrize("store", STORES, indirect=True)
+
+
+def mariadb_binaries() -> tuple[str, str] | None:
+    """(mariadbd, mariadb-install-db), or None when MariaDB's server is not installed."""
+    daemon = shutil.which("mariadbd") or next((p for p in ("/usr/sbin/mariadbd",) if os.path.exists(p)), None)
+    install = shutil.which("mariadb-install-db")
+    return (daemon, install) if daemon and install else None
+
+
+class MariaDBServer:
+    """A MariaDB server of the tests' own: its data folder, a Unix socket in it, 127.0.0.1:port.
+
+    As root it runs as the `mysql` user (the Debian package creates it), which owns the folder."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.datadir = base / "data"
+        self.socket = base / "mariadb.sock"
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(12)
+        self.process: subprocess.Popen | None = None
+        self.daemon, self.install = mariadb_binaries() or ("", "")
+        self.as_root = os.geteuid() == 0
+
+    def _user_args(self) -> list[str]:
+        return ["--user=mysql"] if self.as_root else []
+
+    def start(self) -> None:
+        first = not self.datadir.exists()
+        if first:
+            self.base.mkdir(parents=True, exist_ok=True)
+            if self.as_root:
+                mysql = pwd.getpwnam("mysql")
+                os.chown(self.base, mysql.pw_uid, mysql.pw_gid)
+            subprocess.run([self.install, "--no-defaults", *self._user_args(), f"--datadir={self.datadir}",
+                            "--auth-root-authentication-method=normal", "--skip-test-db"],
+                           check=True, capture_output=True, timeout=120)
+        log = open(self.base / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [self.daemon, "--no-defaults", *self._user_args(), f"--datadir={self.datadir}", f"--socket={self.socket}",
+             f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-networking=0", "--skip-name-resolve",
+             f"--pid-file={self.base / 'mariadb.pid'}", "--log-error=" + str(self.base / "error.log"),
+             # A test server: small, and durable only as far as a clean stop (kill -9 tests restart it;
+             # InnoDB's redo log still recovers every committed transaction there).
+             "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=32M", "--innodb-flush-log-at-trx-commit=2",
+             "--innodb-doublewrite=0", "--skip-log-bin", "--performance-schema=0", "--max-connections=1000"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._wait_ready()
+        if first:
+            self.admin(f"CREATE USER 'maas'@'127.0.0.1' IDENTIFIED BY '{self.password}'",
+                       "GRANT ALL PRIVILEGES ON *.* TO 'maas'@'127.0.0.1'")
+
+    def _wait_ready(self) -> None:
+        import pymysql
+
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mariadbd exited with {self.process.returncode}: "
+                                   + (self.base / "error.log").read_text()[-2000:])
+            try:
+                pymysql.connect(unix_socket=str(self.socket), user="root", connect_timeout=2).close()
+                return
+            except pymysql.err.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def admin(self, *statements: str) -> None:
+        import pymysql
+
+        conn = pymysql.connect(unix_socket=str(self.socket), user="root", autocommit=True)
+        try:
+            with conn.cursor() as cursor:
+                for statement in statements:
+                    cursor.execute(statement)
+        finally:
+            conn.close()
+
+    def url(self, database: str) -> str:
+        return f"mysql://maas:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    async def new_database(self, name: str) -> str:
+        await asyncio.to_thread(self.admin, f"DROP DATABASE IF EXISTS `{name}`", f"CREATE DATABASE `{name}`")
+        return self.url(name)
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+
+class PostgresServer:
+    """The embedded PostgreSQL, started once for a session's store tier."""
+
+    def __init__(self, base: Path):
+        from server.db.embedded import EmbeddedPostgres
+
+        self.pg = EmbeddedPostgres(base / "pg")
+
+    def start(self) -> None:
+        self.pg.start()
+
+        async def tune() -> None:
+            # A throwaway test cluster: no flushes to disk (each test's CREATE DATABASE and
+            # migration would otherwise wait for them). Reloadable settings: no restart.
+            conn = await self._admin()
+            try:
+                for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off"):
+                    await conn.execute(f"ALTER SYSTEM SET {setting}")
+                await conn.execute("SELECT pg_reload_conf()")
+            finally:
+                await conn.close()
+
+        # Its own thread: a session fixture may be set up while a test's event loop runs.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, tune()).result()
+
+    async def _admin(self):
+        import asyncpg
+
+        return await asyncpg.connect(host="127.0.0.1", port=self.pg.port, user="maas",
+                                     password=self.pg.password_file.read_text().strip(), database="postgres")
+
+    async def new_database(self, name: str) -> str:
+        conn = await self._admin()
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return self.pg.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def stop(self) -> None:
+        self.pg.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_store(traversable_tmp: Path) -> Iterator[MariaDBServer]:
+    if mariadb_binaries() is None:
+        pytest.skip("MariaDB server binaries not installed (scripts/ensure-mariadb.sh installs them)")
+    server = MariaDBServer(traversable_tmp / "mariadb")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_store(traversable_tmp: Path) -> Iterator[PostgresServer]:
+    from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir
+
+    try:
+        find_pg_bin_dir()
+    except EmbeddedPostgresError:
+        pytest.skip("PostgreSQL server binaries not installed")
+    server = PostgresServer(traversable_tmp / "postgres-store")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[MaasServer]:
-    config = ServerConfig(data_dir=tmp_path / "data", port=free_port(),
-                          database_url=f"sqlite:///{tmp_path / 'maas.db'}", resync_interval=2.0)
+def store(request: pytest.FixtureRequest) -> str:
+    """sqlite, postgres or mariadb: every store in an EVERY_STORE module, else SQLite."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+async def store_url(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database on the test's store."""
+    if store == "sqlite":
+        return f"sqlite:///{tmp_path / 'maas.db'}"
+    server = request.getfixturevalue("postgres_store" if store == "postgres" else "mariadb_store")
+    return await server.new_database(f"t{next(_database_names)}_{os.getpid()}")
+
+
+@pytest.fixture
+async def server(tmp_path: Path, store_url: str) -> AsyncIterator[MaasServer]:
+    config = ServerConfig(data_dir=tmp_path / "data", port=free_port(), database_url=store_url, resync_interval=2.0)
     srv = MaasServer(config)
     await srv.start()
     try:

@@ -1,8 +1,9 @@
 """Stores: the upgrade path from the first schema, backups of the embedded PostgreSQL, copies
 between stores, and the server's behaviour when its database goes away.
 
-The PostgreSQL tests share one embedded cluster (one database per test); they are marked
-`postgres` and skipped without the server binaries.
+Tests that take `store_url` run on every store (SQLite, the embedded PostgreSQL, MariaDB; see
+conftest.py). The other PostgreSQL tests share one embedded cluster (one database per test);
+they are marked `postgres` and skipped without the server binaries.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import asyncpg
 import pytest
-from sqlalchemy import MetaData, func, insert, select, text
+from sqlalchemy import Column, MetaData, Table, func, insert, select, text
 
 from conftest import eventually, free_port
 from server.api.security import hash_password
@@ -68,18 +69,19 @@ async def fresh_database(pg: EmbeddedPostgres, name: str) -> str:
     return pg.url.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture
-async def store_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'maas.db'}"
-    return await fresh_database(request.getfixturevalue("cluster"), f"t_{request.node.name[-40:]}".lower()
-                                .replace("[", "_").replace("]", "").replace("-", "_"))
-
-
 # --------------------------------------------------------------------------- the upgrade path
 
 T0 = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=UTC)
 SPEC = {"source": "/models/tiny.gguf", "backend": "llama.cpp", "context_length": 512, "args": ["--x", "ü"]}
+
+
+def _typed(reflected: Table) -> Table:
+    """A reflected table with the columns typed as the code types them (MariaDB reflects a
+    JSON column as LONGTEXT, which would not take a dict)."""
+    head = tables.Base.metadata.tables.get(reflected.name)
+    return Table(reflected.name, MetaData(), *[
+        Column(c.name, head.c[c.name].type if head is not None and c.name in head.c else c.type,
+               primary_key=c.primary_key) for c in reflected.columns])
 
 
 async def seed_first_schema(db: Database) -> dict[str, list[dict[str, Any]]]:
@@ -87,7 +89,7 @@ async def seed_first_schema(db: Database) -> dict[str, list[dict[str, Any]]]:
     async with db.engine.begin() as conn:
         meta = MetaData()
         await conn.run_sync(meta.reflect)
-        t = meta.tables
+        t = {name: _typed(table) for name, table in meta.tables.items()}
         stamp = {"created_at": T0, "updated_at": T0 + timedelta(seconds=1)}
         rows: dict[str, list[dict[str, Any]]] = {
             "users": [dict(username="admin", password_hash=hash_password("pw-admin"), is_admin=True, **stamp),
@@ -133,7 +135,6 @@ async def _seeded_checksums(url: str) -> dict[str, tuple[int, str]]:
         await db.dispose()
 
 
-@pytest.mark.parametrize("store_url", ["sqlite", pytest.param("postgresql", marks=postgres)], indirect=True)
 async def test_upgrade_from_first_schema_keeps_data(store_url: str):
     db = Database(store_url)
     try:
@@ -448,3 +449,115 @@ def test_cli_migrate_from_a_data_dir(cluster, tmp_path: Path):
 
     assert asyncio.run(copied()) == want
     assert (cluster.cluster_dir / "postmaster.pid").exists()  # the cluster it borrowed still runs
+
+
+# --------------------------------------------------------------------------- the same behaviour on every store
+
+
+async def test_every_store_keeps_names_times_and_json_alike(store_url: str):
+    from datetime import timezone
+
+    from sqlalchemy.exc import IntegrityError
+
+    from server.db.usage import add_usage
+
+    db = Database(store_url)
+    try:
+        await db.migrate()
+        async with db.session() as s:
+            # Unique names are case-sensitive everywhere (MySQL's default collation is not).
+            s.add_all([tables.Model(name="Tiny", spec=SPEC), tables.Model(name="tiny", spec=SPEC)])
+            await s.commit()
+        async with db.session() as s:
+            s.add(tables.Model(name="tiny", spec=SPEC))
+            with pytest.raises(IntegrityError):
+                await s.commit()
+
+        two_hours_east = datetime(2026, 11, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+        nested = {"args": ["--x", "ü ✓"], "deep": {"list": [1, None, 2.5, True], "empty": {}}}
+        async with db.session() as s:
+            event = tables.Event(kind="model", object_name="Tiny", reason="Test", created_at=two_hours_east)
+            instance = tables.ModelInstance(name="tiny-0", model_id=1, model_name="Tiny", generation=1, spec=SPEC)
+            free = tables.ChangeLog(kind="test", action="json", object=nested)  # a JSON column of any shape
+            s.add_all([event, instance, free])
+            await s.commit()
+        async with db.session() as s:
+            got = (await s.execute(select(tables.Event).where(tables.Event.reason == "Test"))).scalar_one()
+            # The same instant, given back in UTC with its microseconds, whichever store.
+            assert got.created_at == two_hours_east and got.created_at.utcoffset() == timedelta(0)
+            assert got.created_at.microsecond == 123456
+            row = (await s.execute(select(tables.ModelInstance))).scalar_one()
+            assert row.spec == SPEC and row.claim is None and row.created_at.tzinfo is not None
+            assert (await s.execute(select(tables.ChangeLog.object).where(tables.ChangeLog.kind == "test"))
+                    ).scalar_one() == nested
+            # Comparisons with aware values work in SQL too (stored as UTC where the store has no zone).
+            earlier = await s.execute(select(func.count()).select_from(tables.Event)
+                                      .where(tables.Event.created_at < two_hours_east + timedelta(microseconds=1)))
+            assert earlier.scalar_one() == 1
+            logged = (await s.execute(select(tables.ChangeLog.kind, tables.ChangeLog.action))).all()
+            assert ("models", "created") in logged and ("instances", "created") in logged
+
+        day = T0.date()
+        async with db.session() as s:  # the gateway's usage upsert adds up per (day, key, model)
+            await add_usage(s, {(day, None, "k", 1, "Tiny"): [1, 10, 20]})
+            await add_usage(s, {(day, None, "k", 1, "Tiny"): [2, 5, 5], (day, None, "k", 1, "tiny"): [1, 1, 1]})
+            await s.commit()
+            rows = (await s.execute(select(tables.Usage.model_name, tables.Usage.requests, tables.Usage.prompt_tokens,
+                                           tables.Usage.completion_tokens).order_by(tables.Usage.id))).all()
+        # A NULL key never conflicts in a unique index (on any of the three stores): rows add up per key.
+        assert sorted(tuple(r) for r in rows) == [("Tiny", 1, 10, 20), ("Tiny", 2, 5, 5), ("tiny", 1, 1, 1)]
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.mariadb
+def test_migrate_sqlite_to_mariadb_to_postgres_gives_identical_rows(mariadb_store, postgres_store, tmp_path: Path):
+    """`maas db migrate --to mysql://...` and on to PostgreSQL: the same counts and checksums."""
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from maas_tui.cli.main import app
+
+    sqlite_url = f"sqlite:///{tmp_path / 'source.db'}"
+    want = asyncio.run(_seeded_checksums(sqlite_url))
+    mysql_url = asyncio.run(mariadb_store.new_database("copy_target"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["db", "migrate", "--from", sqlite_url, "--to", mysql_url])
+    assert result.exit_code == 0, result.output
+    assert "counts and checksums match" in result.output
+    assert mariadb_store.password not in result.output
+
+    async def on_mysql() -> tuple[dict[str, tuple[int, str]], int]:
+        db = Database(mysql_url)
+        try:
+            sums = await maintenance.checksums(db)
+            async with db.session() as s:  # ids go on after the highest ever handed out, deleted ones too
+                event = tables.Event(kind="model", object_name="tiny", reason="New")
+                s.add(event)
+                await s.commit()
+                new_id = event.id
+                await s.delete(event)
+                await s.commit()
+            return sums, new_id
+        finally:
+            await db.dispose()
+
+    sums, new_id = asyncio.run(on_mysql())
+    assert sums == want and new_id == want["events"][0] + 2
+
+    pg_url = asyncio.run(postgres_store.new_database("copy_from_mysql"))
+    result = runner.invoke(app, ["db", "migrate", "--from", mysql_url, "--to", pg_url])
+    assert result.exit_code == 0, result.output
+
+    async def on_postgres() -> dict[str, tuple[int, str]]:
+        db = Database(pg_url)
+        try:
+            return await maintenance.checksums(db)
+        finally:
+            await db.dispose()
+
+    after = asyncio.run(on_postgres())
+    # The event added and deleted on MariaDB left a change-log pair behind: the rest is identical.
+    assert {k: v for k, v in after.items() if k != "change_log"} == {k: v for k, v in want.items() if k != "change_log"}
+    assert after["change_log"][0] == want["change_log"][0] + 2

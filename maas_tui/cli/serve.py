@@ -61,6 +61,7 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
     from server.app import MaasServer
     from server.config import ServerConfig
     from server.db.embedded import EmbeddedPostgresError
+    from server.leader import StoreInUse
 
     _setup_logging(log_level)
     if simulate_gpus:
@@ -111,12 +112,24 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
     except EmbeddedPostgresError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    except StoreInUse as exc:  # a second server on SQLite or MySQL: one line, nothing written
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         err_console.print(f"[bold red]error:[/] cannot start the server on {config.host}:{config.port}: {exc.strerror or exc}")
         raise typer.Exit(1) from None
-    except ValueError as exc:  # a bad --database-url
-        err_console.print(f"[bold red]error:[/] {exc}")
+    except ValueError as exc:  # a bad --database-url (scheme, TLS options)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except Exception as exc:
+        from server.api.errors import database_unavailable
+
+        if not database_unavailable(exc):
+            raise
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        err_console.print(f"[bold red]error:[/] cannot use the database {_without_password(config.database_url)}: "
+                          f"{reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _without_password(url: str | None) -> str:

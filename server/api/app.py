@@ -53,7 +53,10 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     leading = bool(server.leadership and server.leadership.is_leader)
-    return web.json_response({"status": "ok", "version": server.version, "leader": leading})
+    # 200 while the database is down too: this server still answers; the body says what is missing.
+    database = await server.database_status()
+    return web.json_response({"status": "ok" if database["database"] == "ok" else "degraded",
+                              "version": server.version, "leader": leading, **database})
 
 
 def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:

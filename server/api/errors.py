@@ -95,7 +95,9 @@ def database_unavailable(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, sa.DBAPIError) and (
                 exc.connection_invalidated or isinstance(exc, (sa.OperationalError, sa.InterfaceError))):
-            return True
+            # MySQL reports a deadlock or a lock wait timeout as an OperationalError too: the
+            # statement lost a race, the database is there.
+            return _mysql_errno(exc.orig) not in _MYSQL_CONTENTION
         if isinstance(exc, (sa.TimeoutError, sa.DisconnectionError)):  # pool exhausted / disconnect
             return True
         if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -104,10 +106,29 @@ def database_unavailable(exc: BaseException) -> bool:
             return True
         # A refused or dropped TCP connection while the pool connects comes out raw (not wrapped
         # by SQLAlchemy): recognised by having been raised inside the driver or the pool.
-        if isinstance(exc, (OSError, TimeoutError)) and _raised_in(exc, ("asyncpg", "sqlalchemy.pool")):
+        if isinstance(exc, (OSError, TimeoutError)) and _raised_in(exc, ("asyncpg", "aiomysql", "pymysql",
+                                                                         "sqlalchemy.pool")):
+            return True
+        if _mysql_errno(exc) in _MYSQL_GONE:  # PyMySQL's own, when not wrapped by SQLAlchemy
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# MySQL/MariaDB error numbers: can't connect, server gone away, lost connection, too many
+# connections, shutting down, connection killed; and those of contention between statements.
+_MYSQL_GONE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1927, 4031}
+_MYSQL_CONTENTION = {1205, 1213}
+
+
+def _mysql_errno(exc: BaseException | None) -> int | None:
+    try:
+        import pymysql
+    except ImportError:  # pragma: no cover - installed with the server
+        return None
+    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
 
 
 def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:

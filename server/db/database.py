@@ -33,17 +33,46 @@ def to_wire(obj: Any) -> dict[str, Any]:
     return schema.model_validate(obj).model_dump(mode="json")
 
 
+SCHEMES = "postgresql://, mysql://, mariadb:// or sqlite:///PATH"
+
+
 def normalize_url(url: str) -> str:
-    """Accept plain `postgresql://` and `sqlite:///` URLs and pick the async drivers."""
-    parsed = make_url(url)
+    """Accept plain `postgresql://`, `mysql://`, `mariadb://` and `sqlite:///` URLs and pick the
+    async drivers. MySQL and MariaDB both go through aiomysql (PyMySQL underneath: pure Python,
+    so it installs everywhere) with the `mysql` dialect, which detects MariaDB by itself."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy.exc.ArgumentError and friends: say what was wrong
+        raise ValueError(f"malformed database URL {_redacted(url)!r}: {exc}; use {SCHEMES}") from None
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         parsed = parsed.set(drivername="postgresql+asyncpg")
     elif backend == "sqlite":
         parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in ("mysql", "mariadb"):
+        if not parsed.database:
+            raise ValueError(f"the database URL {parsed.render_as_string()!r} names no database: "
+                             "write mysql://USER:PASSWORD@HOST:PORT/DATABASE")
+        query = dict(parsed.query)
+        query.setdefault("charset", "utf8mb4")  # full Unicode; the tables' own collation is binary
+        parsed = parsed.set(drivername="mysql+aiomysql", query=query)
     else:
-        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use postgresql:// or sqlite:///PATH")
+        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use {SCHEMES}")
     return parsed.render_as_string(hide_password=False)
+
+
+def _redacted(url: str) -> str:
+    """A URL as it may be shown: no password."""
+    head, at, tail = url.rpartition("@")
+    if not at or "://" not in head:
+        return url
+    scheme, _, credentials = head.partition("://")
+    return f"{scheme}://{credentials.partition(':')[0]}:***@{tail}"
+
+
+def dialect_of(url: str) -> str:
+    """`postgresql`, `mysql` (MariaDB too) or `sqlite`, from a URL `normalize_url` accepts."""
+    return make_url(normalize_url(url)).get_backend_name()
 
 
 CHANNEL = "maas_changes"
@@ -100,16 +129,78 @@ def _drop_changes(session: Session) -> None:
     session.info.pop("changed", None)
 
 
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+
+
+def postgres_ssl(query: dict[str, Any]) -> Any:
+    """libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` URL options as asyncpg's `ssl`
+    argument: an `ssl.SSLContext`, a mode name asyncpg handles itself, or None (no options).
+    Raises ValueError with a message for the operator on a bad value or an unreadable file."""
+    import ssl
+
+    options = {k: query[k] for k in _SSL_KEYS if k in query}
+    for key, value in options.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"the database URL's {key} option must be given once, with a value")
+    if not options:
+        return None
+    mode = options.get("sslmode", "prefer")
+    if mode not in SSL_MODES:
+        raise ValueError(f"sslmode={mode!r} in the database URL: use one of {', '.join(SSL_MODES)}")
+    root, cert, key = options.get("sslrootcert"), options.get("sslcert"), options.get("sslkey")
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer") and not (root or cert or key):
+        return mode  # asyncpg tries TLS and falls back without it, as libpq does
+    if bool(cert) != bool(key):
+        raise ValueError("the database URL gives " + ("sslcert without sslkey" if cert else "sslkey without sslcert")
+                         + ": a client certificate needs both")
+    for name, path in (("sslrootcert", root), ("sslcert", cert), ("sslkey", key)):
+        if path and path != "system" and not Path(path).expanduser().is_file():
+            raise ValueError(f"{name}={path!r} in the database URL: no such file")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    try:
+        if root and root != "system":
+            context.load_verify_locations(cafile=str(Path(root).expanduser()))
+        if cert:
+            context.load_cert_chain(str(Path(cert).expanduser()), str(Path(key).expanduser()))
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"cannot use the TLS files of the database URL: {exc}") from None
+    # As libpq: `require` checks the server's certificate only when a root certificate is given,
+    # `verify-ca` checks the chain, `verify-full` the chain and the host name.
+    verify = mode in ("verify-ca", "verify-full") or (mode == "require" and root is not None)
+    context.check_hostname = mode == "verify-full"
+    context.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    return context
+
+
 class Database:
     def __init__(self, url: str):
         self.url = normalize_url(url)
         self._session_info: dict[str, Any] = {"feed": None}
-        self.is_sqlite = self.url.startswith("sqlite")
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()  # postgresql | mysql | sqlite
+        self.is_sqlite = self.dialect == "sqlite"
+        # Several servers on one database need LISTEN/NOTIFY and advisory locks: PostgreSQL only.
+        self.is_postgres = self.dialect == "postgresql"
+        self.raw_connect_args: dict[str, Any] = {}  # for asyncpg.connect (LISTEN, leader lock)
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        if self.is_postgres:
+            ssl_arg = postgres_ssl(dict(parsed.query))
+            parsed = parsed.difference_update_query(_SSL_KEYS)
+            self.url = parsed.render_as_string(hide_password=False)
+            if ssl_arg is not None:
+                kwargs["connect_args"] = {"ssl": ssl_arg}
+                self.raw_connect_args["ssl"] = ssl_arg
+        if self.dialect == "mysql":
+            # READ COMMITTED as on PostgreSQL (MySQL's REPEATABLE READ would let a long session
+            # read stale rows and take gap locks); recycled before MySQL's idle timeout drops them.
+            kwargs.update(isolation_level="READ COMMITTED", pool_recycle=3600)
         self.engine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -124,6 +215,12 @@ class Database:
     @property
     def asyncpg_dsn(self) -> str:
         return make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def connect_raw(self, timeout: float = 10) -> Any:
+        """A connection of its own to PostgreSQL (outside the pool), with the URL's TLS settings."""
+        import asyncpg
+
+        return await asyncpg.connect(self.asyncpg_dsn, timeout=timeout, **self.raw_connect_args)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

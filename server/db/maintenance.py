@@ -5,9 +5,10 @@
   process's user over TCP with the cluster's password (never as the ``postgres`` user, so the
   dump file belongs to whoever asked for it). The cluster may be running (a live server; it
   is left running) or stopped (it is started for the job and stopped again).
-- :func:`copy_store`: every table from one store to another (SQLite <-> PostgreSQL), in
-  dependency order, in one target transaction, from one consistent read of the source; the
-  target must be at the newest schema and empty. Verified by row counts and a checksum per
+- :func:`copy_store`: every table from one store to another (SQLite, PostgreSQL, MySQL/MariaDB,
+  any direction), in dependency order, in one target transaction (on MySQL the id counters are
+  set just after it: ALTER TABLE commits), from one consistent read of the source; the target
+  must be at the newest schema and empty. Verified by row counts and a checksum per
   table that does not depend on the dialect (:func:`table_checksum`).
 """
 
@@ -25,6 +26,7 @@ from sqlalchemy import JSON, DateTime, Integer, Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import tables
+from server.db.tables import UtcDateTime
 from server.db.database import Database
 from server.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
@@ -197,6 +199,15 @@ async def _id_counter(conn: AsyncConnection, table: Table) -> int:
             last, called = (await conn.execute(text(f"SELECT last_value, is_called FROM {seq}"))).one()
             return int(last) if called else 0
         return 0
+    if conn.dialect.name == "mysql":
+        # The next id the table hands out, minus one (InnoDB keeps it across restarts since
+        # MariaDB 10.2.4 / MySQL 8.0). MySQL 8 caches these statistics: ask for fresh ones.
+        if not conn.dialect._is_mariadb:
+            await conn.execute(text("SET SESSION information_schema_stats_expiry = 0"))
+        value = (await conn.execute(text("SELECT AUTO_INCREMENT FROM information_schema.TABLES "
+                                         "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t"),
+                                    {"t": table.name})).scalar()
+        return int(value) - 1 if value else 0
     if conn.dialect.name == "sqlite":
         try:
             value = (await conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = :t"),
@@ -214,6 +225,9 @@ async def _set_id_counter(conn: AsyncConnection, table: Table, value: int) -> No
         seq = (await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table.name})).scalar()
         if seq:
             await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v, true)"), {"s": seq, "v": value})
+    elif conn.dialect.name == "mysql":
+        # ALTER TABLE commits by itself in MySQL: the caller runs this after the copy committed.
+        await conn.execute(text(f"ALTER TABLE `{table.name}` AUTO_INCREMENT = {int(value) + 1}"))
     elif conn.dialect.name == "sqlite":
         updated = await conn.execute(text("UPDATE sqlite_sequence SET seq = max(seq, :v) WHERE name = :t"),
                                      {"t": table.name, "v": value})
@@ -223,8 +237,8 @@ async def _set_id_counter(conn: AsyncConnection, table: Table, value: int) -> No
 
 
 def _for_insert(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """SQLite hands timestamps back naive (they are UTC); PostgreSQL wants them aware."""
-    stamps = [c.name for c in table.columns if isinstance(c.type, DateTime)]
+    """Naive timestamps (from a store read without the tables' types) are UTC; PostgreSQL wants them aware."""
+    stamps = [c.name for c in table.columns if isinstance(c.type, (DateTime, UtcDateTime))]
     if not stamps:
         return rows
     out = []
@@ -281,7 +295,10 @@ async def copy_store(source_url: str, target_url: str,
                                    ". Copy into a new, empty database (or drop this one's tables first)")
 
         report: list[TableCopy] = []
-        src_options = {"isolation_level": "REPEATABLE READ"} if source.engine.dialect.name == "postgresql" else {}
+        # One snapshot of the source for every table (PostgreSQL's default, READ COMMITTED, and
+        # the one set for MySQL would give each statement its own).
+        src_options = {"isolation_level": "REPEATABLE READ"} if source.dialect != "sqlite" else {}
+        counters: list[tuple[Table, int]] = []
         async with source.engine.connect() as src, target.engine.begin() as dst:
             if src_options:
                 await src.execution_options(**src_options)
@@ -296,11 +313,17 @@ async def copy_store(source_url: str, target_url: str,
                     await dst.execute(insert_into.insert(), _for_insert(table, rows))
                 if _integer_id(table):
                     top = (await dst.execute(select(func.max(table.c.id)))).scalar() or 0
-                    await _set_id_counter(dst, table, max(int(top), await _id_counter(src, table)))
+                    counters.append((table, max(int(top), await _id_counter(src, table))))
+                    if target.dialect != "mysql":  # in the copy's transaction
+                        await _set_id_counter(dst, table, counters[-1][1])
                 report.append(TableCopy(table.name, digest.rows, digest.hexdigest))
                 if progress:
                     progress(table.name, digest.rows)
             await src.rollback()
+        if target.dialect == "mysql":
+            async with target.engine.connect() as conn:
+                for table, value in counters:
+                    await _set_id_counter(conn, table, value)
 
         after = await checksums(target)
         for entry in report:

@@ -7,20 +7,57 @@ from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@compiles(DateTime, "mysql")
+def _mysql_datetime(_type: DateTime, _compiler: Any, **_kw: Any) -> str:
+    # MySQL's DATETIME keeps whole seconds unless told otherwise; microseconds as elsewhere.
+    # A DateTime in any migration (this module is loaded before they run) gets it too.
+    return "DATETIME(6)"
+
+
+@compiles(Float, "mysql")
+def _mysql_float(type_: Float, compiler: Any, **kw: Any) -> str:
+    # MySQL's FLOAT is single precision; PostgreSQL's and SQLite's are double. Same values everywhere.
+    return "DOUBLE" if type_.precision is None else compiler.visit_float(type_, **kw)
+
+
+class UtcDateTime(TypeDecorator):
+    """A timestamp that comes back timezone-aware (UTC) from every store.
+
+    PostgreSQL keeps the zone itself (timestamptz). SQLite and MySQL/MariaDB store a plain
+    date and time: values are written converted to UTC and read back marked as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None or dialect.name == "postgresql" or value.tzinfo is None:
+            return value  # naive values are UTC already (as every writer here makes them)
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UtcDateTime()}
 
 
 # SQLite would otherwise reuse the id of the newest deleted row; ids must never come back
-# (agents, logs and events refer to instances by id).
-NO_ID_REUSE = {"sqlite_autoincrement": True}
+# (agents, logs and events refer to instances by id). MySQL/MariaDB: utf8mb4 with the binary
+# collation, so names are unique case-sensitively as on PostgreSQL (the migrations say the same).
+MYSQL_TABLE = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+NO_ID_REUSE = {"sqlite_autoincrement": True, **MYSQL_TABLE}
 
 
 class Timestamps:
@@ -141,6 +178,7 @@ class Setting(Base, Timestamps):
     """Cluster-wide values that must live in the database (several servers may share it)."""
 
     __tablename__ = "settings"
+    __table_args__ = MYSQL_TABLE
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 

@@ -15,6 +15,8 @@ async def add_usage(session: AsyncSession, batch: dict[tuple, list[int]]) -> Non
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "mysql":
+        from sqlalchemy.dialects.mysql import insert
     else:  # pragma: no cover - other stores come with their own upsert
         raise NotImplementedError(f"usage upsert for {dialect}")
     rows: list[dict[str, Any]] = [
@@ -23,6 +25,12 @@ async def add_usage(session: AsyncSession, batch: dict[tuple, list[int]]) -> Non
         for (day, key_id, key_name, user_id, model), counts in batch.items()
     ]
     statement = insert(Usage).values(rows)
+    if dialect == "mysql":  # the unique key (day, key, model) is the conflict target
+        statement = statement.on_duplicate_key_update(
+            {column: getattr(Usage, column) + getattr(statement.inserted, column)
+             for column in ("requests", "prompt_tokens", "completion_tokens")})
+        await session.execute(statement)
+        return
     statement = statement.on_conflict_do_update(
         index_elements=["day", "api_key_id", "model_name"],
         set_={column: getattr(Usage, column) + getattr(statement.excluded, column)

@@ -14,6 +14,10 @@ branch_labels = None
 depends_on = None
 
 
+# MySQL/MariaDB: every table in utf8mb4 with the binary collation, so names compare and stay
+# unique case-sensitively as on PostgreSQL and SQLite; DateTime is DATETIME(6) there (tables.py).
+
+
 def upgrade() -> None:
     op.create_table('events',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -25,7 +29,7 @@ def upgrade() -> None:
     sa.Column('actor', sa.String(length=140), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_events_created_at'), ['created_at'], unique=False)
@@ -41,14 +45,15 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     op.create_table('settings',
     sa.Column('key', sa.String(length=100), nullable=False),
     sa.Column('value', sa.Text(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('key')
+    sa.PrimaryKeyConstraint('key'),
+    mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     op.create_table('users',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -59,7 +64,7 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('username'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     op.create_table('workers',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -79,7 +84,7 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     op.create_table('api_keys',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -96,7 +101,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('prefix'),
     sa.UniqueConstraint('user_id', 'kind', 'name', name='uq_api_keys_user_kind_name'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_api_keys_user_id'), ['user_id'], unique=False)
@@ -124,7 +129,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['worker_id'], ['workers.id'], ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('model_instances', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_model_instances_model_id'), ['model_id'], unique=False)

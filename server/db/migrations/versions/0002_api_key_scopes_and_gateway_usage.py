@@ -28,7 +28,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['api_key_id'], ['api_keys.id'], ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('day', 'api_key_id', 'model_name', name='uq_usage_day_key_model'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('usage', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_usage_day'), ['day'], unique=False)
@@ -37,8 +37,15 @@ def upgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         # Existing keys keep full rights and every model.
         batch_op.add_column(sa.Column('scopes', sa.JSON(), nullable=False,
-                                      server_default='["management", "inference"]'))
-        batch_op.add_column(sa.Column('allowed_models', sa.JSON(), nullable=False, server_default='[]'))
+                                      server_default=_literal('["management", "inference"]')))
+        batch_op.add_column(sa.Column('allowed_models', sa.JSON(), nullable=False, server_default=_literal('[]')))
+
+
+def _literal(value: str):
+    # MySQL takes a default for a JSON or TEXT column only as an expression in parentheses.
+    if op.get_bind().dialect.name == 'mysql':
+        return sa.text("('" + value + "')")
+    return value
 
 
 def downgrade() -> None:

@@ -22,7 +22,7 @@ def upgrade() -> None:
     sa.Column('object', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('change_log', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_change_log_created_at'), ['created_at'], unique=False)

@@ -25,23 +25,34 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('model_id', 'revision', name='uq_model_revisions_model_revision'),
-    sqlite_autoincrement=True
+    sqlite_autoincrement=True, mysql_charset='utf8mb4', mysql_collate='utf8mb4_bin'
     )
     with op.batch_alter_table('model_revisions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_model_revisions_model_id'), ['model_id'], unique=False)
     # Every existing model's current spec is its first known revision.
-    op.execute("INSERT INTO model_revisions (model_id, revision, spec, change, created_at) "
-               "SELECT id, generation, spec, 'before history was kept', updated_at FROM models")
+    # Built, not written as text: `change` is a reserved word in MySQL and must be quoted there.
+    revisions = sa.table('model_revisions', sa.column('model_id'), sa.column('revision'), sa.column('spec'),
+                         sa.column('change'), sa.column('created_at'))
+    models = sa.table('models', sa.column('id'), sa.column('generation'), sa.column('spec'), sa.column('updated_at'))
+    op.execute(revisions.insert().from_select(
+        ['model_id', 'revision', 'spec', 'change', 'created_at'],
+        sa.select(models.c.id, models.c.generation, models.c.spec, sa.literal('before history was kept'),
+                  models.c.updated_at)))
 
     with op.batch_alter_table('models', schema=None) as batch_op:
         # Existing models: not paused, surge 1, unavailable 0.
         batch_op.add_column(sa.Column('paused', sa.Boolean(), nullable=False, server_default=sa.false()))
         batch_op.add_column(sa.Column('max_surge', sa.Integer(), nullable=False, server_default='1'))
         batch_op.add_column(sa.Column('max_unavailable', sa.Integer(), nullable=False, server_default='0'))
-        batch_op.add_column(sa.Column('rollout_message', sa.Text(), nullable=False, server_default=''))
+        batch_op.add_column(sa.Column('rollout_message', sa.Text(), nullable=False, server_default=_empty_text()))
 
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('draining', sa.Boolean(), nullable=False, server_default=sa.false()))
+
+
+def _empty_text():
+    # MySQL takes a default for a TEXT column only as an expression in parentheses.
+    return sa.text("('')") if op.get_bind().dialect.name == 'mysql' else ''
 
 
 def downgrade() -> None:

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("user_id", "fingerprint", name="uq_ssh_keys_user_fingerprint"),
-        sqlite_autoincrement=True,
+        sqlite_autoincrement=True, mysql_charset="utf8mb4", mysql_collate="utf8mb4_bin",
     )
     with op.batch_alter_table("ssh_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_ssh_keys_user_id"), ["user_id"], unique=False)
