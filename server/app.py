@@ -108,6 +108,8 @@ class MaasServer:
         await self.feed.start()
         await self._load_routes()
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
+        if self.embedded is not None:
+            self._tasks.append(asyncio.create_task(self._watch_embedded(), name="embedded-postgres-watchdog"))
         await self.leadership.start()
         app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2,
@@ -138,6 +140,28 @@ class MaasServer:
         loops, self._loops = self._loops, []
         for loop in loops:
             await loop.stop()
+
+    async def _watch_embedded(self, interval: float = 1.0, max_backoff: float = 30.0) -> None:
+        """The embedded PostgreSQL is ours to run: when its postmaster dies (kill -9, the OOM
+        killer), start it again, with backoff while it fails. Meanwhile requests that need the
+        database get 503 database_unavailable; the pool, the change feed and the leader election
+        reconnect by themselves once it is back."""
+        backoff = interval
+        while True:
+            await asyncio.sleep(backoff)
+            # Stopped on purpose (url None: `maas db restore`, a test) is not a crash.
+            if self.embedded.url is None or await asyncio.to_thread(self.embedded.alive):
+                backoff = interval
+                continue
+            log.warning("the embedded PostgreSQL in %s stopped running; starting it again", self.embedded.cluster_dir)
+            try:
+                await asyncio.to_thread(self.embedded.restart_after_crash)
+                log.info("the embedded PostgreSQL is back on 127.0.0.1:%s", self.embedded.port)
+                backoff = interval
+            except Exception as exc:  # EmbeddedPostgresError and OS errors: try again later
+                backoff = min(max_backoff, backoff * 2)
+                log.error("could not restart the embedded PostgreSQL (retrying in %.0f s): %s",
+                          backoff, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     async def database_status(self) -> dict[str, Any]:
         """Whether the database answers now (for /healthz: reported, never a 5xx)."""

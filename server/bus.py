@@ -164,6 +164,7 @@ class ChangeFeed:
 
     async def _run(self) -> None:
         last_cleanup = time.monotonic()
+        backoff = 0.5
         while True:
             await self._listen()
             try:
@@ -177,10 +178,18 @@ class ChangeFeed:
                 if time.monotonic() - last_cleanup > 60:
                     last_cleanup = time.monotonic()
                     await self._clean_up()
-            except Exception:
-                log.exception("reading the change log failed; retrying")
+                backoff = 0.5
+            except Exception as exc:
+                from server.api.errors import database_unavailable
+
+                backoff = min(5.0, backoff * 2)  # a database that is down is not hammered
+                if database_unavailable(exc):
+                    log.warning("the change log is unreachable (%s); retrying in %.0f s",
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__, backoff)
+                else:
+                    log.exception("reading the change log failed; retrying in %.0f s", backoff)
                 await self._close_listener()
-                await asyncio.sleep(1)
+                await asyncio.sleep(backoff)
 
     async def read_new(self) -> None:
         from server.db import tables

@@ -82,7 +82,7 @@ _database_names = itertools.count(1)
 
 # The store-dependent modules: their tests that use the `server` (or `store_url`) fixture run on
 # every store. The rest of the suite runs on SQLite, the fastest, where the store does not matter.
-EVERY_STORE_MODULES = {"test_api", "test_db", "test_store_outage", "test_store_cluster"}
+EVERY_STORE_MODULES = {"test_api", "test_db", "test_store_cluster"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

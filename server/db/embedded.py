@@ -286,6 +286,26 @@ class EmbeddedPostgres:
             else:
                 self.log.info("embedded PostgreSQL in %s was not running", self.cluster_dir)
 
+    def alive(self) -> bool:
+        """Whether the postmaster of this started cluster still runs (cheap: reads postmaster.pid)."""
+        if self._url is None:
+            return False
+        lines = self._pidfile_lines()
+        try:
+            pid = int(lines[0])
+        except (IndexError, ValueError):
+            return False
+        return _pid_is_postgres(pid)
+
+    def restart_after_crash(self) -> str:
+        """Start the cluster again after its postmaster died under us (kill -9, the OOM killer),
+        on the same port when it is free, so pooled connections find it again. PostgreSQL's
+        crash recovery replays the WAL: every committed transaction is there."""
+        with self._lock:
+            if self._url is not None:
+                self._last_port, self.port, self._url = self.port, None, None
+        return self.start()
+
     # ------------------------------------------------------------------ directories
 
     def _postgres_user(self) -> pwd.struct_passwd:
