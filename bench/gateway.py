@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -31,8 +32,18 @@ from conftest import free_port  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 
-async def drive(url: str, headers: dict[str, str], body: dict, clients: int, total: int, stream: bool) -> dict:
-    """`total` requests from `clients` concurrent connections; latency to the last byte."""
+def cpu_seconds(process: "psutil.Process | None") -> tuple[float, float]:
+    """(user + system, system) CPU seconds of the process so far."""
+    if process is None:
+        return 0.0, 0.0
+    times = process.cpu_times()
+    return times.user + times.system, times.system
+
+
+async def drive(url: str, headers: dict[str, str], body: dict, clients: int, total: int, stream: bool,
+                server: "psutil.Process | None" = None) -> dict:
+    """`total` requests from `clients` concurrent connections; latency to the last byte; and the
+    server process's CPU time per request (robust to other load on the machine, unlike req/s)."""
     latencies: list[float] = []
     failures = 0
     remaining = total
@@ -60,11 +71,14 @@ async def drive(url: str, headers: dict[str, str], body: dict, clients: int, tot
             latencies.append(time.perf_counter() - started)
 
     async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json"}) as session:
-        started = time.perf_counter()
+        started, (cpu, system) = time.perf_counter(), cpu_seconds(server)
         await asyncio.gather(*(client(session) for _ in range(clients)))
         elapsed = time.perf_counter() - started
+        cpu, system = (after - before for after, before in zip(cpu_seconds(server), (cpu, system)))
     latencies.sort()
     return {"ok": len(latencies), "failed": failures, "rps": len(latencies) / elapsed,
+            "cpu_us": 1e6 * cpu / max(1, len(latencies) + failures),
+            "sys_us": 1e6 * system / max(1, len(latencies) + failures),
             "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan")}
 
@@ -127,15 +141,16 @@ async def main() -> None:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": args.max_tokens}
 
         results: dict[tuple[str, str], list[dict]] = {}
+        process = psutil.Process(server.pid)  # the MaaS server: gateway, controllers, local agent
         await drive(gateway_url, key, body, args.clients, 200, False)  # warm both paths
         await drive(direct_url, {}, body, args.clients, 200, False)
         for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
-            results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False)]
+            results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False, process)]
         for _ in range(args.rounds):
             for mode, stream in (("plain", False), ("stream", True)):
                 for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
                     results.setdefault((mode, path), []).append(
-                        await drive(url, headers, body, args.clients, args.requests, stream))
+                        await drive(url, headers, body, args.clients, args.requests, stream, process))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -147,28 +162,34 @@ async def main() -> None:
     def merged(mode: str, path: str) -> dict:
         runs = results[(mode, path)]
         return {"rps": statistics.mean(r["rps"] for r in runs), "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "cpu_us": statistics.mean(r["cpu_us"] for r in runs),
+                "sys_us": statistics.mean(r["sys_us"] for r in runs),
                 "p99_ms": max(r["p99_ms"] for r in runs), "failed": sum(r["failed"] for r in runs),
                 "ok": sum(r["ok"] for r in runs)}
 
     print(f"{args.clients} concurrent clients, {args.requests} requests a run, {args.rounds} rounds, "
           f"max_tokens={args.max_tokens}, one llama.cpp replica (tiny model)")
     print(f"plain and stream: {args.clients} clients; '1 client': unloaded, plain")
-    print(f"{'mode':<10}{'path':<9}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ok':>8}{'failed':>8}")
+    print("server cpu us/req: CPU time of the MaaS server process per request (direct: its idle background)")
+    print(f"{'mode':<10}{'path':<9}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ok':>8}{'failed':>8}{'cpu us/req':>12}{'of it sys':>10}")
     summary = {}
     for mode in ("1 client", "plain", "stream"):
         for path in ("direct", "gateway"):
             m = merged(mode, path)
             summary[(mode, path)] = m
-            print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}{m['failed']:>8}")
+            print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
+                  f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("1 client", "plain", "stream"):
         d, g = summary[(mode, "direct")], summary[(mode, "gateway")]
-        print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}")
+        print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}, "
+              f"gateway CPU {g['cpu_us'] - d['cpu_us']:.0f} us/req")
     d, g = summary[("plain", "direct")], summary[("plain", "gateway")]
     s_d, s_g = summary[("stream", "direct")], summary[("stream", "gateway")]
     u_d, u_g = summary[("1 client", "direct")], summary[("1 client", "gateway")]
     print(f"RESULT added_p50_ms={g['p50_ms'] - d['p50_ms']:.2f} throughput_ratio={g['rps'] / d['rps']:.2f} "
           f"unloaded_added_p50_ms={u_g['p50_ms'] - u_d['p50_ms']:.2f} "
-          f"stream_added_p50_ms={s_g['p50_ms'] - s_d['p50_ms']:.2f} stream_throughput_ratio={s_g['rps'] / s_d['rps']:.2f}")
+          f"stream_added_p50_ms={s_g['p50_ms'] - s_d['p50_ms']:.2f} stream_throughput_ratio={s_g['rps'] / s_d['rps']:.2f} "
+          f"gateway_cpu_us_per_req={g['cpu_us'] - d['cpu_us']:.0f}")
 
 
 if __name__ == "__main__":

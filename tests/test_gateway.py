@@ -14,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import eventually
+from conftest import eventually, free_port
 from maas_tui.client import MaasClient
 from server.app import MaasServer
 
@@ -220,3 +220,86 @@ async def test_endpoints_follow_model_categories_and_audio_passes_through(
         await admin.create_model({"name": "bad", "source": str(source), "backend": "custom:speech",
                                   "categories": ["audio"]})
     assert refused.value.status == 422 and "categories" in refused.value.message
+
+
+# --- the lean upstream client, against raw HTTP servers on 127.0.0.1 ------------------------
+
+async def _raw_server(replies: list[bytes]) -> tuple[asyncio.AbstractServer, int, list[bytes], list[int]]:
+    """Answers the n-th request (across connections) with replies[n] (b"" closes at once);
+    records each request and counts connections."""
+    requests: list[bytes] = []
+    connections = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                requests.append(head + await reader.readexactly(length))
+                reply = replies[len(requests) - 1]
+                if not reply:
+                    break
+                writer.write(reply)
+                await writer.drain()
+                if b"Connection: close" in reply or b"Content-Length" not in reply.split(b"\r\n\r\n")[0] \
+                        and b"chunked" not in reply:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], requests, connections
+
+
+async def test_upstream_client_keeps_alive_and_reads_every_framing():
+    from server.gateway.upstream import UpstreamPool
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": 1234}"
+    chunked = (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n")
+    closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    until_close = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length here"
+    server, port, requests, connections = await _raw_server([ok, ok, chunked, closing, ok, until_close])
+    pool = UpstreamPool()
+    try:
+        first = await pool.request("127.0.0.1", port, "/v1/x", b'{"model": "m"}', "application/json")
+        assert (first.status, first.body, first.headers["content-type"]) == (200, b'{"a": 1234}', "application/json")
+        assert requests[0].startswith(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:") and requests[0].endswith(
+            b'Content-Length: 14\r\nContent-Type: application/json\r\n\r\n{"model": "m"}')
+        assert (await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")).body == b'{"a": 1234}'
+        second = await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")
+        assert (second.status, second.body) == (201, b"hello, world")
+        assert connections[0] == 1  # three requests, one keep-alive connection
+        assert (await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")).body == b"ok"
+        assert pool.idle_count() == 0  # Connection: close is not pooled
+        assert (await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")).body == b'{"a": 1234}'
+        assert (await pool.request("127.0.0.1", port, "/v1/x", b"{}", "text/plain")).body == b"no length here"
+        assert connections[0] == 2 and pool.idle_count() == 0  # a new one after the close; HTTP/1.0 not pooled
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_upstream_client_failures_say_whether_the_backend_answered():
+    from server.gateway.upstream import UpstreamError, UpstreamPool
+
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly part"
+    server, port, _, _ = await _raw_server([b"", cut, b"garbage\r\n\r\n"])
+    pool = UpstreamPool()
+    try:
+        with pytest.raises(UpstreamError) as dropped:  # closed before any byte: safe to retry elsewhere
+            await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")
+        assert not dropped.value.answered
+        with pytest.raises(UpstreamError) as truncated:
+            await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")
+        assert truncated.value.answered and "cut short" in str(truncated.value)
+        with pytest.raises(UpstreamError, match="malformed status line"):
+            await pool.request("127.0.0.1", port, "/v1/x", b"{}", "application/json")
+    finally:
+        server.close()
+    with pytest.raises(UpstreamError, match="cannot connect") as refused:
+        await pool.request("127.0.0.1", free_port(), "/v1/x", b"{}", "application/json")
+    assert not refused.value.answered

@@ -21,6 +21,7 @@ from aiohttp import web
 from server.api.errors import ApiError, bad_request, forbidden, parse_json_object
 from server.api.routing import principal_of, server_of
 from server.gateway.routing_table import Target
+from server.gateway.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ _RETRY_STATUSES = {502, 503}
 _MODEL_KEY: web.RequestKey[str] = web.RequestKey("maas.gateway.model", str)  # for the latency labels
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
+_INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 # Endpoint -> the model category that serves it (ModelSpec.categories).
 CATEGORY_OF = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "embedding",
                "/v1/rerank": "reranker", "/v1/audio/transcriptions": "speech_to_text",
@@ -117,36 +119,80 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
 
     client_wants_usage = True
     if payload is not None and payload.get("stream") is True and request.path in _USAGE_IN_STREAM:
-        options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
-        client_wants_usage = options.get("include_usage") is True
+        options = payload.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:  # ask for it so usage is always known; the extra chunk is not relayed
-            payload["stream_options"] = {**options, "include_usage": True}
-            body = json.dumps(payload).encode()
+            if "stream_options" not in payload and body.rstrip().endswith(b"}"):
+                # Spliced in rather than re-serialized: the body is a JSON object without that key.
+                body = body[:body.rindex(b"}")] + _INCLUDE_USAGE
+            else:
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                body = json.dumps(payload).encode()
 
-    headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
     # The least loaded instance over a pooled connection; on failure before any byte reached
     # the client, once more on another instance (the same one if it is alone) over a fresh
     # connection, since backends close pooled keep-alive connections at will.
-    attempts = [(targets[0], server.http), (targets[1 % len(targets)], server.http_fresh)]
+    second = targets[1 % len(targets)]
     failure = ""
-    for target, session in attempts:
-        try:
-            return await _forward(request, server, session, principal, name, target, body, headers,
-                                  client_wants_usage)
-        except _Upstream as exc:
-            failure = str(exc)
-            log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
+    if payload is not None and payload.get("stream") is True:
+        incoming = request.headers
+        headers = {h: incoming[h] for h in _FORWARDED_HEADERS if h in incoming}
+        for target, session in ((targets[0], server.http), (second, server.http_fresh)):
+            try:
+                return await _forward_stream(request, server, session, principal, name, target, body, headers,
+                                             client_wants_usage)
+            except _Upstream as exc:
+                failure = str(exc)
+                log.info("instance %s of %s failed before answering (%s); trying another",
+                         target.instance_id, name, exc)
+    else:
+        content_type = request.headers.get("Content-Type", "application/json")
+        for target, fresh in ((targets[0], False), (second, True)):
+            try:
+                return await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
+            except _Upstream as exc:
+                failure = str(exc)
+                log.info("instance %s of %s failed before answering (%s); trying another",
+                         target.instance_id, name, exc)
     server.usage.record(principal, name, None)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
 
 
-async def _forward(request: web.Request, server: Any, session: aiohttp.ClientSession, principal: Any, name: str,
-                   target: Target, body: bytes, headers: dict[str, str], client_wants_usage: bool) -> web.StreamResponse:
+async def _forward_plain(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
+                         content_type: str, fresh: bool) -> web.Response:
+    """A whole response: over the lean pooled client (server/gateway/upstream.py)."""
     target.outstanding += 1
     try:
         try:
-            upstream = await session.post(target.base_url + request.path, data=body, headers=headers,
-                                              timeout=server.gateway_timeout)
+            async with asyncio.timeout(server.gateway_timeout.total):
+                upstream = await server.routes.upstream.request(target.host, target.port, request.path, body,
+                                                                content_type, fresh)
+        except UpstreamError as exc:
+            if exc.answered:  # the backend had begun to answer: it may have done the work, do not repeat it
+                server.usage.record(principal, name, None)
+                raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
+            raise _Upstream(str(exc)) from None
+        except TimeoutError:
+            raise _Upstream(f"no answer within {server.gateway_timeout.total:g} s") from None
+        if upstream.status in _RETRY_STATUSES:
+            raise _Upstream(f"HTTP {upstream.status}")
+        kind = upstream.headers.get("content-type", "application/json")
+        usage = _usage_of(upstream.body) if upstream.status < 400 and kind.startswith("application/json") else None
+        server.usage.record(principal, name, usage)
+        return web.Response(body=upstream.body, status=upstream.status, headers={"Content-Type": kind})
+    finally:
+        target.outstanding -= 1
+
+
+async def _forward_stream(request: web.Request, server: Any, session: aiohttp.ClientSession, principal: Any,
+                          name: str, target: Target, body: bytes, headers: dict[str, str],
+                          client_wants_usage: bool) -> web.StreamResponse:
+    """A streamed response, relayed as it comes (aiohttp: its reader hands over bytes as they arrive)."""
+    target.outstanding += 1
+    try:
+        try:
+            upstream = await session.post(target.url(request.path), data=body, headers=headers,
+                                          timeout=server.gateway_timeout)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise _Upstream(str(exc) or type(exc).__name__) from None
         async with upstream:
@@ -225,7 +271,14 @@ def _stream_usage(event: bytes) -> tuple[dict[str, Any] | None, bool]:
     return None, False
 
 
+async def _close_upstream(app: web.Application) -> None:
+    from server.api.routing import SERVER_KEY
+
+    app[SERVER_KEY].routes.upstream.close()
+
+
 def add_gateway_routes(app: web.Application) -> None:
+    app.on_cleanup.append(_close_upstream)
     for handler in (list_models, proxy):
         handler.__maas_auth__ = "inference"  # type: ignore[attr-defined]
     app.router.add_get("/v1/models", list_models)

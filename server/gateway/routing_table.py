@@ -6,15 +6,31 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from yarl import URL
+
 from server.gateway.stats import GatewayStats
+from server.gateway.upstream import UpstreamPool
 from server.schemas import derive_categories
 
 
 @dataclass
 class Target:
     instance_id: int
-    base_url: str
+    host: str
+    port: int
     outstanding: int = 0  # requests in flight through this gateway
+    _urls: dict[str, URL] = field(default_factory=dict, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str) -> URL:
+        """The upstream URL for a /v1 path, parsed once (not per request)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
 
 
 @dataclass
@@ -26,8 +42,8 @@ class ModelRoutes:
     def ordered(self) -> list[Target]:
         """Least outstanding requests first; ties rotate round-robin from request to request."""
         targets = list(self.targets.values())
-        if not targets:
-            return []
+        if len(targets) < 2:
+            return targets
         start = next(self._turn) % len(targets)
         rotated = targets[start:] + targets[:start]
         return sorted(rotated, key=lambda t: t.outstanding)  # stable: the rotation breaks ties
@@ -38,6 +54,7 @@ class RoutingTable:
         self.models: dict[str, ModelRoutes] = {}  # every model that exists, with its running targets
         self.created: dict[str, int] = {}
         self.stats = GatewayStats()  # latency by model and status: the gateway's own, lives with its table
+        self.upstream = UpstreamPool()  # keep-alive connections to the targets (plain requests)
 
     def apply_model(self, action: str, model: dict[str, Any]) -> None:
         name = model["name"]
@@ -56,12 +73,14 @@ class RoutingTable:
         serving = action != "deleted" and instance["state"] == "running" and instance.get("port") and instance.get("address")
         if serving:
             routes = self.models.setdefault(instance["model_name"], ModelRoutes())
-            url = f"http://{instance['address']}:{instance['port']}"
+            host, port = str(instance["address"]), int(instance["port"])
             current = routes.targets.get(instance["id"])
-            if current is None or current.base_url != url:
-                routes.targets[instance["id"]] = Target(instance["id"], url)
+            if current is None or (current.host, current.port) != (host, port):
+                routes.targets[instance["id"]] = Target(instance["id"], host, port)
         elif (routes := self.models.get(instance["model_name"])) is not None:
-            routes.targets.pop(instance["id"], None)
+            gone = routes.targets.pop(instance["id"], None)
+            if gone is not None:
+                self.upstream.forget(gone.host, gone.port)
 
     def load(self, models: list[dict[str, Any]], instances: list[dict[str, Any]]) -> None:
         self.models.clear()
