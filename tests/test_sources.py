@@ -137,6 +137,7 @@ def cache_for(tmp_path: Path, endpoint: str, **kwargs) -> ModelCache:
     ("ms://qwen/Qwen2.5-0.5B-Instruct", "modelscope", "qwen/Qwen2.5-0.5B-Instruct", None, None),
     ("/models/tiny.gguf", "local", None, None, None),
     ("models/sub/tiny.gguf", "local", None, None, None),  # three parts: a relative path, not a repository
+    ("models/tiny.gguf", "local", None, None, None),  # a file name: a relative path, not a repository
 ])
 def test_source_forms(source: str, kind: str, repo, revision, filename):
     parsed = parse_model_source(source)

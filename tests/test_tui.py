@@ -356,7 +356,7 @@ async def test_edit_rolls_out_with_pause_resume_history_and_instance_restart(ser
         await pilot.press("r")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the restart confirmation")
         await pilot.press("y")
-        await until(pilot, lambda: cell(app, name, "RESTARTS") == "1", what="the restart count")
+        await until(pilot, lambda: cell(app, name, "RST") == "1", what="the restart count")
         assert (await admin.get_instance(name)).restart_count == 1
         await until(pilot, lambda: cell(app, name, "STATE") == "running", timeout=60, what="running again")
 

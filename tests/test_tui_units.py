@@ -232,3 +232,25 @@ async def test_log_view_timestamps_prefix_arrival_time():
         view.set_timestamps(False)
         await pilot.pause()
         assert view.render_line(1).text.startswith("live line")
+
+
+@pytest.mark.parametrize("source, backend, problem", [
+    ("/models/m.gguf", "llama.cpp", None),
+    ("hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf", "llama.cpp", None),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "vllm", None),
+    ("ms://qwen/Qwen2.5-0.5B-Instruct", "vllm", None),
+    ("models/m.gguf", "llama.cpp", "absolute path"),
+    ("hf://Qwen/Qwen2.5-0.5B-Instruct", "llama.cpp", "one GGUF file"),
+    ("hf://nope", "vllm", "write hf://ORG/NAME"),
+])
+def test_forms_check_sources_as_the_server_does(source: str, backend: str, problem: str | None):
+    from maas_tui.tui.modals import source_problem
+
+    found = source_problem(source, backend)
+    assert found is None if problem is None else problem in found
+
+
+def test_downloading_state_shows_its_progress():
+    inst = demo_state().instance_by_name("qwen2.5-7b-c0ffee")
+    assert inst.state == "downloading" and fmt.instance_state_text(inst).plain == "downloading 42%"
+    assert fmt.instance_state("downloading") == "downloading" and fmt.instance_state("running", 0.5) == "running"

@@ -51,6 +51,9 @@ def make_worker(wid: int, name: str, gpus: list[tuple[str, int]], t: float = 0.0
         created_at=NOW - timedelta(days=3), updated_at=NOW)
 
 
+QWEN_SOURCE = "hf://Qwen/Qwen2.5-7B-Instruct-GGUF/qwen2.5-7b-instruct-q5_k_m.gguf"  # shows a download
+
+
 def _spec(source: str, **kw: Any) -> schemas.ModelSpec:
     return schemas.ModelSpec(source=source, backend="llama.cpp", **kw)
 
@@ -73,7 +76,7 @@ def demo_state(history: int = 60) -> ClusterState:
     models = [
         schemas.ModelOut(id=1, name="llama-3.1-8b", spec=_spec("/models/llama-3.1-8b-q4.gguf", context_length=8192),
                          replicas=2, generation=2, state="active", created_at=NOW - timedelta(hours=5), updated_at=NOW),
-        schemas.ModelOut(id=2, name="qwen2.5-7b", spec=_spec("/models/qwen2.5-7b-instruct-q5.gguf",
+        schemas.ModelOut(id=2, name="qwen2.5-7b", spec=_spec(QWEN_SOURCE,
                                                               context_length=4096), replicas=3,
                          generation=2, state="active", created_at=NOW - timedelta(hours=2), updated_at=NOW),
         schemas.ModelOut(id=3, name="mistral-7b", spec=_spec("/models/mistral-7b-v0.3.gguf", args=["--threads", "8"]),
@@ -90,7 +93,7 @@ def demo_state(history: int = 60) -> ClusterState:
     def inst(iid: int, name: str, model: schemas.ModelOut, istate: str, worker: tuple[int, str] | None,
              gpus: list[int] | None, vram: float = 0, port: int | None = None, restarts: int = 0, message: str = "",
              reasons: list[schemas.UnschedulableReason] | None = None, age_min: int = 30,
-             generation: int | None = None) -> None:
+             generation: int | None = None, progress: float | None = None) -> None:
         claim = None
         if worker is not None:
             claim = (schemas.ResourceClaim(device="gpu", gpu_indexes=gpus, vram_bytes_per_gpu=int(vram * GB),
@@ -102,14 +105,16 @@ def demo_state(history: int = 60) -> ClusterState:
             state=istate, state_message=message, worker_id=worker[0] if worker else None,
             worker_name=worker[1] if worker else None, address=f"10.0.0.{10 + worker[0]}" if worker else None,
             port=port, pid=40000 + iid if port else None, claim=claim, schedule_reasons=reasons or [],
-            restart_count=restarts, created_at=NOW - timedelta(minutes=age_min), updated_at=NOW)
+            restart_count=restarts, download_progress=progress, created_at=NOW - timedelta(minutes=age_min),
+            updated_at=NOW)
         state.apply_event("instances", "created", obj.model_dump(mode="json"))
 
     llama, qwen, mistral, tiny = models
     inst(1, "llama-3.1-8b-3f9a1c", llama, "running", (1, "gpu-a01"), [0], 18.5, 40001, age_min=290)
     inst(2, "llama-3.1-8b-77b2e0", llama, "running", (2, "gpu-a02"), [1], 18.5, 40002, age_min=288)
     inst(3, "qwen2.5-7b-a1d4e2", qwen, "running", (1, "gpu-a01"), [1, 2], 12.0, 40003, age_min=110, generation=1)
-    inst(4, "qwen2.5-7b-c0ffee", qwen, "starting", (3, "gpu-a03"), [0, 1], 12.0, 40004, age_min=1)
+    inst(4, "qwen2.5-7b-c0ffee", qwen, "downloading", (3, "gpu-a03"), [0, 1], 12.0, None, age_min=1,
+         message=f"downloading {QWEN_SOURCE} into /var/lib/maas/models", progress=0.42)
     inst(5, "qwen2.5-7b-5e7d21", qwen, "pending", None, None, reasons=[
         schemas.UnschedulableReason(worker="gpu-a01", reason="insufficient_vram", message="needs 12 GB on 2 GPUs, 1 free",
                                     need_bytes=12 * GB, free_bytes=61 * GB, gpu=3),
@@ -128,7 +133,7 @@ def demo_state(history: int = 60) -> ClusterState:
         (3, "instances", "llama-3.1-8b-3f9a1c", "Scheduled", "gpu-a01 GPU 0 (18.5 GB)", "scheduler", 290),
         (4, "instances", "llama-3.1-8b-3f9a1c", "Running", "port 40001", "gpu-a01", 289),
         (5, "models", "llama-3.1-8b", "SpecChanged", "generation 2", "admin", 280),
-        (6, "models", "qwen2.5-7b", "Created", "llama.cpp from /models/qwen2.5-7b-instruct-q5.gguf, 2 replicas",
+        (6, "models", "qwen2.5-7b", "Created", f"llama.cpp from {QWEN_SOURCE}, 2 replicas",
          "admin", 120),
         (7, "models", "qwen2.5-7b", "Scaled", "2 -> 3 replicas", "admin", 2),
         (14, "models", "qwen2.5-7b", "SpecChanged", "context_length 2048 -> 4096: generation 2", "admin", 1),
@@ -138,7 +143,7 @@ def demo_state(history: int = 60) -> ClusterState:
         (10, "instances", "mistral-7b-9b31f0", "Error", "exited with code 1: CUDA error: out of memory", "gpu-b01", 3),
         (11, "models", "tiny", "Created", "llama.cpp from /srv/models/tiny.gguf, 1 replicas", "ops", 12),
         (12, "instances", "tiny-2c4e6a", "Running", "port 40007", "cpu-01", 11),
-        (13, "instances", "qwen2.5-7b-c0ffee", "Starting", "loading /models/qwen2.5-7b-instruct-q5.gguf", "gpu-a03", 1),
+        (13, "instances", "qwen2.5-7b-c0ffee", "Downloading", f"downloading {QWEN_SOURCE}", "gpu-a03", 1),
     ]
     events.sort(key=lambda e: -e[6])
     for eid, (_, kind, name, reason, message, actor, minutes) in enumerate(events, start=1):
@@ -337,7 +342,8 @@ class DemoClient:
         inst = self.state.instance_by_name(ref)
         if inst is None:
             raise ApiClientError(404, "not_found", f"instance {ref!r} not found")
-        updated = inst.model_copy(update={"restart_count": inst.restart_count + 1, "state": "starting"})
+        updated = inst.model_copy(update={"restart_count": inst.restart_count + 1, "state": "starting",
+                                           "download_progress": None})
         self.state.apply_event("instances", "updated", updated.model_dump(mode="json"))
         return updated
 

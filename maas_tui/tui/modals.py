@@ -25,6 +25,21 @@ NAME_RE = re.compile(schemas.MODEL_NAME_PATTERN)
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def source_problem(source: str, backend: str) -> str | None:
+    """What the server would refuse in a source (the same rule: schemas.parse_model_source), or None."""
+    try:
+        parsed = schemas.parse_model_source(source)
+    except schemas.SourceError as exc:
+        return str(exc).split(": ", 1)[-1]
+    if backend != "llama.cpp":
+        return None
+    if parsed.kind == "local" and not source.startswith("/"):
+        return "llama.cpp needs an absolute path to a .gguf file on the worker"
+    if parsed.kind != "local" and not (parsed.filename or "").endswith(".gguf"):
+        return "llama.cpp serves one GGUF file: name it, e.g. hf://ORG/NAME/FILE.gguf"
+    return None
+
+
 def whole_number(text: str, low: int, high: int, what: str) -> tuple[int | None, str | None]:
     text = text.strip()
     if not text or not (text.isascii() and text.isdigit()):
@@ -193,8 +208,8 @@ class DeployForm(FormScreen):
             errors["source"] = "a source is required"
         elif "\x00" in source or len(source) > 2000:
             errors["source"] = "not a usable path"
-        elif backend == "llama.cpp" and not source.startswith("/"):
-            errors["source"] = "llama.cpp needs an absolute path to a .gguf file on the worker"
+        elif problem := source_problem(source, backend):
+            errors["source"] = problem
         if backend not in schemas.KNOWN_BACKENDS:
             errors["backend"] = f"choose one of {', '.join(schemas.KNOWN_BACKENDS)}"
         replicas, message = whole_number(self.query_one("#replicas", Input).value, 0, 1000, "replicas")
@@ -369,8 +384,8 @@ class EditForm(FormScreen):
             errors["source"] = "a source is required"
         elif "\x00" in source or len(source) > 2000:
             errors["source"] = "not a usable path"
-        elif spec.backend == "llama.cpp" and not source.startswith("/"):
-            errors["source"] = "llama.cpp needs an absolute path to a .gguf file on the worker"
+        elif problem := source_problem(source, spec.backend):
+            errors["source"] = problem
         context, message = whole_number(self.query_one("#context", Input).value, 64, 1_048_576, "context length")
         if message:
             errors["context"] = message

@@ -571,7 +571,7 @@ class InstancesScreen(TableScreen):
     TITLE_TEXT = "Instances"
     KINDS = {"instances"}
     COLUMNS = [("NAME", None), ("STATE", None), ("WORKER", None), ("PLACEMENT", None), ("PORT", None),
-               ("RESTARTS", None), ("AGE", None)]
+               ("RST", None), ("AGE", None)]  # RST: restarts, as in the model view (80 columns)
     WIDE_COLUMNS = [("MODEL", None), ("GEN", None), ("ADDRESS", None), ("PID", None)]
     BINDINGS = [Binding("l", "logs", "Logs"), Binding("r", "restart", "Restart"), Binding("ctrl+d", "delete", "Delete")]
 

@@ -707,7 +707,7 @@ def parse_size(text: str | None) -> int | None:
 #   /abs/path                            a local file or folder on the worker (the CLI makes relative paths absolute)
 #   hf://ORG/NAME[@REV][/FILE]           a Hugging Face repository, optionally one file of it (a .gguf for llama.cpp)
 #   ms://ORG/NAME[@REV][/FILE]           the same on ModelScope
-#   ORG/NAME                             short for hf://ORG/NAME (exactly two parts, never absolute)
+#   ORG/NAME                             short for hf://ORG/NAME (exactly two parts, not absolute, not a .gguf)
 # Anything else is taken as a local path and fails on the worker when it does not exist there.
 
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -738,6 +738,6 @@ def parse_model_source(source: str) -> ModelSource:
                 raise SourceError(f"model source {source!r}: write {prefix}ORG/NAME, {prefix}ORG/NAME@REVISION "
                                   f"or {prefix}ORG/NAME/FILE")
             return ModelSource(kind=kind, repo_id=match["repo"], revision=match["revision"], filename=match["file"])
-    if _BARE_REPO.match(source) and not source.startswith("."):
+    if _BARE_REPO.match(source) and not source.startswith(".") and not source.lower().endswith(".gguf"):
         return ModelSource(kind="huggingface", repo_id=source)
     return ModelSource(kind="local", path=source)
