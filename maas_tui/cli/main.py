@@ -168,7 +168,10 @@ def _resolve_source(source: str) -> str:
 @model_app.command("deploy")
 def model_deploy(
     name: str = typer.Argument(..., help="the model name clients use in the 'model' field"),
-    source: str = typer.Option(..., help="a .gguf file for llama.cpp, or a repository id"),
+    source: str = typer.Option(..., help=(
+        "a local path on the worker, or a repository the agent downloads: hf://ORG/NAME or ORG/NAME "
+        "(Hugging Face), ms://ORG/NAME (ModelScope), each optionally with @REVISION and /FILE; "
+        "llama.cpp takes one .gguf, e.g. hf://ORG/NAME/FILE.gguf")),
     backend: str = typer.Option(..., help=f"one of: {', '.join(schemas.KNOWN_BACKENDS)}"),
     replicas: int = typer.Option(1, help="how many instances to run"),
     context_length: int = typer.Option(2048, help="context length each instance serves"),
