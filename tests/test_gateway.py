@@ -303,3 +303,25 @@ async def test_upstream_client_failures_say_whether_the_backend_answered():
     with pytest.raises(UpstreamError, match="cannot connect") as refused:
         await pool.request("127.0.0.1", free_port(), "/v1/x", b"{}", "application/json")
     assert not refused.value.answered
+
+
+async def test_upstream_stream_decodes_chunks_split_anywhere():
+    """The streamed body comes out the same however the bytes are cut into packets."""
+    from server.gateway.upstream import UpstreamError, UpstreamStream
+
+    events = [b'data: {"n": %d}\n\n' % i for i in range(5)]
+    wire = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\nX-Trailer: 1\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    for size in (1, 2, 7, len(wire)):
+        exchange = UpstreamStream(loop)
+        for i in range(0, len(wire), size):
+            exchange.data_received(wire[i:i + size])
+        assert exchange.head.result()[0] == 200
+        assert b"".join([chunk async for chunk in exchange.body()]) == b"".join(events)
+
+    cut = UpstreamStream(loop)  # the backend dies mid-stream: the reader hears of it
+    cut.data_received(wire[:150])
+    cut.connection_lost(None)
+    with pytest.raises(UpstreamError, match="cut short"):
+        [chunk async for chunk in cut.body()]

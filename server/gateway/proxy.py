@@ -15,17 +15,15 @@ from email.policy import HTTP
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from server.api.errors import ApiError, bad_request, forbidden, parse_json_object
 from server.api.routing import principal_of, server_of
 from server.gateway.routing_table import Target
-from server.gateway.upstream import UpstreamError
+from server.gateway.upstream import UpstreamError, UpstreamStream
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("Content-Type", "Accept")
 _RETRY_STATUSES = {502, 503}
 _MODEL_KEY: web.RequestKey[str] = web.RequestKey("maas.gateway.model", str)  # for the latency labels
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
@@ -134,19 +132,17 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     # connection, since backends close pooled keep-alive connections at will.
     second = targets[1 % len(targets)]
     failure = ""
+    content_type = request.headers.get("Content-Type", "application/json")
     if payload is not None and payload.get("stream") is True:
-        incoming = request.headers
-        headers = {h: incoming[h] for h in _FORWARDED_HEADERS if h in incoming}
-        for target, session in ((targets[0], server.http), (second, server.http_fresh)):
+        for target in (targets[0], second):
             try:
-                return await _forward_stream(request, server, session, principal, name, target, body, headers,
+                return await _forward_stream(request, server, principal, name, target, body, content_type,
                                              client_wants_usage)
             except _Upstream as exc:
                 failure = str(exc)
                 log.info("instance %s of %s failed before answering (%s); trying another",
                          target.instance_id, name, exc)
     else:
-        content_type = request.headers.get("Content-Type", "application/json")
         for target, fresh in ((targets[0], False), (second, True)):
             try:
                 return await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
@@ -184,31 +180,76 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
         target.outstanding -= 1
 
 
-async def _forward_stream(request: web.Request, server: Any, session: aiohttp.ClientSession, principal: Any,
-                          name: str, target: Target, body: bytes, headers: dict[str, str],
-                          client_wants_usage: bool) -> web.StreamResponse:
-    """A streamed response, relayed as it comes (aiohttp: its reader hands over bytes as they arrive)."""
+async def _forward_stream(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
+                          content_type: str, client_wants_usage: bool) -> web.StreamResponse:
+    """A streamed response, relayed as it comes, over a connection of its own."""
     target.outstanding += 1
     try:
         try:
-            upstream = await session.post(target.url(request.path), data=body, headers=headers,
-                                          timeout=server.gateway_timeout)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise _Upstream(str(exc) or type(exc).__name__) from None
-        async with upstream:
+            async with asyncio.timeout(server.gateway_timeout.total):
+                upstream = await server.routes.upstream.stream(target.host, target.port, request.path, body,
+                                                               content_type)
+        except UpstreamError as exc:
+            raise _Upstream(str(exc)) from None
+        except TimeoutError:
+            raise _Upstream(f"no answer within {server.gateway_timeout.total:g} s") from None
+        try:
             if upstream.status in _RETRY_STATUSES:
                 raise _Upstream(f"HTTP {upstream.status}")
-            content_type = upstream.headers.get("Content-Type", "application/json")
-            if content_type.startswith("text/event-stream"):
-                return await _relay_stream(request, server, principal, name, upstream, client_wants_usage)
-            data = await upstream.read()
-            usage = None
-            if content_type.startswith("application/json") and upstream.status < 400:
-                usage = _usage_of(data)
+            kind = upstream.headers.get("content-type", "application/json")
+            if kind.startswith("text/event-stream"):
+                return await _relay_stream(request, server, principal, name, upstream, kind, client_wants_usage)
+            try:  # an error or a whole answer after all
+                async with asyncio.timeout(server.gateway_timeout.total):
+                    data = b"".join([chunk async for chunk in upstream.body()])
+            except (UpstreamError, TimeoutError) as exc:
+                server.usage.record(principal, name, None)
+                raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
+            usage = _usage_of(data) if upstream.status < 400 and kind.startswith("application/json") else None
             server.usage.record(principal, name, usage)
-            return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+            return web.Response(body=data, status=upstream.status, headers={"Content-Type": kind})
+        finally:
+            upstream.close()
     finally:
         target.outstanding -= 1
+
+
+async def _relay_stream(request: web.Request, server: Any, principal: Any, name: str, upstream: UpstreamStream,
+                        content_type: str, client_wants_usage: bool) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status,
+                                  headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    usage: dict[str, Any] | None = None
+    pending = b""
+    try:
+        async with asyncio.timeout(server.gateway_timeout.total):
+            async for chunk in upstream.body():
+                if not pending and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+                    await response.write(chunk)  # whole events without usage: the common case, as they come
+                    continue
+                pending += chunk
+                # Relay whole server-sent events as they complete: no buffering beyond one event.
+                *events, pending = pending.split(b"\n\n")
+                out = []
+                for event in events:
+                    if b'"usage"' in event:
+                        found, usage_only = _stream_usage(event)
+                        usage = found or usage
+                        if usage_only and not client_wants_usage:
+                            continue
+                    out.append(event + b"\n\n")
+                if out:
+                    await response.write(b"".join(out))
+            if pending:
+                await response.write(pending)
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away: stop reading upstream too
+        log.debug("client left during a stream of %s", name)
+    except (UpstreamError, TimeoutError) as exc:  # bytes already went out: all we can do is end it
+        log.warning("instance of %s failed in the middle of a stream: %s", name, exc)
+    finally:
+        server.usage.record(principal, name, usage)
+    return response
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:
@@ -217,45 +258,6 @@ def _usage_of(data: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return document.get("usage") if isinstance(document, dict) else None
-
-
-async def _relay_stream(request: web.Request, server: Any, principal: Any, name: str,
-                        upstream: aiohttp.ClientResponse, client_wants_usage: bool) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status,
-                                  headers={"Content-Type": upstream.headers["Content-Type"], "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    usage: dict[str, Any] | None = None
-    pending = b""
-    try:
-        async for chunk in upstream.content.iter_any():
-            if not pending and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
-                await response.write(chunk)  # whole events without usage: the common case, as they come
-                continue
-            pending += chunk
-            # Relay whole server-sent events as they complete: no buffering beyond one event.
-            *events, pending = pending.split(b"\n\n")
-            out = []
-            for event in events:
-                if b'"usage"' in event:
-                    found, usage_only = _stream_usage(event)
-                    usage = found or usage
-                    if usage_only and not client_wants_usage:
-                        continue
-                out.append(event + b"\n\n")
-            if out:
-                await response.write(b"".join(out))
-        if pending:
-            await response.write(pending)
-        await response.write_eof()
-    except ConnectionResetError:  # the client went away: stop reading upstream too
-        log.debug("client left during a stream of %s", name)
-    except (aiohttp.ClientError, TimeoutError) as exc:  # bytes already went out: all we can do is end it
-        log.warning("instance of %s failed in the middle of a stream: %s", name, exc)
-    finally:
-        # llama.cpp closes keep-alive connections after a stream: never pool this one.
-        upstream.close()
-        server.usage.record(principal, name, usage)
-    return response
 
 
 def _stream_usage(event: bytes) -> tuple[dict[str, Any] | None, bool]:

@@ -7,9 +7,9 @@ that a proxy calling known backends does not need. Here a request is one `transp
 of prebuilt bytes on a pooled keep-alive connection, and the response is parsed from the
 bytes as they arrive (Content-Length, chunked, or until close).
 
-Streamed requests keep using aiohttp (they relay as the bytes come; llama.cpp closes those
-connections anyway). A failure before any response byte raises UpstreamError so the gateway
-can retry on another instance over a fresh connection.
+Streamed requests go over a fresh connection each (llama.cpp closes it after a stream anyway)
+and hand the body over as it arrives (`UpstreamPool.stream`). A failure before any response
+byte raises UpstreamError so the gateway can retry on another instance over a fresh connection.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import asyncio
 import socket
 import time
 from collections import deque
+from typing import AsyncIterator
 
+STREAM_HIGH_WATER = 1024 * 1024  # pause reading the backend while this much waits for a slow client
 IDLE_SECONDS = 4.0  # below llama.cpp's 5 s keep-alive: never reuse a connection it is closing
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -174,6 +176,175 @@ class _Connection(asyncio.Protocol):
             position += size + 2
 
 
+class UpstreamStream(asyncio.Protocol):
+    """One streamed exchange: `head` resolves to (status, headers); then `body()` yields the
+    body's bytes as they arrive (chunked encoding removed)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.head: asyncio.Future[tuple[int, dict[str, str]]] = loop.create_future()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._raw = bytearray()
+        self._ready: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._error: Exception | None = None
+        self._length: int | None = None  # bytes left, for a Content-Length body
+        self._chunked = False
+        self._chunk_left = -1  # -1: a chunk-size line is next; -2: the CRLF after a chunk; -3: trailers
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._raw += data
+        try:
+            if not self.head.done():
+                end = self._raw.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._raw) > MAX_HEADER_BYTES:
+                        raise UpstreamError("malformed response head")
+                    return
+                self._start(bytes(self._raw[:end]))
+                del self._raw[:end + 4]
+            self._decode()
+        except UpstreamError as exc:
+            self._fail(exc)
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(UpstreamError(f"connection closed{': ' + str(exc) if exc else ''}"))
+        elif not self._done:
+            if self._length is None and not self._chunked:
+                self._finish()  # delimited by the close
+            else:
+                self._fail(UpstreamError("stream cut short"))
+
+    def _start(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise UpstreamError(f"malformed status line {lines[0][:100]!r}")
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                self.headers[name.strip().lower()] = value.strip()
+        self.status = int(parts[1])
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._chunked = True
+        elif "content-length" in self.headers:
+            try:
+                self._length = int(self.headers["content-length"])
+            except ValueError:
+                raise UpstreamError("malformed Content-Length") from None
+        self.head.set_result((self.status, self.headers))
+
+    def _decode(self) -> None:
+        raw = self._raw
+        if self._length is not None:
+            if raw:
+                take = bytes(raw[:self._length])
+                del raw[:len(take)]
+                self._length -= len(take)
+                self._emit(take)
+            if self._length == 0:
+                self._finish()
+            return
+        if not self._chunked:
+            if raw:
+                self._emit(bytes(raw))
+                raw.clear()
+            return
+        while raw:
+            if self._chunk_left == -1:
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    return
+                try:
+                    size = int(bytes(raw[:end]).split(b";", 1)[0], 16)
+                except ValueError:
+                    raise UpstreamError("malformed chunk size") from None
+                del raw[:end + 2]
+                self._chunk_left = size if size else -3
+            elif self._chunk_left == -2:
+                if len(raw) < 2:
+                    return
+                del raw[:2]
+                self._chunk_left = -1
+            elif self._chunk_left == -3:
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    return
+                del raw[:end + 2]
+                if end == 0:  # the empty line after the trailers
+                    self._finish()
+                    return
+            else:
+                take = bytes(raw[:self._chunk_left])
+                del raw[:len(take)]
+                self._chunk_left -= len(take)
+                if self._chunk_left == 0:
+                    self._chunk_left = -2
+                self._emit(take)
+
+    def _emit(self, data: bytes) -> None:
+        self._ready.append(data)
+        self._buffered += len(data)
+        if self._buffered > STREAM_HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.head.done():
+            self.head.set_exception(exc)
+        self._error, self._done = exc, True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._ready:
+                data = b"".join(self._ready)
+                self._ready.clear()
+                self._buffered = 0
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                yield data
+                continue
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class UpstreamPool:
     """Idle keep-alive connections per backend (host, port)."""
 
@@ -209,6 +380,25 @@ class UpstreamPool:
         else:
             connection.close()
         return response
+
+    async def stream(self, host: str, port: int, path: str, body: bytes, content_type: str) -> UpstreamStream:
+        """POST `body` on a new connection; returns once the response head is in."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, exchange = await loop.create_connection(lambda: UpstreamStream(loop), host, port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
+        exchange.transport.write(  # type: ignore[union-attr]
+            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\nContent-Type: %s\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                path.encode("latin-1"), host.encode("latin-1"), port, content_type.encode("latin-1"), len(body), body))
+        try:
+            await exchange.head
+        except BaseException:
+            exchange.close()
+            raise
+        return exchange
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
