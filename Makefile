@@ -48,3 +48,11 @@ test-vllm: $(VENV)/.installed
 	@sh scripts/ensure-vllm.sh $(VLLM_VENV)
 	MAAS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m vllm --durations=3 -s \
 		tests/test_vllm_cpu.py $(PYTEST_ARGS)
+
+# Opt-in: multi-host Ray for real (root and `ip netns`: two agents in their own network namespaces).
+# About 2 minutes; it uses the vLLM venv above, which also has ray.
+.PHONY: test-ray
+test-ray: $(VENV)/.installed
+	@sh scripts/ensure-vllm.sh $(VLLM_VENV)
+	MAAS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m ray --durations=3 -s \
+		tests/test_ray_multihost.py $(PYTEST_ARGS)

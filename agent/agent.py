@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
 from agent.sources import ModelCache
+from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class AgentConfig:
     # keeps running this long so requests already in flight can finish.
     drain_seconds: float = 5.0
     port_range: tuple[int, int] = DEFAULT_RANGE
+    # Ray nodes of multi-host placements take blocks of ports from here (agent/ray.py says why these).
+    ray_port_range: tuple[int, int] = DEFAULT_RAY_RANGE
     labels: dict[str, str] = field(default_factory=dict)
     # Python interpreter per backend (MAAS_VLLM_PYTHON, MAAS_SGLANG_PYTHON, MAAS_LLAMACPP_PYTHON).
     backend_python: dict[str, str] = field(default_factory=python_overrides)
@@ -93,6 +97,7 @@ class Agent:
         self.models = ModelCache(config.model_cache or config.data_dir / "models",
                                  stall_timeout=config.download_stall_timeout)
         self.logs_dir = config.data_dir / "logs"
+        self.ray = RayManager(self, config.ray_port_range)
         self.desired: dict[int, InstanceOut] = {}
         self.workloads: dict[int, Workload] = {}
         self.worker_id: int | None = None
@@ -111,6 +116,7 @@ class Agent:
 
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.ray.clean_up_leftovers()
         if isinstance(self.runtime, ProcessRuntime):
             # Adopted (or stopped) once the first snapshot says what is wanted.
             self._leftovers = await asyncio.to_thread(self.runtime.leftovers)
@@ -127,6 +133,7 @@ class Agent:
             self.main_task.cancel()
             await asyncio.gather(self.main_task, return_exceptions=True)
         await asyncio.gather(*(self._stop_workload(w) for w in list(self.workloads.values())), return_exceptions=True)
+        await self.ray.close()
         if self._runner:
             await self._runner.cleanup()
         if self._http:
@@ -214,14 +221,22 @@ class Agent:
 
     def _apply_watch(self, message: dict[str, Any]) -> None:
         if message["type"] == "snapshot":
-            self.desired = {i["id"]: InstanceOut.model_validate(i) for i in message["items"]["instances"]}
+            items = [InstanceOut.model_validate(i) for i in message["items"]["instances"]]
+            self.desired = {i.id: i for i in items if i.worker_id == self.worker_id}
+            # Where this worker is a subordinate it runs a Ray worker node, never the instance itself.
+            self.ray.members = {i.id: i for i in items if self._subordinate(i)}
             self._snapshot_seen = True
         elif message["type"] == "event":
             instance = InstanceOut.model_validate(message["object"])
-            if message["action"] == "deleted" or instance.worker_id != self.worker_id:
+            deleted = message["action"] == "deleted"
+            if deleted or instance.worker_id != self.worker_id:
                 self.desired.pop(instance.id, None)
             else:
                 self.desired[instance.id] = instance
+            if not deleted and self._subordinate(instance):
+                self.ray.members[instance.id] = instance
+            else:
+                self.ray.members.pop(instance.id, None)
         else:
             return
         self._wake.set()
@@ -284,6 +299,7 @@ class Agent:
         for instance_id, workload in list(self.workloads.items()):
             if instance_id not in self.desired and instance_id not in self._terminating:
                 self._spawn_terminate(instance_id, workload, report=False)
+        self.ray.reconcile(self._ray_python)
 
     def _spawn_restart(self, instance: InstanceOut, workload: Workload) -> None:
         """An operator asked for a restart of a running workload: stop it, then start it afresh."""
@@ -343,6 +359,8 @@ class Agent:
             if fetched is not instance:
                 instance, spec = fetched, await self.launch_for(fetched, workload.port)
             workload.launch = spec
+            if is_multi_host(instance):
+                spec.env.update(await self._start_ray_head(workload, instance))
             if self.runtime.name == "docker":
                 if spec.image:
                     await self.runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
@@ -355,12 +373,32 @@ class Agent:
         except (BackendError, OSError, RuntimeError, aiohttp.ClientError, TimeoutError, DockerError) as exc:
             workload.exited = True
             self.ports.release(workload.port)
+            await self.ray.stop_head(instance.id)
             await self._set_state(workload, "error", f"could not start: {exc}")
             return
         handle = workload.handle
         await self._set_state(workload, "starting", f"pid {handle.pid}, port {workload.port}",
                               port=workload.port, pid=handle.pid)
         await self._supervise(workload, spec.health_path, path)
+
+    # --- multi-host placements (Ray; agent/ray.py) ------------------------------------------
+
+    def _subordinate(self, instance: InstanceOut) -> bool:
+        return instance.worker_id != self.worker_id and subordinate_of(instance, self.worker_id)
+
+    def _ray_python(self, instance: InstanceOut) -> str:
+        """Ray runs from the backend's environment: the driver (vLLM) and the nodes must match."""
+        return self.config.backend_python.get(instance.spec.backend) or sys.executable
+
+    async def _start_ray_head(self, workload: Workload, instance: InstanceOut) -> dict[str, str]:
+        if self.runtime.name == "docker":
+            raise BackendError("a multi-host placement needs the process runtime on its workers for now "
+                               "(the Ray nodes run from the backend's Python environment)")
+
+        async def starting(message: str) -> None:
+            await self._set_state(workload, "starting", message, port=workload.port)
+
+        return await self.ray.start_head(instance, self._ray_python(instance), starting)
 
     async def _fetch_model(self, workload: Workload) -> InstanceOut:
         """Download a hub source into the model cache (state `downloading` with progress); local paths pass."""
@@ -493,6 +531,7 @@ class Agent:
             workload.task.cancel()  # still downloading: nothing runs yet, stop waiting for the download
         if workload.task is not None:
             await asyncio.gather(workload.task, return_exceptions=True)
+        await self.ray.stop_head(workload.instance.id)
         self.ports.release(workload.port)
 
     # --- the agent's own endpoint -------------------------------------------------------

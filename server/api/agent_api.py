@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from pydantic import Field
+from sqlalchemy import delete, select
 
 from server import schemas
 from server.api.errors import conflict, not_found, parse_whole_number, read_json
@@ -108,6 +110,7 @@ async def report_status(request: web.Request) -> web.Response:
             if instance.state != S.terminating:
                 raise conflict(f"instance {instance.name} is {instance.state}, not terminating")
             await s.delete(instance)
+            await s.execute(delete(tables.Setting).where(tables.Setting.key == f"{RAY_HEAD_PREFIX}{instance.id}"))
             record_event(s, "instances", instance, "Stopped", body.message, principal.name)
             await s.commit()
             return web.json_response({"deleted": instance.name})
@@ -126,3 +129,82 @@ async def report_status(request: web.Request) -> web.Response:
             record_event(s, "instances", instance, body.state.value.capitalize(), body.message[-2000:], principal.name)
         await s.commit()
         return json_out(schemas.InstanceOut.model_validate(instance))
+
+
+# --- multi-host placements: the Ray head's address and what subordinates have to say -----------
+# Kept in the settings table (several servers may share the database) under one key per instance;
+# the row goes with the instance (see report_status) and is replaced on each restart.
+
+RAY_HEAD_PREFIX = "ray-head/"
+
+
+class RayHead(schemas.Schema):
+    head_address: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]_-]+:\d{1,5}$",
+                              description="host:port of the Ray head's GCS")
+    restart_count: int = Field(default=0, ge=0, description="the run of the instance this head belongs to")
+
+
+class AgentEvent(schemas.Schema):
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z]{2,63}$", description="CamelCase, e.g. RayJoinFailed")
+    message: str = Field(default="", max_length=4000)
+
+
+async def _instance_of_worker(session, request: web.Request, main_only: bool) -> tables.ModelInstance:
+    """The instance in the path, placed on the calling worker (as main, or also as a subordinate)."""
+    principal = principal_of(request)
+    ref = request.match_info["id"]
+    instance_id = parse_whole_number(ref, low=1)
+    instance = await session.get(tables.ModelInstance, instance_id) if instance_id is not None else None
+    if instance is not None and instance.worker_id == principal.worker_id:
+        return instance
+    if instance is not None and not main_only and principal.worker_id in subordinate_ids(instance.claim):
+        return instance
+    raise not_found(f"instance {ref} on worker {principal.name}")
+
+
+def subordinate_ids(claim: Any) -> set[int]:
+    """Worker ids of a claim's subordinate workers (a claim as stored: a dict, or None)."""
+    if not isinstance(claim, dict):
+        return set()
+    return {s.get("worker_id") for s in claim.get("subordinate_workers") or () if isinstance(s, dict)}
+
+
+@route("PUT", "/v2/agent/instances/{id}/ray", "Publish the Ray head of a multi-host instance (its main worker)",
+       auth="worker", body=RayHead, response=RayHead)
+async def put_ray_head(request: web.Request) -> web.Response:
+    body = await read_json(request, RayHead)
+    async with server_of(request).db.session() as s:
+        instance = await _instance_of_worker(s, request, main_only=True)
+        if not subordinate_ids(instance.claim):
+            raise conflict(f"instance {instance.name} is placed on one worker; it has no Ray cluster")
+        key = f"{RAY_HEAD_PREFIX}{instance.id}"
+        row = await s.get(tables.Setting, key)
+        if row is None:
+            s.add(tables.Setting(key=key, value=body.model_dump_json()))
+        else:
+            row.value = body.model_dump_json()
+        await s.commit()
+    return json_out(body)
+
+
+@route("GET", "/v2/agent/instances/{id}/ray", "The Ray head of a multi-host instance (its main or subordinate workers)",
+       auth="worker", response=RayHead)
+async def get_ray_head(request: web.Request) -> web.Response:
+    async with server_of(request).db.session() as s:
+        instance = await _instance_of_worker(s, request, main_only=False)
+        row = await s.get(tables.Setting, f"{RAY_HEAD_PREFIX}{instance.id}")
+        if row is None:
+            raise not_found(f"a Ray head of instance {instance.name} (its main worker has not started one yet)")
+        return json_out(RayHead.model_validate_json(row.value))
+
+
+@route("POST", "/v2/agent/instances/{id}/events", "Record an event on an instance from one of its workers "
+       "(a subordinate's Ray join failing: it never reports the instance's state)", auth="worker",
+       body=AgentEvent, status=201)
+async def post_instance_event(request: web.Request) -> web.Response:
+    body = await read_json(request, AgentEvent)
+    async with server_of(request).db.session() as s:
+        instance = await _instance_of_worker(s, request, main_only=False)
+        record_event(s, "instances", instance, body.reason, body.message, principal_of(request).name)
+        await s.commit()
+    return web.json_response({"recorded": body.reason}, status=201)

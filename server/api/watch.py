@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from server import schemas
+from server.api.agent_api import subordinate_ids
 from server.api.errors import bad_request, forbidden, parse_whole_number
 from server.api.resources import model_out, ready_counts
 from server.api.routing import principal_of, route, server_of
@@ -35,7 +36,7 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dic
             table = _TABLES[kind]
             query = select(table).order_by(table.id)
             if worker_id is not None:
-                query = query.where(tables.ModelInstance.worker_id == worker_id)
+                query = query.where(await _instances_of_worker(s, worker_id))
             rows = (await s.execute(query)).scalars().all()
             if kind == "models":
                 ready = await ready_counts(s)
@@ -46,8 +47,20 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dic
     return items
 
 
+async def _instances_of_worker(session: Any, worker_id: int) -> Any:
+    """Where a worker's agent watches: instances placed on it, and those it is a subordinate of
+    (multi-host placements: it runs their Ray worker node)."""
+    others = (await session.execute(select(tables.ModelInstance.id, tables.ModelInstance.claim).where(
+        tables.ModelInstance.worker_id != worker_id))).all()
+    # Claims are JSON; matching them in Python keeps one query for SQLite, PostgreSQL and MariaDB.
+    subordinate = [row.id for row in others if worker_id in subordinate_ids(row.claim)]
+    return or_(tables.ModelInstance.worker_id == worker_id, tables.ModelInstance.id.in_(subordinate))
+
+
 def _visible(event: BusEvent, worker_id: int | None) -> bool:
-    return worker_id is None or event.object.get("worker_id") == worker_id
+    if worker_id is None:
+        return True
+    return event.object.get("worker_id") == worker_id or worker_id in subordinate_ids(event.object.get("claim"))
 
 
 @route("GET", "/v2/watch", "Stream changes as JSON lines: a snapshot, then events, with heartbeats",

