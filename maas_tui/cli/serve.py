@@ -116,20 +116,29 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as exc:
+        if _database_error(exc, config):  # refused, or a TLS failure, while connecting to the database
+            raise typer.Exit(1) from None
         err_console.print(f"[bold red]error:[/] cannot start the server on {config.host}:{config.port}: {exc.strerror or exc}")
         raise typer.Exit(1) from None
     except ValueError as exc:  # a bad --database-url (scheme, TLS options)
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as exc:
-        from server.api.errors import database_unavailable
-
-        if not database_unavailable(exc):
+        if not _database_error(exc, config):
             raise
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        err_console.print(f"[bold red]error:[/] cannot use the database {_without_password(config.database_url)}: "
-                          f"{reason}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _database_error(exc: BaseException, config: Any) -> bool:
+    """Print one line and say True when `exc` means the database cannot be reached or used."""
+    from server.api.errors import database_unavailable
+
+    if not database_unavailable(exc):
+        return False
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
+    where = _without_password(config.database_url) if config.database_url else "(the embedded PostgreSQL)"
+    err_console.print(f"[bold red]error:[/] cannot use the database {where}: {reason}", highlight=False, soft_wrap=True)
+    return True
 
 
 def _without_password(url: str | None) -> str:

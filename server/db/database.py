@@ -143,6 +143,10 @@ def postgres_ssl(query: dict[str, Any]) -> Any:
     for key, value in options.items():
         if not isinstance(value, str) or not value:
             raise ValueError(f"the database URL's {key} option must be given once, with a value")
+    unknown = sorted(k for k in query if k.startswith("ssl") and k not in _SSL_KEYS)
+    if unknown:  # asyncpg would take them for its own arguments and fail with a TypeError
+        raise ValueError(f"unsupported TLS option(s) in the database URL: {', '.join(unknown)}; "
+                         f"use {', '.join(_SSL_KEYS)}")
     if not options:
         return None
     mode = options.get("sslmode", "prefer")
@@ -159,10 +163,12 @@ def postgres_ssl(query: dict[str, Any]) -> Any:
     for name, path in (("sslrootcert", root), ("sslcert", cert), ("sslkey", key)):
         if path and path != "system" and not Path(path).expanduser().is_file():
             raise ValueError(f"{name}={path!r} in the database URL: no such file")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        if root and root != "system":
+        if root and root != "system":  # as libpq: this file only, not the system's authorities too
             context.load_verify_locations(cafile=str(Path(root).expanduser()))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if cert:
             context.load_cert_chain(str(Path(cert).expanduser()), str(Path(key).expanduser()))
     except (ssl.SSLError, OSError) as exc:
