@@ -1,6 +1,6 @@
 """kill -9 of the database server in the middle of a deploy, on the embedded PostgreSQL and on
-MariaDB: during the outage /healthz says so (200), writes and reads that need the database are
-503 database_unavailable; when it is back (the server restarts its embedded PostgreSQL itself;
+MariaDB: during the outage /healthz says so (200), the gateway serves what runs from memory,
+writes and reads that need the database are 503 database_unavailable; when it is back (the server restarts its embedded PostgreSQL itself;
 MariaDB is restarted as its service manager would) the cluster converges with nothing lost and
 nothing doubled."""
 
@@ -102,11 +102,22 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
             token = (await anonymous.login("admin", password)).token
         async with MaasClient(server.url, token) as admin, aiohttp.ClientSession() as http:
             headers = {"Authorization": f"Bearer {token}"}
+            key = (await admin.create_key("apps")).key
+            await admin.create_model({"name": "served", "source": str(tiny_model), "backend": "llama.cpp",
+                                      "replicas": 1})
+
+            async def serving() -> bool:
+                return [i.state for i in await admin.list_instances("served")] == ["running"]
+            await eventually(serving, timeout=60, message="the first model to run")
+            chat = {"model": "served", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                 json=chat) as resp:  # the key is verified once, then cached
+                assert resp.status == 200, await resp.text()
             await admin.create_model({"name": "tiny", "source": str(tiny_model), "backend": "llama.cpp",
-                                      "replicas": 3})
+                                      "replicas": 2})
 
             async def created() -> bool:
-                return len(await admin.list_instances("tiny")) == 3
+                return len(await admin.list_instances("tiny")) == 2
             await eventually(created, message="the deploy's instances to exist")
             db.kill()  # mid-deploy: instances placed or starting, backends coming up
 
@@ -125,6 +136,11 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
                     assert error["code"] == "database_unavailable" and "try again" in error["message"]
                 async with http.get(f"{server.url}/v2/models", headers=headers) as resp:
                     assert resp.status == 503
+                # The gateway answers from its in-memory routes and key cache.
+                async with http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                     json=chat) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert (await resp.json())["choices"][0]["message"]["content"]
                 await asyncio.to_thread(db.restore)
 
             async def healthy() -> bool:
@@ -142,7 +158,7 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
 
             instances = await admin.list_instances()
             assert len({i.name for i in instances}) == 3, "no duplicate names"
-            assert [m.name for m in await admin.list_models()] == ["tiny"]
+            assert sorted(m.name for m in await admin.list_models()) == ["served", "tiny"]
             assert sorted(p.pid for p in _backends(tiny_model)) == sorted(i.pid for i in instances), \
                 "every backend belongs to a listed instance: none doubled, none orphaned"
             # Writes work again, and the change feed publishes them.

@@ -69,7 +69,7 @@ def restore(
 
 @db_app.command("migrate")
 def migrate(
-    to: str = typer.Option(..., "--to", help="target: postgresql://... or sqlite:///PATH (new, empty database)"),
+    to: str = typer.Option(..., "--to", help="target: postgresql://..., mysql://... (or mariadb://) or sqlite:///PATH (new, empty database)"),
     source: Optional[str] = typer.Option(None, "--from", help="source URL [default: the embedded PostgreSQL of --data-dir]"),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
 ) -> None:
