@@ -82,7 +82,7 @@ conf = json.loads(sys.argv[1])
 async def main():
     agent = Agent(AgentConfig(server_url=conf["server"], token=conf["token"], data_dir=Path(conf["data_dir"]),
                               name=conf["name"], address=conf["address"], simulate_gpus="1xSim-8GB",
-                              heartbeat_interval=1.0, drain_seconds=0.2, health_timeout=240,
+                              heartbeat_interval=1.0, drain_seconds=0.2, health_timeout=conf["health_timeout"],
                               backend_python={"vllm": conf["python"]}, port_range=(20000, 20099)))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -169,40 +169,100 @@ def _ray_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+class Cluster:
+    """The server on the host bridge, one agent per namespace (agent `name` runs backends with pythons[name])."""
+
+    def __init__(self, tmp_path: Path, pythons: dict[str, str], health_timeout: float):
+        self.tmp_path, self.pythons, self.health_timeout = tmp_path, pythons, health_timeout
+        self.net = Net()
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.server: MaasServer | None = None
+        self.admin: MaasClient | None = None
+
+    async def __aenter__(self) -> "Cluster":
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self) -> None:
+        self.net.up()
+        config = ServerConfig(data_dir=self.tmp_path / "server", host=self.net.host_ip,
+                              port=random.randrange(40000, 40999), database_url=f"sqlite:///{self.tmp_path / 'maas.db'}",
+                              resync_interval=2.0, restart_backoff=600.0)
+        self.server = MaasServer(config)
+        await self.server.start()
+        password = self.server.admin_password_file.read_text().strip()
+        async with MaasClient(self.server.url) as anonymous:
+            token = (await anonymous.login("admin", password)).token
+        self.admin = await MaasClient(self.server.url, token).__aenter__()
+        for name, (space, _veth, address) in self.net.spaces.items():
+            conf = {"server": self.server.url, "token": self.server.cluster_token, "name": f"ray-{name}",
+                    "data_dir": str(self.tmp_path / f"agent-{name}"), "address": address,
+                    "python": self.pythons[name], "health_timeout": self.health_timeout}
+            log = open(self.tmp_path / f"agent-{name}.log", "ab")
+            self.agents[name] = subprocess.Popen(
+                ["ip", "netns", "exec", space, sys.executable, "-c", AGENT, json.dumps(conf)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+        async def both_registered() -> bool:
+            return {w.name for w in await self.admin.list_workers()} == {"ray-a", "ray-b"}
+
+        await eventually(both_registered, timeout=60, message="both agents registered")
+
+    def ip(self, worker_name: str) -> str:
+        return self.net.spaces[worker_name[-1]][2]
+
+    def space(self, worker_name: str) -> str:
+        return self.net.spaces[worker_name[-1]][0]
+
+    def ray_nodes_left(self) -> list[psutil.Process]:
+        return [p for _s, _v, ip in self.net.spaces.values() for p in _ray_processes(f"--node-ip-address={ip}")]
+
+    async def delete_and_check_ray_gone(self, model: str) -> None:
+        await self.admin.delete_model(model)
+
+        async def gone() -> bool:
+            return not await self.admin.list_instances(model)
+
+        await eventually(gone, timeout=90, message="the instance removed")
+
+        async def no_ray_nodes() -> bool:
+            return not self.ray_nodes_left()
+
+        await eventually(no_ray_nodes, timeout=60, message="the Ray nodes stopped on both hosts")
+
+    async def __aexit__(self, *_exc: object) -> None:
+        for process in self.agents.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.agents.values():
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.admin is not None:
+            await self.admin.__aexit__(None, None, None)
+        if self.server is not None:
+            await self.server.stop()
+        self.net.down()
+        for process in self.ray_nodes_left():
+            process.kill()  # never leave a Ray node behind, whatever failed
+        for name in self.net.spaces:
+            log = self.tmp_path / f"agent-{name}.log"
+            if log.exists():
+                print(f"--- agent {name} log tail ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-12:]))
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
 async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, tiny_hf_llama: Path):
     started = time.monotonic()
-    net = Net()
-    agents: dict[str, subprocess.Popen] = {}
-    server: MaasServer | None = None
-    try:
-        net.up()
-        config = ServerConfig(data_dir=tmp_path / "server", host=net.host_ip, port=random.randrange(40000, 40999),
-                              database_url=f"sqlite:///{tmp_path / 'maas.db'}", resync_interval=2.0,
-                              restart_backoff=600.0)
-        server = MaasServer(config)
-        await server.start()
-        password = server.admin_password_file.read_text().strip()
-        async with MaasClient(server.url) as anonymous:
-            token = (await anonymous.login("admin", password)).token
-        admin = MaasClient(server.url, token)
-        await admin.__aenter__()
-
-        for name, (space, _veth, address) in net.spaces.items():
-            conf = {"server": server.url, "token": server.cluster_token, "data_dir": str(tmp_path / f"agent-{name}"),
-                    "name": f"ray-{name}", "address": address, "python": VLLM_PYTHON}
-            log = open(tmp_path / f"agent-{name}.log", "ab")
-            agents[name] = subprocess.Popen(["ip", "netns", "exec", space, sys.executable, "-c", AGENT, json.dumps(conf)],
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-        async def both_registered() -> bool:
-            return {w.name for w in await admin.list_workers()} == {"ray-a", "ray-b"}
-
-        await eventually(both_registered, timeout=60, message="both agents registered")
-
+    async with Cluster(tmp_path, {"a": VLLM_PYTHON, "b": VLLM_PYTHON}, health_timeout=240) as cluster:
+        admin = cluster.admin
         await admin.create_model({
             "name": "tiny-pp", "source": str(tiny_hf_llama), "backend": "vllm", "replicas": 1, "distributed": True,
             "concurrency": 4096, "args": ["--dtype", "float32", "--max-model-len", "256"],
@@ -218,8 +278,7 @@ async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, t
         assert claim.pipeline_parallel_size == 2 and len(claim.subordinate_workers) == 1
         main, sub = instance.worker_name, claim.subordinate_workers[0].worker_name
         assert {main, sub} == {"ray-a", "ray-b"}
-        head_space, _veth, head_ip = net.spaces[main[-1]]
-        _sub_space, _veth, sub_ip = net.spaces[sub[-1]]
+        head_ip, sub_ip = cluster.ip(main), cluster.ip(sub)
 
         async def head_published() -> bool:
             current = (await admin.list_instances("tiny-pp"))[0]
@@ -234,7 +293,7 @@ async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, t
 
         # Seen from the head's namespace by a Ray driver of its own: both nodes, at their namespace addresses.
         seen = await asyncio.to_thread(
-            subprocess.run, ["ip", "netns", "exec", head_space, VLLM_PYTHON, "-c", NODES, head, head_ip],
+            subprocess.run, ["ip", "netns", "exec", cluster.space(main), VLLM_PYTHON, "-c", NODES, head, head_ip],
             capture_output=True, text=True, timeout=200)
         assert seen.returncode == 0, seen.stderr[-2000:]
         assert json.loads(seen.stdout.strip().splitlines()[-1]) == sorted([head_ip, sub_ip]), seen.stdout
@@ -244,51 +303,53 @@ async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, t
 
         await eventually(settled, timeout=300, interval=1.0, message="vLLM running or failed")
         final = (await admin.list_instances("tiny-pp"))[0]
-        agent_log = (tmp_path / f"agent-{main[-1]}" / "logs" / f"{final.id}.log")
+        agent_log = tmp_path / f"agent-{main[-1]}" / "logs" / f"{final.id}.log"
         vllm_log = agent_log.read_text(errors="replace") if agent_log.exists() else ""
         if final.state == "running":
             async for reply in admin.chat("tiny-pp", "hello", max_tokens=4):
                 assert isinstance(reply, str)
         else:
-            # vLLM connected to this cluster, then refused it: the CPU platform has no Ray device.
+            # vLLM ran with two pipeline stages, connected to this cluster, then refused it: the CPU
+            # platform has no Ray device.
             assert "does not support ray" in final.state_message + vllm_log, final.state_message
-            assert "--pipeline-parallel-size 2" in " ".join(final.state_message.split()) or \
-                "pipeline_parallel_size=2" in vllm_log, vllm_log[-3000:]
+            assert "pipeline_parallel_size=2" in vllm_log, vllm_log[-3000:]
         events = await admin.list_events(200, name=final.name)
         assert not [e for e in events if e.reason.startswith("Ray")], [(e.reason, e.message) for e in events]
 
-        await admin.delete_model("tiny-pp")
-
-        async def gone() -> bool:
-            return not await admin.list_instances("tiny-pp")
-
-        await eventually(gone, timeout=90, message="the instance removed")
-
-        async def no_ray_nodes() -> bool:
-            return not any(_ray_processes(f"--node-ip-address={ip}") for _s, _v, ip in net.spaces.values())
-
-        await eventually(no_ray_nodes, timeout=60, message="both Ray nodes stopped")
-        await admin.__aexit__(None, None, None)
+        await cluster.delete_and_check_ray_gone("tiny-pp")
         why = final.state_message.strip().splitlines()[-1] if final.state_message.strip() else ""
         print(f"\nRay tier: {time.monotonic() - started:.1f} s; instance {final.state}: {why[:200]}")
-    finally:
-        for process in agents.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for name, process in agents.items():
-            try:
-                process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if server is not None:
-            await server.stop()
-        net.down()
-        for process in [p for _s, _v, ip in net.spaces.values() for p in _ray_processes(f"--node-ip-address={ip}")]:
-            process.kill()  # never leave a Ray node behind, whatever failed
-        for name in net.spaces:
-            log = tmp_path / f"agent-{name}.log"
-            if log.exists():
-                print(f"--- agent {name} log tail ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+async def test_a_subordinate_that_cannot_join_records_why_and_the_main_worker_fails_the_instance(
+        tmp_path: Path, tiny_hf_llama: Path):
+    # ray-b runs vLLM with a Python that has no `ray` beside it: it cannot start a Ray node.
+    started = time.monotonic()
+    async with Cluster(tmp_path, {"a": VLLM_PYTHON, "b": sys.base_prefix + "/bin/python3"},
+                       health_timeout=20) as cluster:
+        admin = cluster.admin
+        await admin.create_model({
+            "name": "split", "source": str(tiny_hf_llama), "backend": "vllm", "distributed": True,
+            "gpu_selector": [{"worker": "ray-a", "gpu_indexes": [0]}, {"worker": "ray-b", "gpu_indexes": [0]}],
+            "args": ["--dtype", "float32", "--max-model-len", "256"]})
+
+        async def failed() -> bool:
+            items = await admin.list_instances("split")
+            return bool(items) and items[0].state == "error"
+
+        await eventually(failed, timeout=120, interval=0.5, message="the instance in error")
+        instance = (await admin.list_instances("split"))[0]
+        assert instance.worker_name == "ray-a"
+        assert f"the Ray cluster has 1 of 2 nodes ({cluster.ip('ray-a')})" in instance.state_message
+        assert "ray-b" in instance.state_message
+        events = [e for e in await admin.list_events(200, name=instance.name) if e.reason == "RayJoinFailed"]
+        assert events and events[0].actor == "ray-b", events
+        assert "ray-b: multi-host needs Ray next to" in events[0].message
+        await cluster.delete_and_check_ray_gone("split")
+    print(f"\nRay join failure: {time.monotonic() - started:.1f} s")
 
 
 async def _true(awaitable) -> bool:
