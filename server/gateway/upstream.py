@@ -75,6 +75,10 @@ class _Connection(asyncio.Protocol):
         if response is not None:
             self.waiter.set_result(response)
 
+    def eof_received(self) -> bool:
+        self.closed = True  # the backend closed its side: never reuse (connection_lost follows)
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.waiter is not None and not self.waiter.done():
@@ -93,8 +97,10 @@ class _Connection(asyncio.Protocol):
         self.buffer.clear()
         self._head, self._length, self._chunked, self._body_start = None, None, False, 0
         self.got_bytes = False
+        if self.closed or self.transport is None or self.transport.is_closing():
+            # A write on a closing transport is dropped silently: the answer would never come.
+            raise UpstreamError("connection closed before the request")
         self.waiter = self.loop.create_future()
-        assert self.transport is not None
         self.transport.write(request)
         try:
             return await self.waiter
@@ -405,7 +411,8 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to be closed by now
-            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
+            if (not connection.closed and connection.transport is not None
+                    and not connection.transport.is_closing() and now - connection.idle_since < IDLE_SECONDS):
                 return connection
             connection.close()
         return None
