@@ -254,3 +254,19 @@ def test_downloading_state_shows_its_progress():
     inst = demo_state().instance_by_name("qwen2.5-7b-c0ffee")
     assert inst.state == "downloading" and fmt.instance_state_text(inst).plain == "downloading 42%"
     assert fmt.instance_state("downloading") == "downloading" and fmt.instance_state("running", 0.5) == "running"
+
+
+def test_worker_describe_lists_nvml_details_when_the_agent_sends_them():
+    from rich.console import Console
+
+    from maas_tui.tui.widgets import gpu_nvml_table
+
+    worker = make_worker(1, "gpu-a01", [("H100-80GB", 80)], simulated=False)
+    assert gpu_nvml_table(worker) is None  # nothing beyond the heatmap's values
+    gpu = worker.gpus[0].model_copy(update={"uuid": "GPU-4c1f0a9e-8d3b", "power_watts": 312.4, "mig_mode": False,
+                                            "processes": [schemas.GPUProcess(pid=4242, used_memory=2 * 10**9),
+                                                          schemas.GPUProcess(pid=77, used_memory=None)]})
+    console = Console(width=80, record=True, color_system=None)
+    console.print(gpu_nvml_table(worker.model_copy(update={"gpus": [gpu]})))
+    text = console.export_text()
+    assert "312 W" in text and "off" in text and "4242 2.0G, 77" in text and "GPU-4c1f0a9" in text

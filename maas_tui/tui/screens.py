@@ -27,7 +27,7 @@ from maas_tui.tui import format as fmt
 from maas_tui.tui.logs import LogView
 from maas_tui.tui.state import ClusterState, Rollout
 from maas_tui.tui.widgets import METRICS, ClusterHeader, GpuHeatmap, KeyFooter, PromptBar, ResourceTable, gpu_detail, \
-    resolve_command, set_content
+    gpu_nvml_table, resolve_command, set_content
 from server import schemas
 
 if TYPE_CHECKING:
@@ -866,8 +866,11 @@ class DescribeScreen(MaasScreen):
             instances.add_column(column, no_wrap=True)
         for inst in self.state.instances_on(worker.id):
             instances.add_row(inst.name, fmt.instance_state_text(inst), placement(inst), str(inst.port or "-"))
-        return Group(grid, Text(""), Text("GPUs", style="bold"), detail, Text(""), Text("Instances", style="bold"),
-                     instances, Text(""), Text("Events", style="bold"), self._events({worker.name}))
+        nvml = gpu_nvml_table(worker)
+        extra = [Text(""), Text("GPU power, MIG and processes (NVML)", style="bold"), nvml] if nvml is not None else []
+        return Group(grid, Text(""), Text("GPUs", style="bold"), detail, *extra, Text(""),
+                     Text("Instances", style="bold"), instances, Text(""), Text("Events", style="bold"),
+                     self._events({worker.name}))
 
     def action_back(self) -> None:
         prompt = self.query_one(PromptBar)

@@ -562,6 +562,26 @@ def gpu_detail(state: ClusterState, worker: schemas.WorkerOut | None, width: int
     return text
 
 
+def gpu_nvml_table(worker: schemas.WorkerOut) -> Any:
+    """Per GPU what NVML adds (UUID, power, MIG mode, the processes on it), or None when the agent gave none
+    (simulated GPUs, CPU-only hosts)."""
+    from rich.table import Table
+
+    gpus = [g for g in worker.gpus if g.power_watts is not None or g.mig_mode is not None or g.processes]
+    if not gpus:
+        return None
+    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
+    for column in ("GPU", "POWER", "MIG", "PROCESSES (pid memory)"):
+        table.add_column(column, no_wrap=column != "PROCESSES (pid memory)")
+    for g in gpus:
+        processes = ", ".join(f"{p.pid} {fmt.human_bytes(p.used_memory)}" if p.used_memory is not None else str(p.pid)
+                              for p in g.processes) or "-"
+        table.add_row(f"{g.index} {fmt.truncate(g.uuid or '', 12)}",
+                      f"{g.power_watts:.0f} W" if g.power_watts is not None else "-",
+                      {True: "on", False: "off", None: "-"}[g.mig_mode], processes)
+    return table
+
+
 # --- prompt bar --------------------------------------------------------------------------
 
 COMMANDS: dict[str, list[str]] = {
