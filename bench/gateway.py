@@ -1,11 +1,13 @@
-"""The gateway against the same llama.cpp backend hit directly, in one run.
+"""The gateway against the same backend hit directly, in one run.
 
-    .venv/bin/python bench/gateway.py [--clients 64] [--requests 2000] [--max-tokens 4]
+    .venv/bin/python bench/gateway.py [--backend llama|fixed] [--clients 64] [--requests 2000] [--max-tokens 4]
 
-Starts `maas start` (SQLite, local agent) in its own process, deploys the tiny llama
-model with one replica, then drives the backend directly and through `/v1` with the same
+Starts `maas start` (SQLite, local agent) in its own process, deploys one replica of the
+backend (llama: the tiny llama.cpp model; fixed: bench/openai_fixed_backend.py, a fast
+OpenAI-compatible fixed-answer server registered as a custom backend, for when llama.cpp is
+the bottleneck), then drives the backend directly and through `/v1` with the same
 concurrent clients, plain and streamed, alternating rounds. Prints a table and, last,
-`RESULT added_p50_ms=<n> throughput_ratio=<n>` (both from the plain requests).
+`RESULT added_p50_ms=<n> throughput_ratio=<n> ...` (the first two from the plain requests).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--backend", choices=("llama", "fixed"), default="llama")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="maas-gw-bench-", dir="/tmp"))
@@ -124,9 +127,18 @@ async def main() -> None:
                 admin = {"Authorization": f"Bearer {(await r.json())['token']}"}
             async with http.post(f"{server_url}/v2/keys", json={"name": "bench"}, headers=admin) as r:
                 key = {"Authorization": f"Bearer {(await r.json())['key']}"}
-            async with http.post(f"{server_url}/v2/models", headers=admin, json={
-                    "name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
-                    "args": ["--parallel", "8"]}) as r:
+            deploy = {"name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
+                      "args": ["--parallel", "8"]}
+            if args.backend == "fixed":
+                fixed = ROOT / "bench" / "openai_fixed_backend.py"
+                async with http.post(f"{server_url}/v2/backends", headers=admin, json={
+                        "name": "openai-fixed", "command": [sys.executable, str(fixed), "--host", "{host}",
+                                                           "--port", "{port}"],
+                        "health_path": "/health", "metrics_path": None}) as r:
+                    assert r.status == 201, await r.text()
+                deploy = {"name": "tiny", "source": str(fixed), "backend": "custom:openai-fixed", "replicas": 1,
+                          "cpu_only": True, "memory_bytes": 10**8}
+            async with http.post(f"{server_url}/v2/models", headers=admin, json=deploy) as r:
                 assert r.status == 201, await r.text()
 
             async def running() -> bool:
@@ -168,7 +180,8 @@ async def main() -> None:
                 "ok": sum(r["ok"] for r in runs)}
 
     print(f"{args.clients} concurrent clients, {args.requests} requests a run, {args.rounds} rounds, "
-          f"max_tokens={args.max_tokens}, one llama.cpp replica (tiny model)")
+          f"max_tokens={args.max_tokens}, one replica of "
+          f"{'llama.cpp (tiny model)' if args.backend == 'llama' else 'bench/openai_fixed_backend.py'}")
     print(f"plain and stream: {args.clients} clients; '1 client': unloaded, plain")
     print("server cpu us/req: CPU time of the MaaS server process per request (direct: its idle background)")
     print(f"{'mode':<10}{'path':<9}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ok':>8}{'failed':>8}{'cpu us/req':>12}{'of it sys':>10}")
