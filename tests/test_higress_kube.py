@@ -4,6 +4,7 @@ with Kubernetes' resourceVersion/409 semantics and Higress's CRD schemas (unknow
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from pathlib import Path
@@ -12,7 +13,10 @@ import aiohttp
 import pytest
 
 from conftest import eventually, free_port
+from typer.testing import CliRunner
+
 from kube_api_double import KubeApiDouble, make_pki, server_tls, write_kubeconfig
+from maas_tui.cli.main import app as cli_app
 from maas_tui.client import MaasClient
 from server.app import MaasServer
 from server.config import ServerConfig
@@ -237,8 +241,13 @@ async def test_unreachable_api_server_is_reported_and_recovers(tmp_path: Path):
                 token = (await anonymous.login("admin", password)).token
             async with MaasClient(server.url, token) as admin:
                 sync = (await admin.request("GET", "/v2/gateway/higress"))["sync"]
+                key = (await admin.create_key("ops")).key
             assert sync[0]["applier"] == "kubernetes" and sync[0]["ok"] is False
             assert "cannot reach the Kubernetes API" in sync[0]["error"]
+            env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": key, "MAAS_CONFIG": str(tmp_path / "cli.json"),
+                   "COLUMNS": "250"}
+            shown = await asyncio.to_thread(CliRunner().invoke, cli_app, ["gateway", "higress", "status"], env=env)
+            assert shown.exit_code == 0 and "kubernetes" in shown.output and "NO" in shown.output, shown.output
 
             await double.start(port)  # the API server comes up: the next retry succeeds
 
