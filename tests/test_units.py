@@ -460,7 +460,7 @@ def test_normalize_keeps_the_password():
     assert "p%40ss" in normalize_url("postgresql://u:p%40ss@h/d")
 
 
-@pytest.mark.parametrize("url", ["mysql://u:p@h/d", "mssql+pyodbc://h/d"])
+@pytest.mark.parametrize("url", ["oracle://u:p@h/d", "mssql+pyodbc://h/d"])  # MySQL/MariaDB are stores now
 def test_normalize_rejects_other_databases(url: str):
     with pytest.raises(ValueError):
         normalize_url(url)
