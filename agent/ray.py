@@ -231,7 +231,7 @@ class RayManager:
         seconds = self.agent.config.health_timeout
         process = await asyncio.create_subprocess_exec(
             python, "-c", _WAIT_FOR_NODES, node.head_address, self.agent.config.address, str(want), str(seconds),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_ray_env({}),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, **_ray_env({})},
             start_new_session=True)
         try:
             async with asyncio.timeout(seconds + 60):
