@@ -298,3 +298,25 @@ def test_a_killed_servers_claim_goes_with_it(tmp_path: Path):
         await server.stop()
 
     asyncio.run(start_again())
+
+
+def test_database_errors_that_mean_busy_or_unavailable():
+    """MySQL reports lost connections and deadlocks alike as OperationalError: told apart by number."""
+    import asyncpg
+    import pymysql
+    from sqlalchemy import exc as sa
+
+    from server.api.errors import database_contention, database_unavailable
+
+    gone = sa.OperationalError("SELECT 1", {}, pymysql.err.OperationalError(2013, "Lost connection to MySQL server"))
+    refused = sa.OperationalError("SELECT 1", {}, pymysql.err.OperationalError(2003, "Can't connect to MySQL server"))
+    deadlock = sa.OperationalError("UPDATE", {}, pymysql.err.OperationalError(1213, "Deadlock found"))
+    lock_wait = sa.OperationalError("UPDATE", {}, pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"))
+    assert database_unavailable(gone) and database_unavailable(refused)
+    assert database_unavailable(pymysql.err.OperationalError(2006, "MySQL server has gone away"))
+    assert not database_unavailable(deadlock) and not database_unavailable(lock_wait)
+    assert database_contention(deadlock) and database_contention(lock_wait)
+    assert database_contention(sa.DBAPIError("UPDATE", {}, asyncpg.exceptions.DeadlockDetectedError("deadlock")))
+    assert not database_contention(gone)
+    assert not database_contention(sa.IntegrityError("INSERT", {}, pymysql.err.IntegrityError(1062, "Duplicate entry")))
+    assert not database_unavailable(sa.IntegrityError("INSERT", {}, pymysql.err.IntegrityError(1062, "Duplicate")))

@@ -79,6 +79,12 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return error_response(request, 503, "database_unavailable",
                                   "the database is unavailable; try again shortly (the server reconnects by itself)")
+        if database_contention(exc):
+            log.warning("database contention in %s %s: %s", request.method, request.path,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return error_response(request, 503, "database_busy",
+                                  "the database gave up this change to let a concurrent one through (a deadlock or "
+                                  "a lock wait timeout); nothing was written: try again")
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(request, 500, "internal", "internal server error (see the server log)")
 
@@ -129,6 +135,23 @@ def _mysql_errno(exc: BaseException | None) -> int | None:
     if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
         return exc.args[0]
     return None
+
+
+def database_contention(exc: BaseException) -> bool:
+    """True when the database rolled the statement back because it lost a race with another
+    transaction (deadlock, lock wait timeout, serialization failure): safe to send again."""
+    import asyncpg
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _mysql_errno(exc) in _MYSQL_CONTENTION:
+            return True
+        if isinstance(exc, (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError,
+                            asyncpg.exceptions.LockNotAvailableError)):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return False
 
 
 def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
