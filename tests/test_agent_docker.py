@@ -282,3 +282,55 @@ def test_voxbox_container():
     assert spec["image"] == "gpustack/vox-box:latest"
     assert spec["command"][:2] == ["vox-box", "start"]
     assert spec["device_requests"][0]["DeviceIDs"] == ["GPU-1"]
+
+
+async def test_agent_reports_the_image_pull_as_downloading(server, admin, tmp_path: Path):
+    """Through the real server and agent, the docker runtime on a stand-in engine: the pull shows as
+    `downloading` with its fraction, then the container starts."""
+    import threading
+
+    from conftest import eventually
+
+    halfway = threading.Event()  # the engine's stream pauses after the first layer's bytes until the test saw them
+
+    class PausingApi(FakeApi):
+        def pull(self, repository, tag, stream, decode):
+            self.pulled.append((repository, tag))
+            for n, event in enumerate(PULL_STREAM):
+                if n == 8:
+                    halfway.wait(30)
+                yield event
+
+    client = FakeClient()
+    client.images, client.api = FakeImages(set()), PausingApi([])
+    agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "agent",
+                              name="docker-1", simulate_gpus="1xL4-24GB", heartbeat_interval=1.0, health_timeout=1.0))
+    agent.runtime = DockerRuntime(worker="docker-1", client=client)
+    agent.runtime.progress_interval = 0.05
+    await agent.start()
+    try:
+        model_dir = tmp_path / "weights"
+        model_dir.mkdir()
+        await admin.create_model({"name": "pulled", "source": str(model_dir), "backend": "vllm", "memory_bytes": 10**9})
+
+        async def pulling() -> bool:
+            found = await admin.list_instances("pulled")
+            return bool(found) and found[0].state == "downloading" and (found[0].download_progress or 0) >= 0.4
+
+        await eventually(pulling, timeout=30, message="the pull to show as downloading")
+        [instance] = await admin.list_instances("pulled")
+        assert "pulling image vllm/vllm-openai:latest" in instance.state_message
+        assert instance.download_progress < 1.0
+        halfway.set()
+
+        async def started() -> bool:
+            return client.containers.run_kwargs is not None
+
+        await eventually(started, timeout=30, message="the container to start after the pull")
+        assert client.api.pulled == [("vllm/vllm-openai", "latest")]
+        assert client.containers.run_kwargs["image"] == "vllm/vllm-openai:latest"
+        events = [(e.reason, e.message) for e in await admin.list_events(name=instance.name)]
+        assert ("Downloading", "pulling image vllm/vllm-openai:latest") in events
+    finally:
+        halfway.set()
+        await agent.stop()
