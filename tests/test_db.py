@@ -561,3 +561,23 @@ def test_migrate_sqlite_to_mariadb_to_postgres_gives_identical_rows(mariadb_stor
     # The event added and deleted on MariaDB left a change-log pair behind: the rest is identical.
     assert {k: v for k, v in after.items() if k != "change_log"} == {k: v for k, v in want.items() if k != "change_log"}
     assert after["change_log"][0] == want["change_log"][0] + 2
+
+
+@pytest.mark.mariadb
+async def test_mariadb_schema_is_case_sensitive_and_keeps_microseconds(mariadb_store):
+    """Every table the migrations make (a later one too) in utf8mb4_bin, every timestamp DATETIME(6)."""
+    db = Database(await mariadb_store.new_database("schema_check"))
+    try:
+        await db.migrate()
+        async with db.engine.connect() as conn:
+            collations = dict((await conn.execute(text(
+                "SELECT TABLE_NAME, TABLE_COLLATION FROM information_schema.TABLES "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME != 'alembic_version'"))).all())
+            stamps = (await conn.execute(text(
+                "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, DATETIME_PRECISION FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND DATA_TYPE IN ('datetime', 'timestamp', 'float')"))).all()
+        assert set(collations) == set(tables.Base.metadata.tables)
+        assert set(collations.values()) == {"utf8mb4_bin"}, collations
+        assert stamps and all(kind == "datetime" and precision == 6 for _, _, kind, precision in stamps), stamps
+    finally:
+        await db.dispose()
