@@ -202,7 +202,7 @@ async def _id_counter(conn: AsyncConnection, table: Table) -> int:
     if conn.dialect.name == "mysql":
         # The next id the table hands out, minus one (InnoDB keeps it across restarts since
         # MariaDB 10.2.4 / MySQL 8.0). MySQL 8 caches these statistics: ask for fresh ones.
-        if not conn.dialect._is_mariadb:
+        if not conn.dialect.is_mariadb:
             await conn.execute(text("SET SESSION information_schema_stats_expiry = 0"))
         value = (await conn.execute(text("SELECT AUTO_INCREMENT FROM information_schema.TABLES "
                                          "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t"),
