@@ -208,3 +208,13 @@ def test_new_backends_are_known_to_the_server():
     from server.schemas import KNOWN_BACKENDS
 
     assert {"vox-box", "mindie"} <= set(KNOWN_BACKENDS)
+
+
+def test_every_known_backend_is_listed_and_built():
+    """`maas backend list` (the server's table) and the agent's builders cover the same names."""
+    from agent.backends import BACKENDS
+    from server.api.backends import BUILTIN
+    from server.schemas import KNOWN_BACKENDS
+
+    assert [b.name for b in BUILTIN] == list(KNOWN_BACKENDS)
+    assert set(BACKENDS) == set(KNOWN_BACKENDS)

@@ -45,6 +45,17 @@ BUILTIN: list[schemas.BackendOut] = [
         metrics={"sglang:num_running_reqs": "requests_running", "sglang:num_queue_reqs": "requests_waiting",
                  "sglang:prompt_tokens_total": "prompt_tokens_total",
                  "sglang:generation_tokens_total": "generation_tokens_total", "sglang:token_usage": "kv_cache_usage_ratio"}),
+    schemas.BackendOut(
+        name="vox-box", builtin=True, description="VoxBox speech server (speech-to-text, text-to-speech), CPU or GPU",
+        command=["vox-box", "start", "--model", "{model_path}", "--host", "{host}", "--port", "{port}"],
+        image="gpustack/vox-box:latest", metrics_path=None),
+    schemas.BackendOut(
+        name="mindie", builtin=True, description="MindIE service daemon (Ascend NPUs); config written at launch",
+        command=["/usr/local/Ascend/mindie/latest/mindie-service/bin/mindieservice_daemon"],
+        image="ascendhub.huawei.com/public-ascendhub/mindie", health_path="/v1/models",
+        metrics={"num_requests_running": "requests_running", "num_requests_waiting": "requests_waiting",
+                 "prompt_tokens_total": "prompt_tokens_total", "generation_tokens_total": "generation_tokens_total",
+                 "npu_cache_usage_perc": "kv_cache_usage_ratio"}),
 ]
 
 

@@ -18,7 +18,8 @@ from server.schemas import parse_size
 
 S = schemas.InstanceState
 # Instances whose claims still hold resources.
-CLAIMING = frozenset({S.scheduled, S.starting, S.running, S.error, S.unreachable, S.terminating})
+# downloading: the agent holds the claim while it fetches weights or an image.
+CLAIMING = frozenset({S.scheduled, S.downloading, S.starting, S.running, S.error, S.unreachable, S.terminating})
 
 RESERVED_RAM_LABEL = "maas.reserved-ram"
 RESERVED_VRAM_LABEL = "maas.reserved-vram"
