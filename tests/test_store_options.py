@@ -320,3 +320,18 @@ def test_database_errors_that_mean_busy_or_unavailable():
     assert not database_contention(gone)
     assert not database_contention(sa.IntegrityError("INSERT", {}, pymysql.err.IntegrityError(1062, "Duplicate entry")))
     assert not database_unavailable(sa.IntegrityError("INSERT", {}, pymysql.err.IntegrityError(1062, "Duplicate")))
+
+
+@pytest.mark.mariadb
+async def test_a_mysql_without_insert_returning_is_refused_clearly(mariadb_store):
+    from server.db.database import UnsupportedStore
+
+    db = Database(await mariadb_store.new_database(f"old_{os.getpid()}"))
+    try:
+        async with db.engine.connect() as conn:  # the dialect learns the server's version here
+            await conn.execute(text("SELECT 1"))
+        db.engine.dialect.insert_returning = False  # as on MySQL 8 or MariaDB before 10.5
+        with pytest.raises(UnsupportedStore, match=r"lacks INSERT \.\.\. RETURNING.*MariaDB 10\.5 or newer"):
+            await db.migrate()
+    finally:
+        await db.dispose()

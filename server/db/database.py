@@ -129,6 +129,10 @@ def _drop_changes(session: Session) -> None:
     session.info.pop("changed", None)
 
 
+class UnsupportedStore(ValueError):
+    """The database server answers, but is a kind or version MaaS-Base cannot use."""
+
+
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 
@@ -248,6 +252,11 @@ class Database:
 
         if not self.is_sqlite:
             async with self.engine.begin() as conn:
+                if self.dialect == "mysql" and not conn.dialect.insert_returning:
+                    version = ".".join(str(v) for v in conn.dialect.server_version_info or ())
+                    raise UnsupportedStore(
+                        f"{'MariaDB' if conn.dialect.is_mariadb else 'MySQL'} {version} lacks INSERT ... RETURNING, "
+                        "which MaaS-Base needs: use MariaDB 10.5 or newer, PostgreSQL or SQLite")
                 await conn.run_sync(upgrade)
             return
         # SQLite: Alembic's batch mode changes a table by copying it, dropping the original and
