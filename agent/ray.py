@@ -384,6 +384,10 @@ class RayManager:
             await asyncio.gather(node.task, return_exceptions=True)
         self.ports.release(node.ports)
         await asyncio.to_thread(shutil.rmtree, node.temp_dir, True)
+        try:
+            node.temp_dir.parent.rmdir()  # this agent's folder, once its last node is gone
+        except OSError:
+            pass
 
 
 def _ray_env(extra: dict[str, str]) -> dict[str, str]:

