@@ -23,7 +23,7 @@ from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launc
                             missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
 from agent.logs import tail_lines, tail_text
-from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range
+from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range, validate_ray_port_range
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
 from agent.sources import ModelCache
@@ -93,7 +93,9 @@ class Agent:
         self.gpus = GPUInventory(config.simulate_gpus)
         self.runtime = make_runtime(config)
         # A clear PortRangeError now rather than workloads losing their ports to outgoing connections later.
-        self.ports = PortAllocator(config.address, *validate_port_range(*config.port_range, ephemeral_range()))
+        ephemeral = ephemeral_range()
+        self.ports = PortAllocator(config.address, *validate_port_range(*config.port_range, ephemeral))
+        validate_ray_port_range(*config.ray_port_range, config.port_range, ephemeral)
         self.models = ModelCache(config.model_cache or config.data_dir / "models",
                                  stall_timeout=config.download_stall_timeout)
         self.logs_dir = config.data_dir / "logs"

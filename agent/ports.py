@@ -13,6 +13,10 @@ import socket
 from pathlib import Path
 
 DEFAULT_RANGE = (20000, 29999)
+# Ray nodes of multi-host placements (agent/ray.py): above the service ports, below the ephemeral range,
+# taken in blocks of RAY_BLOCK ports, one block per node.
+DEFAULT_RAY_RANGE = (30000, 32767)
+RAY_BLOCK = 40
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _RANGE = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
 
@@ -30,22 +34,47 @@ def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] | None
     return low, high
 
 
-def parse_port_range(text: str, ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
-    """`20000-29999` -> (20000, 29999), checked: ports 1024-65535, low <= high, clear of the ephemeral range."""
+def _split(text: str, example: tuple[int, int], what: str) -> tuple[int, int]:
     match = _RANGE.match(text or "")
     if not match:
-        raise PortRangeError(f"port range {text!r}: write LOW-HIGH, e.g. 20000-29999")
-    return validate_port_range(int(match[1]), int(match[2]), ephemeral)
+        raise PortRangeError(f"{what} {text!r}: write LOW-HIGH, e.g. {example[0]}-{example[1]}")
+    return int(match[1]), int(match[2])
 
 
-def validate_port_range(low: int, high: int, ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+def parse_port_range(text: str, ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+    """`20000-29999` -> (20000, 29999), checked: ports 1024-65535, low <= high, clear of the ephemeral range."""
+    return validate_port_range(*_split(text, DEFAULT_RANGE, "port range"), ephemeral)
+
+
+def validate_port_range(low: int, high: int, ephemeral: tuple[int, int] | None = None, what: str = "port range",
+                        example: tuple[int, int] = DEFAULT_RANGE) -> tuple[int, int]:
     if not 1024 <= low <= high <= 65535:
-        raise PortRangeError(f"port range {low}-{high}: ports must lie in 1024-65535 with LOW <= HIGH")
+        raise PortRangeError(f"{what} {low}-{high}: ports must lie in 1024-65535 with LOW <= HIGH")
     if ephemeral is not None and low <= ephemeral[1] and ephemeral[0] <= high:
         raise PortRangeError(
-            f"port range {low}-{high} overlaps the kernel's ephemeral range {ephemeral[0]}-{ephemeral[1]} "
+            f"{what} {low}-{high} overlaps the kernel's ephemeral range {ephemeral[0]}-{ephemeral[1]} "
             f"({EPHEMERAL_RANGE_FILE}), whose ports outgoing connections take at any time; choose a range "
-            f"outside it (e.g. {DEFAULT_RANGE[0]}-{DEFAULT_RANGE[1]})")
+            f"outside it (e.g. {example[0]}-{example[1]})")
+    return low, high
+
+
+def parse_ray_port_range(text: str, service: tuple[int, int] = DEFAULT_RANGE,
+                         ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+    """`30000-32767` -> (30000, 32767), checked like a service range, and also: room for one Ray node's
+    block of ports, and no port shared with the service range `service` (a workload and a Ray node
+    would take the same port)."""
+    return validate_ray_port_range(*_split(text, DEFAULT_RAY_RANGE, "Ray port range"), service, ephemeral)
+
+
+def validate_ray_port_range(low: int, high: int, service: tuple[int, int] = DEFAULT_RANGE,
+                            ephemeral: tuple[int, int] | None = None) -> tuple[int, int]:
+    validate_port_range(low, high, ephemeral, what="Ray port range", example=DEFAULT_RAY_RANGE)
+    if high - low + 1 < RAY_BLOCK:
+        raise PortRangeError(f"Ray port range {low}-{high} has {high - low + 1} ports; one Ray node needs "
+                             f"{RAY_BLOCK} (give {RAY_BLOCK} per node this worker may run)")
+    if low <= service[1] and service[0] <= high:
+        raise PortRangeError(f"Ray port range {low}-{high} overlaps the service port range {service[0]}-{service[1]} "
+                             f"(--port-range); choose ranges apart (e.g. {DEFAULT_RAY_RANGE[0]}-{DEFAULT_RAY_RANGE[1]})")
     return low, high
 
 

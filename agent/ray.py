@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.backends import BackendError
+from agent.backends import BackendError, _has_module
+from agent.ports import DEFAULT_RAY_RANGE, RAY_BLOCK
 from agent.runtimes.process import ProcessRuntime
 from server.schemas import InstanceOut
 
@@ -45,8 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RAY_RANGE = (30000, 32767)
-BLOCK = 40  # ports per node: FIXED named ones, then the node's worker processes
+BLOCK = RAY_BLOCK  # ports per node: FIXED named ones, then the node's worker processes
 FIXED = 8
 _RUNNABLE = {"scheduled", "downloading", "starting", "running"}
 
@@ -79,14 +79,16 @@ def subordinate_of(instance: InstanceOut, worker_id: int | None) -> bool:
 class RayPorts:
     base: int
 
-    def args(self, head: bool) -> list[str]:
+    def args(self, head: bool, client: bool = True) -> list[str]:
+        """`client`: the environment has Ray Client's dependency (grpc). A minimal Ray refuses the client
+        port flag outright, and without it starts no client server (so takes no port 10001 either)."""
         b = self.base
         named = [f"--node-manager-port={b + 1}", f"--object-manager-port={b + 2}",
                  f"--dashboard-agent-listen-port={b + 3}", f"--dashboard-agent-grpc-port={b + 4}",
                  f"--metrics-export-port={b + 5}", f"--runtime-env-agent-port={b + 6}",
                  f"--min-worker-port={b + FIXED}", f"--max-worker-port={b + BLOCK - 1}"]
         if head:
-            named = [f"--port={b}", f"--ray-client-server-port={b + 7}", *named]
+            named = [f"--port={b}", *([f"--ray-client-server-port={b + 7}"] if client else []), *named]
         return named
 
     @property
@@ -327,13 +329,14 @@ class RayManager:
     async def _start_node(self, instance: InstanceOut, python: str, head_address: str | None,
                           gpus: list[int], node: RayNode | None = None) -> RayNode:
         ray = ray_cli(python)
+        client = head_address is None and await asyncio.to_thread(_has_module, python, "grpc")
         if node is None:
             node = RayNode(instance.id, instance.restart_count, self.ports.allocate(), self._temp_dir(instance.id))
         shutil.rmtree(node.temp_dir, ignore_errors=True)
         node.temp_dir.mkdir(parents=True, exist_ok=True)
         address = self.agent.config.address
         command = [ray, "start", "--block", f"--node-ip-address={address}", f"--temp-dir={node.temp_dir}",
-                   "--disable-usage-stats", *node.ports.args(head=head_address is None)]
+                   "--disable-usage-stats", *node.ports.args(head=head_address is None, client=client)]
         if head_address is None:
             command += ["--head", "--include-dashboard=false"]
         else:

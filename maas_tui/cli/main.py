@@ -109,6 +109,9 @@ def agent(
     labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable), for worker_selector"),
     port_range: str = typer.Option("20000-29999", envvar="MAAS_AGENT_PORT_RANGE",
                                    help="ports for the workloads, LOW-HIGH, outside the kernel's ephemeral range"),
+    ray_port_range: str = typer.Option("30000-32767", envvar="MAAS_AGENT_RAY_PORT_RANGE", help=(
+        "ports for Ray nodes of multi-host placements, LOW-HIGH, 40 per node, apart from --port-range "
+        "and outside the kernel's ephemeral range")),
     model_cache: Optional[Path] = typer.Option(None, envvar="MAAS_MODEL_CACHE", help=(
         "where Hugging Face and ModelScope downloads are kept (default: <data-dir>/models)")),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
@@ -118,7 +121,7 @@ def agent(
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
               simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
-              labels=labels, port_range=port_range, model_cache=model_cache)
+              labels=labels, port_range=port_range, ray_port_range=ray_port_range, model_cache=model_cache)
 
 
 @app.command()

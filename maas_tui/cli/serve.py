@@ -167,12 +167,14 @@ def _banner(server, with_agent: bool) -> None:
 
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
               simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0,
-              labels: list[str] | None = None, port_range: str | None = None, model_cache: Path | None = None) -> None:
+              labels: list[str] | None = None, port_range: str | None = None, model_cache: Path | None = None,
+              ray_port_range: str | None = None) -> None:
     import platformdirs
 
     from agent.agent import Agent, AgentConfig, ServerRejected
     from agent.devices import DeviceSpecError
-    from agent.ports import DEFAULT_RANGE, PortRangeError, ephemeral_range, parse_port_range
+    from agent.ports import DEFAULT_RANGE, DEFAULT_RAY_RANGE, PortRangeError, ephemeral_range, parse_port_range, \
+        parse_ray_port_range
 
     _setup_logging(log_level)
     if runtime not in ("auto", "process", "docker"):
@@ -188,12 +190,18 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     except PortRangeError as exc:
         err_console.print(f"[bold red]error:[/] --port-range: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    try:
+        ray_ports = parse_ray_port_range(ray_port_range, ports, ephemeral_range()) if ray_port_range \
+            else DEFAULT_RAY_RANGE
+    except PortRangeError as exc:
+        err_console.print(f"[bold red]error:[/] --ray-port-range: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     worker_name = name or socket.gethostname()
     folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
     try:
         config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
                              address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
-                             runtime=runtime, labels=worker_labels, port_range=ports,
+                             runtime=runtime, labels=worker_labels, port_range=ports, ray_port_range=ray_ports,
                              model_cache=model_cache.absolute() if model_cache else None)
         agent = Agent(config)
     except DeviceSpecError as exc:
