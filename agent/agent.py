@@ -362,7 +362,11 @@ class Agent:
                 instance, spec = fetched, await self.launch_for(fetched, workload.port)
             workload.launch = spec
             if is_multi_host(instance):
-                spec.env.update(await self._start_ray_head(workload, instance))
+                ray_env = await self._start_ray_head(workload, instance)
+                if custom_name(instance.spec.backend) is not None:  # its command may name {ray_address}
+                    spec = await self.launch_for(instance, workload.port, ray_address=ray_env["RAY_ADDRESS"])
+                    workload.launch = spec
+                spec.env.update(ray_env)
             if self.runtime.name == "docker":
                 if spec.image:
                     await self.runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
@@ -389,7 +393,8 @@ class Agent:
         return instance.worker_id != self.worker_id and subordinate_of(instance, self.worker_id)
 
     def _ray_python(self, instance: InstanceOut) -> str:
-        """Ray runs from the backend's environment: the driver (vLLM) and the nodes must match."""
+        """Ray runs from the backend's environment: the driver (vLLM) and the nodes must match.
+        A custom backend's driver must use the Ray of the agent's own environment (or backend_python's)."""
         return self.config.backend_python.get(instance.spec.backend) or sys.executable
 
     async def _start_ray_head(self, workload: Workload, instance: InstanceOut) -> dict[str, str]:
@@ -470,14 +475,15 @@ class Agent:
 
         workload.task = asyncio.create_task(supervise(), name=f"adopted-{instance.name}")
 
-    async def launch_for(self, instance: InstanceOut, port: int) -> LaunchSpec:
+    async def launch_for(self, instance: InstanceOut, port: int, ray_address: str = "") -> LaunchSpec:
         """The exact launch of `instance` on this host (a custom backend's definition comes from the server)."""
         definition = None
         name = custom_name(instance.spec.backend)
         if name is not None:
             definition = await self.fetch_backend(name)
         context = LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
-                                python=dict(self.config.backend_python), custom=definition)
+                                python=dict(self.config.backend_python), custom=definition,
+                                ray_address=ray_address)
         return build_launch(instance, context)
 
     async def container_for(self, instance: InstanceOut, spec: LaunchSpec) -> dict[str, Any]:

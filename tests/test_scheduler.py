@@ -312,6 +312,65 @@ def test_distributed_is_not_used_when_one_worker_fits():
     assert isinstance(result, Placement) and result.claim.pipeline_parallel_size == 1
 
 
+def _layered(weights_gib: int, layers: int = 80) -> MemoryEstimate:
+    """What a custom backend's GGUF estimate looks like: layers to split, any tensor-parallel size."""
+    return MemoryEstimate(method="test", weights=weights_gib * GiB, kv_cache=0, layers=layers,
+                          layer_weights=(weights_gib - 10) * GiB, tp_sizes=None, cpu_capable=True)
+
+
+def test_a_distributed_custom_backend_spans_workers_like_vllm():
+    custom = schemas.ModelSpec(source="/models/big.gguf", backend="custom:ray-job", distributed=True)
+    # 150 GiB: 37.5 GiB a GPU over one box's four L4s (24 GB each); 20 GiB a GPU as two stages of four.
+    together = plan(Request(custom, _layered(150), "job"), two_l4_boxes())
+    assert isinstance(together, Placement), failure_message(together)
+    claim = together.claim
+    assert (claim.tensor_parallel_size, claim.pipeline_parallel_size) == (4, 2)
+    assert together.worker.name == "l4-1" and [s.worker_name for s in claim.subordinate_workers] == ["l4-2"]
+    assert claim.gpu_memory_utilization is None  # a vLLM/SGLang flag: a custom command sizes itself
+    alone = plan(Request(custom.model_copy(update={"distributed": False}), _layered(150), "job"), two_l4_boxes())
+    assert isinstance(alone, list) and [r.reason for r in alone] == ["insufficient_vram", "insufficient_vram"]
+    too_big = plan(Request(custom, _layered(400), "job"), two_l4_boxes())
+    assert isinstance(too_big, list) and too_big[-1].reason == "insufficient_vram_distributed"
+    # Manual placement over two workers, as the Ray tier deploys its probe job.
+    chosen = [{"worker": "l4-1", "gpu_indexes": [0]}, {"worker": "l4-2", "gpu_indexes": [3]}]
+    manual = plan(Request(custom.model_copy(update={"gpu_selector": [schemas.GPUSelection(**c) for c in chosen]}),
+                          MemoryEstimate.fixed(GiB), "job"), two_l4_boxes())
+    assert isinstance(manual, Placement) and manual.claim.pipeline_parallel_size == 2
+    assert [(s.worker_name, s.gpu_indexes) for s in manual.claim.subordinate_workers] == [("l4-2", [3])]
+
+
+def test_vllm_cpu_only_goes_to_host_ram_on_any_worker():
+    memory = MemoryEstimate(method="test", weights=2 * GiB, kv_cache=GiB, cpu_capable=False)
+    spec = vllm(LLAMA_8B, cpu_only=True)
+    on_cpu = plan(Request(spec, memory, "m"), cpu_only())
+    assert isinstance(on_cpu, Placement), failure_message(on_cpu)
+    assert (on_cpu.claim.device, on_cpu.claim.ram_bytes, on_cpu.claim.gpu_indexes) == ("cpu", 3 * GiB, [])
+    assert on_cpu.claim.gpu_memory_utilization is None
+    # A worker with free GPUs serves it from RAM too: cpu_only never claims a GPU.
+    beside_gpus = plan(Request(spec, memory, "m"), h100x8())
+    assert isinstance(beside_gpus, Placement) and beside_gpus.claim.device == "cpu"
+    assert not any(beside_gpus.worker.gpu_claimed.values())
+    # Too big for any worker's RAM: one RAM reason a worker, never a GPU one.
+    huge = MemoryEstimate(method="test", weights=200 * GiB, kv_cache=0, cpu_capable=False)
+    refused = plan(Request(spec, huge, "m"), cpu_only())
+    assert isinstance(refused, list) and [r.reason for r in refused] == ["insufficient_ram", "insufficient_ram"]
+    # Without cpu_only vLLM still never lands on a CPU by itself.
+    assert [r.reason for r in plan(Request(vllm(LLAMA_8B), memory, "m"), cpu_only())] == ["no_gpu", "no_gpu"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backend": "sglang", "cpu_only": True}, "sglang has no CPU build"),
+    ({"backend": "vllm", "cpu_only": True, "distributed": True}, "cpu_only and distributed exclude each other"),
+    ({"backend": "llama.cpp", "distributed": True}, "distributed applies to vllm/sglang and custom backends"),
+    ({"backend": "vox-box", "distributed": True}, "distributed applies to"),
+])
+def test_which_backends_take_cpu_only_and_distributed(fields: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        schemas.ModelSpec(source="/m", **fields)
+    assert schemas.ModelSpec(source="/m", backend="custom:job", distributed=True).distributed
+    assert schemas.ModelSpec(source="/m", backend="vllm", cpu_only=True).cpu_only
+
+
 def test_manual_gpu_selection():
     cluster = h100x8()
     chosen = [{"worker": "h100-box", "gpu_indexes": [6, 7]}]

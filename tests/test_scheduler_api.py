@@ -258,7 +258,7 @@ BAD_FIELDS = {
     "concurrency-zero": ({"concurrency": 0}, "concurrency"),
     "max-model-len-tiny": ({"max_model_len": 1}, "max_model_len"),
     "memory-zero": ({"memory_bytes": 0}, "memory_bytes"),
-    "cpu-only-vllm": ({"cpu_only": True}, "cpu_only"),
+    "cpu-only-distributed-vllm": ({"cpu_only": True, "distributed": True}, "cpu_only"),
     "partial-offload-vllm": ({"partial_offload": True}, "llama.cpp"),
     "empty-gpu-type": ({"gpu_type": ""}, "gpu_type"),
 }

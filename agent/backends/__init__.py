@@ -45,6 +45,7 @@ class LaunchContext:
     # Python interpreter per backend (vLLM and SGLang usually live in their own virtual environment).
     python: dict[str, str] = field(default_factory=dict)
     custom: BackendDefinition | None = None  # the definition of a `custom:NAME` backend
+    ray_address: str = ""  # the Ray head (host:port) of a multi-host placement, once it runs
 
     def python_for(self, backend: str) -> str:
         return self.python.get(backend) or sys.executable
@@ -183,7 +184,8 @@ def custom(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     claim = instance.claim
     gpus = ",".join(str(i) for i in claim.gpu_indexes) if claim and claim.device == "gpu" else ""
     values = {"model_path": instance.spec.source, "port": str(context.port), "host": context.host,
-              "model_name": instance.model_name, "gpus": gpus, "instance_name": instance.name}
+              "model_name": instance.model_name, "gpus": gpus, "instance_name": instance.name,
+              "ray_address": context.ray_address}
     try:
         command = [part.format_map(values) for part in definition.command]
         env = {key: value.format_map(values) for key, value in definition.env.items()}

