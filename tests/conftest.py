@@ -6,8 +6,8 @@ processes on the embedded PostgreSQL.
 
 Store tiers: a module named in EVERY_STORE_MODULES (or that sets ``EVERY_STORE = True``) runs each of its tests that use the
 ``server`` (or ``store_url``) fixture once per store, marked ``sqlite``, ``postgres`` or
-``mariadb`` (``pytest -m mariadb`` runs one tier). The PostgreSQL and MariaDB servers are
-started once per session, on loopback ports with data folders of their own; each test gets a
+``mariadb`` (``pytest -m mariadb`` runs one tier; MAAS_TEST_ALL_STORES=1 does so for every
+module). The PostgreSQL and MariaDB servers are started once per session, on loopback ports with data folders of their own; each test gets a
 new, empty database. A store whose server binaries are missing skips its tier.
 """
 
@@ -86,7 +86,8 @@ EVERY_STORE_MODULES = {"test_api", "test_db", "test_store_cluster"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    every = getattr(metafunc.module, "EVERY_STORE", False) or metafunc.module.__name__ in EVERY_STORE_MODULES
+    every = (getattr(metafunc.module, "EVERY_STORE", False) or metafunc.module.__name__ in EVERY_STORE_MODULES
+             or os.environ.get("MAAS_TEST_ALL_STORES") == "1")  # a developer's check of the whole suite
     if "store" in metafunc.fixturenames and every:
         metafunc.parametrize("store", STORES, indirect=True)
 
