@@ -1,109 +1,23 @@
 """Model sources: local paths, and Hugging Face repositories downloaded by the real huggingface_hub client
-from a TEST SERVER on 127.0.0.1 that speaks the Hub protocol (this machine cannot reach huggingface.co).
-
-`HubTestServer` implements just what `snapshot_download` uses: the model info API at a revision
-(`/api/models/ORG/NAME/revision/REV`, with `blobs=true` sizes), the tree listing
-(`/api/models/ORG/NAME/tree/REV`) and file downloads (`/ORG/NAME/resolve/REV/FILE`, GET and HEAD with the
-X-Repo-Commit, ETag and Content-Length headers the client checks), with the Hub's error headers
-(X-Error-Code: RepoNotFound / RevisionNotFound / EntryNotFound). One file can be held back behind a gate
-so a test sees a download half done.
+from a TEST SERVER on 127.0.0.1 that speaks the Hub protocol (this machine cannot reach huggingface.co):
+`HubTestServer` in tests/hub_test_server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import socket
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from agent.sources import ModelCache, SourceError
 from conftest import eventually, free_port
+from hub_test_server import HubTestServer  # test_agent_sources imports it from here too
 from server.schemas import SourceError as SourceFormError, parse_model_source
 
 pytestmark = pytest.mark.timeout(120)
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class HubTestServer:
-    """A test server: a tiny Hugging Face Hub on 127.0.0.1 (see the module docstring)."""
-
-    def __init__(self, repos: dict[str, dict[str, bytes]], private: set[str] = frozenset()):
-        self.repos = repos
-        self.private = set(private)
-        self.gated_file: str | None = None  # this file's body waits for `gate`
-        self.gate = asyncio.Event()
-        self.downloads: list[str] = []  # GETs of file bodies, in order
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> "HubTestServer":
-        app = web.Application()
-        app.router.add_get("/api/models/{org}/{name}/revision/{revision}", self.info)
-        app.router.add_get("/api/models/{org}/{name}/tree/{revision}", self.tree)
-        app.router.add_get("/{org}/{name}/resolve/{revision}/{path:.+}", self.resolve)  # HEAD too
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        self.gate.set()
-        if self.runner:
-            await self.runner.cleanup()
-
-    def _repo(self, request: web.Request) -> tuple[str, dict[str, bytes]]:
-        repo = f"{request.match_info['org']}/{request.match_info['name']}"
-        if repo in self.private and "Authorization" not in request.headers:
-            raise web.HTTPUnauthorized(headers={"X-Error-Message": "Invalid username or password."})
-        if repo not in self.repos:
-            raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
-        if request.match_info["revision"] not in ("main", COMMIT):
-            raise web.HTTPNotFound(headers={"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
-        return repo, self.repos[repo]
-
-    @staticmethod
-    def _oid(body: bytes) -> str:
-        return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()  # git's blob id, as the Hub gives it
-
-    async def info(self, request: web.Request) -> web.Response:
-        repo, files = self._repo(request)
-        siblings = [{"rfilename": name, "size": len(body), "blobId": self._oid(body)} for name, body in files.items()]
-        return web.json_response({"id": repo, "sha": COMMIT, "siblings": siblings, "private": repo in self.private})
-
-    async def tree(self, request: web.Request) -> web.Response:
-        _repo, files = self._repo(request)
-        return web.json_response([{"type": "file", "path": name, "size": len(body), "oid": self._oid(body)}
-                                  for name, body in files.items()])
-
-    async def resolve(self, request: web.Request) -> web.StreamResponse:
-        _repo, files = self._repo(request)
-        path = request.match_info["path"]
-        if path not in files:
-            raise web.HTTPNotFound(headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
-        body = files[path]
-        start = 0
-        if request.headers.get("Range", "").startswith("bytes="):  # a resumed download
-            start = int(request.headers["Range"][6:].split("-")[0])
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{self._oid(body)}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
-        if request.method == "HEAD":
-            return web.Response(headers={**headers, "Content-Length": str(len(body))})
-        self.downloads.append(path)
-        response = web.StreamResponse(status=206 if start else 200, headers=headers)
-        response.content_length = len(body) - start
-        await response.prepare(request)
-        if path == self.gated_file:
-            await self.gate.wait()
-        await response.write(body[start:])
-        await response.write_eof()
-        return response
 
 
 def tiny_repo() -> dict[str, bytes]:
