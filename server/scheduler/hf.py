@@ -231,40 +231,83 @@ def weights_from_shape(shape: Shape) -> Weights:
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise HFError(f"{path.name}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        if not 2 <= length <= 256 * 1024**2:
-            raise HFError(f"{path.name}: not a safetensors file (header length {length})")
+        length = safetensors_header_length(handle.read(8), path.name)
         raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise HFError(f"{path.name}: unreadable safetensors header: {exc}") from None
-    if not isinstance(header, dict):
-        raise HFError(f"{path.name}: unreadable safetensors header")
-    return header
+    return parse_safetensors_header(raw, path.name)
 
 
-@lru_cache(maxsize=1024)
-def _header_sums(path: str, _mtime_ns: int, _size: int) -> tuple[int, int, frozenset[str]]:
-    """(all tensor bytes, float tensor bytes, float dtypes) of one shard, from its header alone."""
-    header = read_safetensors_header(Path(path))
+def header_sums(header: dict[str, Any], name: str) -> tuple[int, int, frozenset[str]]:
+    """(all tensor bytes, float tensor bytes, float dtypes) of one shard's parsed header (a local file's or a hub's)."""
     total = floats = 0
     float_dtypes: set[str] = set()
-    for name, info in header.items():
-        if name == "__metadata__" or not isinstance(info, dict):
+    for tensor, info in header.items():
+        if tensor == "__metadata__" or not isinstance(info, dict):
             continue
         start, end = info.get("data_offsets", (0, 0))
         nbytes = int(end) - int(start)
         if nbytes < 0:
-            raise HFError(f"{Path(path).name}: tensor {name} has negative size")
+            raise HFError(f"{name}: tensor {tensor} has negative size")
         total += nbytes
         if info.get("dtype") in FLOAT_ST:
             floats += nbytes
             float_dtypes.add(info["dtype"])
     return total, floats, frozenset(float_dtypes)
+
+
+def parse_safetensors_header(raw: bytes, name: str) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise HFError(f"{name}: unreadable safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise HFError(f"{name}: unreadable safetensors header")
+    return header
+
+
+def safetensors_header_length(head: bytes, name: str) -> int:
+    """The header length in a safetensors file's first 8 bytes (bounded: a header is never the weights)."""
+    if len(head) < 8:
+        raise HFError(f"{name}: not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", head[:8])
+    if not 2 <= length <= 256 * 1024**2:
+        raise HFError(f"{name}: not a safetensors file (header length {length})")
+    return length
+
+
+@lru_cache(maxsize=1024)
+def _header_sums(path: str, _mtime_ns: int, _size: int) -> tuple[int, int, frozenset[str]]:
+    """(all tensor bytes, float tensor bytes, float dtypes) of one shard, from its header alone."""
+    return header_sums(read_safetensors_header(Path(path)), Path(path).name)
+
+
+def weights_from_sums(sums: list[tuple[int, int, frozenset[str]]]) -> Weights:
+    """Weights from the header sums of every shard."""
+    total = floats = 0
+    dtypes: set[str] = set()
+    for t, f, d in sums:
+        total, floats = total + t, floats + f
+        dtypes |= d
+    elem = int(ST_BYTES[next(iter(dtypes))]) if len(dtypes) == 1 else 0
+    return Weights(total, floats, elem, "safetensors")
+
+
+def weights_from_index(index: dict[str, Any], shape: Shape | None) -> Weights | None:
+    """Weights from the index's metadata.total_size (shards absent); None without it."""
+    size = (index.get("metadata") or {}).get("total_size")
+    if not isinstance(size, (int, float)) or size <= 0:
+        return None
+    elem = TORCH_BYTES.get(shape.torch_dtype, 2) if shape else 2
+    if shape is not None and shape.quant_bits is not None:
+        # Only the unquantized part (embeddings, norms) follows --dtype.
+        _, other = parameter_counts(shape)
+        floats = min(int(size), other * elem)
+    else:
+        floats = int(size)
+    return Weights(int(size), floats, elem, "index")
+
+
+def index_shards(index: dict[str, Any]) -> list[str]:
+    return sorted(set((index.get("weight_map") or {}).values()))
 
 
 def read_weights(directory: Path, shape: Shape | None) -> Weights | None:
@@ -278,31 +321,17 @@ def read_weights(directory: Path, shape: Shape | None) -> Weights | None:
             raise HFError(f"{index_path.name}: {exc}") from None
     shards: list[Path]
     if index is not None:
-        shards = [directory / name for name in sorted(set((index.get("weight_map") or {}).values()))]
+        shards = [directory / name for name in index_shards(index)]
     else:
         shards = sorted(directory.glob("*.safetensors"))
     if shards and all(p.is_file() for p in shards):
-        total = floats = 0
-        dtypes: set[str] = set()
+        sums = []
         for shard in shards:
             stat = shard.stat()
-            t, f, d = _header_sums(str(shard), stat.st_mtime_ns, stat.st_size)
-            total, floats = total + t, floats + f
-            dtypes |= d
-        elem = int(ST_BYTES[next(iter(dtypes))]) if len(dtypes) == 1 else 0
-        return Weights(total, floats, elem, "safetensors")
+            sums.append(_header_sums(str(shard), stat.st_mtime_ns, stat.st_size))
+        return weights_from_sums(sums)
     if index is not None:
-        size = (index.get("metadata") or {}).get("total_size")
-        if isinstance(size, (int, float)) and size > 0:
-            elem = TORCH_BYTES.get(shape.torch_dtype, 2) if shape else 2
-            quantized = shape is not None and shape.quant_bits is not None
-            if quantized and shape is not None:
-                # Only the unquantized part (embeddings, norms) follows --dtype.
-                _, other = parameter_counts(shape)
-                floats = min(int(size), other * elem)
-            else:
-                floats = int(size)
-            return Weights(int(size), floats, elem, "index")
+        return weights_from_index(index, shape)
     return None
 
 
