@@ -70,11 +70,6 @@ def _redacted(url: str) -> str:
     return f"{scheme}://{credentials.partition(':')[0]}:***@{tail}"
 
 
-def dialect_of(url: str) -> str:
-    """`postgresql`, `mysql` (MariaDB too) or `sqlite`, from a URL `normalize_url` accepts."""
-    return make_url(normalize_url(url)).get_backend_name()
-
-
 CHANNEL = "maas_changes"
 
 
