@@ -31,6 +31,7 @@ class HubTestServer:
         self.downloads: list[str] = []  # GETs of file bodies, in order
         self.ranges: list[tuple[str, int, int]] = []  # partial reads (headers): (path, first byte, last byte)
         self.listings: list[str] = []  # repository info / file listings asked for, hub by hub
+        self.refuse_ranges = False  # answer partial reads with 416, as a hub without range support might
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -102,6 +103,8 @@ class HubTestServer:
             return web.Response(headers={**headers, "Content-Length": str(len(body))})
         if ranged:
             headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+        if partial and self.refuse_ranges:
+            raise web.HTTPRequestRangeNotSatisfiable()
         if partial:
             self.ranges.append((path, start, end))  # a header read: not a download, never held by the gate
         else:

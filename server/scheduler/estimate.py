@@ -9,6 +9,9 @@
   (grouped-query heads, MLA, --kv-cache-dtype) + per GPU: CUDA context and buffers,
   the activation peak of one max_num_batched_tokens step, logits, CUDA graphs.
 - `memory_bytes` in the spec overrides everything.
+- A hub source (hf://, ms://, bare ORG/NAME) is estimated from the same numbers fetched from
+  the hub without the weights (hub.py: config.json, safetensors headers, a GGUF's header, file
+  sizes); a hub that cannot answer leaves the estimate to MetadataUnavailable.
 
 The claim is what is needed, never a fixed fraction of the GPU; the backend is then
 given `gpu_memory_utilization` = claim / GPU total so it stays inside its claim.
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from server import schemas
-from server.scheduler import hf
+from server.scheduler import hf, hub
+from server.scheduler.hub import GGUFShape
 
 MiB = 1024**2
 GiB = 1024**3
@@ -42,6 +46,14 @@ _DEFAULT_MAX_SEQS = 256
 
 class EstimateError(Exception):
     """The model's memory cannot be worked out (a file missing or unreadable); says why."""
+
+    reason = "estimate_failed"  # the UnschedulableReason code
+
+
+class MetadataUnavailable(EstimateError):
+    """A hub model's metadata could not be fetched (unreachable hub, no such repository...); says why."""
+
+    reason = "metadata_unavailable"
 
 
 @dataclass(frozen=True)
@@ -125,16 +137,6 @@ class MemoryEstimate:
 # --- llama.cpp (GGUF) -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GGUFShape:
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_vocab: int = 0
-    layer_bytes: int = 0  # tensors named blk.N.*
-
-
 @lru_cache(maxsize=256)
 def _gguf_shape(path: str, _mtime_ns: int) -> GGUFShape | None:
     try:
@@ -143,21 +145,7 @@ def _gguf_shape(path: str, _mtime_ns: int) -> GGUFShape | None:
         reader = GGUFReader(path)
     except Exception:  # not a GGUF we can read: fall back to the file size alone
         return None
-    arch_field = reader.get_field("general.architecture")
-    if arch_field is None:
-        return None
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-
-    def value(key: str, default: int) -> int:
-        field_ = reader.get_field(f"{arch}.{key}")
-        return int(field_.parts[field_.data[0]][0]) if field_ is not None else default
-
-    n_head = value("attention.head_count", 1)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    n_vocab = value("vocab_size", len(tokens.data) if tokens is not None else 0)
-    layer_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
-    return GGUFShape(value("block_count", 1), value("embedding_length", 0), n_head,
-                     value("attention.head_count_kv", n_head), n_vocab, layer_bytes)
+    return hub.gguf_shape_of(reader)
 
 
 def _estimate_gguf(spec: schemas.ModelSpec) -> MemoryEstimate:
@@ -166,18 +154,22 @@ def _estimate_gguf(spec: schemas.ModelSpec) -> MemoryEstimate:
     except OSError:
         return MemoryEstimate(method="missing", weights=0, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
                               cpu_capable=True, notes=(f"{spec.source} not found",))
-    weights = stat.st_size
-    shape = _gguf_shape(spec.source, stat.st_mtime_ns)
+    return _gguf_estimate(spec, stat.st_size, _gguf_shape(spec.source, stat.st_mtime_ns))
+
+
+def _gguf_estimate(spec: schemas.ModelSpec, weights: int, shape: GGUFShape | None,
+                   notes: tuple[str, ...] = ()) -> MemoryEstimate:
     if shape is None or not shape.n_head:
         return MemoryEstimate(method="file_size", weights=weights, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
-                              cpu_capable=True, notes=("not a readable GGUF: the file size stands for the weights",))
+                              cpu_capable=True,
+                              notes=notes + ("not a readable GGUF: the file size stands for the weights",))
     kv_width = shape.n_embd * shape.n_head_kv // shape.n_head
     kv = 2 * shape.n_layers * spec.context_length * kv_width * 2  # K and V, f16
     compute = _COMPUTE_OVERHEAD + _LLAMACPP_UBATCH * shape.n_vocab * 4
     return MemoryEstimate(method="gguf", weights=weights, kv_cache=kv, fixed_overhead=compute,
                           layers=shape.n_layers, layer_weights=min(shape.layer_bytes, weights),
                           heads=shape.n_head, kv_heads=shape.n_head_kv, tp_sizes=None, cpu_capable=True,
-                          max_model_len=spec.context_length)
+                          max_model_len=spec.context_length, notes=notes)
 
 
 # --- vLLM / SGLang (Hugging Face layout) ---------------------------------------------
@@ -221,8 +213,13 @@ def _estimate_hf(spec: schemas.ModelSpec) -> MemoryEstimate:
         raise EstimateError(str(exc)) from None
     except OSError as exc:
         raise EstimateError(f"cannot read {spec.source}: {exc}") from None
+    return _hf_estimate(spec, shape, weights)
+
+
+def _hf_estimate(spec: schemas.ModelSpec, shape: hf.Shape, weights: hf.Weights,
+                 extra_notes: tuple[str, ...] = ()) -> MemoryEstimate:
     args = spec.args
-    notes = list(shape.notes)
+    notes = list(shape.notes) + list(extra_notes)
 
     dtype = (_arg(args, "--dtype") or "auto").lower()
     checkpoint_bytes = hf.TORCH_BYTES.get(shape.torch_dtype, 2)
@@ -282,17 +279,123 @@ def _estimate_hf(spec: schemas.ModelSpec) -> MemoryEstimate:
         concurrency=spec.concurrency, notes=tuple(notes))
 
 
+# --- hub sources (see hub.py) ----------------------------------------------------------
+
+_HUB_BACKENDS = (*schemas.HF_BACKENDS, "llama.cpp", "vox-box")  # custom backends keep their own downloads' sizes
+
+
+def hub_ref(spec: schemas.ModelSpec) -> hub.HubRef | None:
+    """The hub reference whose metadata `estimate(spec)` reads; None when it reads none."""
+    if spec.memory_bytes is not None or spec.backend not in _HUB_BACKENDS:
+        return None
+    ref = hub.ref_of(spec.source)
+    if ref is None:
+        return None
+    bare = not spec.source.startswith(tuple(schemas.HUBS))
+    if bare and spec.backend in schemas.HF_BACKENDS and hf.hub_cache_dir(ref.repo_id) is not None:
+        return None  # a snapshot downloaded on this host answers without the network (as before)
+    return ref
+
+
+def needs_fetch(spec: schemas.ModelSpec) -> hub.HubRef | None:
+    """The hub reference to fetch before `estimate(spec)` can answer without blocking on the network."""
+    ref = hub_ref(spec)
+    return ref if ref is not None and hub.CACHE.needs_fetch(ref) else None
+
+
+def _hub_note(ref: hub.HubRef, record: dict) -> str:
+    sha = str(record.get("sha") or ref.rev)
+    return f"metadata from {ref.key.split('@')[0]}@{sha[:12]} (headers only, no weights downloaded)"
+
+
+def _hub_weight_files(files: dict[str, int]) -> tuple[int, str]:
+    """Bytes of the weight files of a repository: safetensors when present (other formats are copies)."""
+    weights = {n: s for n, s in files.items() if n.lower().endswith(hub.WEIGHT_SUFFIXES)}
+    safetensors = {n: s for n, s in weights.items() if n.endswith(".safetensors")}
+    chosen = safetensors or weights
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in chosen}) or ["none"]
+    return sum(chosen.values()), "/".join(kinds)
+
+
+def _estimate_hub_hf(spec: schemas.ModelSpec, ref: hub.HubRef, record: dict) -> MemoryEstimate:
+    cfg = record.get("config")
+    if not isinstance(cfg, dict):
+        what = f"{ref.filename} of " if ref.filename else ""
+        raise EstimateError(f"{what}{ref.hub} repository {ref.repo_id}@{ref.rev} has no config.json at the top "
+                            f"level: {spec.backend} needs a Hugging Face layout (or give memory_bytes)")
+    try:
+        shape = hf.parse_shape(cfg)
+    except hf.HFError as exc:
+        raise EstimateError(f"{ref.key}: {exc}") from None
+    notes = [_hub_note(ref, record)]
+    shards = record.get("shards")
+    weights: hf.Weights | None = None
+    files: dict[str, int] = record.get("files") or {}
+    if record.get("headers_refused"):
+        size = sum(s for n, s in files.items() if n.endswith(".safetensors") and "/" not in n)
+        weights = hf.weights_from_index({"metadata": {"total_size": size}}, shape)
+        if weights is not None:
+            weights.method = "hub_file_size"
+            notes.append(f"safetensors headers not readable ({record['headers_refused']}): "
+                         "the files' sizes stand for the weights")
+    elif shards:
+        weights = hf.weights_from_sums([(int(t), int(f), frozenset(d)) for t, f, d in shards.values()])
+    elif record.get("index"):
+        weights = hf.weights_from_index(record["index"], shape)
+    if weights is None:
+        weights = hf.weights_from_shape(shape)
+    return _hf_estimate(spec, shape, weights, tuple(notes))
+
+
+def _estimate_hub_files(spec: schemas.ModelSpec, ref: hub.HubRef, record: dict) -> MemoryEstimate:
+    files: dict[str, int] = record.get("files") or {}
+    note = _hub_note(ref, record)
+    if ref.filename:
+        size = int(files.get(ref.filename) or 0)
+        shape = record.get("gguf")
+        if ref.filename.lower().endswith(".gguf"):
+            return _gguf_estimate(spec, size, GGUFShape(**shape) if isinstance(shape, dict) else None, (note,))
+        weights, kinds = size, ref.filename
+    else:
+        weights, kinds = _hub_weight_files(files)
+    return MemoryEstimate(method="hub_file_size", weights=weights, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
+                          cpu_capable=True, notes=(note, f"weights: the size of the repository's files ({kinds})"))
+
+
+def _estimate_hub(spec: schemas.ModelSpec, ref: hub.HubRef) -> MemoryEstimate:
+    try:
+        record = hub.CACHE.get(ref)
+    except hub.HubError as exc:
+        if exc.transient or spec.backend in schemas.HF_BACKENDS:
+            hint = "; give memory_bytes to deploy without it"
+            if ref.kind == "huggingface" and not spec.source.startswith(tuple(schemas.HUBS)):
+                hint = "; there is no downloaded snapshot in this server's Hugging Face cache either" + hint
+            raise MetadataUnavailable(f"cannot fetch the metadata of {ref.key}: {exc}{hint}") from None
+        # The hub answered for certain (no such repository or file, a token needed): the worker's download
+        # says so on the instance, and the agent may hold a token this server lacks.
+        return MemoryEstimate(method="unknown", weights=0, kv_cache=0, fixed_overhead=_COMPUTE_OVERHEAD,
+                              cpu_capable=True, notes=(f"hub metadata unavailable ({exc}): the claim covers "
+                                                       "the overhead only",))
+    if spec.backend in schemas.HF_BACKENDS:
+        return _estimate_hub_hf(spec, ref, record)
+    return _estimate_hub_files(spec, ref, record)
+
+
 # --- entry points ----------------------------------------------------------------------
 
 
 def estimate(spec: schemas.ModelSpec) -> MemoryEstimate:
-    """What one replica of `spec` needs. Reads headers only; raises EstimateError when it cannot tell."""
+    """What one replica of `spec` needs. Reads headers only (a hub's over HTTP, bounded, cached);
+    raises EstimateError when it cannot tell."""
     if spec.memory_bytes is not None:
         hf_backend = spec.backend in schemas.HF_BACKENDS
         return MemoryEstimate(method="override", weights=spec.memory_bytes, kv_cache=0,
                               tp_sizes=(1, 2, 4, 8) if hf_backend else (), cpu_capable=not hf_backend,
                               max_model_len=spec.max_model_len, concurrency=spec.concurrency,
                               notes=("memory_bytes given in the spec",))
+    ref = hub_ref(spec)
+    if ref is not None:
+        return _estimate_hub(spec, ref)
     if spec.backend in schemas.HF_BACKENDS:
         return _estimate_hf(spec)
     return _estimate_gguf(spec)

@@ -29,7 +29,8 @@ from server.controllers.loop import ReconcileLoop
 from server.db import tables
 from server.db.database import log_changes, to_wire
 from server.db.tables import utcnow
-from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate
+from server.scheduler import hub
+from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate, needs_fetch
 from server.scheduler.placement import Placement, Request, failure_message, plan, summarize
 from server.scheduler.snapshot import ClusterState, InstanceRecord, Reserves
 
@@ -71,6 +72,8 @@ class Scheduler(ReconcileLoop):
         self._dirty = True
         self._specs: dict[str, schemas.ModelSpec | ValueError] = {}
         self._estimates: dict[str, tuple[float, MemoryEstimate | EstimateError]] = {}
+        self._hub_fetches: dict[str, asyncio.Task[None]] = {}  # hub metadata fetched in the background
+        self._hub_loaded = False
         self.stats: dict[str, float] = {"passes": 0, "placed": 0, "unschedulable": 0, "resyncs": 0,
                                         "estimate_s": 0.0, "plan_s": 0.0, "write_s": 0.0}
 
@@ -107,6 +110,8 @@ class Scheduler(ReconcileLoop):
                 self.apply_events(events)
         finally:
             subscription.close()
+            for task in list(self._hub_fetches.values()):
+                task.cancel()  # its thread ends at its own timeout; nobody waits for it
 
     def apply_events(self, events: list[Any]) -> None:
         for event in events:
@@ -120,6 +125,11 @@ class Scheduler(ReconcileLoop):
 
     async def resync(self) -> None:
         async with self.server.db.session() as s:
+            if not self._hub_loaded:  # hub metadata fetched before a restart: not fetched again
+                rows = await s.execute(select(tables.Setting.value).where(
+                    tables.Setting.key.startswith(hub.SETTING_PREFIX, autoescape=True)))
+                hub.CACHE.load(list(rows.scalars()))
+                self._hub_loaded = True
             state = await load_state(s, self.state.reserves)
         self.state = state
         self._synced_at = time.monotonic()
@@ -142,10 +152,48 @@ class Scheduler(ReconcileLoop):
             self._specs[key] = spec
         return spec
 
+    async def _fetch_hub(self, ref: hub.HubRef) -> None:
+        try:
+            await asyncio.to_thread(hub.CACHE.get, ref)
+        except hub.HubError:
+            pass  # remembered by the cache: the next pass's estimate gives it as the instance's reason
+        except Exception:
+            log.exception("fetching the metadata of %s failed", ref.key)
+        finally:
+            self._hub_fetches.pop(ref.key, None)
+            self._dirty = True  # the loop's next tick places what waited for this
+        await self._save_hub_metadata()
+
+    async def _save_hub_metadata(self) -> None:
+        rows = hub.CACHE.take_unsaved()
+        if not rows:
+            return
+        try:
+            async with self.server.db.session() as s:
+                for key, value in rows:
+                    row = await s.get(tables.Setting, key)
+                    if row is None:
+                        s.add(tables.Setting(key=key, value=value))
+                    else:
+                        row.value = value
+                await s.commit()
+        except Exception:
+            log.exception("cannot store hub metadata; kept in memory, written with the next")
+            hub.CACHE.mark_unsaved([key for key, _ in rows])
+
     async def _estimate_all(self, specs: dict[str, schemas.ModelSpec]) -> dict[str, MemoryEstimate | EstimateError]:
+        """Estimates of `specs`, except those whose hub metadata is being fetched: they wait for a later pass."""
         now = time.monotonic()
         missing = {k: s for k, s in specs.items()
                    if k not in self._estimates or now - self._estimates[k][0] > self.estimate_ttl}
+        # A hub fetch takes seconds (or a timeout): it runs beside the loop so other models are placed meanwhile.
+        for key, spec in list(missing.items()):
+            ref = needs_fetch(spec)
+            if ref is not None:
+                del missing[key]
+                self._estimates.pop(key, None)
+                if ref.key not in self._hub_fetches:
+                    self._hub_fetches[ref.key] = asyncio.create_task(self._fetch_hub(ref), name=f"hub {ref.key}")
         if missing:
             def work() -> dict[str, MemoryEstimate | EstimateError]:
                 out: dict[str, MemoryEstimate | EstimateError] = {}
@@ -161,7 +209,8 @@ class Scheduler(ReconcileLoop):
 
             for key, result in (await asyncio.to_thread(work)).items():
                 self._estimates[key] = (now, result)
-        return {k: self._estimates[k][1] for k in specs}
+        await self._save_hub_metadata()  # fetched by a dry run or describe meanwhile
+        return {k: self._estimates[k][1] for k in specs if k in self._estimates}
 
     # --- one pass -----------------------------------------------------------------------
 
@@ -196,8 +245,11 @@ class Scheduler(ReconcileLoop):
             if reasons is None:
                 if key in invalid:
                     reasons = [schemas.UnschedulableReason(reason="invalid_spec", message=invalid[key])]
+                elif key not in estimates:
+                    continue  # its hub metadata is being fetched: a later pass places it
                 elif isinstance(estimates[key], EstimateError):
-                    reasons = [schemas.UnschedulableReason(reason="estimate_failed", message=str(estimates[key]))]
+                    error = estimates[key]
+                    reasons = [schemas.UnschedulableReason(reason=error.reason, message=str(error))]  # type: ignore[union-attr]
                 else:
                     request = requests.get(key)
                     if request is None:
