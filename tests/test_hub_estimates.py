@@ -120,7 +120,8 @@ async def hub_server(tiny_model: Path, monkeypatch):
     server = await HubTestServer({"acme/tiny-llama": single_repo(), "acme/sharded": sharded_repo(),
                                   "acme/tiny-gguf": {"tiny.gguf": tiny_model.read_bytes(), "README.md": b"# tiny\n"},
                                   "acme/speech": {"model.bin": bytes(3000), "config.json": b"{}",
-                                                  "vocabulary.txt": b"a\nb\n"}}).start()
+                                                  "vocabulary.txt": b"a\nb\n"},
+                                  "acme/secret": single_repo()}, private={"acme/secret"}).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
     try:
@@ -236,6 +237,14 @@ async def test_missing_repository_or_file(hub_server: HubTestServer):
     # llama.cpp: the worker's download reports a wrong source on the instance (it may hold a token we lack).
     missing = await estimate(spec("hf://acme/tiny-gguf/other.gguf", "llama.cpp"))
     assert missing.method == "unknown" and "has no file other.gguf" in missing.notes[0]
+
+
+async def test_private_repository_needs_hf_token(hub_server: HubTestServer, monkeypatch):
+    with pytest.raises(est.MetadataUnavailable, match=r"needs a token \(HF_TOKEN in the server's environment\)"):
+        await estimate(spec("hf://acme/secret"))
+    hub.CACHE.clear()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert (await estimate(spec("hf://acme/secret"))).method == "safetensors"
 
 
 # --- through the server: the scheduler, the dry run, a restart ---------------------------------------
