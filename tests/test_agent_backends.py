@@ -14,6 +14,7 @@ from agent.agent import Agent, AgentConfig
 from conftest import eventually
 from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
+from server.schemas import KNOWN_BACKENDS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,7 +62,7 @@ async def test_custom_backend_registered_with_the_cli_serves(server, admin: Maas
     assert again.exit_code == 1 and "already registered" in again.output
     listed = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "backend", "list")
     assert "custom:tiny-llama" in listed.output and "vllm" in listed.output
-    assert [b.name for b in await admin.list_backends()] == ["llama.cpp", "vllm", "sglang", "tiny-llama"]
+    assert [b.name for b in await admin.list_backends()] == [*KNOWN_BACKENDS, "tiny-llama"]
 
     await admin.create_model({"name": "custom-tiny", "source": str(tiny_model), "backend": "custom:tiny-llama",
                               "replicas": 1})
