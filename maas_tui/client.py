@@ -31,6 +31,8 @@ class MaasClient:
         self.token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
         self._session: aiohttp.ClientSession | None = None
+        # Age in seconds of the oldest answer the server gave from memory while its database was down.
+        self.stale_seconds: int | None = None
 
     async def __aenter__(self) -> "MaasClient":
         return self
@@ -59,6 +61,9 @@ class MaasClient:
                 data = await _json_or_text(response)
                 if response.status >= 400:
                     raise _error_from(response.status, data)
+                stale = response.headers.get("X-Maas-Stale-Seconds", "")
+                if stale.isdigit():
+                    self.stale_seconds = max(self.stale_seconds or 0, int(stale))
                 return data
         except aiohttp.ClientConnectionError as exc:
             raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from None

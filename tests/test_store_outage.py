@@ -1,6 +1,6 @@
 """kill -9 of the database server in the middle of a deploy, on the embedded PostgreSQL and on
 MariaDB: during the outage /healthz says so (200), the gateway serves what runs from memory,
-writes and reads that need the database are 503 database_unavailable; when it is back (the server restarts its embedded PostgreSQL itself;
+writes are 503 database_unavailable and reads this server answered before come back marked stale; when it is back (the server restarts its embedded PostgreSQL itself;
 MariaDB is restarted as its service manager would) the cluster converges with nothing lost and
 nothing doubled."""
 
@@ -21,6 +21,7 @@ import pytest
 from agent.agent import Agent, AgentConfig
 from conftest import MariaDBServer, eventually, free_port, mariadb_binaries
 from maas_tui.client import MaasClient
+from server.api.stale_reads import STALE_HEADER
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir
@@ -119,6 +120,10 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
             async def created() -> bool:
                 return len(await admin.list_instances("tiny")) == 2
             await eventually(created, message="the deploy's instances to exist")
+            async with http.get(f"{server.url}/v2/models", headers=headers) as resp:
+                assert resp.status == 200 and STALE_HEADER not in resp.headers
+                models_before = await resp.read()
+            listed_before = await admin.list_models()
             db.kill()  # mid-deploy: instances placed or starting, backends coming up
 
             # The outage: health answers and says so; what needs the database is a clear 503.
@@ -134,8 +139,17 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
                     assert resp.status == 503, await resp.text()
                     error = (await resp.json())["error"]
                     assert error["code"] == "database_unavailable" and "try again" in error["message"]
+                # A read this server answered before comes back as it was then, marked stale...
                 async with http.get(f"{server.url}/v2/models", headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert int(resp.headers[STALE_HEADER]) >= 0 and await resp.read() == models_before
+                assert await admin.list_models() == listed_before and admin.stale_seconds is not None
+                # ...one it never answered (and any other caller's) is a clear 503.
+                async with http.get(f"{server.url}/v2/workers", headers=headers) as resp:
                     assert resp.status == 503
+                    assert (await resp.json())["error"]["code"] == "database_unavailable"
+                async with http.get(f"{server.url}/v2/models", headers={"Authorization": f"Bearer {key}"}) as resp:
+                    assert resp.status in (401, 503) and STALE_HEADER not in resp.headers
                 # The gateway answers from its in-memory routes and key cache.
                 async with http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                                      json=chat) as resp:

@@ -528,3 +528,19 @@ def test_scale_down_drops_a_downloading_instance_before_a_starting_one():
 def test_not_ready_states_include_downloading():
     assert schemas.NOT_READY_STATES == {"scheduled", "downloading", "starting"}
     assert schemas.InstanceState.downloading in schemas.AgentInstanceState.__members__.values()
+
+
+def test_last_good_reads_are_bounded_and_least_recently_used_go_first():
+    from server.api.stale_reads import LastGoodReads
+
+    reads = LastGoodReads(max_entries=2, max_bytes=80)
+    reads.remember(("a",), b"1" * 5, "application/json")
+    reads.remember(("b",), b"2" * 5, "application/json")
+    assert reads.recall(("a",)) is not None  # a is now the most recent
+    reads.remember(("c",), b"3" * 5, "application/json")
+    assert reads.recall(("b",)) is None and reads.recall(("a",))[1] == b"11111"
+    reads.remember(("big",), b"x" * 11, "application/json")  # over an eighth of the byte budget: never kept
+    assert reads.recall(("big",)) is None
+    reads.remember(("a",), b"4" * 9, "application/json")  # replaced, not counted twice
+    reads.remember(("d",), b"5" * 9, "application/json")
+    assert reads.recall(("a",))[1] == b"4" * 9 and reads.recall(("c",)) is None

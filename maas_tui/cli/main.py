@@ -56,7 +56,11 @@ def call(work: Callable[[MaasClient], Awaitable[T]], server: str | None = None, 
 
     async def run() -> T:
         async with MaasClient(url, token if token is not None else config.token) as client:
-            return await work(client)
+            result = await work(client)
+            if client.stale_seconds is not None:
+                err_console.print(f"warning: the server's database is unavailable; this is what it answered "
+                                  f"{client.stale_seconds} s ago", style="yellow")
+            return result
 
     try:
         return asyncio.run(run())

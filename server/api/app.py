@@ -11,6 +11,7 @@ from server.api import (agent_api, backends, gateway_api, metrics, operations, r
                         scheduling, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
+from server.api.stale_reads import LastGoodReads, stale_read_middleware
 
 # Which credential kinds each route accepts, and the scope a user's key needs there.
 _ALLOWED = {
@@ -62,7 +63,9 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:
     from server.gateway.proxy import add_gateway_routes
 
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=client_max_size)
+    # Inside auth: a stale answer is only ever given to the identity that got it fresh.
+    stale_reads = stale_read_middleware(LastGoodReads())
+    app = web.Application(middlewares=[error_middleware, auth_middleware, stale_reads], client_max_size=client_max_size)
     app[SERVER_KEY] = server
     app.router.add_get("/healthz", healthz)
     document = openapi_document(server.version)
