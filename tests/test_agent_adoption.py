@@ -79,3 +79,14 @@ async def test_restarted_agent_adopts_running_processes_and_stops_unwanted_ones(
 
 async def _gone(pid: int) -> bool:
     return not _alive(pid)
+
+
+async def test_a_command_that_exits_at_once_is_started_and_waited_for(tmp_path):
+    """The child may be reaped before its start time is read: start still returns a handle."""
+    from agent.runtimes.process import ProcessRuntime, _alive
+
+    runtime = ProcessRuntime(tmp_path / "run")
+    for _ in range(20):  # the race is narrow: try it a few times
+        handle = await runtime.start("quick", ["/bin/true"], {}, tmp_path / "quick.log")
+        assert await runtime.wait(handle) == 0
+        assert not _alive(handle.pid, 0.0)

@@ -62,7 +62,10 @@ class ProcessRuntime:
                 env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # its own process group: a stop reaches its children too
             )
-        create_time = psutil.Process(process.pid).create_time()
+        try:
+            create_time = psutil.Process(process.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = 0.0  # it exited and was reaped already: no later process with this pid can match
         record = {**(meta or {}), "pid": process.pid, "create_time": create_time, "log_path": str(log_path)}
         self._pidfile(key).write_text(json.dumps(record))
         return ProcessHandle(key, process, log_path)
