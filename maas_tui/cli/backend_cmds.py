@@ -43,8 +43,9 @@ def backend_add(file: Path = typer.Option(..., "-f", "--file", exists=True, dir_
     """Register a custom backend (admin). Deploy it with --backend custom:NAME.
 
     The command is an argv template (a list, or one string split like a shell would) with the
-    placeholders {model_path} {port} {host} {model_name} {gpus} {instance_name}; the model's
-    args are appended. `metrics` maps the backend's metric names to unified ones
+    placeholders {model_path} {port} {host} {model_name} {gpus} {instance_name} {ray_address}; the
+    model's args are appended. A model deployed with `distributed` over several workers gets a Ray
+    cluster first: {ray_address} (and RAY_ADDRESS) say where its head is; empty on one worker. `metrics` maps the backend's metric names to unified ones
     (requests_running, requests_waiting, prompt_tokens_total, generation_tokens_total, kv_cache_usage_ratio).
     """
     from maas_tui.cli.main import call, fail
