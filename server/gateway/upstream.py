@@ -1,11 +1,11 @@
-"""A lean HTTP/1.1 client for the gateway's plain (non-streamed) upstream requests.
+"""A lean HTTP/1.1 client for the gateway's upstream requests.
 
 Measured on this 2-core machine, an aiohttp ClientSession request costs about 300 us of CPU
 where the whole aiohttp server side of the gateway costs about 110 us: most of it is generic
 machinery (URL and header objects, tracing hooks, cookie handling, timers, payload registry)
 that a proxy calling known backends does not need. Here a request is one `transport.write`
-of prebuilt bytes on a pooled keep-alive connection, and the response is parsed from the
-bytes as they arrive (Content-Length, chunked, or until close).
+of prebuilt bytes on a pooled keep-alive connection, and the response is parsed as it
+arrives by httptools (llhttp, the parser uvicorn uses).
 
 Streamed requests go over a fresh connection each (llama.cpp closes it after a stream anyway)
 and hand the body over as it arrives (`UpstreamPool.stream`). A failure before any response
@@ -20,9 +20,11 @@ import time
 from collections import deque
 from typing import AsyncIterator
 
+import httptools
+
 STREAM_HIGH_WATER = 1024 * 1024  # pause reading the backend while this much waits for a slow client
 IDLE_SECONDS = 4.0  # below llama.cpp's 5 s keep-alive: never reuse a connection it is closing
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # llhttp sets no limit of its own
 
 
 class UpstreamError(Exception):
@@ -39,19 +41,41 @@ class _Response:
         self.status, self.headers, self.body, self.keep_alive = status, headers, body, keep_alive
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+class UpstreamStream(asyncio.Protocol):
+    """One connection to a backend and the exchange on it.
+
+    Streamed (the default): `head` resolves to (status, headers) and `body()` then yields the
+    body's bytes as they arrive, reading paused behind a slow consumer. Plain (`stream=False`,
+    pooled by UpstreamPool): `exchange()` returns the whole _Response, and the connection can
+    serve the next request if the backend keeps it alive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool = True):
         self.loop = loop
+        self.stream = stream
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future[_Response] | None = None
         self.closed = False
         self.idle_since = 0.0
+        self._begin()
+        if not stream:
+            self._complete = True  # no exchange yet: any byte now is out of step
+
+    def _begin(self) -> None:
+        """Fresh state for one request/response; a fresh parser too, so nothing left over from
+        the previous response on this connection can leak into this one."""
+        self._parser = httptools.HttpResponseParser(self)
+        self.head: asyncio.Future = self.loop.create_future()  # stream: (status, headers); plain: _Response
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.keep_alive = False
         self.got_bytes = False  # any byte of the current response: a retry is no longer safe
-        self._head: tuple[int, dict[str, str], bool] | None = None
-        self._length: int | None = None
-        self._chunked = False
-        self._body_start = 0
+        self._head_done = False
+        self._head_bytes = 0
+        self._complete = False
+        self._ready: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,19 +85,23 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():
+        if self._complete:
             self.close()  # bytes nobody asked for: the connection is out of step
             return
         self.got_bytes = True
-        self.buffer += data
         try:
-            response = self._parse(eof=False)
-        except UpstreamError as exc:
-            self.waiter.set_exception(exc)
+            self._parser.feed_data(data)
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEADER_BYTES:
+                    raise UpstreamError("malformed response head: too long")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            what = "malformed status line" if self._parser.get_status_code() == 0 else "malformed response"
+            self._fail(UpstreamError(f"{what}: {exc}"))
             self.close()
-            return
-        if response is not None:
-            self.waiter.set_result(response)
+        except UpstreamError as exc:
+            self._fail(exc)
+            self.close()
 
     def eof_received(self) -> bool:
         self.closed = True  # the backend closed its side: never reuse (connection_lost follows)
@@ -81,244 +109,76 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            try:
-                response = self._parse(eof=True) if self.got_bytes else None
-            except UpstreamError as error:
-                self.waiter.set_exception(error)
-                return
-            if response is not None:
-                self.waiter.set_result(response)
-            else:
-                self.waiter.set_exception(UpstreamError(f"connection closed{': ' + str(exc) if exc else ''}"))
+        if self._complete:
+            return
+        if not self.got_bytes:
+            self._fail(UpstreamError(f"connection closed{': ' + str(exc) if exc else ''}"))
+        elif not self._head_done:
+            self._fail(UpstreamError("malformed response head: cut short"))
+        elif ("content-length" not in self.headers
+              and "chunked" not in self.headers.get("transfer-encoding", "").lower()):
+            # Delimited by the close. httptools has no llhttp_finish (feed_data(b"") is not an
+            # EOF), so the end of such a body is ours to call.
+            self.on_message_complete()
+        else:
+            self._fail(UpstreamError("response cut short"))
+
+    # --- httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second response to one request: out of step
+            raise UpstreamError("bytes after the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:  # not the trailers after a chunked body
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()  # False for HTTP/1.0, close, or a close-delimited body
+        if self.stream and not self.head.done():  # done: cancelled by a timeout
+            self.head.set_result((self.status, self.headers))
+
+    def on_body(self, data: bytes) -> None:
+        self._ready.append(data)
+        if self.stream:
+            self._buffered += len(data)
+            if self._buffered > STREAM_HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if self.stream:
+            self._wake()
+        else:
+            body = b"".join(self._ready)
+            self._ready.clear()
+            if not self.head.done():  # done: cancelled by a timeout
+                self.head.set_result(_Response(self.status, self.headers, body, self.keep_alive))
 
     # --- use --------------------------------------------------------------------------
     async def exchange(self, request: bytes) -> _Response:
-        self.buffer.clear()
-        self._head, self._length, self._chunked, self._body_start = None, None, False, 0
-        self.got_bytes = False
+        """Plain mode: send one request, return the whole response."""
+        self._begin()
         if self.closed or self.transport is None or self.transport.is_closing():
             # A write on a closing transport is dropped silently: the answer would never come.
+            self._complete = True
             raise UpstreamError("connection closed before the request")
-        self.waiter = self.loop.create_future()
-        self.transport.write(request)
         try:
-            return await self.waiter
+            self.transport.write(request)
+            return await self.head
         finally:
-            self.waiter = None
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def _parse(self, eof: bool) -> _Response | None:
-        buffer = self.buffer
-        if self._head is None:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEADER_BYTES or eof:
-                    raise UpstreamError("malformed response head")
-                return None
-            lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-            parts = lines[0].split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-                raise UpstreamError(f"malformed status line {lines[0][:100]!r}")
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if sep:
-                    headers[name.strip().lower()] = value.strip()
-            status = int(parts[1])
-            connection = headers.get("connection", "").lower()
-            keep_alive = parts[0] == "HTTP/1.1" and "close" not in connection
-            self._head = (status, headers, keep_alive)
-            self._body_start = end + 4
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                self._chunked = True
-            elif "content-length" in headers:
-                try:
-                    self._length = int(headers["content-length"])
-                except ValueError:
-                    raise UpstreamError("malformed Content-Length") from None
-            elif status in (204, 304) or 100 <= status < 200:
-                self._length = 0
-            else:
-                self._head = (status, headers, False)  # delimited by the close
-        status, headers, keep_alive = self._head
-        start = self._body_start
-        if self._length is not None:
-            if len(buffer) - start >= self._length:
-                return _Response(status, headers, bytes(buffer[start:start + self._length]), keep_alive)
-            if eof:
-                raise UpstreamError("response body cut short")
-            return None
-        if self._chunked:
-            body = self._dechunk(start)
-            if body is not None:
-                return _Response(status, headers, body, keep_alive)
-            if eof:
-                raise UpstreamError("chunked response cut short")
-            return None
-        return _Response(status, headers, bytes(buffer[start:]), False) if eof else None
-
-    def _dechunk(self, position: int) -> bytes | None:
-        buffer, out = self.buffer, bytearray()
-        while True:
-            line_end = buffer.find(b"\r\n", position)
-            if line_end < 0:
-                return None
-            try:
-                size = int(bytes(buffer[position:line_end]).split(b";", 1)[0], 16)
-            except ValueError:
-                raise UpstreamError("malformed chunk size") from None
-            position = line_end + 2
-            if size == 0:
-                trailer_end = buffer.find(b"\r\n\r\n", position - 2)
-                return bytes(out) if trailer_end >= 0 else None
-            if len(buffer) < position + size + 2:
-                return None
-            out += buffer[position:position + size]
-            position += size + 2
-
-
-class UpstreamStream(asyncio.Protocol):
-    """One streamed exchange: `head` resolves to (status, headers); then `body()` yields the
-    body's bytes as they arrive (chunked encoding removed)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.head: asyncio.Future[tuple[int, dict[str, str]]] = loop.create_future()
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self._raw = bytearray()
-        self._ready: deque[bytes] = deque()
-        self._buffered = 0
-        self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._done = False
-        self._error: Exception | None = None
-        self._length: int | None = None  # bytes left, for a Content-Length body
-        self._chunked = False
-        self._chunk_left = -1  # -1: a chunk-size line is next; -2: the CRLF after a chunk; -3: trailers
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        if self._done:
-            return
-        self._raw += data
-        try:
-            if not self.head.done():
-                end = self._raw.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._raw) > MAX_HEADER_BYTES:
-                        raise UpstreamError("malformed response head")
-                    return
-                self._start(bytes(self._raw[:end]))
-                del self._raw[:end + 4]
-            self._decode()
-        except UpstreamError as exc:
-            self._fail(exc)
-            self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.head.done():
-            self.head.set_exception(UpstreamError(f"connection closed{': ' + str(exc) if exc else ''}"))
-        elif not self._done:
-            if self._length is None and not self._chunked:
-                self._finish()  # delimited by the close
-            else:
-                self._fail(UpstreamError("stream cut short"))
-
-    def _start(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise UpstreamError(f"malformed status line {lines[0][:100]!r}")
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                self.headers[name.strip().lower()] = value.strip()
-        self.status = int(parts[1])
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._chunked = True
-        elif "content-length" in self.headers:
-            try:
-                self._length = int(self.headers["content-length"])
-            except ValueError:
-                raise UpstreamError("malformed Content-Length") from None
-        self.head.set_result((self.status, self.headers))
-
-    def _decode(self) -> None:
-        raw = self._raw
-        if self._length is not None:
-            if raw:
-                take = bytes(raw[:self._length])
-                del raw[:len(take)]
-                self._length -= len(take)
-                self._emit(take)
-            if self._length == 0:
-                self._finish()
-            return
-        if not self._chunked:
-            if raw:
-                self._emit(bytes(raw))
-                raw.clear()
-            return
-        while raw:
-            if self._chunk_left == -1:
-                end = raw.find(b"\r\n")
-                if end < 0:
-                    return
-                try:
-                    size = int(bytes(raw[:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise UpstreamError("malformed chunk size") from None
-                del raw[:end + 2]
-                self._chunk_left = size if size else -3
-            elif self._chunk_left == -2:
-                if len(raw) < 2:
-                    return
-                del raw[:2]
-                self._chunk_left = -1
-            elif self._chunk_left == -3:
-                end = raw.find(b"\r\n")
-                if end < 0:
-                    return
-                del raw[:end + 2]
-                if end == 0:  # the empty line after the trailers
-                    self._finish()
-                    return
-            else:
-                take = bytes(raw[:self._chunk_left])
-                del raw[:len(take)]
-                self._chunk_left -= len(take)
-                if self._chunk_left == 0:
-                    self._chunk_left = -2
-                self._emit(take)
-
-    def _emit(self, data: bytes) -> None:
-        self._ready.append(data)
-        self._buffered += len(data)
-        if self._buffered > STREAM_HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._wake()
+            self._complete = True  # answered, failed or abandoned: later bytes are out of step
 
     def _fail(self, exc: Exception) -> None:
+        if self._complete:
+            return
+        self._complete = True
         if not self.head.done():
             self.head.set_exception(exc)
-        self._error, self._done = exc, True
+        self._error = exc
         self._wake()
 
     def _wake(self) -> None:
@@ -326,6 +186,7 @@ class UpstreamStream(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def body(self) -> AsyncIterator[bytes]:
+        """Stream mode: the body's bytes as they arrive (chunked encoding removed)."""
         while True:
             if self._ready:
                 data = b"".join(self._ready)
@@ -336,7 +197,7 @@ class UpstreamStream(asyncio.Protocol):
                     self.transport.resume_reading()
                 yield data
                 continue
-            if self._done:
+            if self._complete:
                 if self._error is not None:
                     raise self._error
                 return
@@ -347,6 +208,7 @@ class UpstreamStream(asyncio.Protocol):
                 self._waiter = None
 
     def close(self) -> None:
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -356,7 +218,7 @@ class UpstreamPool:
 
     def __init__(self, connect_timeout: float = 5.0):
         self.connect_timeout = connect_timeout
-        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self._idle: dict[tuple[str, int], deque[UpstreamStream]] = {}
         self._prefix: dict[tuple[str, int, str], bytes] = {}
 
     async def request(self, host: str, port: int, path: str, body: bytes, content_type: str,
@@ -365,7 +227,7 @@ class UpstreamPool:
         key = (host, port)
         connection = None if fresh else self._take(key)
         if connection is None:
-            connection = await self._connect(host, port)
+            connection = await self._connect(host, port, stream=False)
         prefix = self._prefix.get((host, port, path))
         if prefix is None:
             prefix = self._prefix[(host, port, path)] = (
@@ -389,12 +251,7 @@ class UpstreamPool:
 
     async def stream(self, host: str, port: int, path: str, body: bytes, content_type: str) -> UpstreamStream:
         """POST `body` on a new connection; returns once the response head is in."""
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, exchange = await loop.create_connection(lambda: UpstreamStream(loop), host, port)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
+        exchange = await self._connect(host, port, stream=True)
         exchange.transport.write(  # type: ignore[union-attr]
             b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\nContent-Type: %s\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
@@ -406,7 +263,7 @@ class UpstreamPool:
             raise
         return exchange
 
-    def _take(self, key: tuple[str, int]) -> _Connection | None:
+    def _take(self, key: tuple[str, int]) -> UpstreamStream | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -417,11 +274,11 @@ class UpstreamPool:
             connection.close()
         return None
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, host: str, port: int, stream: bool) -> UpstreamStream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(lambda: _Connection(loop), host, port)
+                _, connection = await loop.create_connection(lambda: UpstreamStream(loop, stream), host, port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
         return connection
@@ -439,4 +296,3 @@ class UpstreamPool:
 
     def idle_count(self) -> int:
         return sum(len(d) for d in self._idle.values())
-
