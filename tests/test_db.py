@@ -332,10 +332,11 @@ async def test_database_loss_is_a_503_and_the_server_recovers(tmp_path: Path, ti
             url = server.embedded.url
             await asyncio.to_thread(server.embedded.stop)
 
-            status, body = await get("/v2/models")
+            status, body = await get("/v2/workers")  # never read before: nothing to answer it from
             assert status == 503, body
             assert body["error"]["code"] == "database_unavailable"
             assert "database" in body["error"]["message"]
+            assert (await get("/v2/models")) == (200, {"items": []})  # read before: answered from memory
             async with http.post(f"{server.url}/v2/models", headers=headers,
                                  json={"name": "m", "source": str(tiny_model), "backend": "llama.cpp"}) as resp:
                 assert resp.status == 503
