@@ -90,7 +90,7 @@ class PortAllocator:
         for _ in range(span):
             port = self._next
             self._next = self.low + (self._next - self.low + 1) % span
-            if port in self.in_use or not _bindable(self.host, port):
+            if port in self.in_use or not bindable(self.host, port):
                 continue
             self.in_use.add(port)
             return port
@@ -105,7 +105,7 @@ class PortAllocator:
         self.in_use.discard(port)
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))

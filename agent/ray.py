@@ -37,7 +37,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from agent.backends import BackendError, _has_module
-from agent.ports import DEFAULT_RAY_RANGE, RAY_BLOCK
+from agent.ports import DEFAULT_RAY_RANGE, RAY_BLOCK, bindable, ephemeral_range
 from agent.runtimes.process import ProcessRuntime
 from server.schemas import InstanceOut
 
@@ -114,13 +113,13 @@ class RayPortBlocks:
         self.in_use: set[int] = set()
 
     def allocate(self) -> RayPorts:
-        ephemeral = _ephemeral_range()
+        ephemeral = ephemeral_range()
         if ephemeral and self.low <= ephemeral[1] and ephemeral[0] <= self.high:
             # Outgoing connections take those ports at any time: a node could lose one between check and bind.
             raise RuntimeError(f"the Ray port range {self.low}-{self.high} overlaps this host's ephemeral range "
                                f"{ephemeral[0]}-{ephemeral[1]}; give the agent a Ray range outside it")
         for base in range(self.low, self.high - BLOCK + 2, BLOCK):
-            if base in self.in_use or not all(_bindable(self.host, p) for p in range(base, base + BLOCK)):
+            if base in self.in_use or not all(bindable(self.host, p) for p in range(base, base + BLOCK)):
                 continue
             self.in_use.add(base)
             return RayPorts(base)
@@ -129,23 +128,6 @@ class RayPortBlocks:
     def release(self, ports: RayPorts | None) -> None:
         if ports is not None:
             self.in_use.discard(ports.base)
-
-
-def _ephemeral_range() -> tuple[int, int] | None:
-    try:
-        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return None
-    return low, high
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def ray_cli(python: str) -> str:

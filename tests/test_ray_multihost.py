@@ -49,7 +49,8 @@ import psutil
 import pytest
 
 from agent.backends import BackendError, LaunchContext, build_launch
-from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayManager, RayPortBlocks, _ephemeral_range, node_record
+from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayManager, RayPortBlocks, node_record
+from agent.ports import ephemeral_range
 from conftest import eventually
 from maas_tui.client import MaasClient
 from server.app import MaasServer
@@ -655,7 +656,7 @@ def test_ray_port_blocks_name_every_port_inside_the_range():
 
 
 def test_a_ray_range_inside_the_ephemeral_range_is_refused():
-    ephemeral = _ephemeral_range()
+    ephemeral = ephemeral_range()
     if ephemeral is None or ephemeral[1] - ephemeral[0] < BLOCK:
         pytest.skip("no ephemeral port range to check against on this host")
     with pytest.raises(RuntimeError, match="ephemeral"):
