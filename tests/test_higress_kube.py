@@ -99,6 +99,28 @@ async def test_kubeconfig_credentials(cluster, tmp_path: Path):
         await KubeApplier(tmp_path / "missing").apply(objects)
 
 
+async def test_in_cluster_service_account(cluster, tmp_path: Path, monkeypatch):
+    """`--higress-kubeconfig in-cluster`: the pod's service account token and CA, the service's address."""
+    from server.higress import kube
+
+    double, _kubeconfig, pki = cluster
+    objects = build_objects({"m": [Endpoint("10.0.0.5", 20000)]}, Endpoint("10.0.0.1", 8080))
+    with pytest.raises(KubeConfigError, match="KUBERNETES_SERVICE_HOST"):
+        await KubeApplier(kube.IN_CLUSTER).apply(objects)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(Path(f"{pki['ca']}.crt").read_bytes())
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT", account)
+    host, port = double.url.removeprefix("https://").rsplit(":", 1)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    with pytest.raises(KubeConfigError, match="service account"):  # no token file yet
+        await KubeApplier(kube.IN_CLUSTER).apply(objects)
+    (account / "token").write_text("s3cret\n")
+    assert await KubeApplier(kube.IN_CLUSTER).apply(objects) == (len(objects), 0)
+    assert double.objects("mcpbridges")["default"]["spec"]["registries"]
+
+
 async def test_the_double_rejects_what_kubernetes_would(cluster):
     """The double is only worth its tests if it refuses what the real API server refuses."""
     double, kubeconfig, _ = cluster

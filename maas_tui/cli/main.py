@@ -75,6 +75,12 @@ def call(work: Callable[[MaasClient], Awaitable[T]], server: str | None = None, 
 # --- server and agent -------------------------------------------------------------
 
 
+def _kubeconfig_option(value: Path | None) -> str | None:
+    if value is None or str(value) == "in-cluster":  # in-cluster: the pod's service account, not a file
+        return None if value is None else "in-cluster"
+    return str(value.absolute())
+
+
 @app.command()
 def start(
     data_dir: Optional[Path] = typer.Option(None, help="where the database, credentials and logs live"),
@@ -84,7 +90,7 @@ def start(
     no_agent: bool = typer.Option(False, "--no-agent", help="do not run a local agent"),
     simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),
     higress_dir: Optional[Path] = typer.Option(None, help="keep Higress objects in this folder (Higress standalone layout)"),
-    higress_kubeconfig: Optional[Path] = typer.Option(None, help="apply Higress objects through the Kubernetes API of this kubeconfig (namespace higress-system)"),
+    higress_kubeconfig: Optional[Path] = typer.Option(None, help="apply Higress objects through the Kubernetes API of this kubeconfig, or in-cluster for the pod's service account (namespace higress-system)"),
     advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssh_port: Optional[int] = typer.Option(None, help="also serve the TUI over SSH on this port (public keys: maas user add-key)"),
@@ -95,7 +101,7 @@ def start(
     run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
               simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port,
               extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None,
-                     "higress_kubeconfig": str(higress_kubeconfig.absolute()) if higress_kubeconfig else None,
+                     "higress_kubeconfig": _kubeconfig_option(higress_kubeconfig),
                      "advertise_url": advertise_url})
 
 

@@ -5,7 +5,8 @@ models for the five REST calls used here, and aiohttp is already the server's HT
 Supported kubeconfig credentials: bearer token (`token`, `tokenFile`), client certificate
 (`client-certificate[-data]` + `client-key[-data]`), basic auth; CA from
 `certificate-authority[-data]` or `insecure-skip-tls-verify`. `exec` and `auth-provider`
-plugins are refused with a clear message.
+plugins are refused with a clear message. The kubeconfig `in-cluster` means the pod's service
+account (KUBERNETES_SERVICE_HOST/PORT, its token and CA).
 
 Ingresses and WasmPlugins named by MaaS are created or replaced whole (with the
 resourceVersion read just before, so a concurrent edit is not overwritten blindly). The
@@ -189,6 +190,27 @@ def _replacement(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, A
     return {**wanted, "metadata": meta}
 
 
+IN_CLUSTER = "in-cluster"
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def load_in_cluster(account: Path | None = None, environ: dict[str, str] | None = None) -> KubeTarget:
+    """The pod's own service account, as client-go's rest.InClusterConfig reads it."""
+    environ = os.environ if environ is None else environ
+    account = SERVICE_ACCOUNT if account is None else account
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise KubeConfigError("in-cluster: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set "
+                              "(is the server running in a Kubernetes pod?)")
+    try:
+        token = (account / "token").read_text().strip()
+        tls = ssl.create_default_context(cafile=str(account / "ca.crt"))
+    except (OSError, ssl.SSLError) as exc:
+        raise KubeConfigError(f"in-cluster: cannot read the service account in {account}: {exc}") from None
+    server_host = f"[{host}]" if ":" in host else host  # an IPv6 service address
+    return KubeTarget(f"https://{server_host}:{port}", tls, {"Authorization": f"Bearer {token}"})
+
+
 class KubeApplier:
     """Make namespace higress-system hold these objects among those MaaS manages."""
 
@@ -200,7 +222,9 @@ class KubeApplier:
         self.description = f"kubernetes ({self.kubeconfig})"
 
     async def apply(self, objects: list[dict[str, Any]]) -> tuple[int, int]:
-        target = load_kubeconfig(self.kubeconfig, self.context)  # each time: token files rotate
+        # Read each time: service-account tokens and token files rotate.
+        target = (load_in_cluster() if self.kubeconfig == IN_CLUSTER
+                  else load_kubeconfig(self.kubeconfig, self.context))
         connector = aiohttp.TCPConnector(ssl=target.ssl)
         async with aiohttp.ClientSession(connector=connector, headers=target.headers, auth=target.auth,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
