@@ -3,7 +3,7 @@
     .venv/bin/python bench/gateway.py [--backend llama|fixed] [--clients 64] [--requests 2000] [--max-tokens 4]
 
 Starts `maas start` (SQLite, local agent) in its own process, deploys one replica of the
-backend (llama: the tiny llama.cpp model; fixed: bench/openai_fixed_backend.py, a fast
+backend (llama: the tiny llama.cpp model; fixed: bench/backends/openai_fixed.py, a fast
 OpenAI-compatible fixed-answer server registered as a custom backend, for when llama.cpp is
 the bottleneck), then drives the backend directly and through `/v1` with the same
 concurrent clients, plain and streamed, alternating rounds. Prints a table and, last,
@@ -130,7 +130,7 @@ async def main() -> None:
             deploy = {"name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
                       "args": ["--parallel", "8"]}
             if args.backend == "fixed":
-                fixed = ROOT / "bench" / "openai_fixed_backend.py"
+                fixed = ROOT / "bench" / "backends" / "openai_fixed.py"
                 async with http.post(f"{server_url}/v2/backends", headers=admin, json={
                         "name": "openai-fixed", "command": [sys.executable, str(fixed), "--host", "{host}",
                                                            "--port", "{port}"],
@@ -181,7 +181,7 @@ async def main() -> None:
 
     print(f"{args.clients} concurrent clients, {args.requests} requests a run, {args.rounds} rounds, "
           f"max_tokens={args.max_tokens}, one replica of "
-          f"{'llama.cpp (tiny model)' if args.backend == 'llama' else 'bench/openai_fixed_backend.py'}")
+          f"{'llama.cpp (tiny model)' if args.backend == 'llama' else 'bench/backends/openai_fixed.py'}")
     print(f"plain and stream: {args.clients} clients; '1 client': unloaded, plain")
     print("server cpu us/req: CPU time of the MaaS server process per request (direct: its idle background)")
     print(f"{'mode':<10}{'path':<9}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ok':>8}{'failed':>8}{'cpu us/req':>12}{'of it sys':>10}")

@@ -5,7 +5,7 @@ one-client figure), which hides the gateway's own cost; this server answers
 /v1/chat/completions (plain, or streamed as server-sent events with include_usage) in a few
 tens of microseconds: asyncio protocol, keep-alive, no framework.
 
-    python bench/openai_fixed_backend.py --host 127.0.0.1 --port PORT
+    python bench/backends/openai_fixed.py --host 127.0.0.1 --port PORT
 """
 
 from __future__ import annotations
