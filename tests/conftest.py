@@ -38,6 +38,18 @@ from agent.agent import Agent, AgentConfig  # noqa: E402
 from maas_tui.client import MaasClient  # noqa: E402
 from server.app import MaasServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
+from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir  # noqa: E402
+
+
+def _postgres_binaries() -> bool:
+    try:
+        find_pg_bin_dir()
+        return True
+    except EmbeddedPostgresError:
+        return False
+
+
+HAVE_POSTGRES = _postgres_binaries()  # the embedded PostgreSQL can run here
 
 
 def free_port() -> int:
@@ -252,11 +264,7 @@ def mariadb_store(traversable_tmp: Path) -> Iterator[MariaDBServer]:
 
 @pytest.fixture(scope="session")
 def postgres_store(traversable_tmp: Path) -> Iterator[PostgresServer]:
-    from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir
-
-    try:
-        find_pg_bin_dir()
-    except EmbeddedPostgresError:
+    if not HAVE_POSTGRES:
         pytest.skip("PostgreSQL server binaries not installed")
     server = PostgresServer(traversable_tmp / "postgres-store")
     server.start()

@@ -20,28 +20,22 @@ import asyncpg
 import pytest
 from sqlalchemy import Column, MetaData, Table, func, insert, select, text
 
-from conftest import eventually, free_port
+from conftest import HAVE_POSTGRES, eventually, free_port
 from server.api.security import hash_password
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.db import maintenance, tables
 from server.db.database import PUBLISHED, Database, to_wire
-from server.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_pg_bin_dir
-
-try:
-    find_pg_bin_dir()
-    HAVE_PG = True
-except EmbeddedPostgresError:
-    HAVE_PG = False
+from server.db.embedded import EmbeddedPostgres
 
 postgres = [pytest.mark.postgres,
-            pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")]
+            pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")]
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> AsyncIterator[EmbeddedPostgres]:
-    if not HAVE_PG:
+    if not HAVE_POSTGRES:
         pytest.skip("PostgreSQL server binaries not installed")
     base = Path(tempfile.mkdtemp(prefix="maas-db-", dir="/tmp"))
     os.chmod(base, 0o711)
@@ -199,7 +193,7 @@ async def _seed_head(db: Database) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 async def test_copy_sqlite_to_postgres_and_back_gives_identical_rows(cluster, tmp_path: Path):
     sqlite_url = f"sqlite:///{tmp_path / 'source.db'}"
     source = Database(sqlite_url)
@@ -251,7 +245,7 @@ async def test_copy_refuses_a_source_behind_head(tmp_path: Path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 def test_backup_wipe_restore_through_the_cli(tmp_path: Path):
     """A stopped server's data folder: `maas db backup`, drop the database, `maas db restore`."""
     import asyncio
@@ -307,7 +301,7 @@ def test_backup_wipe_restore_through_the_cli(tmp_path: Path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 async def test_database_loss_is_a_503_and_the_server_recovers(tmp_path: Path, tiny_model: Path):
     import asyncio
 
@@ -421,7 +415,7 @@ def test_cli_migrate_between_sqlite_files(tmp_path: Path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 def test_cli_migrate_from_a_data_dir(cluster, tmp_path: Path):
     """`maas db migrate --data-dir DIR`: the embedded PostgreSQL (running: left running) to SQLite."""
     import asyncio

@@ -16,20 +16,11 @@ import openai
 import psutil
 import pytest
 
-from conftest import free_port
-from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir
+from conftest import HAVE_POSTGRES, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.timeout(300)]
 
 MAAS = [sys.executable, "-m", "maas_tui"]
-
-
-def _have_postgres() -> bool:
-    try:
-        find_pg_bin_dir()
-        return True
-    except EmbeddedPostgresError:
-        return False
 
 
 class Cluster:
@@ -106,7 +97,7 @@ def _wait_running(cluster: Cluster, count: int, timeout: float = 60) -> list[dic
     raise AssertionError(f"not {count} running: {items}\n{cluster.log('worker-a.log')}")
 
 
-@pytest.mark.skipif(not _have_postgres(), reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 def test_walking_skeleton(traversable_tmp: Path, tiny_model: Path, tmp_path_factory):
     base = traversable_tmp / f"cluster-{os.getpid()}-{time.monotonic_ns()}"
     base.mkdir()

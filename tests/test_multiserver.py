@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually, free_port
+from conftest import HAVE_POSTGRES, eventually, free_port
 from maas_tui.client import MaasClient
 from server.app import MaasServer
 from server.config import ServerConfig
-from server.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_pg_bin_dir
-
-try:
-    find_pg_bin_dir()
-    HAVE_PG = True
-except EmbeddedPostgresError:
-    HAVE_PG = False
+from server.db.embedded import EmbeddedPostgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180),
-              pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")]
+              pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")]
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_integration import Cluster, _have_postgres, _instances, _wait_running
+from conftest import HAVE_POSTGRES
+from test_integration import Cluster, _instances, _wait_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.timeout(300),
-              pytest.mark.skipif(not _have_postgres(), reason="PostgreSQL server binaries not installed")]
+              pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")]
 
 
 def _cluster(traversable_tmp: Path, label: str) -> Cluster:

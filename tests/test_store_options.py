@@ -17,18 +17,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, text
 
-from conftest import free_port
+from conftest import HAVE_POSTGRES, free_port
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.db.database import Database, normalize_url
-from server.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_pg_bin_dir
+from server.db.embedded import EmbeddedPostgres
 from server.leader import StoreInUse
-
-try:
-    find_pg_bin_dir()
-    HAVE_PG = True
-except EmbeddedPostgresError:
-    HAVE_PG = False
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,7 +168,7 @@ def test_mysql_and_mariadb_urls_use_aiomysql_with_full_unicode():
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries not installed")
+@pytest.mark.skipif(not HAVE_POSTGRES, reason="PostgreSQL server binaries not installed")
 async def test_a_server_over_tls_to_postgresql(tmp_path: Path):
     """A PostgreSQL that requires TLS: the server connects with verify-full and a client
     certificate; a root certificate that did not sign the server's is refused, with a clear error."""

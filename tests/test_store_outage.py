@@ -19,22 +19,13 @@ import psutil
 import pytest
 
 from agent.agent import Agent, AgentConfig
-from conftest import MariaDBServer, eventually, free_port, mariadb_binaries
+from conftest import HAVE_POSTGRES, MariaDBServer, eventually, free_port, mariadb_binaries
 from maas_tui.client import MaasClient
 from server.api.stale_reads import STALE_HEADER
 from server.app import MaasServer
 from server.config import ServerConfig
-from server.db.embedded import EmbeddedPostgresError, find_pg_bin_dir
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _have_postgres() -> bool:
-    try:
-        find_pg_bin_dir()
-        return True
-    except EmbeddedPostgresError:
-        return False
 
 
 @dataclass
@@ -47,7 +38,7 @@ class Crashable:
 
 @pytest.fixture(params=[
     pytest.param("postgres", marks=[pytest.mark.postgres,
-                                    pytest.mark.skipif(not _have_postgres(), reason="no PostgreSQL binaries")]),
+                                    pytest.mark.skipif(not HAVE_POSTGRES, reason="no PostgreSQL binaries")]),
     pytest.param("mariadb", marks=[pytest.mark.mariadb,
                                    pytest.mark.skipif(mariadb_binaries() is None, reason="no MariaDB binaries")]),
 ])
