@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table, box
 
+from maas_tui.tui import format as tui_format
+
 # Piped output keeps one row per line, whatever its width, so scripts can grep it.
 console = Console(width=None if sys.stdout.isatty() else 400)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
@@ -82,8 +84,5 @@ def age(moment: datetime | None) -> str:
 
 
 def instance_state(instance: Any) -> str:
-    """`downloading 42%` while the agent reports download progress, else the state itself."""
-    progress = getattr(instance, "download_progress", None)
-    if str(instance.state) == "downloading" and progress is not None:
-        return f"downloading {min(max(progress, 0.0), 1.0) * 100:.0f}%"
-    return str(instance.state)
+    """`downloading 42%` while the agent reports download progress, else the state itself (the TUI's wording)."""
+    return tui_format.instance_state(instance.state, getattr(instance, "download_progress", None))
