@@ -6,8 +6,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from yarl import URL
-
 from server.gateway.stats import GatewayStats
 from server.gateway.upstream import UpstreamPool
 from server.schemas import derive_categories
@@ -19,18 +17,10 @@ class Target:
     host: str
     port: int
     outstanding: int = 0  # requests in flight through this gateway
-    _urls: dict[str, URL] = field(default_factory=dict, repr=False)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    def url(self, path: str) -> URL:
-        """The upstream URL for a /v1 path, parsed once (not per request)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.base_url + path)
-        return url
 
 
 @dataclass
@@ -59,7 +49,9 @@ class RoutingTable:
     def apply_model(self, action: str, model: dict[str, Any]) -> None:
         name = model["name"]
         if action == "deleted":
-            self.models.pop(name, None)
+            routes = self.models.pop(name, None)
+            for target in routes.targets.values() if routes is not None else ():
+                self.upstream.forget(target.host, target.port)
             self.created.pop(name, None)
             self.stats.forget(name)
             return
@@ -76,6 +68,8 @@ class RoutingTable:
             host, port = str(instance["address"]), int(instance["port"])
             current = routes.targets.get(instance["id"])
             if current is None or (current.host, current.port) != (host, port):
+                if current is not None:  # moved: its old address's idle connections go
+                    self.upstream.forget(current.host, current.port)
                 routes.targets[instance["id"]] = Target(instance["id"], host, port)
         elif (routes := self.models.get(instance["model_name"])) is not None:
             gone = routes.targets.pop(instance["id"], None)

@@ -284,9 +284,11 @@ class UpstreamPool:
         return connection
 
     def forget(self, host: str, port: int) -> None:
-        """Close the idle connections to a backend that is gone."""
+        """Close the idle connections to a backend that is gone, and drop its request prefixes."""
         for connection in self._idle.pop((host, port), ()):
             connection.close()
+        for key in [k for k in self._prefix if k[:2] == (host, port)]:
+            del self._prefix[key]
 
     def close(self) -> None:
         for idle in self._idle.values():
