@@ -162,7 +162,7 @@ class RayManager:
         self.members: dict[int, InstanceOut] = {}  # instances where this worker is a subordinate
         self.workers: dict[int, RayNode] = {}
         self.leftovers: dict[str, dict[str, Any]] = {}  # pidfile records of a previous agent's nodes
-        self._stopping: dict[int | str, asyncio.Task[None]] = {}  # left-over nodes being stopped
+        self._stopping: dict[int | str, asyncio.Task[None]] = {}  # nodes being stopped (left-over or not wanted)
         # Short: Ray's unix socket paths under it must stay within 107 characters.
         digest = hashlib.sha1(str(agent.config.data_dir.resolve()).encode()).hexdigest()[:8]
         self._temp_root = Path("/tmp/maas-ray") / digest
@@ -282,13 +282,23 @@ class RayManager:
             node = self.workers.get(instance_id)
             wanted = instance.state in _RUNNABLE
             if node is not None and (not wanted or instance.restart_count > node.restart_count):
-                self.workers.pop(instance_id)
-                asyncio.create_task(self._stop_node(node))
+                self._stop_in_background(self.workers.pop(instance_id))
                 node = None
             if node is None and wanted:
                 self._spawn_worker(instance, python_for(instance))
         for instance_id in [i for i in self.workers if i not in self.members]:
-            asyncio.create_task(self._stop_node(self.workers.pop(instance_id)))
+            self._stop_in_background(self.workers.pop(instance_id))
+
+    def _stop_in_background(self, node: RayNode) -> None:
+        """Stop `node` without holding the reconcile. Kept with the left-over stops: a later node of the same
+        instance waits for it in _start_node (the same temp folder, which the stop removes at its end), and
+        close() waits for it."""
+        before = self._stopping.get(node.instance_id)
+
+        async def stop() -> None:
+            await asyncio.gather(*([before] if before is not None else []), self._stop_node(node))
+
+        self._stopping[node.instance_id] = asyncio.create_task(stop(), name=f"ray-stop-{node.instance_id}")
 
     def _spawn_worker(self, instance: InstanceOut, python: str) -> None:
         try:
@@ -361,9 +371,9 @@ class RayManager:
     async def _start_node(self, instance: InstanceOut, python: str, head_address: str | None,
                           gpus: list[int], node: RayNode | None = None) -> RayNode:
         ray = ray_cli(python)
-        leftover = self._stopping.pop(instance.id, None)
-        if leftover is not None:
-            await leftover  # a previous agent's node of this instance: its folder and ports first
+        stopping = self._stopping.pop(instance.id, None)
+        if stopping is not None:
+            await stopping  # an earlier node of this instance (or a previous agent's): its folder and ports first
         client = head_address is None and await asyncio.to_thread(_has_module, python, "grpc")
         if node is None:
             node = RayNode(instance.id, instance.restart_count, self.ports.allocate(), self._temp_dir(instance.id))

@@ -49,7 +49,7 @@ import psutil
 import pytest
 
 from agent.backends import BackendError, LaunchContext, build_launch
-from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayManager, RayPortBlocks, node_record
+from agent.ray import BLOCK, DEFAULT_RAY_RANGE, RayManager, RayNode, RayPortBlocks, node_record
 from agent.ports import ephemeral_range
 from conftest import eventually
 from maas_tui.client import MaasClient
@@ -632,6 +632,33 @@ async def test_a_ray_node_that_cannot_start_leaves_no_folder_and_no_ports(tmp_pa
         await manager._start_node(_member(21, 0), str(env / "python"), head_address=None, gpus=[])
     assert not manager._temp_dir(21).exists() and not manager._temp_root.exists()
     assert not manager.ports.in_use and not manager.heads
+
+
+async def test_a_node_of_the_same_instance_starts_only_once_the_unwanted_one_has_stopped(tmp_path: Path):
+    """A worker node no longer wanted is stopped in the background; the next node of that instance (same temp
+    folder, which the stop removes at its end) waits for that stop, and close() would too."""
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-b", simulate_gpus="1xSim-8GB")
+    manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=2), (21480, 21559))
+    manager.runtime.stop_grace = 1.0
+    ports = manager.ports.allocate()
+    # A node slow to stop: it ignores SIGTERM until the grace is over.
+    handle = await manager.runtime.start("ray-31", ["sh", "-c", "trap '' TERM; sleep 600"], {},
+                                         tmp_path / "logs" / "31.ray.log")
+    manager.workers[31] = RayNode(31, 0, ports, manager._temp_dir(31), handle=handle)
+    manager.reconcile(lambda instance: sys.executable)  # 31 is no member any more: its node goes
+    assert 31 not in manager.workers and 31 in manager._stopping
+    env = tmp_path / "env" / "bin"
+    env.mkdir(parents=True)
+    (env / "python").symlink_to(sys.executable)
+    (env / "ray").write_text(f"#!/bin/sh\nif kill -0 {handle.pid} 2>/dev/null; then echo 'old node alive' >&2; "
+                             "else echo 'old node gone' >&2; fi\nsleep 1\nexit 3\n")
+    (env / "ray").chmod(0o755)
+    try:
+        with pytest.raises(BackendError, match="old node gone"):
+            await manager._start_node(_member(31, 1), str(env / "python"), head_address=None, gpus=[])
+        assert not _running(handle.pid) and not manager._stopping and not manager.ports.in_use
+    finally:
+        await manager.close()
 
 
 def test_ray_port_blocks_name_every_port_inside_the_range():
