@@ -133,23 +133,16 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     second = targets[1 % len(targets)]
     failure = ""
     content_type = request.headers.get("Content-Type", "application/json")
-    if payload is not None and payload.get("stream") is True:
-        for target in (targets[0], second):
-            try:
+    streamed = payload is not None and payload.get("stream") is True
+    for target, fresh in ((targets[0], False), (second, True)):
+        try:
+            if streamed:  # a connection of its own each time
                 return await _forward_stream(request, server, principal, name, target, body, content_type,
                                              client_wants_usage)
-            except _Upstream as exc:
-                failure = str(exc)
-                log.info("instance %s of %s failed before answering (%s); trying another",
-                         target.instance_id, name, exc)
-    else:
-        for target, fresh in ((targets[0], False), (second, True)):
-            try:
-                return await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
-            except _Upstream as exc:
-                failure = str(exc)
-                log.info("instance %s of %s failed before answering (%s); trying another",
-                         target.instance_id, name, exc)
+            return await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
+        except _Upstream as exc:
+            failure = str(exc)
+            log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
     server.usage.record(principal, name, None)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
 
@@ -182,11 +175,13 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
 
 async def _forward_stream(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
                           content_type: str, client_wants_usage: bool) -> web.StreamResponse:
-    """A streamed response, relayed as it comes, over a connection of its own."""
+    """A streamed response, relayed as it comes, over a connection of its own. The gateway timeout
+    bounds the whole exchange (head and body together), as it did with aiohttp's total timeout."""
+    deadline = asyncio.get_running_loop().time() + server.gateway_timeout.total
     target.outstanding += 1
     try:
         try:
-            async with asyncio.timeout(server.gateway_timeout.total):
+            async with asyncio.timeout_at(deadline):
                 upstream = await server.routes.upstream.stream(target.host, target.port, request.path, body,
                                                                content_type)
         except UpstreamError as exc:
@@ -198,9 +193,10 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
                 raise _Upstream(f"HTTP {upstream.status}")
             kind = upstream.headers.get("content-type", "application/json")
             if kind.startswith("text/event-stream"):
-                return await _relay_stream(request, server, principal, name, upstream, kind, client_wants_usage)
+                return await _relay_stream(request, server, principal, name, upstream, kind, client_wants_usage,
+                                           deadline)
             try:  # an error or a whole answer after all
-                async with asyncio.timeout(server.gateway_timeout.total):
+                async with asyncio.timeout_at(deadline):
                     data = b"".join([chunk async for chunk in upstream.body()])
             except (UpstreamError, TimeoutError) as exc:
                 server.usage.record(principal, name, None)
@@ -215,14 +211,14 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
 
 
 async def _relay_stream(request: web.Request, server: Any, principal: Any, name: str, upstream: UpstreamStream,
-                        content_type: str, client_wants_usage: bool) -> web.StreamResponse:
+                        content_type: str, client_wants_usage: bool, deadline: float) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status,
                                   headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
     await response.prepare(request)
     usage: dict[str, Any] | None = None
     pending = b""
     try:
-        async with asyncio.timeout(server.gateway_timeout.total):
+        async with asyncio.timeout_at(deadline):
             async for chunk in upstream.body():
                 if not pending and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
                     await response.write(chunk)  # whole events without usage: the common case, as they come
