@@ -56,11 +56,10 @@ class MaasServer:
         self.db: Database | None = None
         self.auth: Authenticator | None = None
         self.http: aiohttp.ClientSession | None = None
-        self.http_fresh: aiohttp.ClientSession | None = None  # retries: never a pooled connection
         self.usage: UsageMeter | None = None
         self.feed: ChangeFeed | None = None
         self.leadership: LeaderElection | None = None
-        self.gateway_timeout = aiohttp.ClientTimeout(total=config.gateway_timeout, sock_connect=5)
+        self.gateway_timeout = config.gateway_timeout  # seconds for one /v1 exchange (server/gateway/proxy.py)
         self.url = ""
         self.cluster_token: str | None = None  # the registration token agents join with (from <data-dir>/token)
         self.admin_password: str | None = None  # set on the first start only
@@ -95,13 +94,11 @@ class MaasServer:
         async with self.db.session() as s:
             setting = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
             self.auth.cluster_token_hash = setting.value if setting else None
-        self.http = aiohttp.ClientSession(
+        self.http = aiohttp.ClientSession(  # to agents (instance logs); the gateway has its own (gateway/upstream.py)
             # Shorter than llama.cpp's 5 s keep-alive, so we never reuse a connection it is closing.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
-        self.http_fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                                                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         self.usage = UsageMeter(self.db)
         self.usage.start()
         subscription = self.bus.subscribe(_FOLLOWED)  # before the feed starts and the table loads: nothing lost
@@ -198,9 +195,8 @@ class MaasServer:
             await self.usage.stop()
         if self.feed:
             await self.feed.stop()
-        for session in (self.http, self.http_fresh):
-            if session:
-                await session.close()
+        if self.http:
+            await self.http.close()
         if self.db:
             await self.db.dispose()
         if self.embedded:

@@ -153,7 +153,7 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
     target.outstanding += 1
     try:
         try:
-            async with asyncio.timeout(server.gateway_timeout.total):
+            async with asyncio.timeout(server.gateway_timeout):
                 upstream = await server.routes.upstream.request(target.host, target.port, request.path, body,
                                                                 content_type, fresh)
         except UpstreamError as exc:
@@ -162,7 +162,7 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
                 raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
             raise _Upstream(str(exc)) from None
         except TimeoutError:
-            raise _Upstream(f"no answer within {server.gateway_timeout.total:g} s") from None
+            raise _Upstream(f"no answer within {server.gateway_timeout:g} s") from None
         if upstream.status in _RETRY_STATUSES:
             raise _Upstream(f"HTTP {upstream.status}")
         kind = upstream.headers.get("content-type", "application/json")
@@ -177,7 +177,7 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
                           content_type: str, client_wants_usage: bool) -> web.StreamResponse:
     """A streamed response, relayed as it comes, over a connection of its own. The gateway timeout
     bounds the whole exchange (head and body together), as it did with aiohttp's total timeout."""
-    deadline = asyncio.get_running_loop().time() + server.gateway_timeout.total
+    deadline = asyncio.get_running_loop().time() + server.gateway_timeout
     target.outstanding += 1
     try:
         try:
@@ -187,7 +187,7 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
         except UpstreamError as exc:
             raise _Upstream(str(exc)) from None
         except TimeoutError:
-            raise _Upstream(f"no answer within {server.gateway_timeout.total:g} s") from None
+            raise _Upstream(f"no answer within {server.gateway_timeout:g} s") from None
         try:
             if upstream.status in _RETRY_STATUSES:
                 raise _Upstream(f"HTTP {upstream.status}")
