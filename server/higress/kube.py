@@ -16,6 +16,7 @@ are changed, read-modify-write with metadata.resourceVersion, retried on 409 Con
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import logging
@@ -222,9 +223,12 @@ class KubeApplier:
         self.description = f"kubernetes ({self.kubeconfig})"
 
     async def apply(self, objects: list[dict[str, Any]]) -> tuple[int, int]:
-        # Read each time: service-account tokens and token files rotate.
-        target = (load_in_cluster() if self.kubeconfig == IN_CLUSTER
-                  else load_kubeconfig(self.kubeconfig, self.context))
+        # Read each time: service-account tokens and token files rotate. In a thread: file reads and
+        # ssl contexts (the system's CA bundle) would stall the event loop for milliseconds each sync.
+        if self.kubeconfig == IN_CLUSTER:
+            target = await asyncio.to_thread(load_in_cluster)
+        else:
+            target = await asyncio.to_thread(load_kubeconfig, self.kubeconfig, self.context)
         connector = aiohttp.TCPConnector(ssl=target.ssl)
         async with aiohttp.ClientSession(connector=connector, headers=target.headers, auth=target.auth,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
