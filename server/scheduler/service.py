@@ -186,29 +186,33 @@ class Scheduler(ReconcileLoop):
         now = time.monotonic()
         missing = {k: s for k, s in specs.items()
                    if k not in self._estimates or now - self._estimates[k][0] > self.estimate_ttl}
-        # A hub fetch takes seconds (or a timeout): it runs beside the loop so other models are placed meanwhile.
-        for key, spec in list(missing.items()):
-            ref = needs_fetch(spec)
-            if ref is not None:
-                del missing[key]
-                self._estimates.pop(key, None)
-                if ref.key not in self._hub_fetches:
-                    self._hub_fetches[ref.key] = asyncio.create_task(self._fetch_hub(ref), name=f"hub {ref.key}")
         if missing:
-            def work() -> dict[str, MemoryEstimate | EstimateError]:
+            def work() -> tuple[dict[str, MemoryEstimate | EstimateError], dict[str, hub.HubRef]]:
                 out: dict[str, MemoryEstimate | EstimateError] = {}
+                fetches: dict[str, hub.HubRef] = {}
                 for key, spec in missing.items():
                     try:
+                        # In this thread too: whether a fetch is needed may look in the Hugging Face cache on disk.
+                        ref = needs_fetch(spec)
+                        if ref is not None:
+                            fetches[key] = ref
+                            continue
                         out[key] = estimate(spec)
                     except EstimateError as exc:
                         out[key] = exc
                     except Exception as exc:  # an unexpected file: say so on the instance, keep scheduling
                         log.exception("estimating %s failed", spec.source)
                         out[key] = EstimateError(f"cannot estimate {spec.source}: {exc}")
-                return out
+                return out, fetches
 
-            for key, result in (await asyncio.to_thread(work)).items():
+            results, fetches = await asyncio.to_thread(work)
+            for key, result in results.items():
                 self._estimates[key] = (now, result)
+            # A hub fetch takes seconds (or a timeout): it runs beside the loop so other models are placed meanwhile.
+            for key, ref in fetches.items():
+                self._estimates.pop(key, None)
+                if ref.key not in self._hub_fetches:
+                    self._hub_fetches[ref.key] = asyncio.create_task(self._fetch_hub(ref), name=f"hub {ref.key}")
         await self._save_hub_metadata()  # fetched by a dry run or describe meanwhile
         return {k: self._estimates[k][1] for k in specs if k in self._estimates}
 
