@@ -227,9 +227,10 @@ class RayManager:
         claim = instance.claim
         address = self.agent.config.address
         await self.stop_head(instance.id)  # a restart: the old head goes first
-        node = await self._start_node(instance, python, head_address=None,
-                                      gpus=claim.gpu_indexes if claim.device == "gpu" else [])
-        self.heads[instance.id] = node
+        node = RayNode(instance.id, instance.restart_count, self.ports.allocate(), self._temp_dir(instance.id))
+        self.heads[instance.id] = node  # before it starts: a stop (the instance deleted meanwhile) finds it
+        await self._start_node(instance, python, head_address=None, node=node,
+                               gpus=claim.gpu_indexes if claim.device == "gpu" else [])
         node.head_address = f"{address}:{node.ports.gcs}"
         await self._publish_head(instance, node.head_address)
         names = ", ".join(s.worker_name for s in claim.subordinate_workers)
@@ -404,14 +405,21 @@ class RayManager:
         # `ray start --block` exits at once when the node cannot come up (a port taken, the head unreachable).
         exited = asyncio.create_task(self.runtime.wait(node.handle))
         ready = asyncio.create_task(self._node_listening(node, head_address is None))
-        done, _pending = await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if exited in done:
+        seconds = self.agent.config.health_timeout
+        try:
+            async with asyncio.timeout(seconds):
+                done, _pending = await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:  # neither: a node that hangs on its way up
+            done = set()
+            await self.runtime.stop(node.handle)
+        finally:  # also when cancelled: the probe would poll the ports for ever
             ready.cancel()
+            exited.cancel()
+        if exited in done or not done:
             self.ports.release(node.ports)
             await self._remove_temp_dir(node)  # no stop will come for a node that never ran
-            raise BackendError(f"`ray start` exited with code {exited.result()}: "
-                               f"{_tail(self._log_path(instance.id))}")
-        exited.cancel()
+            why = f"exited with code {exited.result()}" if done else f"was not listening after {seconds:g} s"
+            raise BackendError(f"`ray start` {why}: {_tail(self._log_path(instance.id))}")
         return node
 
     async def _node_listening(self, node: RayNode, head: bool) -> None:

@@ -626,7 +626,8 @@ async def test_a_ray_node_that_cannot_start_leaves_no_folder_and_no_ports(tmp_pa
     # As `ray start` fails when a port is taken (after a moment: the runtime reads the new process's start time).
     (env / "ray").write_text("#!/bin/sh\nsleep 1\necho 'port taken' >&2\nexit 3\n")
     (env / "ray").chmod(0o755)
-    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-a", simulate_gpus="1xSim-8GB")
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-a", simulate_gpus="1xSim-8GB",
+                             health_timeout=30.0)
     manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=1), (21400, 21479))
     with pytest.raises(BackendError, match="`ray start` exited with code 3: port taken"):
         await manager._start_node(_member(21, 0), str(env / "python"), head_address=None, gpus=[])
@@ -634,10 +635,52 @@ async def test_a_ray_node_that_cannot_start_leaves_no_folder_and_no_ports(tmp_pa
     assert not manager.ports.in_use and not manager.heads
 
 
+def _hanging_ray(tmp_path: Path) -> Path:
+    """An environment whose `ray start` neither exits nor listens."""
+    env = tmp_path / "env" / "bin"
+    env.mkdir(parents=True)
+    (env / "python").symlink_to(sys.executable)
+    (env / "ray").write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/started\"\nsleep 600\n")  # no exec: its command line names the temp folder
+    (env / "ray").chmod(0o755)
+    return env
+
+
+async def test_a_ray_node_that_never_listens_is_stopped_after_the_health_timeout(tmp_path: Path):
+    env = _hanging_ray(tmp_path)
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-a", simulate_gpus="1xSim-8GB",
+                             health_timeout=1.5)
+    manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=1), (21560, 21639))
+    with pytest.raises(BackendError, match="`ray start` was not listening after 1.5 s"):
+        await manager._start_node(_member(41, 0), str(env / "python"), head_address=None, gpus=[])
+    assert not _ray_processes(str(manager._temp_dir(41)))
+    assert not manager._temp_dir(41).exists() and not manager.ports.in_use
+
+
+async def test_a_head_whose_start_is_cancelled_is_stopped_with_its_instance(tmp_path: Path):
+    """The workload is stopped while its head comes up: stop_head (what the agent calls) finds and ends it."""
+    env = _hanging_ray(tmp_path)
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-a", simulate_gpus="1xSim-8GB",
+                             health_timeout=60.0)
+    manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=1), (21640, 21719))
+    start = asyncio.create_task(manager.start_head(_member(42, 0), str(env / "python"), None))
+
+    async def started() -> bool:
+        return (env / "started").exists() and bool(_ray_processes(str(manager._temp_dir(42))))
+
+    await eventually(started, message="the stand-in ray start")
+    start.cancel()
+    await asyncio.gather(start, return_exceptions=True)
+    await manager.stop_head(42)
+    assert not _ray_processes(str(manager._temp_dir(42)))
+    assert not manager.heads and not manager.ports.in_use and not manager._temp_dir(42).exists()
+    assert not [t for t in asyncio.all_tasks() if "_node_listening" in repr(t.get_coro())]
+
+
 async def test_a_node_of_the_same_instance_starts_only_once_the_unwanted_one_has_stopped(tmp_path: Path):
     """A worker node no longer wanted is stopped in the background; the next node of that instance (same temp
     folder, which the stop removes at its end) waits for that stop, and close() would too."""
-    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-b", simulate_gpus="1xSim-8GB")
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-b", simulate_gpus="1xSim-8GB",
+                             health_timeout=30.0)
     manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=2), (21480, 21559))
     manager.runtime.stop_grace = 1.0
     ports = manager.ports.allocate()
