@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,10 +22,9 @@ HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 HF_CPU_BACKENDS: tuple[str, ...] = ("vllm",)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
-# Backends users register (`maas backend add -f FILE`) are deployed as `custom:NAME`.
 # What a model serves; the gateway routes a /v1 endpoint only to models of its category.
-MODEL_CATEGORIES: tuple[str, ...] = ("llm", "embedding", "reranker", "speech_to_text", "text_to_speech", "image")
 ModelCategory = Literal["llm", "embedding", "reranker", "speech_to_text", "text_to_speech", "image"]
+MODEL_CATEGORIES: tuple[str, ...] = get_args(ModelCategory)
 
 
 def derive_categories(backend: str, args: list[str] | tuple[str, ...] = (),
@@ -45,6 +44,7 @@ def derive_categories(backend: str, args: list[str] | tuple[str, ...] = (),
     return tuple(derived)
 
 
+# Backends users register (`maas backend add -f FILE`) are deployed as `custom:NAME`.
 CUSTOM_BACKEND_PREFIX = "custom:"
 BACKEND_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 CUSTOM_BACKEND_REF = re.compile(r"^custom:[a-z0-9][a-z0-9._-]{0,63}$")
