@@ -24,6 +24,7 @@ from server.controllers.workers import WorkerLivenessController
 from server.db import tables
 from server.db.database import Database, to_wire
 from server.db.embedded import EmbeddedPostgres
+from server.db.errors import first_line
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
 from server.higress.sync import HigressSync
@@ -158,7 +159,7 @@ class MaasServer:
             except Exception as exc:  # EmbeddedPostgresError and OS errors: try again later
                 backoff = min(max_backoff, backoff * 2)
                 log.error("could not restart the embedded PostgreSQL (retrying in %.0f s): %s",
-                          backoff, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                          backoff, first_line(exc))
 
     async def database_status(self) -> dict[str, Any]:
         """Whether the database answers now (for /healthz: reported, never a 5xx)."""
@@ -169,8 +170,7 @@ class MaasServer:
                 async with self.db.engine.connect() as conn:
                     await conn.exec_driver_sql("SELECT 1")
         except Exception as exc:  # any failure to answer is "down" here; the reason goes along
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return {"database": "unavailable", "database_error": first[:300]}
+            return {"database": "unavailable", "database_error": first_line(exc)[:300]}
         return {"database": "ok"}
 
     def advertised_endpoint(self) -> tuple[str, int]:

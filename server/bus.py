@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 from sqlalchemy import delete, func, or_, select
 
+from server.db.errors import database_unavailable, first_line
+
 log = logging.getLogger(__name__)
 
 RING_SIZE = 10_000
@@ -180,12 +182,10 @@ class ChangeFeed:
                     await self._clean_up()
                 backoff = 0.5
             except Exception as exc:
-                from server.api.errors import database_unavailable
-
                 backoff = min(5.0, backoff * 2)  # a database that is down is not hammered
                 if database_unavailable(exc):
                     log.warning("the change log is unreachable (%s); retrying in %.0f s",
-                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__, backoff)
+                                first_line(exc), backoff)
                 else:
                     log.exception("reading the change log failed; retrying in %.0f s", backoff)
                 await self._close_listener()

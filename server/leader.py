@@ -21,6 +21,8 @@ import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from server.db.errors import database_unavailable, first_line
+
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x6D616173  # "maas"
@@ -188,12 +190,10 @@ class LeaderElection:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: the lock with it
-                from server.api.errors import database_unavailable
-
                 if not (database_unavailable(exc) or isinstance(exc, (OSError, TimeoutError, ConnectionError))):
                     log.exception("leader election failed")
                 else:
-                    log.warning("leader election: database connection lost (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    log.warning("leader election: database connection lost (%s)", first_line(exc))
                 await self._drop_connection(close=False)
                 if self.is_leader:
                     self.is_leader = False

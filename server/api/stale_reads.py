@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.api.errors import database_unavailable
 from server.api.routing import PRINCIPAL_KEY
+from server.db.errors import database_unavailable
 
 STALE_HEADER = "X-Maas-Stale-Seconds"
 MAX_ENTRIES = 512
