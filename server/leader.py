@@ -82,6 +82,9 @@ class LeaderElection:
             handle.close()
             raise StoreInUse(f"another MaaS-Base server is using the SQLite database {database} ({holder}); "
                              f"{SEVERAL_SERVERS}") from None
+        except BaseException:  # a file system without flock, say: not left open
+            handle.close()
+            raise
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
