@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from server.higress.objects import BRIDGE_NAME, LABELS, NAMESPACE, is_managed_registry
+from server.higress.objects import LABELS, NAMESPACE, is_managed_registry
 
 log = logging.getLogger(__name__)
 
@@ -246,60 +246,49 @@ class KubeApplier:
             return written, removed
 
     async def _replace(self, api: _Api, obj: dict[str, Any]) -> int:
-        kind, name = obj["kind"], obj["metadata"]["name"]
-        for _ in range(MAX_ATTEMPTS):
-            status, current = await api.call("GET", _path(kind, name))
-            if status == 404:
-                status, data = await api.call("POST", _path(kind), obj)
-                if status == 409:  # created by someone else meanwhile: read it and replace
-                    self.conflicts += 1
-                    continue
-            elif status == 200:
-                if _same(current, obj):
-                    return 0
-                status, data = await api.call("PUT", _path(kind, name), _replacement(current, obj))
-                if status == 409:
-                    self.conflicts += 1
-                    continue
-            else:
-                raise api.fail("GET", _path(kind, name), status, current)
-            if status not in (200, 201):
-                raise api.fail("PUT/POST", _path(kind, name), status, data)
-            return 1
-        raise KubeError(f"{kind} {name}: still conflicting after {MAX_ATTEMPTS} attempts")
+        """An object MaaS owns whole: replaced when it differs, keeping the server's metadata."""
+        return await self._write(api, obj, lambda current: None if _same(current, obj) else _replacement(current, obj))
 
     async def _merge_bridge(self, api: _Api, obj: dict[str, Any]) -> int:
         """Our registries into the shared McpBridge; other writers' registries untouched."""
         ours = obj["spec"]["registries"]
-        path = _path("McpBridge", BRIDGE_NAME)
+
+        def merged(current: dict[str, Any]) -> dict[str, Any] | None:
+            spec = current.get("spec") or {}
+            registries = [r for r in spec.get("registries") or [] if not is_managed_registry(r)] + ours
+            if (spec.get("registries") or []) == registries:
+                return None
+            updated = copy.deepcopy(current)
+            updated["metadata"].pop("managedFields", None)
+            updated["spec"] = {**spec, "registries": registries}
+            return updated
+
+        return await self._write(api, obj, merged)
+
+    async def _write(self, api: _Api, obj: dict[str, Any], update: Any) -> int:
+        """Create `obj`, or PUT `update(current)` over what is there (None: already as wanted). The PUT
+        carries the resourceVersion as read: if anyone wrote since, it is a 409 and we re-read."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        path = _path(kind, name)
         for _ in range(MAX_ATTEMPTS):
             status, current = await api.call("GET", path)
             if status == 404:
-                status, data = await api.call("POST", _path("McpBridge"), obj)
-                if status == 409:
-                    self.conflicts += 1
-                    continue
+                status, data = await api.call("POST", _path(kind), obj)
             elif status == 200:
-                spec = current.get("spec") or {}
-                theirs = [r for r in spec.get("registries") or [] if not is_managed_registry(r)]
-                registries = theirs + ours
-                if (spec.get("registries") or []) == registries:
+                body = update(current)
+                if body is None:
                     return 0
-                updated = copy.deepcopy(current)
-                updated["metadata"].pop("managedFields", None)
-                updated["spec"] = {**spec, "registries": registries}
-                # resourceVersion stays as read: if anyone wrote since, this is a 409 and we re-read.
-                status, data = await api.call("PUT", path, updated)
-                if status == 409:
-                    self.conflicts += 1
-                    log.info("higress: McpBridge %s changed since read; re-reading", BRIDGE_NAME)
-                    continue
+                status, data = await api.call("PUT", path, body)
             else:
                 raise api.fail("GET", path, status, current)
+            if status == 409:  # created or changed by someone else meanwhile: read it again
+                self.conflicts += 1
+                log.info("higress: %s %s changed since read; re-reading", kind, name)
+                continue
             if status not in (200, 201):
                 raise api.fail("PUT/POST", path, status, data)
             return 1
-        raise KubeError(f"McpBridge {BRIDGE_NAME}: still conflicting after {MAX_ATTEMPTS} attempts")
+        raise KubeError(f"{kind} {name}: still conflicting after {MAX_ATTEMPTS} attempts")
 
     async def _remove_others(self, api: _Api, kind: str, wanted: set[tuple[str, str]]) -> int:
         status, data = await api.call("GET", _path(kind), labelSelector=LABEL_SELECTOR)
