@@ -60,6 +60,7 @@ class MaasServer:
         self.usage: UsageMeter | None = None
         self.feed: ChangeFeed | None = None
         self.leadership: LeaderElection | None = None
+        self.higress_status: list[Any] = []  # SyncStatus per Higress applier, set by HigressSync (the leader's)
         self.gateway_timeout = config.gateway_timeout  # seconds for one /v1 exchange (server/gateway/proxy.py)
         self.url = ""
         self.cluster_token: str | None = None  # the registration token agents join with (from <data-dir>/token)

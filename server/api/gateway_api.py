@@ -13,7 +13,7 @@ from server.higress.sync import current_objects
 @route("GET", "/v2/gateway/higress", "The Higress objects (McpBridge, Ingress, WasmPlugin) for what runs now, and how their sync fares")
 async def higress_objects(request: web.Request) -> web.Response:
     server = server_of(request)
-    sync = [status.as_dict() for status in getattr(server, "higress_status", None) or []]
+    sync = [status.as_dict() for status in server.higress_status]
     return json_out({"items": await current_objects(server), "sync": sync})
 
 

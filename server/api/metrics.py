@@ -99,7 +99,7 @@ async def collect(server: Any) -> list[Metric]:
     out.append(lag)
 
     # Higress sync, on the server that runs it (the leader): is each applier in sync, how often it failed.
-    sync = getattr(server, "higress_status", None) or []
+    sync = server.higress_status
     if sync:
         up = GaugeMetricFamily("maas_higress_sync_up", "1 when the last Higress apply succeeded",
                                labels=["applier", "target"])
