@@ -34,7 +34,7 @@ async def evaluate_model(request: web.Request) -> web.Response:
     try:
         memory = await asyncio.to_thread(estimate, spec)
     except EstimateError as exc:
-        reasons = [schemas.UnschedulableReason(reason=getattr(exc, "reason", "estimate_failed"), message=str(exc))]
+        reasons = [schemas.UnschedulableReason(reason=exc.reason, message=str(exc))]
         replicas = [schemas.ReplicaPlacement(replica=n, scheduled=False, reasons=reasons) for n in range(body.replicas)]
         return json_out(schemas.ModelEvaluation(name=body.name, replicas=replicas, pending_ahead=pending,
                                                 message=f"cannot estimate the memory: {exc}"))
