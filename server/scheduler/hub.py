@@ -442,8 +442,9 @@ class MetadataCache:
 
     def mark_unsaved(self, setting_keys: list[str]) -> None:
         """A write failed: these go out with the next one."""
+        wanted = set(setting_keys)
         with self._lock:
-            self._unsaved |= {k for k in self._entries if setting_key(k) in set(setting_keys)}
+            self._unsaved |= {k for k in self._entries if setting_key(k) in wanted}
 
     def load(self, values: list[str]) -> int:
         """Records written before (settings values); a newer one in memory wins. Returns how many were taken."""
