@@ -19,8 +19,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
+from agent.progress import ProgressCallback, run_with_progress
 from server.schemas import ModelSource, parse_model_source, SourceError as SourceFormError
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ class DownloadProgress:
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
             return self.done, self.total
-
-
-ProgressCallback = Callable[[float], Awaitable[None]]
 
 
 @dataclass
@@ -112,54 +110,26 @@ class ModelCache:
     async def _run(self, fetch: Callable[..., str], parsed: ModelSource, progress: DownloadProgress,
                    on_progress: ProgressCallback | None) -> str:
         loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[str] = loop.create_future()
-
-        def settle(setter: Callable[[Any], None], value: Any) -> None:
-            if not outcome.done():
-                setter(value)
-
-        def work() -> None:
-            try:
-                result: tuple[Callable[[Any], None], Any] = (outcome.set_result, fetch(self, parsed, progress))
-            except BaseException as exc:  # handed to the event loop, which explains it
-                result = (outcome.set_exception, exc)
-            try:
-                loop.call_soon_threadsafe(settle, *result)
-            except RuntimeError:  # the loop is gone (the agent stopped): nobody waits for this download
-                pass
-
-        # A daemon thread, not the default executor: a download abandoned after a stall finishes (or
-        # times out) on its own and never holds the executor or the interpreter's exit.
         where = f"{parsed.kind} {parsed.repo_id}"
-        threading.Thread(target=work, name=f"download-{parsed.repo_id}", daemon=True).start()
         last_bytes, last_change = -1, loop.time()
-        reported: float | None = None
+
+        def stalled() -> None:
+            nonlocal last_bytes, last_change
+            done, total = progress.snapshot()
+            if done != last_bytes:
+                last_bytes, last_change = done, loop.time()
+            elif loop.time() - last_change > self.stall_timeout + (self.metadata_timeout if total == 0 else 0):
+                raise SourceError(f"download of {where} made no progress for {self.stall_timeout:g} s "
+                                  f"({done} of {total or '?'} bytes); check the network to "
+                                  f"{self.endpoint(parsed.kind)}")
+
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.report_every):
-                        path = await asyncio.shield(outcome)
-                    break
-                except TimeoutError:
-                    pass
-                done, total = progress.snapshot()
-                if done != last_bytes:
-                    last_bytes, last_change = done, loop.time()
-                elif loop.time() - last_change > self.stall_timeout + (self.metadata_timeout if total == 0 else 0):
-                    raise SourceError(f"download of {where} made no progress for {self.stall_timeout:g} s "
-                                      f"({done} of {total or '?'} bytes); check the network to "
-                                      f"{self.endpoint(parsed.kind)}")
-                fraction = progress.fraction()
-                if on_progress is not None and fraction is not None and (reported is None or fraction - reported >= 0.01):
-                    reported = fraction
-                    await on_progress(fraction)
+            return await run_with_progress(lambda: fetch(self, parsed, progress), progress.fraction, on_progress,
+                                           self.report_every, f"download-{parsed.repo_id}", stalled)
         except (SourceError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise SourceError(explain(exc, parsed, self.endpoint(parsed.kind))) from exc
-        if on_progress is not None and reported != 1.0:
-            await on_progress(1.0)
-        return path
 
 
 def explain(exc: BaseException, parsed: ModelSource, endpoint: str) -> str:

@@ -3,6 +3,7 @@ the thin engine calls against a fake docker client (no engine on this machine)."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import docker
@@ -265,6 +266,28 @@ async def test_docker_runtime_pull_reports_progress_once_per_percent():
     client.api = FakeApi([PULL_STREAM[0], {"error": "pull access denied", "errorDetail": {"message": "denied"}}])
     with pytest.raises(RuntimeError, match="cannot pull image private/x:1: denied"):
         await runtime.pull("private/x:1", note)
+
+
+async def test_a_pull_that_times_out_fails_at_once_with_that_error():
+    """A TimeoutError from the engine's stream is the pull's failure, not a pull still under way."""
+
+    class TimingOutApi(FakeApi):
+        def pull(self, repository, tag, stream, decode):
+            raise TimeoutError("read timed out")
+
+    client = FakeClient()
+    client.images, client.api = FakeImages(set()), TimingOutApi([])
+    runtime = DockerRuntime(worker="w1", client=client)
+    runtime.progress_interval = 0.01
+    reports: list[float] = []
+
+    async def note(fraction: float) -> None:
+        reports.append(fraction)
+
+    async with asyncio.timeout(5):
+        with pytest.raises(TimeoutError, match="read timed out"):
+            await runtime.pull("vllm/vllm-openai:v0.11.0", note)
+    assert reports == []
 
 
 def test_mindie_container_maps_the_claimed_npus():

@@ -145,6 +145,18 @@ async def test_silent_hub_times_out(tmp_path: Path):
         silent.close()
 
 
+async def test_a_timeout_the_hub_library_raises_ends_the_download_at_once(tmp_path: Path, monkeypatch):
+    """Its TimeoutError is the download's failure, explained, not taken for a download still under way."""
+    def timing_out(cache, parsed, progress):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr("agent.sources._hf_fetch", timing_out)
+    cache = cache_for(tmp_path, "http://127.0.0.1:9", stall_timeout=60.0)
+    async with asyncio.timeout(10):
+        with pytest.raises(SourceError, match="cannot be reached from this worker .TimeoutError: read timed out"):
+            await cache.resolve("hf://acme/tiny")
+
+
 async def test_unreachable_modelscope_fails_with_a_clear_message(tmp_path: Path):
     cache = ModelCache(root=tmp_path / "models", ms_endpoint=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SourceError, match="ModelScope repository qwen/Qwen2.5-0.5B-Instruct"):

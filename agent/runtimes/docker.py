@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.progress import run_with_progress
 from server.schemas import GPUDevice, InstanceOut
 
 log = logging.getLogger(__name__)
@@ -225,29 +226,13 @@ class DockerRuntime:
         def pull() -> None:
             for event in self.client.api.pull(repository, tag=tag, stream=True, decode=True):
                 progress.feed(event)  # plain assignments: read from the event loop between events
-                if progress.error:
-                    return
+                if progress.error:  # raised here: no 100% report for a pull that failed
+                    raise RuntimeError(f"cannot pull image {image}: {progress.error}")
 
-        task = asyncio.ensure_future(asyncio.to_thread(pull))
-        reported = -1.0
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.progress_interval):
-                        await asyncio.shield(task)
-                    break
-                except TimeoutError:
-                    pass
-                fraction = progress.fraction()
-                if on_progress is not None and fraction is not None and fraction - reported >= 0.01:
-                    reported = fraction
-                    await on_progress(fraction)
+            await run_with_progress(pull, progress.fraction, on_progress, self.progress_interval, f"pull-{image}")
         except docker.errors.APIError as exc:  # unknown image, no access to the registry
             raise RuntimeError(f"cannot pull image {image}: {exc.explanation or exc}") from None
-        if progress.error:
-            raise RuntimeError(f"cannot pull image {image}: {progress.error}")
-        if on_progress is not None and reported < 1.0:
-            await on_progress(1.0)
         return True
 
     async def start(self, key: str, spec: dict[str, Any], log_path: Path) -> ContainerHandle:
