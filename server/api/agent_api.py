@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import Field
 from sqlalchemy import delete, select
 
 from server import schemas
@@ -138,17 +137,6 @@ async def report_status(request: web.Request) -> web.Response:
 RAY_HEAD_PREFIX = "ray-head/"
 
 
-class RayHead(schemas.Schema):
-    head_address: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]_-]+:\d{1,5}$",
-                              description="host:port of the Ray head's GCS")
-    restart_count: int = Field(default=0, ge=0, description="the run of the instance this head belongs to")
-
-
-class AgentEvent(schemas.Schema):
-    reason: str = Field(pattern=r"^[A-Z][A-Za-z]{2,63}$", description="CamelCase, e.g. RayJoinFailed")
-    message: str = Field(default="", max_length=4000)
-
-
 async def _instance_of_worker(session, request: web.Request, main_only: bool) -> tables.ModelInstance:
     """The instance in the path, placed on the calling worker (as main, or also as a subordinate)."""
     principal = principal_of(request)
@@ -170,9 +158,9 @@ def subordinate_ids(claim: Any) -> set[int]:
 
 
 @route("PUT", "/v2/agent/instances/{id}/ray", "Publish the Ray head of a multi-host instance (its main worker)",
-       auth="worker", body=RayHead, response=RayHead)
+       auth="worker", body=schemas.RayHead, response=schemas.RayHead)
 async def put_ray_head(request: web.Request) -> web.Response:
-    body = await read_json(request, RayHead)
+    body = await read_json(request, schemas.RayHead)
     async with server_of(request).db.session() as s:
         instance = await _instance_of_worker(s, request, main_only=True)
         if not subordinate_ids(instance.claim):
@@ -188,21 +176,21 @@ async def put_ray_head(request: web.Request) -> web.Response:
 
 
 @route("GET", "/v2/agent/instances/{id}/ray", "The Ray head of a multi-host instance (its main or subordinate workers)",
-       auth="worker", response=RayHead)
+       auth="worker", response=schemas.RayHead)
 async def get_ray_head(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
         instance = await _instance_of_worker(s, request, main_only=False)
         row = await s.get(tables.Setting, f"{RAY_HEAD_PREFIX}{instance.id}")
         if row is None:
             raise not_found(f"a Ray head of instance {instance.name} (its main worker has not started one yet)")
-        return json_out(RayHead.model_validate_json(row.value))
+        return json_out(schemas.RayHead.model_validate_json(row.value))
 
 
 @route("POST", "/v2/agent/instances/{id}/events", "Record an event on an instance from one of its workers "
        "(a subordinate's Ray join failing: it never reports the instance's state)", auth="worker",
-       body=AgentEvent, status=201)
+       body=schemas.AgentEvent, status=201)
 async def post_instance_event(request: web.Request) -> web.Response:
-    body = await read_json(request, AgentEvent)
+    body = await read_json(request, schemas.AgentEvent)
     async with server_of(request).db.session() as s:
         instance = await _instance_of_worker(s, request, main_only=False)
         record_event(s, "instances", instance, body.reason, body.message, principal_of(request).name)

@@ -540,6 +540,20 @@ class InstanceStatusReport(Schema):
     download_progress: float | None = Field(default=None, ge=0, le=1, description="with downloading: 0..1")
 
 
+# Multi-host placements: what the main worker publishes of its Ray head, what subordinates report.
+
+
+class RayHead(Schema):
+    head_address: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]_-]+:\d{1,5}$",
+                              description="host:port of the Ray head's GCS")
+    restart_count: int = Field(default=0, ge=0, description="the run of the instance this head belongs to")
+
+
+class AgentEvent(Schema):
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z]{2,63}$", description="CamelCase, e.g. RayJoinFailed")
+    message: str = Field(default="", max_length=4000)
+
+
 # --- events and the watch stream -------------------------------------------
 
 
