@@ -104,6 +104,10 @@ class MaasClient:
     async def higress_objects(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v2/gateway/higress"))["items"]
 
+    async def higress_sync(self) -> list[dict[str, Any]]:
+        """How each Higress applier fares on the leading server (empty where none is configured)."""
+        return (await self.request("GET", "/v2/gateway/higress"))["sync"]
+
     # --- models -------------------------------------------------------------------
 
     async def list_models(self) -> list[schemas.ModelOut]:

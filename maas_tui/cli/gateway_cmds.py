@@ -35,7 +35,7 @@ def higress_status(output: Format = OutputOption) -> None:
     """How the Higress sync fares (on the leading server): each applier, in sync or why not."""
     from maas_tui.cli.main import call
 
-    sync = call(lambda c: c.request("GET", "/v2/gateway/higress"))["sync"]
+    sync = call(lambda c: c.higress_sync())
     if not sync and output not in (Format.json, Format.yaml):
         sys.stdout.write("no Higress sync here: start the server with --higress-dir or --higress-kubeconfig "
                          "(on several servers, ask the leader)\n")
