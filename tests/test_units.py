@@ -544,3 +544,38 @@ def test_last_good_reads_are_bounded_and_least_recently_used_go_first():
     reads.remember(("a",), b"4" * 9, "application/json")  # replaced, not counted twice
     reads.remember(("d",), b"5" * 9, "application/json")
     assert reads.recall(("a",))[1] == b"4" * 9 and reads.recall(("c",)) is None
+
+
+async def test_stale_reads_skip_the_log_and_watch_routes_only_not_paths_that_contain_logs():
+    from types import SimpleNamespace
+
+    import sqlalchemy.exc as sa
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from server.api.routing import PRINCIPAL_KEY
+    from server.api.stale_reads import STALE_HEADER, LastGoodReads, stale_read_middleware
+
+    down = False
+
+    async def handler(request: web.Request) -> web.Response:
+        if down:
+            raise sa.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return web.json_response({"path": request.path})
+
+    @web.middleware
+    async def principal(request, handler):
+        request[PRINCIPAL_KEY] = SimpleNamespace(kind="user", user_id=1, worker_id=None, api_key_id=None)
+        return await handler(request)
+
+    app = web.Application(middlewares=[principal, stale_read_middleware(LastGoodReads())])
+    app.router.add_get("/v2/models/{name}", handler)
+    app.router.add_get("/v2/instances/{ref}/logs", handler)
+    async with TestClient(TestServer(app)) as client:
+        for path in ("/v2/models/logs-summary", "/v2/instances/7/logs"):
+            assert (await client.get(path)).status == 200
+        down = True
+        stale = await client.get("/v2/models/logs-summary")
+        assert stale.status == 200 and STALE_HEADER in stale.headers
+        assert (await stale.json()) == {"path": "/v2/models/logs-summary"}
+        assert (await client.get("/v2/instances/7/logs")).status == 500  # never answered from memory

@@ -22,7 +22,8 @@ STALE_HEADER = "X-Maas-Stale-Seconds"
 MAX_ENTRIES = 512
 MAX_BYTES = 32 * 1024**2
 # Streams and per-call views: a stale copy of these would mislead (logs, watch) or never fit.
-_NOT_REMEMBERED = ("/v2/watch", "/logs")
+# Matched by route, not by a substring of the path (a model named "logs-summary" is remembered).
+_NOT_REMEMBERED = frozenset({"/v2/watch", "/v2/instances/{ref}/logs"})
 
 
 class LastGoodReads:
@@ -61,8 +62,9 @@ def stale_read_middleware(reads: LastGoodReads) -> Callable[..., Awaitable[web.S
     @web.middleware
     async def middleware(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.method != "GET" or not request.path.startswith("/v2/") or any(
-                part in request.path for part in _NOT_REMEMBERED):
+        resource = request.match_info.route.resource
+        if (request.method != "GET" or not request.path.startswith("/v2/") or resource is None
+                or resource.canonical in _NOT_REMEMBERED):
             return await handler(request)
         try:
             response = await handler(request)
