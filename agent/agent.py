@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -357,19 +357,20 @@ class Agent:
             path.replace(path.with_suffix(".previous.log"))
         try:
             workload.port = self.ports.allocate()
-            spec = await self.launch_for(instance, workload.port)
+            context = await self.launch_context(instance, workload.port)  # one fetch of a custom definition
+            spec = build_launch(instance, context)
             if self.runtime.name != "docker":  # before any download: a backend missing here fails at once
                 missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
                 if missing:
                     raise BackendError(missing)
             fetched = await self._fetch_model(workload)  # the same instance, a hub source now a path here
             if fetched is not instance:
-                instance, spec = fetched, await self.launch_for(fetched, workload.port)
+                instance, spec = fetched, build_launch(fetched, context)
             workload.launch = spec
             if is_multi_host(instance):
                 ray_env = await self._start_ray_head(workload, instance)
                 if custom_name(instance.spec.backend) is not None:  # its command may name {ray_address}
-                    spec = await self.launch_for(instance, workload.port, ray_address=ray_env["RAY_ADDRESS"])
+                    spec = build_launch(instance, replace(context, ray_address=ray_env["RAY_ADDRESS"]))
                     workload.launch = spec
                 spec.env.update(ray_env)
             if self.runtime.name == "docker":
@@ -480,16 +481,18 @@ class Agent:
 
         workload.task = asyncio.create_task(supervise(), name=f"adopted-{instance.name}")
 
-    async def launch_for(self, instance: InstanceOut, port: int, ray_address: str = "") -> LaunchSpec:
+    async def launch_for(self, instance: InstanceOut, port: int) -> LaunchSpec:
         """The exact launch of `instance` on this host (a custom backend's definition comes from the server)."""
+        return build_launch(instance, await self.launch_context(instance, port))
+
+    async def launch_context(self, instance: InstanceOut, port: int) -> LaunchContext:
+        """What a launch of `instance` on this host depends on besides the instance itself."""
         definition = None
         name = custom_name(instance.spec.backend)
         if name is not None:
             definition = await self.fetch_backend(name)
-        context = LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
-                                python=dict(self.config.backend_python), custom=definition,
-                                ray_address=ray_address)
-        return build_launch(instance, context)
+        return LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
+                             python=dict(self.config.backend_python), custom=definition)
 
     async def container_for(self, instance: InstanceOut, spec: LaunchSpec) -> dict[str, Any]:
         """The container specification of `instance` for the docker runtime."""
