@@ -143,7 +143,7 @@ def ray_cli(python: str) -> str:
 class RayNode:
     instance_id: int
     restart_count: int
-    ports: RayPorts
+    ports: RayPorts | None  # None until a worker node's block is taken
     temp_dir: Path
     handle: Any = None
     head_address: str = ""
@@ -302,17 +302,14 @@ class RayManager:
         self._stopping[node.instance_id] = asyncio.create_task(stop(), name=f"ray-stop-{node.instance_id}")
 
     def _spawn_worker(self, instance: InstanceOut, python: str) -> None:
-        try:
-            ports = self.ports.allocate()
-        except RuntimeError as exc:
-            asyncio.create_task(self._event(instance.id, "RayJoinFailed", str(exc)))
-            return
-        node = RayNode(instance.id, instance.restart_count, ports, self._temp_dir(instance.id))
+        node = RayNode(instance.id, instance.restart_count, None, self._temp_dir(instance.id))
         self.workers[instance.id] = node
         node.task = asyncio.create_task(self._run_worker(instance, python, node), name=f"ray-worker-{instance.id}")
 
     async def _run_worker(self, instance: InstanceOut, python: str, node: RayNode) -> None:
+        """Join, or record why not: once per run, as the node stays in `workers` until the next run."""
         try:
+            node.ports = self.ports.allocate()
             head = await self._head_address(instance, node)
             mine = next(s for s in instance.claim.subordinate_workers if s.worker_id == self.agent.worker_id)
             await self._start_node(instance, python, head_address=head, node=node,

@@ -704,6 +704,35 @@ async def test_a_node_of_the_same_instance_starts_only_once_the_unwanted_one_has
         await manager.close()
 
 
+async def test_a_subordinate_without_free_ray_ports_records_it_once_per_run(tmp_path: Path):
+    config = SimpleNamespace(address="127.0.0.1", data_dir=tmp_path, name="w-b", simulate_gpus="1xSim-8GB",
+                             health_timeout=30.0)
+    manager = RayManager(SimpleNamespace(config=config, logs_dir=tmp_path / "logs", worker_id=2), (21720, 21759))
+    manager.ports.in_use.add(21720)  # the only block is held
+    events: list[tuple[int, str, str]] = []
+
+    async def record(instance_id: int, reason: str, message: str) -> None:
+        events.append((instance_id, reason, message))
+
+    manager._event = record
+    manager.members = {51: _member(51, 0)}
+    async def recorded(count: int) -> bool:  # and nothing else left running that could record more
+        return len(events) >= count and all(t.done() for t in asyncio.all_tasks() - {asyncio.current_task()})
+
+    try:
+        for _ in range(3):  # the agent reconciles every few seconds and on every watch event
+            manager.reconcile(lambda instance: sys.executable)
+            await eventually(lambda: recorded(1), message="the RayJoinFailed event")
+        assert [(i, r) for i, r, _m in events] == [(51, "RayJoinFailed")]
+        assert "w-b: no free block of 40 Ray ports" in events[0][2]
+        manager.members = {51: _member(51, 1)}  # the next run tries again
+        manager.reconcile(lambda instance: sys.executable)
+        await eventually(lambda: recorded(2), message="the next run's RayJoinFailed event")
+    finally:
+        await manager.close()
+    assert manager.ports.in_use == {21720}
+
+
 def test_ray_port_blocks_name_every_port_inside_the_range():
     low, high = DEFAULT_RAY_RANGE
     assert high < 32768 and low > 29999  # above the service ports, below the kernel's ephemeral range
