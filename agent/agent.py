@@ -502,7 +502,8 @@ class Agent:
         options = ContainerOptions(worker=self.config.name, model_cache=self.models.root,
                                    shm_size=self.config.docker_shm_size)
         gpus = await asyncio.to_thread(self.gpus.read)
-        return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options)
+        return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options,
+                              accelerator=spec.accelerator)
 
     async def fetch_backend(self, name: str) -> BackendDefinition:
         async with self._http.get(f"{self.config.server_url}/v2/backends/{name}", headers=self._headers()) as response:

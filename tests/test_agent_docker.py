@@ -23,7 +23,8 @@ CTX = LaunchContext(host="10.0.0.5", port=20001)
 
 def spec_for(inst, gpus=GPUS, context=CTX):
     launch = build_launch(inst, context)
-    return container_spec(inst, launch.image, launch.container_command, launch.env, gpus, OPTIONS)
+    return container_spec(inst, launch.image, launch.container_command, launch.env, gpus, OPTIONS,
+                          accelerator=launch.accelerator)
 
 
 def test_vllm_container_spec():

@@ -29,6 +29,7 @@ class LaunchSpec:
     container_command: list[str] | None = None  # the command given to `image` (after its entrypoint)
     # What must exist on the host for the process runtime: ("module", python, name) or ("executable", name).
     requires: tuple[str, ...] | None = None
+    accelerator: str = "nvidia"  # what a claim's devices are: nvidia GPUs, or ascend NPUs (MindIE)
 
 
 class BackendError(Exception):
@@ -267,7 +268,7 @@ def mindie(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     return LaunchSpec(command=command, env={**env, **spec.env}, health_path="/v1/models", metrics_path="/metrics",
                       metrics=dict(MINDIE_METRICS),
                       image=f"ascendhub.huawei.com/public-ascendhub/mindie:{spec.backend_version or '2.0.RC1-800I-A2-py311-openeuler24.03-lts'}",
-                      container_command=command, requires=("executable", MINDIE_DAEMON))
+                      container_command=command, requires=("executable", MINDIE_DAEMON), accelerator="ascend")
 
 
 BACKENDS = {"llama.cpp": llama_cpp, "vllm": vllm, "sglang": sglang, "vox-box": voxbox, "mindie": mindie}

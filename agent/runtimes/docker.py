@@ -70,11 +70,12 @@ def ascend_devices(instance: InstanceOut) -> list[str]:
 
 
 def container_spec(instance: InstanceOut, image: str, command: list[str], env: dict[str, str],
-                   gpus: list[GPUDevice], options: ContainerOptions) -> dict[str, Any]:
-    """The keyword arguments of `client.containers.run` for this instance."""
+                   gpus: list[GPUDevice], options: ContainerOptions, accelerator: str = "nvidia") -> dict[str, Any]:
+    """The keyword arguments of `client.containers.run` for this instance. `accelerator`: what the claimed
+    devices are (the backend's LaunchSpec says), nvidia GPUs or ascend NPUs."""
     claim = instance.claim
     pinned = ",".join(str(i) for i in claim.gpu_indexes) if claim and claim.device == "gpu" else None
-    ascend = instance.spec.backend == "mindie"
+    ascend = accelerator == "ascend"
     # Inside the container the requested GPUs (NPUs) are renumbered from 0: the host pin must not leak in.
     environment = {k: v for k, v in env.items()
                    if not (k in ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES") and v == pinned)}
