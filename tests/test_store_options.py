@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, text
 
-from conftest import HAVE_POSTGRES, free_port
+from conftest import HAVE_POSTGRES, eventually, free_port
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.db.database import Database, normalize_url
@@ -208,8 +208,12 @@ async def test_a_server_over_tls_to_postgresql(tmp_path: Path):
         await server.start()
         async with server.db.engine.connect() as conn:
             assert (await conn.execute(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))).scalar()
-        listener = server.feed._listener  # LISTEN and the leader lock connect with the same TLS settings
-        assert listener is not None and listener.get_settings() is not None
+        # LISTEN and the leader lock connect with the same TLS settings (the feed connects in the background;
+        # pg_hba above admits only TLS connections, so a connected listener is a TLS one).
+        async def listening() -> bool:
+            return server.feed._listener is not None
+        await eventually(listening, timeout=20, message="the LISTEN connection")
+        assert server.feed._listener.get_settings() is not None
         assert await server.database_status() == {"database": "ok"}
         await server.stop()
         server = None
