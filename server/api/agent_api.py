@@ -14,6 +14,7 @@ from server.api.errors import conflict, not_found, parse_whole_number, read_json
 from server.api.routing import json_out, principal_of, route, server_of
 from server.api.security import hash_secret, new_worker_token
 from server.db import tables
+from server.db.settings import put_setting
 from server.events import record_event
 
 S = schemas.InstanceState
@@ -165,12 +166,7 @@ async def put_ray_head(request: web.Request) -> web.Response:
         instance = await _instance_of_worker(s, request, main_only=True)
         if not subordinate_ids(instance.claim):
             raise conflict(f"instance {instance.name} is placed on one worker; it has no Ray cluster")
-        key = f"{RAY_HEAD_PREFIX}{instance.id}"
-        row = await s.get(tables.Setting, key)
-        if row is None:
-            s.add(tables.Setting(key=key, value=body.model_dump_json()))
-        else:
-            row.value = body.model_dump_json()
+        await put_setting(s, f"{RAY_HEAD_PREFIX}{instance.id}", body.model_dump_json())
         await s.commit()
     return json_out(body)
 

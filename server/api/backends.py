@@ -16,6 +16,7 @@ from server import schemas
 from server.api.errors import conflict, forbidden, not_found, read_json
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
+from server.db.settings import put_setting
 from server.events import record_event
 
 SETTING_PREFIX = "backend/"
@@ -99,15 +100,9 @@ async def create_backend(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.BackendDefinition)
     replace = request.query.get("replace") == "1"
     async with server_of(request).db.session() as s:
-        row = await s.get(tables.Setting, SETTING_PREFIX + body.name)
-        value = json.dumps(body.model_dump(mode="json"))
-        if row is not None and not replace:
+        if not replace and await s.get(tables.Setting, SETTING_PREFIX + body.name) is not None:
             raise conflict(f"a backend named {body.name!r} is already registered (add ?replace=1 to change it)")
-        if row is None:
-            row = tables.Setting(key=SETTING_PREFIX + body.name, value=value)
-            s.add(row)
-        else:
-            row.value = value
+        row = await put_setting(s, SETTING_PREFIX + body.name, json.dumps(body.model_dump(mode="json")))
         await s.flush()
         record_event(s, "backends", body.name, "Registered", f"backend custom:{body.name}: {' '.join(body.command)[:500]}",
                      principal_of(request).name)

@@ -28,6 +28,7 @@ from server import schemas
 from server.controllers.loop import ReconcileLoop
 from server.db import tables
 from server.db.database import log_changes, to_wire
+from server.db.settings import put_setting
 from server.db.tables import utcnow
 from server.scheduler import hub
 from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate, needs_fetch
@@ -171,11 +172,7 @@ class Scheduler(ReconcileLoop):
         try:
             async with self.server.db.session() as s:
                 for key, value in rows:
-                    row = await s.get(tables.Setting, key)
-                    if row is None:
-                        s.add(tables.Setting(key=key, value=value))
-                    else:
-                        row.value = value
+                    await put_setting(s, key, value)
                 await s.commit()
         except Exception:
             log.exception("cannot store hub metadata; kept in memory, written with the next")
