@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 GIB = 1024**3
+CHILD_READY_SECONDS = 180
 
 # The child: allocate, say so, hold until stdin closes.
 CHILD = r"""
@@ -95,6 +97,9 @@ def check(gib: float, result: dict) -> None:
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(size)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # CUDA initialisation can hang on a broken driver: bound the wait for the child's first line.
+        if not select.select([child.stdout], [], [], CHILD_READY_SECONDS)[0]:
+            raise RuntimeError(f"the allocating child said nothing in {CHILD_READY_SECONDS} s (CUDA init hung?)")
         line = child.stdout.readline().strip()
         if not line.startswith("ready"):
             raise RuntimeError(f"the allocating child failed: {line or child.stderr.read()[-2000:]}")
