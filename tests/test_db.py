@@ -119,6 +119,15 @@ async def seed_first_schema(db: Database) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
+async def _checksums_at(url: str) -> dict[str, tuple[int, str]]:
+    """The per-table counts and checksums of the database at `url`."""
+    db = Database(url)
+    try:
+        return await maintenance.checksums(db)
+    finally:
+        await db.dispose()
+
+
 async def _seeded_checksums(url: str) -> dict[str, tuple[int, str]]:
     """Seed a head-schema database with rows in every table; its per-table checksums."""
     db = Database(url)
@@ -400,14 +409,7 @@ def test_cli_migrate_between_sqlite_files(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "counts and checksums match" in result.output and "model_instances: 2 rows" in result.output
 
-    async def copied() -> dict[str, tuple[int, str]]:
-        db = Database(target_url)
-        try:
-            return await maintenance.checksums(db)
-        finally:
-            await db.dispose()
-
-    assert asyncio.run(copied()) == want
+    assert asyncio.run(_checksums_at(target_url)) == want
     result = runner.invoke(app, ["db", "migrate", "--from", source_url, "--to", target_url])
     assert result.exit_code == 1 and "not empty" in result.output
     result = runner.invoke(app, ["db", "migrate", "--from", source_url, "--to", "mongodb://x/y"])
@@ -435,14 +437,7 @@ def test_cli_migrate_from_a_data_dir(cluster, tmp_path: Path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
 
-    async def copied() -> dict[str, tuple[int, str]]:
-        db = Database(target_url)
-        try:
-            return await maintenance.checksums(db)
-        finally:
-            await db.dispose()
-
-    assert asyncio.run(copied()) == want
+    assert asyncio.run(_checksums_at(target_url)) == want
     assert (cluster.cluster_dir / "postmaster.pid").exists()  # the cluster it borrowed still runs
 
 
@@ -545,14 +540,7 @@ def test_migrate_sqlite_to_mariadb_to_postgres_gives_identical_rows(mariadb_stor
     result = runner.invoke(app, ["db", "migrate", "--from", mysql_url, "--to", pg_url])
     assert result.exit_code == 0, result.output
 
-    async def on_postgres() -> dict[str, tuple[int, str]]:
-        db = Database(pg_url)
-        try:
-            return await maintenance.checksums(db)
-        finally:
-            await db.dispose()
-
-    after = asyncio.run(on_postgres())
+    after = asyncio.run(_checksums_at(pg_url))
     # The event added and deleted on MariaDB left a change-log pair behind: the rest is identical.
     assert {k: v for k, v in after.items() if k != "change_log"} == {k: v for k, v in want.items() if k != "change_log"}
     assert after["change_log"][0] == want["change_log"][0] + 2
