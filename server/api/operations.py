@@ -12,20 +12,9 @@ from server.api.resources import _get_model, _get_worker, model_out, new_revisio
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.events import record_event
+from server.schemas.rollout import rollout_status
 
 S = schemas.InstanceState
-
-
-def rollout_status(model: tables.Model, instances: list[tables.ModelInstance]) -> schemas.RolloutStatus:
-    active = [i for i in instances if i.state != S.terminating]
-    updated = [i for i in active if i.generation == model.generation]
-    ready = [i for i in updated if i.state == S.running]
-    outdated = [i for i in instances if i.generation < model.generation]
-    complete = len(ready) == model.replicas and len(active) == model.replicas and not outdated
-    return schemas.RolloutStatus(
-        model=model.name, generation=model.generation, replicas=model.replicas, updated=len(updated),
-        ready=len(ready), available=sum(1 for i in active if i.state == S.running), outdated=len(outdated),
-        paused=model.paused, complete=complete, message=model.rollout_message)
 
 
 async def _model_instances(s, model: tables.Model) -> list[tables.ModelInstance]:
