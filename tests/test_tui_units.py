@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 from textual.app import App, ComposeResult
 
-from maas_tui.tui import format as fmt
+from maas_tui.render import format as fmt
 from maas_tui.tui.demo import DemoClient, demo_state, fixed_clock, make_worker
 from maas_tui.tui.app import MaasApp
 from maas_tui.tui.logs import LogView, clean_line

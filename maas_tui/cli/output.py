@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table, box
 
-from maas_tui.tui import format as tui_format
+from maas_tui.render import format as tui_format
 
 # Piped output keeps one row per line, whatever its width, so scripts can grep it.
 console = Console(width=None if sys.stdout.isatty() else 400)

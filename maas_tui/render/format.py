@@ -1,4 +1,4 @@
-"""Small pure formatting helpers shared by the screens (no Textual imports)."""
+"""Small pure formatting helpers shared by the TUI and the CLI renderers (no Textual imports)."""
 
 from __future__ import annotations
 
@@ -182,3 +182,15 @@ def rollout_bar(ready: int, updated: int, desired: int, width: int = 6) -> Text:
     bar.append("▒" * started, style="yellow")
     bar.append("░" * (width - full - started), style="grey42")
     return bar
+
+
+def iec_bytes(value: int | None) -> str:
+    """Bytes in binary units for describe and estimates: `12.0 GiB` (empty for None)."""
+    if value is None:
+        return ""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(value)  # pragma: no cover

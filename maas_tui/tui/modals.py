@@ -457,7 +457,7 @@ class HistoryScreen(ModalScreen[int | None]):
         self.now = now
 
     def compose(self) -> ComposeResult:
-        from maas_tui.tui import format as fmt
+        from maas_tui.render import format as fmt
         from maas_tui.tui.widgets import ResourceTable
 
         with Vertical(classes="dialog history"):

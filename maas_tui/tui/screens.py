@@ -23,7 +23,7 @@ from textual.screen import Screen
 from textual.widgets import Input, Static
 
 from maas_tui.client import ApiClientError
-from maas_tui.tui import format as fmt
+from maas_tui.render import format as fmt
 from maas_tui.tui.logs import LogView
 from maas_tui.tui.state import ClusterState, Rollout
 from maas_tui.tui.widgets import METRICS, ClusterHeader, GpuHeatmap, KeyFooter, PromptBar, ResourceTable, gpu_detail, \

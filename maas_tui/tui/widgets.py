@@ -20,7 +20,7 @@ from textual.containers import HorizontalGroup
 from textual.widgets import Footer, Input, Static
 
 from server import schemas
-from maas_tui.tui import format as fmt
+from maas_tui.render import format as fmt
 from maas_tui.tui.state import ClusterState
 
 _PLAIN = Style()
