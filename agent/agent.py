@@ -6,7 +6,6 @@ It never touches the database: REST and the watch stream with its own worker tok
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -29,6 +28,7 @@ from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spe
 from agent.runtimes.process import AdoptedHandle
 from agent.sources import ModelCache
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
+from server.ndjson import watch_messages
 from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
 
 log = logging.getLogger(__name__)
@@ -212,13 +212,13 @@ class Agent:
                         version = None
                         continue
                     response.raise_for_status()
-                    delay = 0.5
-                    async for line in response.content:
-                        message = json.loads(line)
+                    async for message in watch_messages(response.content.iter_any()):
                         version = message["version"]
                         self._apply_watch(message)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                log.info("watch stream ended (%s); reconnecting", exc)
+                        delay = 0.5  # backoff resets once a whole message came through
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                # Any broken stream (cut, garbled, a line too long) is a reconnect, never the agent's end.
+                log.info("watch stream ended (%s); reconnecting", str(exc) or type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
 

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from server import schemas
+from server.ndjson import json_lines, watch_messages
 
 
 class ApiClientError(Exception):
@@ -220,16 +221,16 @@ class MaasClient:
     async def watch(self, kinds: list[str], since: int | None = None) -> AsyncIterator[schemas.WatchMessage]:
         params = {"kinds": ",".join(kinds)} | ({"since": str(since)} if since is not None else {})
         async with self._stream("GET", "/v2/watch", 60, params=params) as response:
-            async for line in response.content:
-                yield schemas.WatchMessage.model_validate(json.loads(line))
+            async for message in watch_messages(response.content.iter_any()):
+                yield schemas.WatchMessage.model_validate(message)
 
     async def chat(self, model: str, prompt: str, max_tokens: int = 64) -> AsyncIterator[str]:
         """Stream a chat completion through the gateway, yielding text pieces."""
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "stream": True}
         async with self._stream("POST", "/v1/chat/completions", 300, json=body) as response:
-            async for raw in response.content:
-                line = raw.decode().strip()
+            async for raw in json_lines(response.content.iter_any()):
+                line = raw.decode(errors="replace").strip()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -1,4 +1,9 @@
-"""`GET /v2/watch`: a snapshot, then one JSON event per line, with heartbeats."""
+"""`GET /v2/watch`: a snapshot, then one JSON event per line, with heartbeats.
+
+The snapshot goes out in pages: `snapshot` lines of about `_PAGE_BYTES` each, all but the last
+marked `"more": true`, so no line grows with the cluster (readers join them: server/ndjson.py).
+A small cluster's snapshot is one line, as before.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,32 @@ from server.db import tables
 
 _TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance}
 _SNAPSHOT_EVENTS = 200
+_PAGE_BYTES = 256 * 1024  # one snapshot line holds about this much (one object more when alone larger)
 
 
 def _line(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def _snapshot_lines(version: int, items: dict[str, list[dict[str, Any]]]) -> list[bytes]:
+    """The snapshot as page lines; every page names every kind (empty where it has none of it)."""
+    pages: list[dict[str, list[str]]] = [{kind: [] for kind in items}]
+    size = 0
+    for kind, objects in items.items():
+        for obj in objects:
+            text = json.dumps(obj, separators=(",", ":"))
+            if size and size + len(text) > _PAGE_BYTES:
+                pages.append({k: [] for k in items})
+                size = 0
+            pages[-1][kind].append(text)
+            size += len(text) + 1
+    return [_page_line(version, page, more=number < len(pages) - 1) for number, page in enumerate(pages)]
+
+
+def _page_line(version: int, page: dict[str, list[str]], more: bool) -> bytes:
+    items = ",".join(f'{json.dumps(kind)}:[{",".join(texts)}]' for kind, texts in page.items())
+    more_field = ',"more":true' if more else ""
+    return f'{{"type":"snapshot","version":{version}{more_field},"items":{{{items}}}}}\n'.encode()
 
 
 async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dict[str, list[dict[str, Any]]]:
@@ -91,7 +118,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
         if replay is None:
             version = server.bus.version
             items = await _snapshot(server, kinds, worker_id)
-            await response.write(_line({"type": "snapshot", "version": version, "items": items}))
+            for line in _snapshot_lines(version, items):
+                await response.write(line)
         else:
             for event in replay:
                 if event.kind in kinds and _visible(event, worker_id):

@@ -577,6 +577,8 @@ class WatchMessage(Schema):
     `snapshot` carries `items` (kind -> list of objects); `event` carries `kind`,
     `action` and `object`; `heartbeat` only the version. Clients resume with
     `?since=<version>`; a version the server no longer holds yields a new snapshot.
+    A large snapshot comes as several `snapshot` lines, all but the last with `more`
+    (server/ndjson.py joins them).
     """
 
     type: Literal["snapshot", "event", "heartbeat"]
@@ -585,6 +587,7 @@ class WatchMessage(Schema):
     action: Literal["created", "updated", "deleted"] | None = None
     object: dict[str, Any] | None = None
     items: dict[str, list[dict[str, Any]]] | None = None
+    more: bool = False
 
 
 
