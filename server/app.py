@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from server import __version__
 from server.api.app import create_app
+from server.api.http_server import MaasAppRunner
 from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
 from server.bus import ChangeFeed, EventBus
 from server.config import ServerConfig
@@ -29,6 +30,8 @@ from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
 from server.higress.sync import HigressSync
 from server.leader import LeaderElection
+from server.liveness import Heartbeats
+from server.telemetry import TelemetryHub
 from server.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,12 @@ class MaasServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.bus = EventBus()
+        from server.api.agent_api import AgentAdmission, instance_workers
+
+        self.bus.workers_of = instance_workers  # agents' watches get only their instances' changes
+        self.telemetry = TelemetryHub(self.bus)  # live GPU/host readings, sent to watchers once a second
+        self.heartbeats: Heartbeats | None = None  # leases heard here; last-seen times flushed in batches
+        self.agent_admission = AgentAdmission()
         self.routes = RoutingTable()
         self.embedded: EmbeddedPostgres | None = None
         self.db: Database | None = None
@@ -89,6 +98,7 @@ class MaasServer:
         # SQLite and MySQL take one server: refused here, before anything is written (StoreInUse).
         await self.leadership.claim_store()
         self.feed = ChangeFeed(self.db, self.bus)
+        self.heartbeats = Heartbeats(self.db)
         self.db.set_feed(self.feed)
         await self.db.migrate()
         await self._bootstrap()
@@ -107,11 +117,14 @@ class MaasServer:
         await self.feed.start()
         await self._load_routes()
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
+        self.heartbeats.start()
+        self.telemetry.start()
         if self.embedded is not None:
             self._tasks.append(asyncio.create_task(self._watch_embedded(), name="embedded-postgres-watchdog"))
         await self.leadership.start()
-        app = create_app(self, client_max_size=self.config.gateway_max_body_mb * 1024**2)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2,
+        app = create_app(self)
+        # JSON errors for requests aiohttp cannot parse (oversized headers: 431), nothing of them logged.
+        self._runner = MaasAppRunner(app, access_log=None, shutdown_timeout=2,
                                      # A client that leaves ends its watch or stream at once.
                                      handler_cancellation=True)
         await self._runner.setup()
@@ -192,6 +205,9 @@ class MaasServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.telemetry.stop()
+        if self.heartbeats:
+            await self.heartbeats.stop()
         if self.usage:
             await self.usage.stop()
         if self.feed:
@@ -244,6 +260,7 @@ class MaasServer:
                     subscription = self.bus.subscribe(_FOLLOWED)
                     await self._load_routes()
                     self.auth.invalidate()
+                    self.heartbeats.stored.clear()  # re-read from the database by the next heartbeats
                     continue
                 if event.kind == "models":
                     self.routes.apply_model(event.action, event.object)
@@ -253,5 +270,10 @@ class MaasServer:
                     self.auth.invalidate()
                 elif event.kind == "workers":
                     self.auth.invalidate(worker_id=event.object["id"])
+                    if event.action == "deleted":
+                        self.heartbeats.forget(event.object["id"])
+                        self.telemetry.drop(event.object["id"])
+                    else:
+                        self.heartbeats.remember(event.object)
         finally:
             subscription.close()

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import delete, func, or_, select
 
@@ -34,15 +34,29 @@ class BusEvent:
     object: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A telemetry frame (server/telemetry.py), already encoded as the watch line it is sent as.
+    Not a change: it has no version of its own and is never replayed."""
+
+    line: bytes
+
+
 class Subscription:
-    def __init__(self, bus: "EventBus", kinds: frozenset[str] | None, maxsize: int):
+    def __init__(self, bus: "EventBus", kinds: frozenset[str] | None, maxsize: int, worker_id: int | None = None,
+                 telemetry: bool = False):
         self._bus = bus
         self.kinds = kinds
-        self.queue: asyncio.Queue[BusEvent | None] = asyncio.Queue(maxsize=maxsize)
+        self.queue: asyncio.Queue[BusEvent | Frame | None] = asyncio.Queue(maxsize=maxsize)
         self.overflowed = False
+        # An agent's watch: only the instances placed on (or spanning) this worker are offered.
+        self.worker_id = worker_id
+        # Telemetry frames too; the first one it gets holds every worker, later ones what changed.
+        self.telemetry = telemetry
+        self.needs_full_frame = telemetry
 
-    def offer(self, event: BusEvent) -> None:
-        if self.kinds is not None and event.kind not in self.kinds:
+    def offer(self, event: BusEvent | Frame) -> None:
+        if isinstance(event, BusEvent) and self.kinds is not None and event.kind not in self.kinds:
             return
         try:
             self.queue.put_nowait(event)
@@ -53,7 +67,7 @@ class Subscription:
             self.queue.get_nowait()
             self.queue.put_nowait(None)
 
-    async def get(self) -> BusEvent | None:
+    async def get(self) -> BusEvent | Frame | None:
         """The next event, or None when the subscription overflowed and was dropped."""
         return await self.queue.get()
 
@@ -68,6 +82,12 @@ class EventBus:
         self._version = 0
         self._ring: deque[BusEvent] = deque(maxlen=RING_SIZE)
         self._subscribers: set[Subscription] = set()
+        # Agents' watches by worker id: an instance change is offered to the watches of the workers
+        # it concerns only, not to all of them (1,000 agents would wake 1,000 streams per change).
+        self._by_worker: dict[int, set[Subscription]] = {}
+        self._telemetry: set[Subscription] = set()
+        # Which workers an instance change concerns (its worker, its Ray subordinates); set by the server.
+        self.workers_of: Callable[[dict[str, Any]], Iterable[int]] = lambda obj: (obj.get("worker_id"),)
 
     @property
     def version(self) -> int:
@@ -79,19 +99,48 @@ class EventBus:
         self._ring.append(event)
         for sub in list(self._subscribers):
             sub.offer(event)
+        if self._by_worker and kind == "instances":
+            for worker_id in set(self.workers_of(obj)):
+                for sub in list(self._by_worker.get(worker_id, ())):
+                    sub.offer(event)
         return event
+
+    def publish_frame(self, delta: Callable[[], bytes | None], full: Callable[[], bytes]) -> None:
+        """Offer a telemetry frame to the subscriptions that take them: the full frame to new ones,
+        the delta to the rest. Each is built (encoded) once, and only when someone takes it."""
+        lines: dict[str, bytes | None] = {}
+        for sub in list(self._telemetry):
+            which = "full" if sub.needs_full_frame else "delta"
+            if which not in lines:
+                lines[which] = full() if which == "full" else delta()
+            if lines[which] is not None:
+                sub.needs_full_frame = False
+                sub.offer(Frame(lines[which]))
 
     def start_at(self, version: int) -> None:
         """Versions continue from here (the newest change already in the log)."""
         self._version = max(self._version, version)
 
-    def subscribe(self, kinds: Iterable[str] | None = None, maxsize: int = 10_000) -> Subscription:
-        sub = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize)
-        self._subscribers.add(sub)
+    def subscribe(self, kinds: Iterable[str] | None = None, maxsize: int = 10_000, worker_id: int | None = None,
+                  telemetry: bool = False) -> Subscription:
+        sub = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize, worker_id, telemetry)
+        if worker_id is not None:
+            self._by_worker.setdefault(worker_id, set()).add(sub)
+        else:
+            self._subscribers.add(sub)
+        if telemetry:
+            self._telemetry.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+        self._telemetry.discard(sub)
+        if sub.worker_id is not None:
+            subs = self._by_worker.get(sub.worker_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_worker[sub.worker_id]
 
     def since(self, version: int) -> list[BusEvent] | None:
         """Events after `version`, or None when the ring no longer reaches back that far."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import schemas
+from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
 WATCH_KINDS = ["workers", "models", "instances", "events"]
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
@@ -132,10 +133,31 @@ class ClusterState:
         elif kind == "events":
             if action == "created":
                 self.events.append(schemas.EventOut.model_validate(obj))
+        elif kind == TELEMETRY_KIND:
+            return self._apply_telemetry(TelemetryFrame.model_validate(obj))
         else:
             return set()
         self.revision[kind] += 1
         return {kind}
+
+    def _apply_telemetry(self, frame: TelemetryFrame) -> set[str]:
+        """Live readings (server/telemetry.py) onto the workers they belong to, one sample each."""
+        for worker_id, reading in frame.workers.items():
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                continue
+            by_index = {g.index: g for g in reading.gpus}
+            gpus = [g.model_copy(update=by_index[g.index].model_dump(exclude={"index"})) if g.index in by_index else g
+                    for g in worker.gpus]
+            host = worker.host.model_copy(update={"cpu_percent": reading.cpu_percent, "memory_used": reading.memory_used})
+            worker = worker.model_copy(update={"gpus": gpus, "host": host,
+                                               "last_heartbeat_at": reading.last_heartbeat_at})
+            self.workers[worker_id] = worker
+            self._sample(worker)
+        if not frame.workers:
+            return set()
+        self.revision["workers"] += 1
+        return {"workers"}
 
     def _upsert(self, store: dict, schema: type, action: str, obj: dict[str, Any], on_upsert=None) -> None:
         if action == "deleted":

@@ -1,30 +1,91 @@
-"""What agents call: registration, heartbeats and instance status reports."""
+"""What agents call: registration, heartbeats and instance status reports.
+
+A heartbeat renews the worker's lease and its live telemetry in memory (server/liveness.py,
+server/telemetry.py) and touches the database only when something durable changed. Calls that do
+need the database are admitted up to a limit; past it they get 503 with Retry-After (the agent backs
+off with jitter) instead of queueing into timeouts. A heartbeat is never a 500.
+"""
 
 from __future__ import annotations
 
+import logging
+import random
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from sqlalchemy import delete, select
 
 from server import schemas
-from server.api.errors import conflict, not_found, parse_whole_number, read_json
+from server.api.errors import ApiError, conflict, database_unavailable, first_line, not_found, parse_whole_number, read_json
 from server.api.routing import json_out, principal_of, route, server_of
 from server.api.security import hash_secret, new_worker_token
 from server.db import tables
 from server.db.settings import put_setting
+from server.liveness import inventory
 from server.events import record_event
+from server.telemetry import reading_of
 
+log = logging.getLogger(__name__)
 S = schemas.InstanceState
+
+# Agent calls that need the database, at once, on one server; more are told to come back later.
+# Below the pool (10 + 20 overflow) so operators' requests and the controllers still get connections.
+MAX_AGENT_WRITES = 16
+RETRY_AFTER_SECONDS = 2
+
+
+class AgentAdmission:
+    """Counts the agent calls using the database; past `limit`, a call is refused at once with 503."""
+
+    def __init__(self, limit: int = MAX_AGENT_WRITES):
+        self.limit = limit
+        self.in_flight = 0
+        self.refused = 0
+
+    async def run(self, work: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            return busy("overloaded", f"the server is handling {self.in_flight} agent calls that write; "
+                        f"retry after the Retry-After delay")
+        self.in_flight += 1
+        try:
+            return await work()
+        finally:
+            self.in_flight -= 1
+
+
+def busy(code: str, message: str, status: int = 503) -> web.Response:
+    """A refusal that says when to come back (seconds, with jitter so agents do not return together)."""
+    retry = RETRY_AFTER_SECONDS + random.randint(0, RETRY_AFTER_SECONDS)
+    return web.json_response({"error": {"code": code, "message": message, "details": {"retry_after": retry}}},
+                             status=status, headers={"Retry-After": str(retry)})
+
+
+def _admission(request: web.Request) -> AgentAdmission:
+    server = server_of(request)
+    admission = getattr(server, "agent_admission", None)
+    if admission is None:
+        admission = server.agent_admission = AgentAdmission()
+    return admission
+
+
+def instance_workers(obj: dict[str, Any]) -> set[int]:
+    """The workers an instance change concerns: where it runs and its Ray subordinates (bus routing)."""
+    return {obj.get("worker_id")} | subordinate_ids(obj.get("claim"))
 
 
 @route("POST", "/v2/agent/register", "Register (or re-register) a worker with the cluster token", auth="registrar",
        body=schemas.WorkerRegister, response=schemas.WorkerRegistered, status=201)
-async def register(request: web.Request) -> web.Response:
+async def register(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, schemas.WorkerRegister)
-    async with server_of(request).db.session() as s:
+    return await _admission(request).run(lambda: _register(request, body))
+
+
+async def _register(request: web.Request, body: schemas.WorkerRegister) -> web.Response:
+    server = server_of(request)
+    async with server.db.session() as s:
         worker = (await s.execute(select(tables.Worker).where(tables.Worker.name == body.name))).scalar_one_or_none()
         reason = "Reregistered"
         if worker is None:
@@ -49,7 +110,10 @@ async def register(request: web.Request) -> web.Response:
         await s.commit()
         out = schemas.WorkerRegistered(worker=schemas.WorkerOut.model_validate(worker), token=token,
                                        agent_secret=worker.agent_secret)
-    server_of(request).auth.invalidate(worker_id=worker.id)  # the previous token stops working at once
+    server.auth.invalidate(worker_id=worker.id)  # the previous token stops working at once
+    seen = server.heartbeats.heard_from(worker.id)  # registering is a sign of life
+    server.heartbeats.remember(out.worker.model_dump(mode="json"))
+    server.telemetry.update(worker.id, reading_of(schemas.WorkerHeartbeat(gpus=body.gpus, host=body.host), seen))
     return json_out(out, status=201)
 
 
@@ -63,25 +127,55 @@ async def _recover_unreachable(session, worker: tables.Worker) -> None:
         instance.state_message = "worker is back"
 
 
-@route("POST", "/v2/agent/heartbeat", "Report liveness and device usage", auth="worker",
-       body=schemas.WorkerHeartbeat, response=schemas.WorkerOut)
-async def heartbeat(request: web.Request) -> web.Response:
+@route("POST", "/v2/agent/heartbeat", "Renew the worker's lease and report device usage (live telemetry)",
+       auth="worker", body=schemas.WorkerHeartbeat, response=schemas.WorkerOut)
+async def heartbeat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, schemas.WorkerHeartbeat)
+    worker_id = principal_of(request).worker_id
+    server = server_of(request)
+    seen = server.heartbeats.heard_from(worker_id)
+    server.telemetry.update(worker_id, reading_of(body, seen))
+    gpus = [g.__dict__ for g in body.gpus]  # the fields as given; only the durable ones are compared
+    stored = server.heartbeats.current(worker_id, gpus, body.host.__dict__)
+    if stored is not None:  # ready, same hardware: the lease and telemetry were all there was to do
+        return web.json_response(stored | {"last_heartbeat_at": seen.isoformat()})
+    try:
+        return await _admission(request).run(lambda: _durable_heartbeat(request, body, seen))
+    except ApiError:
+        raise
+    except Exception as exc:  # the lease is renewed in memory; the write comes with a later heartbeat
+        if not database_unavailable(exc):
+            log.exception("heartbeat of worker %s: the durable write failed", worker_id)
+        else:
+            log.warning("heartbeat of worker %s: database unavailable (%s)", worker_id, first_line(exc))
+        return busy("database_unavailable", "the heartbeat was taken, but its change could not be stored yet; "
+                    "it is stored with a later heartbeat")
+
+
+async def _durable_heartbeat(request: web.Request, body: schemas.WorkerHeartbeat, seen: datetime) -> web.Response:
+    """The worker comes back from not_ready, or its hardware changed: write the row (and its events)."""
+    server = server_of(request)
     principal = principal_of(request)
-    async with server_of(request).db.session() as s:
+    async with server.db.session() as s:
         worker = await s.get(tables.Worker, principal.worker_id)
         if worker is None:
             raise not_found("worker")
-        worker.gpus = [g.model_dump(mode="json") for g in body.gpus]
-        worker.host = body.host.model_dump(mode="json")
-        worker.last_heartbeat_at = datetime.now(UTC)
+        gpus = [g.model_dump(mode="json") for g in body.gpus]
+        host = body.host.model_dump(mode="json")
+        same_hardware = inventory(worker.gpus or (), worker.host or {}) == inventory(gpus, host)
+        if not same_hardware:
+            worker.gpus = gpus
+            worker.host = host
         if worker.state != schemas.WorkerState.ready:
             worker.state = schemas.WorkerState.ready
             worker.state_message = ""
+            worker.last_heartbeat_at = seen
             record_event(s, "workers", worker, "Ready", "heartbeats resumed", worker.name)
             await _recover_unreachable(s, worker)
         await s.commit()
-        return json_out(schemas.WorkerOut.model_validate(worker))
+        row = schemas.WorkerOut.model_validate(worker).model_dump(mode="json")
+    server.heartbeats.remember(row)
+    return web.json_response(row | {"last_heartbeat_at": seen.isoformat()})
 
 
 # Unreachable instances come back only through their worker's heartbeat (see _recover_unreachable).
@@ -95,8 +189,12 @@ _ALLOWED_FROM = {
 
 @route("PUT", "/v2/agent/instances/{id}/status", "Report an instance's state from its agent", auth="worker",
        body=schemas.InstanceStatusReport, response=schemas.InstanceOut)
-async def report_status(request: web.Request) -> web.Response:
+async def report_status(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, schemas.InstanceStatusReport)
+    return await _admission(request).run(lambda: _report_status(request, body))
+
+
+async def _report_status(request: web.Request, body: schemas.InstanceStatusReport) -> web.Response:
     principal = principal_of(request)
     ref = request.match_info["id"]
     instance_id = parse_whole_number(ref, low=1)

@@ -94,6 +94,8 @@ async def collect(server: Any) -> list[Metric]:
         answered.add_metric([model, str(status)], float(count))
     out += [latency, answered]
 
+    out += _telemetry_metrics(server)
+
     lag = GaugeMetricFamily("maas_bus_lag_seconds", "Commit to publication delay of the newest change read")
     lag.add_metric([], float(getattr(server.feed, "lag_seconds", 0.0) or 0.0))
     out.append(lag)
@@ -114,6 +116,23 @@ async def collect(server: Any) -> list[Metric]:
             conflicts.add_metric(labels, float(status.conflicts))
         out += [up, failures, conflicts]
     return out
+
+
+def _telemetry_metrics(server: Any) -> list[Metric]:
+    """Per-GPU readings of the workers whose heartbeats this server takes (live telemetry, in memory)."""
+    util = GaugeMetricFamily("maas_worker_gpu_utilization_percent", "GPU utilisation from the latest heartbeat",
+                             labels=["worker", "gpu"])
+    used = GaugeMetricFamily("maas_worker_gpu_memory_used_bytes", "GPU memory in use from the latest heartbeat",
+                             labels=["worker", "gpu"])
+    stored = server.heartbeats.stored if server.heartbeats else {}
+    for worker_id, reading in list(server.telemetry.readings.items()):
+        name = (stored.get(worker_id) or {}).get("name")
+        if name is None:
+            continue
+        for gpu in reading["gpus"]:
+            util.add_metric([name, str(gpu["index"])], float(gpu["utilization"]))
+            used.add_metric([name, str(gpu["index"])], float(gpu["memory_used"]))
+    return [util, used]
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ from server.api.agent_api import subordinate_ids
 from server.api.errors import bad_request, forbidden, parse_whole_number
 from server.api.resources import model_out, ready_counts
 from server.api.routing import principal_of, route, server_of
-from server.bus import BusEvent
+from server.bus import BusEvent, Frame
 from server.db import tables
 
 _TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance}
@@ -110,7 +110,10 @@ async def watch(request: web.Request) -> web.StreamResponse:
     if since_text is not None and since is None:
         raise bad_request("since must be a version number")
 
-    subscription = server.bus.subscribe(kinds)
+    # An agent's subscription is offered only its instances' changes; watchers of workers take the
+    # coalesced telemetry frames (server/telemetry.py).
+    subscription = server.bus.subscribe(kinds, worker_id=worker_id,
+                                        telemetry=worker_id is None and "workers" in kinds)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
@@ -135,6 +138,9 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 continue
             if event is None:  # fell behind: end the stream, the client resumes with a snapshot
                 break
+            if isinstance(event, Frame):
+                await response.write(event.line)
+                continue
             if _visible(event, worker_id):
                 await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
                                             "action": event.action, "object": event.object}))

@@ -1,8 +1,15 @@
-"""Worker liveness: no heartbeat for `worker_timeout` seconds -> not_ready, its instances unreachable."""
+"""Worker liveness, judged by the leader from leases (server/liveness.py): a worker not heard of for
+`worker_timeout` seconds -> not_ready, its instances unreachable.
+
+Each tick reads the ready workers' last-seen times (flushed in batches by whichever server took their
+heartbeats) and this server's own heartbeats, and renews the leases from them. The leases start at
+this controller's first tick: a new leader, or a restarted server, gives every worker a full timeout.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -10,6 +17,7 @@ from server import schemas
 from server.controllers.loop import ReconcileLoop
 from server.db import tables
 from server.events import record_event
+from server.liveness import Leases
 
 S = schemas.InstanceState
 
@@ -18,19 +26,37 @@ class WorkerLivenessController(ReconcileLoop):
     name = "worker-liveness"
     kinds = ()  # time-driven only
 
+    def __init__(self, server, interval: float):
+        super().__init__(server, interval)
+        self.leases: Leases | None = None
+
     async def reconcile(self) -> None:
-        deadline = datetime.now(UTC) - timedelta(seconds=self.server.config.worker_timeout)
+        now = time.monotonic()
+        if self.leases is None:
+            self.leases = Leases(taken_over_at=now)
+        timeout = self.server.config.worker_timeout
+        heard = self.server.heartbeats.heard if self.server.heartbeats else {}
+        async with self.server.db.session() as s:
+            rows = (await s.execute(select(tables.Worker.id, tables.Worker.last_heartbeat_at).where(
+                tables.Worker.state == schemas.WorkerState.ready))).all()
+        wall = datetime.now(UTC)
+        for worker_id, seen in rows:
+            self.leases.renew_from_store(worker_id, seen, now, wall)
+            if (local := heard.get(worker_id)) is not None:
+                self.leases.renew(worker_id, local)
+        ready = [worker_id for worker_id, _ in rows]
+        self.leases.forget(ready)
+        expired = self.leases.expired(ready, timeout, time.monotonic())
+        if expired:
+            await self._mark_not_ready(expired, timeout)
+
+    async def _mark_not_ready(self, worker_ids: list[int], timeout: float) -> None:
         async with self.server.db.session() as s:
             workers = (await s.execute(select(tables.Worker).where(
-                tables.Worker.state == schemas.WorkerState.ready))).scalars().all()
+                tables.Worker.id.in_(worker_ids), tables.Worker.state == schemas.WorkerState.ready))).scalars().all()
             for worker in workers:
-                seen = worker.last_heartbeat_at
-                if seen is not None and seen.tzinfo is None:
-                    seen = seen.replace(tzinfo=UTC)
-                if seen is not None and seen >= deadline:
-                    continue
                 worker.state = schemas.WorkerState.not_ready
-                worker.state_message = f"no heartbeat for {self.server.config.worker_timeout:g} s"
+                worker.state_message = f"no heartbeat for {timeout:g} s"
                 record_event(s, "workers", worker, "NotReady", worker.state_message, self.name)
                 instances = (await s.execute(select(tables.ModelInstance).where(
                     tables.ModelInstance.worker_id == worker.id,

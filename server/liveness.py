@@ -1,0 +1,173 @@
+"""Worker liveness as leases, kept in memory; the database sees only what lasts.
+
+A heartbeat renews the worker's lease and replaces its live telemetry (server/telemetry.py),
+both in this server's memory. The database is written only when something durable changes
+(the worker comes back from not_ready, its GPU inventory or host changes) and, in batches,
+the last-seen times: every FLUSH_SECONDS one statement for all workers heard meanwhile, with
+no change-log row (nothing a watcher or controller needs to react to).
+
+Who judges: the leader (server/controllers/workers.py) with :class:`Leases`. Any server can take
+a worker's heartbeat. The leader renews leases from the heartbeats it takes itself (its own
+monotonic clock, exactly) and from the last-seen times the other servers flush to the database
+(at most FLUSH_SECONDS + one liveness tick late, far inside the timeout). A lease is never older
+than the moment the judge took over: a new leader, or a restarted server, gives every worker a
+full timeout of its own before it declares anything dead, whatever gap it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any, Iterable
+
+from sqlalchemy import bindparam, update
+
+from server.db import tables
+from server.db.errors import first_line
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 2.0
+
+# GPU and host fields that describe the hardware (durable: written to the worker row, seen by the
+# scheduler); the others (utilisation, memory in use, temperature, power, processes, CPU load) are
+# telemetry and live in memory only.
+_GPU_DURABLE = ("index", "name", "vendor", "uuid", "memory_total", "mig_mode", "simulated")
+_HOST_DURABLE = ("hostname", "os", "cpu_count", "memory_total")
+
+
+def inventory(gpus: Iterable[dict[str, Any]], host: dict[str, Any]) -> tuple:
+    """What of a worker's report is durable: its GPUs and host, without the moving readings."""
+    return (tuple(tuple(g.get(k) for k in _GPU_DURABLE) for g in gpus), tuple(host.get(k) for k in _HOST_DURABLE))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class Leases:
+    """The judge's view: when each worker was last heard of, on the judge's monotonic clock.
+
+    Pure bookkeeping (times are passed in), so expiry and the takeover grace are testable as is.
+    """
+
+    def __init__(self, taken_over_at: float):
+        self.taken_over_at = taken_over_at
+        self._renewed: dict[int, float] = {}
+        self._db_seen: dict[int, datetime] = {}
+
+    def renew(self, worker_id: int, at: float) -> None:
+        """A heartbeat this server took itself, at monotonic time `at`."""
+        if at > self._renewed.get(worker_id, float("-inf")):
+            self._renewed[worker_id] = at
+
+    def renew_from_store(self, worker_id: int, seen: datetime | None, now: float, wall_now: datetime) -> None:
+        """The last-seen time in the database (flushed by whichever server took the heartbeat).
+        Only an advance counts, and never as later than now: a clock ahead of ours gains nothing."""
+        if seen is None:
+            return
+        seen = _aware(seen)
+        before = self._db_seen.get(worker_id)
+        self._db_seen[worker_id] = seen
+        if before is not None and seen <= before:
+            return
+        age = max(0.0, (wall_now - seen).total_seconds())
+        self.renew(worker_id, now - age)
+
+    def last_heard(self, worker_id: int) -> float:
+        """Monotonic time of the newest sign of life, never before the takeover."""
+        return max(self._renewed.get(worker_id, float("-inf")), self.taken_over_at)
+
+    def expired(self, worker_ids: Iterable[int], timeout: float, now: float) -> list[int]:
+        return [w for w in worker_ids if now - self.last_heard(w) > timeout]
+
+    def forget(self, keep: Iterable[int]) -> None:
+        """Drop workers that are gone (deleted rows)."""
+        keep = set(keep)
+        for store in (self._renewed, self._db_seen):
+            for worker_id in [w for w in store if w not in keep]:
+                del store[worker_id]
+
+
+class Heartbeats:
+    """This server's side of heartbeats: who was heard when, what the database holds of each
+    worker (so a heartbeat that changes nothing durable writes nothing), and the batched flush
+    of last-seen times."""
+
+    def __init__(self, db: Any, flush_seconds: float = FLUSH_SECONDS):
+        self.db = db
+        self.flush_seconds = flush_seconds
+        self.heard: dict[int, float] = {}  # worker id -> monotonic time of its last heartbeat here
+        self._unflushed: dict[int, datetime] = {}
+        # Worker id -> its row as published (WorkerOut wire dict), kept current from the bus.
+        self.stored: dict[int, dict[str, Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.flushes = 0
+
+    def heard_from(self, worker_id: int) -> datetime:
+        """Renew a worker's lease here; returns the wall-clock time it was heard."""
+        self.heard[worker_id] = time.monotonic()
+        wall = datetime.now(UTC)
+        self._unflushed[worker_id] = wall
+        return wall
+
+    def remember(self, row: dict[str, Any]) -> None:
+        """The worker row as the database now holds it (a bus event, a write of our own)."""
+        self.stored[row["id"]] = row
+
+    def forget(self, worker_id: int) -> None:
+        self.stored.pop(worker_id, None)
+        self.heard.pop(worker_id, None)
+        self._unflushed.pop(worker_id, None)
+
+    def current(self, worker_id: int, gpus: list[dict[str, Any]], host: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored row when a heartbeat with this report needs no database write: the worker is
+        ready and its inventory unchanged. None when it must go to the database."""
+        row = self.stored.get(worker_id)
+        if row is None or row.get("state") != "ready":
+            return None
+        if inventory(row.get("gpus") or (), row.get("host") or {}) != inventory(gpus, host):
+            return None
+        return row
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="heartbeat-flush")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.flush()  # a clean stop leaves the newest times behind
+        except Exception as exc:
+            log.warning("last heartbeat flush failed: %s", first_line(exc))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is down: keep the times, write them next round
+                log.warning("cannot write last-seen times (%s); retrying", first_line(exc))
+
+    async def flush(self) -> None:
+        """One statement (one parameter set per worker) for every worker heard since the last flush.
+        A Core UPDATE: no change-log row, no NOTIFY; updated_at stays (nothing a client follows moved)."""
+        batch, self._unflushed = self._unflushed, {}
+        if not batch:
+            return
+        statement = (update(tables.Worker.__table__)
+                     .where(tables.Worker.__table__.c.id == bindparam("worker_id"))
+                     .values(last_heartbeat_at=bindparam("seen"), updated_at=tables.Worker.__table__.c.updated_at))
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(statement, [{"worker_id": w, "seen": seen} for w, seen in batch.items()])
+        except BaseException:
+            for worker_id, seen in batch.items():  # newer times heard meanwhile win
+                self._unflushed.setdefault(worker_id, seen)
+            raise
+        self.flushes += 1
