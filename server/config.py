@@ -33,7 +33,8 @@ class ServerConfig:
     resync_interval: float = 10.0  # full reconcile even when no event arrived
     watch_heartbeat: float = 10.0
     gateway_timeout: float = 600.0  # seconds for one /v1 request, streams included
-    gateway_max_body_mb: int = 64  # largest /v1 request body (audio uploads)
+    gateway_max_body_mb: int = 64  # largest /v1 JSON request body
+    gateway_max_upload_mb: int = 64  # largest /v1 upload (multipart: audio transcriptions)
     higress_dir: str | None = None  # write Higress objects here (the file layout of Higress standalone)
     higress_kubeconfig: str | None = None  # apply Higress objects through this cluster's Kubernetes API
     higress_kube_context: str | None = None  # that kubeconfig's context (default: its current-context)
@@ -61,6 +62,7 @@ class ServerConfig:
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})
+            "gateway_max_upload_mb": os.environ.get("MAAS_GATEWAY_MAX_UPLOAD_MB"),
         data_dir = Path(str(values.pop("data_dir", default_data_dir()))).expanduser().absolute()
         config = cls(data_dir=data_dir)
         for key, value in values.items():

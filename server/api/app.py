@@ -10,6 +10,7 @@ from aiohttp import web
 from server.api import (agent_api, backends, gateway_api, metrics, operations, resources,  # noqa: F401
                         scheduling, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
+from server.api.inputs import BodyLimits, input_middleware
 from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
 from server.api.stale_reads import LastGoodReads, stale_read_middleware
 
@@ -60,12 +61,19 @@ async def healthz(request: web.Request) -> web.Response:
                               "version": server.version, "leader": leading, **database})
 
 
-def create_app(server: Any, client_max_size: int = 16 * 1024**2) -> web.Application:
+def body_limits(config: Any) -> BodyLimits:
+    return BodyLimits(gateway=config.gateway_max_body_mb * 1024**2, upload=config.gateway_max_upload_mb * 1024**2)
+
+
+def create_app(server: Any) -> web.Application:
     from server.gateway.proxy import add_gateway_routes
 
+    limits = body_limits(server.config)
+    # Inputs before auth: an oversized or malformed request costs no credential check.
     # Inside auth: a stale answer is only ever given to the identity that got it fresh.
     stale_reads = stale_read_middleware(LastGoodReads())
-    app = web.Application(middlewares=[error_middleware, auth_middleware, stale_reads], client_max_size=client_max_size)
+    app = web.Application(middlewares=[error_middleware, input_middleware(limits), auth_middleware, stale_reads],
+                          client_max_size=limits.largest())
     app[SERVER_KEY] = server
     app.router.add_get("/healthz", healthz)
     document = openapi_document(server.version)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -75,7 +74,14 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-        return error_response(request, exc.status, code, exc.reason or "error")
+        # The 413 of a chunked body cut off while read: aiohttp's text gives the limit.
+        message = exc.text if exc.status == 413 and exc.text else exc.reason or "error"
+        if exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}; it takes {exc.headers.get('Allow', '')}"
+        response = error_response(request, exc.status, code, message)
+        if "Allow" in exc.headers:  # a 405 says what the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:  # a 5xx is a bug: log it whole, tell the client little
         if database_unavailable(exc):
             log.warning("database unavailable in %s %s: %s", request.method, request.path,
@@ -96,18 +102,10 @@ MAX_ID = 2**63 - 1
 
 
 def parse_json_object(raw: bytes, expected: str = "a JSON object") -> dict[str, Any]:
-    """A request body as a JSON object; anything else is a 400 that says what is wrong."""
-    if not raw:
-        raise bad_request(f"request body is empty; send {expected}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise bad_request("malformed JSON: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the body must be {expected}")
-    return data
+    """A request body as a JSON object, bounded (see server/api/inputs.py); anything else is a 400."""
+    from server.api.inputs import parse_json_object as parse  # inputs builds on this module's errors
+
+    return parse(raw, expected)
 
 
 def parse_whole_number(text: str | None, low: int = 0, high: int = MAX_ID) -> int | None:
@@ -122,5 +120,8 @@ def parse_whole_number(text: str | None, low: int = 0, high: int = MAX_ID) -> in
 
 
 async def read_json(request: web.Request, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body into `model`; malformed JSON is a 400, invalid fields a 422."""
-    return model.model_validate(parse_json_object(await request.read()))
+    """Parse and validate a JSON body into `model` (strict types); malformed JSON or text is a 400,
+    invalid fields a 422. The rules live in server/api/inputs.py."""
+    from server.api.inputs import read_model
+
+    return await read_model(request, model)

@@ -17,7 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.api.errors import ApiError, bad_request, forbidden, parse_json_object
+from server.api.errors import ApiError, bad_request, forbidden
+from server.api.inputs import parse_json_body
 from server.api.routing import principal_of, server_of
 from server.gateway.routing_table import Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
@@ -96,7 +97,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         if not name:
             raise bad_request("the form has no 'model' field")
     else:
-        payload = parse_json_object(body, expected)
+        payload = await parse_json_body(body, expected)  # bounded, and off the loop when large
         name = payload.get("model")
         if not isinstance(name, str) or not name:
             raise bad_request(f"the body must be {expected}")

@@ -1,0 +1,270 @@
+"""What a request may carry, checked once for every route before any handler sees it.
+
+- Size: one body limit per route class (anonymous, `/v2`, `/v1`, `/v1` uploads). A declared
+  Content-Length over it is refused before a byte of the body is read; a chunked body is
+  cut off while it is read (aiohttp's `client_max_size`, set per request here).
+- Text: path parameters, query keys and values, and every string and key of a JSON body
+  must be UTF-8 without NUL characters (PostgreSQL cannot store NUL; invalid UTF-8 is
+  nobody's data). Anything else is a 400 `invalid_text` naming the field.
+- JSON: UTF-8 only, integers of at most MAX_INT_DIGITS digits (Python refuses to convert
+  more than 4300 and would raise deep in a handler), nesting at most MAX_DEPTH, no NaN or
+  Infinity, no repeated keys; bodies over OFF_LOOP_BYTES are decoded on a thread of their
+  own so a big one never stalls the event loop.
+- Types: request models are validated in pydantic's strict mode from the JSON text, so
+  `"2"` or `true` is not an integer (datetimes and enums still parse from their JSON strings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from server.api.errors import ApiError, bad_request
+
+KIB, MIB = 1024, 1024**2
+ANONYMOUS_MAX_BODY = 16 * KIB  # login and the other routes without credentials
+MANAGEMENT_MAX_BODY = 1 * MIB  # /v2 (a model spec is capped far below this by its schema)
+MAX_DEPTH = 64
+MAX_INT_DIGITS = 100  # far above any integer a field accepts (IDs fit in 19 digits)
+OFF_LOOP_BYTES = 64 * KIB
+UPLOAD_PATHS = frozenset({"/v1/audio/transcriptions"})  # multipart bodies, limited on their own
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- body size ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The largest body, in bytes, of each route class."""
+
+    anonymous: int = ANONYMOUS_MAX_BODY
+    management: int = MANAGEMENT_MAX_BODY
+    gateway: int = 64 * MIB
+    upload: int = 64 * MIB
+
+    def largest(self) -> int:
+        return max(self.anonymous, self.management, self.gateway, self.upload)
+
+    def of(self, request: web.Request) -> tuple[int, str]:
+        """The limit that applies to this request and what its class is called (for the message)."""
+        if getattr(request.match_info.handler, "__maas_auth__", "none") == "none":
+            return self.anonymous, "a route without credentials"
+        if request.path in UPLOAD_PATHS:
+            return self.upload, "an upload"
+        if request.path.startswith("/v1/"):
+            return self.gateway, "/v1"
+        return self.management, "/v2"
+
+
+def too_large(size: int | None, limit: int, what: str) -> ApiError:
+    told = f"is {size} bytes" if size is not None else "is longer than that"
+    return ApiError(413, "too_large", f"the request body {told}; {what} takes at most {limit} bytes",
+                    {"limit": limit})
+
+
+# --- text ------------------------------------------------------------------------------
+
+
+def invalid_text(field: str, problem: str) -> ApiError:
+    return ApiError(400, "invalid_text", f"{field} {problem}", {"field": field})
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as text, or None when it can."""
+    if "\x00" in value:
+        return "contains a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid UTF-8 (it has a lone surrogate)"
+    return None
+
+
+def _shown(name: str) -> str:
+    """A name fit for an error message: printable, short (it may be what was wrong)."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name[:80])
+    return shown if len(name) <= 80 else shown + "..."
+
+
+def check_request_text(request: web.Request) -> None:
+    """Path parameters and query keys and values: UTF-8 without NUL, else a 400 naming the field."""
+    for name, value in request.match_info.items():
+        if problem := text_problem(value):
+            raise invalid_text(f"path parameter {name!r}", problem)
+    # aiohttp keeps an undecodable %XX in the path as it is, and turns one in the query into U+FFFD:
+    # both are found only in the raw form.
+    for index, segment in enumerate(request.raw_path.split("?", 1)[0].split("/")):
+        if "%" in segment and _undecodable(segment):
+            raise invalid_text(f"path segment {index}", "is not valid UTF-8 once %-decoded")
+    raw_query = request.rel_url.raw_query_string
+    if raw_query:
+        for pair in raw_query.split("&"):
+            key, _, value = pair.partition("=")
+            shown = _shown(unquote_to_bytes(key.replace("+", " ")).decode("utf-8", "replace"))
+            if "%" in key and _undecodable(key):
+                raise invalid_text(f"a query parameter name ('{shown}')", "is not valid UTF-8 once %-decoded")
+            if "%" in value and _undecodable(value):
+                raise invalid_text(f"query parameter '{shown}'", "is not valid UTF-8 once %-decoded")
+    for key, value in request.query.items():
+        if problem := text_problem(key):
+            raise invalid_text(f"a query parameter name ('{_shown(key)}')", problem)
+        if problem := text_problem(value):
+            raise invalid_text(f"query parameter '{_shown(key)}'", problem)
+
+
+def _undecodable(raw: str) -> bool:
+    try:
+        unquote_to_bytes(raw.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def check_json_text(data: Any) -> None:
+    """Every string and key in a decoded JSON document, and its depth; a 400 naming the first bad field."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"malformed JSON: nested deeper than {MAX_DEPTH} levels", {"field": path or "body"})
+        if isinstance(value, str):
+            if problem := text_problem(value):
+                raise invalid_text(_shown(path) if path else "the body", problem)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if problem := text_problem(key):
+                    raise invalid_text(f"a key in {_shown(path) if path else 'the body'} ('{_shown(key)}')", problem)
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def check_json_depth(data: Any) -> None:
+    """Only the depth (bodies whose text is passed through, not stored: /v1)."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"malformed JSON: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+# --- JSON --------------------------------------------------------------------------------
+
+
+class _Refused(ValueError):
+    """Raised from inside json.loads by the hooks below."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Refused(f"the key '{_shown(repeated)}' appears twice in one object")
+    return out
+
+
+def decode_json(raw: bytes, expected: str = "a JSON object", *, stored: bool = True) -> tuple[dict[str, Any], str]:
+    """`raw` as a JSON object, and its text. `stored`: its strings reach the database, so they are checked too.
+    Anything wrong is a 400 that says what."""
+    if not raw:
+        raise bad_request(f"request body is empty; send {expected}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid_text("the body", f"is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant,
+                          object_pairs_hook=_unique_keys if stored else None)
+    except _Refused as exc:
+        raise bad_request(f"malformed JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("malformed JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the body must be {expected}")
+    if stored:
+        check_json_text(data)
+    else:
+        check_json_depth(data)
+    return data, text
+
+
+def parse_json_object(raw: bytes, expected: str = "a JSON object") -> dict[str, Any]:
+    """A request body whose text is not stored (the /v1 proxy reads its 'model'), bounded like any other."""
+    return decode_json(raw, expected, stored=False)[0]
+
+
+def _parse_model(raw: bytes, model: type[M]) -> M:
+    _, text = decode_json(raw)
+    # Strict, from the JSON text: no "2" or true for an integer, while datetimes and enums parse from strings.
+    return model.model_validate_json(text, strict=True)
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+async def off_loop(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a CPU-bound parse on the parsing threads (their own: never queued behind other blocking work)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maas-json")
+    return await asyncio.get_running_loop().run_in_executor(_executor, function, *args)
+
+
+async def parse_json_body(raw: bytes, expected: str = "a JSON object") -> dict[str, Any]:
+    """parse_json_object, on a parsing thread when the body is large."""
+    if len(raw) > OFF_LOOP_BYTES:
+        return await off_loop(parse_json_object, raw, expected)
+    return parse_json_object(raw, expected)
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """The request body as `model`: malformed JSON or text is a 400, invalid fields a 422."""
+    raw = await request.read()
+    if len(raw) > OFF_LOOP_BYTES:
+        return await off_loop(_parse_model, raw, model)
+    return _parse_model(raw, model)
+
+
+# --- the middleware ------------------------------------------------------------------------
+
+
+def input_middleware(limits: BodyLimits) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        limit, what = limits.of(request)
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large(request.content_length, limit, what)
+        check_request_text(request)
+        if request.body_exists:
+            request = request.clone(client_max_size=limit)  # a chunked body is cut off at the limit
+        return await handler(request)
+
+    return middleware
