@@ -402,5 +402,51 @@ class MaasApp(App[None]):
 
 
 def run_tui(server_url: str, token: str) -> None:
-    """Run the TUI against a server until the user quits (blocking)."""
-    MaasApp(MaasClient(server_url, token), freeze_gc=True).run()
+    """Run the TUI against a server until the user quits (blocking); a crash exits 1 (see run_app)."""
+    run_app(MaasApp(MaasClient(server_url, token), freeze_gc=True))
+
+
+def crash_log_path() -> Path:
+    """Where a crashed TUI leaves its traceback: MAAS_TUI_LOG, else the user's state folder."""
+    import os
+
+    import platformdirs
+
+    override = os.environ.get("MAAS_TUI_LOG")
+    return Path(override) if override else Path(platformdirs.user_state_dir("maas")) / "tui.log"
+
+
+def run_app(app: MaasApp, headless: bool = False) -> None:
+    """Run the app; when it stops on an error, write the traceback to crash_log_path() and exit 1
+    with one short line (never status 0, never a screenful of traceback over SSH)."""
+    import io
+    import sys
+    import traceback
+
+    from rich.console import Console
+
+    details = io.StringIO()
+    # Textual prints an unhandled error's traceback on its error console after leaving the screen.
+    app.error_console = Console(file=details, width=120, markup=False, highlight=False, color_system=None)
+    error: BaseException | None = None
+    try:
+        app.run(headless=headless)
+    except Exception as exc:  # raised outside Textual's own handling (driver, terminal)
+        error = exc
+        details.write("".join(traceback.format_exception(exc)))
+    if error is None and not app.return_code:
+        return
+    error = error or getattr(app, "_exception", None)
+    if isinstance(getattr(error, "error", None), BaseException):  # textual's WorkerFailed: say what failed
+        error = error.error
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error else "an error"
+    path = crash_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log_file:
+            log_file.write(f"--- maas tui stopped at {datetime.now(UTC).isoformat()}: {reason}\n{details.getvalue()}\n")
+        where = f"details in {path}"
+    except OSError as exc:
+        where = f"no log written ({path}: {exc.strerror or exc})"
+    sys.stderr.write(f"maas tui stopped on an internal error ({reason[:200]}); {where}\n")
+    raise SystemExit(app.return_code or 1)
