@@ -26,10 +26,11 @@ from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
 from agent.runtimes.process import AdoptedHandle
-from agent.sources import ModelCache
+from agent.sources import ModelCache, SourceError, env_model_roots
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.ndjson import watch_messages
 from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
+from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class AgentConfig:
     runtime: str = "process"
     docker_shm_size: str = "16g"
     model_cache: Path | None = None  # hub downloads (agent/sources.py); default <data_dir>/models
+    # Folders local model sources may lie in, besides the model cache (a spec cannot name /etc/shadow).
+    model_roots: list[str] = field(default_factory=env_model_roots)
     # A download that moves no byte for this long fails the instance (network gone, hub stuck).
     download_stall_timeout: float = 300.0
 
@@ -419,7 +422,12 @@ class Agent:
         source = instance.spec.source
         if self.models.parse(source).kind == "local":
             if os.path.isabs(source) or custom_name(instance.spec.backend) is None:
-                await self.models.resolve(source)  # a clear error now rather than a backend's traceback later
+                path = await self.models.resolve(source)  # a clear error now rather than a backend's traceback later
+                traits = BACKEND_TRAITS.get(instance.spec.backend)
+                roots = [*self.config.model_roots, str(self.models.root)]
+                if problem := await asyncio.to_thread(source_problem, path, roots, traits.layout if traits else "any",
+                                                      must_exist=True):
+                    raise SourceError(f"model source refused: {problem}")
             return instance  # a custom backend may take a name of its own (not a path) as its source
         what = f"downloading {source} into {self.models.root}"
         await self._downloading(workload, what, 0.0)

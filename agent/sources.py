@@ -30,6 +30,11 @@ HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 MS_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 
 
+def env_model_roots() -> list[str]:
+    """MAAS_MODEL_ROOTS: folders (os.pathsep-separated) local model sources may lie in."""
+    return [os.path.abspath(r) for r in os.environ.get("MAAS_MODEL_ROOTS", "").split(os.pathsep) if r.strip()]
+
+
 class SourceError(RuntimeError):
     """The source cannot be used: the message says why, for the operator."""
 

@@ -195,6 +195,11 @@ class MaasClient:
     async def delete_backend(self, name: str) -> None:
         await self.request("DELETE", f"/v2/backends/{name}")
 
+    async def set_backend_allow_list(self, backend: str, env: list[str], args: list[str]) -> schemas.BackendAllowList:
+        body = {"env": env, "args": args}
+        return schemas.BackendAllowList.model_validate(await self.request("PUT", f"/v2/backends/{backend}/allow",
+                                                                          json_body=body))
+
     # --- streams --------------------------------------------------------------------
 
     @asynccontextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
@@ -39,6 +39,13 @@ class ServerConfig:
     higress_kubeconfig: str | None = None  # apply Higress objects through this cluster's Kubernetes API
     higress_kube_context: str | None = None  # that kubeconfig's context (default: its current-context)
     advertise_url: str | None = None  # how Higress and remote agents reach this server
+    # Folders local model sources may lie in, besides <data-dir>/models (os.pathsep-separated; the
+    # agents check their own roots again): a model spec cannot name /etc/shadow.
+    model_roots: str = field(default_factory=lambda: os.environ.get("MAAS_MODEL_ROOTS", ""))
+
+    def local_model_roots(self) -> list[str]:
+        extra = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots.split(os.pathsep) if r.strip()]
+        return [str(self.data_dir / "models"), *extra]
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerConfig":
@@ -55,6 +62,7 @@ class ServerConfig:
             "max_restarts": os.environ.get("MAAS_MAX_RESTARTS"),
             "gateway_timeout": os.environ.get("MAAS_GATEWAY_TIMEOUT"),
             "gateway_max_body_mb": os.environ.get("MAAS_GATEWAY_MAX_BODY_MB"),
+            "gateway_max_upload_mb": os.environ.get("MAAS_GATEWAY_MAX_UPLOAD_MB"),
             "higress_dir": os.environ.get("MAAS_HIGRESS_DIR"),
             "higress_kubeconfig": os.environ.get("MAAS_HIGRESS_KUBECONFIG"),
             "higress_kube_context": os.environ.get("MAAS_HIGRESS_KUBE_CONTEXT"),
@@ -62,7 +70,6 @@ class ServerConfig:
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})
-            "gateway_max_upload_mb": os.environ.get("MAAS_GATEWAY_MAX_UPLOAD_MB"),
         data_dir = Path(str(values.pop("data_dir", default_data_dir()))).expanduser().absolute()
         config = cls(data_dir=data_dir)
         for key, value in values.items():

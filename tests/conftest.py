@@ -51,6 +51,11 @@ def _postgres_binaries() -> bool:
 
 HAVE_POSTGRES = _postgres_binaries()  # the embedded PostgreSQL can run here
 
+# Local model sources must lie under the model roots (server/schemas/backend_traits.py). The tests
+# write their models under /tmp or ship them in tests/fixtures; servers and agents they start in
+# subprocesses inherit this too. Tests of the roots themselves pass roots of their own.
+os.environ.setdefault("MAAS_MODEL_ROOTS", os.pathsep.join(["/tmp", str(Path(__file__).parent / "fixtures")]))
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

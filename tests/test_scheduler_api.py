@@ -100,7 +100,9 @@ async def test_evaluate_explains_per_worker_when_nothing_fits(server, admin: Maa
 
 async def test_evaluate_of_a_model_without_metadata_says_why(server, admin: MaasClient, tmp_path: Path):
     await add_worker(server, "gpu-a", 1)
-    result = await admin.evaluate_model(vllm_body("nothing", str(tmp_path), replicas=1))
+    # A folder that is on the workers only: the server has no config.json to read. (A folder on the
+    # server without one is refused at once: tests/test_spec_policy.py.)
+    result = await admin.evaluate_model(vllm_body("nothing", str(tmp_path / "on-the-workers"), replicas=1))
     assert result.schedulable == 0 and result.replicas[0].reasons[0].reason == "estimate_failed"
     assert "config.json" in result.message
 

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 
 from server.schemas import CUSTOM_BACKEND_PREFIX, BackendDefinition, InstanceOut, ResourceClaim
+from server.schemas.backend_traits import (LLAMACPP_METRICS, MINDIE_METRICS, SGLANG_METRICS, VLLM_METRICS,
+                                           describe, launch_problems, template_problem)
 
 
 @dataclass
@@ -50,36 +52,6 @@ class LaunchContext:
 
     def python_for(self, backend: str) -> str:
         return self.python.get(backend) or sys.executable
-
-
-# --- metrics maps ------------------------------------------------------------------
-
-LLAMACPP_METRICS = {
-    "llamacpp:requests_processing": "requests_running",
-    "llamacpp:requests_deferred": "requests_waiting",
-    "llamacpp:prompt_tokens_total": "prompt_tokens_total",
-    "llamacpp:tokens_predicted_total": "generation_tokens_total",
-    "llamacpp:kv_cache_usage_ratio": "kv_cache_usage_ratio",
-}
-VLLM_METRICS = {
-    "vllm:num_requests_running": "requests_running",
-    "vllm:num_requests_waiting": "requests_waiting",
-    "vllm:prompt_tokens_total": "prompt_tokens_total",
-    "vllm:generation_tokens_total": "generation_tokens_total",
-    "vllm:gpu_cache_usage_perc": "kv_cache_usage_ratio",  # a 0..1 ratio despite the name
-    "vllm:kv_cache_usage_perc": "kv_cache_usage_ratio",  # the newer name
-    "vllm:time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
-    "vllm:time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
-}
-SGLANG_METRICS = {
-    "sglang:num_running_reqs": "requests_running",
-    "sglang:num_queue_reqs": "requests_waiting",
-    "sglang:prompt_tokens_total": "prompt_tokens_total",
-    "sglang:generation_tokens_total": "generation_tokens_total",
-    "sglang:token_usage": "kv_cache_usage_ratio",
-    "sglang:time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
-    "sglang:time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
-}
 
 
 # --- the builders -------------------------------------------------------------------
@@ -217,16 +189,6 @@ def voxbox(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
                       container_command=command + list(spec.args), requires=("executable", "vox-box"))
 
 
-# MindIE's service monitor (MIES_SERVICE_MONITOR_MODE=1) exports vLLM's metric names without the prefix.
-MINDIE_METRICS = {
-    "num_requests_running": "requests_running",
-    "num_requests_waiting": "requests_waiting",
-    "prompt_tokens_total": "prompt_tokens_total",
-    "generation_tokens_total": "generation_tokens_total",
-    "npu_cache_usage_perc": "kv_cache_usage_ratio",
-    "time_to_first_token_seconds_sum": "time_to_first_token_seconds_sum",
-    "time_to_first_token_seconds_count": "time_to_first_token_seconds_count",
-}
 MINDIE_DAEMON = "/usr/local/Ascend/mindie/latest/mindie-service/bin/mindieservice_daemon"
 
 
@@ -280,8 +242,14 @@ def custom_name(backend: str) -> str | None:
 
 
 def build_launch(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
+    """The launch of `instance`, after the checks no spec may fail (the server made them when the spec
+    was stored; a spec from before them, or written by hand, stops here)."""
+    if problems := launch_problems(instance.spec):
+        raise BackendError(f"refused by the agent's spec rules: {describe(problems)}")
     backend = instance.spec.backend
     if custom_name(backend) is not None:
+        if context.custom is not None and (problem := template_problem(context.custom.command)):
+            raise BackendError(f"backend {backend}: {problem}")
         return custom(instance, context)
     try:
         build = BACKENDS[backend]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,8 @@ def start(
     advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssh_port: Optional[int] = typer.Option(None, help="also serve the TUI over SSH on this port (public keys: maas user add-key)"),
+    model_root: list[Path] = typer.Option([], "--model-root", help=(
+        "a folder local model sources may lie in (repeatable; besides <data-dir>/models) [env: MAAS_MODEL_ROOTS]")),
 ) -> None:
     """Run the server (with an embedded PostgreSQL unless --database-url) and a local agent."""
     from maas_tui.cli.serve import run_start
@@ -102,7 +105,8 @@ def start(
               simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port,
               extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None,
                      "higress_kubeconfig": _kubeconfig_option(higress_kubeconfig),
-                     "advertise_url": advertise_url})
+                     "advertise_url": advertise_url,
+                     "model_roots": os.pathsep.join(str(p.absolute()) for p in model_root) or None})
 
 
 @app.command()
@@ -124,6 +128,8 @@ def agent(
         "and outside the kernel's ephemeral range")),
     model_cache: Optional[Path] = typer.Option(None, envvar="MAAS_MODEL_CACHE", help=(
         "where Hugging Face and ModelScope downloads are kept (default: <data-dir>/models)")),
+    model_root: list[Path] = typer.Option([], "--model-root", help=(
+        "a folder local model sources may lie in (repeatable; besides the model cache) [env: MAAS_MODEL_ROOTS]")),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run an agent that joins this host to a cluster."""
@@ -131,7 +137,8 @@ def agent(
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
               simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
-              labels=labels, port_range=port_range, ray_port_range=ray_port_range, model_cache=model_cache)
+              labels=labels, port_range=port_range, ray_port_range=ray_port_range, model_cache=model_cache,
+              model_roots=[str(p.absolute()) for p in model_root])
 
 
 @app.command()

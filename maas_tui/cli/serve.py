@@ -92,7 +92,8 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
             if not no_agent:
                 agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "",
                                           data_dir=config.data_dir / "agent", name=socket.gethostname(),
-                                          address="127.0.0.1", simulate_gpus=simulate_gpus))
+                                          address="127.0.0.1", simulate_gpus=simulate_gpus,
+                                          model_roots=config.local_model_roots()))
                 await agent.start()
             _banner(server, agent is not None)
             if door is not None:
@@ -168,10 +169,11 @@ def _banner(server, with_agent: bool) -> None:
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
               simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0,
               labels: list[str] | None = None, port_range: str | None = None, model_cache: Path | None = None,
-              ray_port_range: str | None = None) -> None:
+              ray_port_range: str | None = None, model_roots: list[str] | None = None) -> None:
     import platformdirs
 
     from agent.agent import Agent, AgentConfig, ServerRejected
+    from agent.sources import env_model_roots
     from agent.devices import DeviceSpecError
     from agent.ports import DEFAULT_RANGE, DEFAULT_RAY_RANGE, PortRangeError, ephemeral_range, parse_port_range, \
         parse_ray_port_range
@@ -202,7 +204,8 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
         config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
                              address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
                              runtime=runtime, labels=worker_labels, port_range=ports, ray_port_range=ray_ports,
-                             model_cache=model_cache.absolute() if model_cache else None)
+                             model_cache=model_cache.absolute() if model_cache else None,
+                             model_roots=list(model_roots) if model_roots else env_model_roots())
         agent = Agent(config)
     except DeviceSpecError as exc:
         err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")

@@ -18,50 +18,44 @@ from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.db.settings import put_setting
 from server.events import record_event
+from server.schemas.backend_traits import BACKEND_TRAITS, BackendTraits
+from server.services.backends import ALLOW_PREFIX, allow_lists, effective
 
 SETTING_PREFIX = "backend/"
 
-BUILTIN: list[schemas.BackendOut] = [
-    schemas.BackendOut(
-        name="llama.cpp", builtin=True, description="llama.cpp HTTP server (GGUF), CPU or GPU, in-process via xllamacpp",
-        command=["python", "-m", "agent.backends.llamacpp_server", "--model", "{model_path}", "--alias", "{model_name}",
-                 "--host", "{host}", "--port", "{port}"],
-        metrics={"llamacpp:requests_processing": "requests_running", "llamacpp:requests_deferred": "requests_waiting",
-                 "llamacpp:prompt_tokens_total": "prompt_tokens_total",
-                 "llamacpp:tokens_predicted_total": "generation_tokens_total"}),
-    schemas.BackendOut(
-        name="vllm", builtin=True, description="vLLM OpenAI server (Hugging Face layouts), GPUs",
-        command=["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model_path}",
-                 "--served-model-name", "{model_name}", "--host", "{host}", "--port", "{port}"],
-        image="vllm/vllm-openai:latest",
-        metrics={"vllm:num_requests_running": "requests_running", "vllm:num_requests_waiting": "requests_waiting",
-                 "vllm:prompt_tokens_total": "prompt_tokens_total",
-                 "vllm:generation_tokens_total": "generation_tokens_total",
-                 "vllm:gpu_cache_usage_perc": "kv_cache_usage_ratio"}),
-    schemas.BackendOut(
-        name="sglang", builtin=True, description="SGLang server (Hugging Face layouts), GPUs",
-        command=["python", "-m", "sglang.launch_server", "--model-path", "{model_path}",
-                 "--served-model-name", "{model_name}", "--host", "{host}", "--port", "{port}", "--enable-metrics"],
-        image="lmsysorg/sglang:latest",
-        metrics={"sglang:num_running_reqs": "requests_running", "sglang:num_queue_reqs": "requests_waiting",
-                 "sglang:prompt_tokens_total": "prompt_tokens_total",
-                 "sglang:generation_tokens_total": "generation_tokens_total", "sglang:token_usage": "kv_cache_usage_ratio"}),
-    schemas.BackendOut(
-        name="vox-box", builtin=True, description="VoxBox speech server (speech-to-text, text-to-speech), CPU or GPU",
-        command=["vox-box", "start", "--model", "{model_path}", "--host", "{host}", "--port", "{port}"],
-        image="gpustack/vox-box:latest", metrics_path=None),
-    schemas.BackendOut(
-        name="mindie", builtin=True, description="MindIE service daemon (Ascend NPUs); config written at launch",
-        command=["/usr/local/Ascend/mindie/latest/mindie-service/bin/mindieservice_daemon"],
-        image="ascendhub.huawei.com/public-ascendhub/mindie", health_path="/v1/models",
-        metrics={"num_requests_running": "requests_running", "num_requests_waiting": "requests_waiting",
-                 "prompt_tokens_total": "prompt_tokens_total", "generation_tokens_total": "generation_tokens_total",
-                 "npu_cache_usage_perc": "kv_cache_usage_ratio"}),
-]
+# How each built-in backend starts, for `maas backend list` (the agent's backends/ package builds the
+# real command); what it accepts comes from the traits table.
+_BUILTIN_COMMANDS: dict[str, tuple[list[str], str | None]] = {
+    "llama.cpp": (["python", "-m", "agent.backends.llamacpp_server", "--model", "{model_path}", "--alias",
+                   "{model_name}", "--host", "{host}", "--port", "{port}"], None),
+    "vllm": (["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model_path}",
+              "--served-model-name", "{model_name}", "--host", "{host}", "--port", "{port}"], "vllm/vllm-openai:latest"),
+    "sglang": (["python", "-m", "sglang.launch_server", "--model-path", "{model_path}", "--served-model-name",
+                "{model_name}", "--host", "{host}", "--port", "{port}", "--enable-metrics"], "lmsysorg/sglang:latest"),
+    "vox-box": (["vox-box", "start", "--model", "{model_path}", "--host", "{host}", "--port", "{port}"],
+                "gpustack/vox-box:latest"),
+    "mindie": (["/usr/local/Ascend/mindie/latest/mindie-service/bin/mindieservice_daemon"],
+               "ascendhub.huawei.com/public-ascendhub/mindie"),
+}
 
 
-def _out(row: tables.Setting) -> schemas.BackendOut:
-    return schemas.BackendOut(**json.loads(row.value), created_at=row.created_at, updated_at=row.updated_at)
+def _builtin(traits: BackendTraits, extra: schemas.BackendAllowList | None) -> schemas.BackendOut:
+    command, image = _BUILTIN_COMMANDS[traits.name]
+    env, args = effective(traits.name, extra)
+    return schemas.BackendOut(
+        name=traits.name, builtin=True, description=traits.description, command=command, image=image,
+        health_path=traits.health_path, metrics_path=traits.metrics_path, metrics=dict(traits.metrics),
+        allowed_env=sorted(env), allowed_args=sorted(args))
+
+
+BUILTIN: list[schemas.BackendOut] = [_builtin(t, None) for t in BACKEND_TRAITS.values()]
+
+
+def _out(row: tables.Setting, extra: schemas.BackendAllowList | None = None) -> schemas.BackendOut:
+    definition = json.loads(row.value)
+    env, args = effective(schemas.CUSTOM_BACKEND_PREFIX + definition["name"], extra)
+    return schemas.BackendOut(**definition, created_at=row.created_at, updated_at=row.updated_at,
+                              allowed_env=sorted(env), allowed_args=sorted(args))
 
 
 async def _custom_rows(session) -> list[tables.Setting]:
@@ -71,15 +65,18 @@ async def _custom_rows(session) -> list[tables.Setting]:
 
 def _check_admin(request: web.Request) -> None:
     if not principal_of(request).is_admin:
-        raise forbidden("only an admin may register or remove backends: their commands run on the workers")
+        raise forbidden("only an admin may register, remove or open up backends: their commands run on the workers")
 
 
 @route("GET", "/v2/backends", "List the built-in backends and the custom ones (deploy those as custom:NAME)",
        auth="user_or_worker", response=schemas.BackendOut, response_list=True)
 async def list_backends(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        custom = [_out(row) for row in await _custom_rows(s)]
-    return json_out(BUILTIN + custom)
+        extra = await allow_lists(s)
+        rows = await _custom_rows(s)
+    builtin = [_builtin(t, extra.get(t.name)) for t in BACKEND_TRAITS.values()]
+    custom = [_out(row, extra.get(schemas.CUSTOM_BACKEND_PREFIX + row.key[len(SETTING_PREFIX):])) for row in rows]
+    return json_out(builtin + custom)
 
 
 @route("GET", "/v2/backends/{name}", "A custom backend's definition", auth="user_or_worker",
@@ -90,7 +87,7 @@ async def get_backend(request: web.Request) -> web.Response:
         row = await s.get(tables.Setting, SETTING_PREFIX + name)
         if row is None:
             raise not_found(f"custom backend {name!r}")
-        return json_out(_out(row))
+        return json_out(_out(row, (await allow_lists(s)).get(schemas.CUSTOM_BACKEND_PREFIX + name)))
 
 
 @route("POST", "/v2/backends", "Register a custom backend (admin)", body=schemas.BackendDefinition,
@@ -120,6 +117,28 @@ async def delete_backend(request: web.Request) -> web.Response:
         if row is None:
             raise not_found(f"custom backend {name!r}")
         await s.delete(row)
+        if allow := await s.get(tables.Setting, ALLOW_PREFIX + schemas.CUSTOM_BACKEND_PREFIX + name):
+            await s.delete(allow)
         record_event(s, "backends", name, "Removed", f"backend custom:{name}", principal_of(request).name)
         await s.commit()
     return web.json_response({"deleted": name})
+
+
+@route("PUT", "/v2/backends/{name}/allow", "Set what users other than admins may pass to a backend (admin): "
+       "env names and flags beyond its built-in allow-list; NAME is built-in or custom:NAME",
+       body=schemas.BackendAllowList, response=schemas.BackendAllowList)
+async def set_allow_list(request: web.Request) -> web.Response:
+    _check_admin(request)
+    body = await read_json(request, schemas.BackendAllowList)
+    name = request.match_info["name"]
+    custom = name.removeprefix(schemas.CUSTOM_BACKEND_PREFIX) if name.startswith(schemas.CUSTOM_BACKEND_PREFIX) else None
+    async with server_of(request).db.session() as s:
+        known = (name in BACKEND_TRAITS if custom is None
+                 else await s.get(tables.Setting, SETTING_PREFIX + custom) is not None)
+        if not known:
+            raise not_found(f"backend {name!r} (custom backends are named custom:NAME)")
+        await put_setting(s, ALLOW_PREFIX + name, body.model_dump_json())
+        record_event(s, "backends", name, "AllowListChanged",
+                     f"env: {', '.join(body.env) or '-'}; args: {', '.join(body.args) or '-'}", principal_of(request).name)
+        await s.commit()
+    return json_out(body)

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from server import schemas
 from server.api.errors import ApiError, conflict, not_found, read_json
-from server.api.resources import _get_model, _get_worker, model_out, new_revision, ready_counts
+from server.api.resources import _get_model, _get_worker, check_spec, model_out, new_revision, ready_counts
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.events import record_event
@@ -65,6 +65,7 @@ async def undo_rollout(request: web.Request) -> web.Response:
             if not earlier:
                 raise ApiError(409, "no_revision", f"model {model.name!r} has no earlier spec to go back to")
             target = earlier[0]
+        await check_spec(request, s, schemas.ModelSpec.model_validate(target.spec))  # stored before today's rules?
         new_revision(s, model, dict(target.spec), f"undo to revision {target.revision}")
         model.paused = False
         record_event(s, "models", model, "RolloutUndo", f"to revision {target.revision}: generation {model.generation}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +17,8 @@ from server.api.routing import json_out, principal_of, route, server_of
 from server.api.security import SESSION_LIFETIME, hash_secret, new_user_token, verify_password
 from server.db import tables
 from server.events import record_event
+from server.schemas.backend_traits import describe
+from server.services import models as model_specs
 
 # --- login and keys -------------------------------------------------------------
 
@@ -91,30 +92,14 @@ async def delete_key(request: web.Request) -> web.Response:
 # --- models -----------------------------------------------------------------
 
 
-def _check_source(spec: schemas.ModelSpec) -> None:
-    """Sources that are local paths must be absolute and exist (the CLI resolves relative ones).
-
-    Hub sources (hf://ORG/NAME, ms://ORG/NAME, or a bare ORG/NAME: see schemas.parse_model_source)
-    are downloaded by the agent; only their form is checked here."""
-    try:
-        source = schemas.parse_model_source(spec.source)
-    except schemas.SourceError as exc:
-        raise bad_request(str(exc)) from None
-    if source.kind != "local":
-        if spec.backend == "llama.cpp" and not (source.filename or "").endswith(".gguf"):
-            raise bad_request(f"llama.cpp serves one GGUF file: name it in the source, e.g. "
-                              f"{'ms' if source.kind == 'modelscope' else 'hf'}://{source.repo_id}/FILE.gguf")
-        return
-    if spec.backend == "llama.cpp":
-        path = Path(spec.source)
-        if not path.is_absolute():
-            raise bad_request(f"model source {spec.source!r} must be an absolute path to a .gguf file")
-        try:
-            found = path.is_file()
-        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-            raise bad_request(f"model source {spec.source!r} is not a usable path: {exc}") from None
-        if not found:
-            raise bad_request(f"model file not found: {spec.source}")
+async def check_spec(request: web.Request, session, spec: schemas.ModelSpec) -> None:
+    """A 400 naming each field of `spec` this caller may not ask the workers for (server/services/models.py)."""
+    server = server_of(request)
+    problems = await model_specs.check_spec(session, spec, admin=principal_of(request).is_admin,
+                                            model_roots=server.config.local_model_roots())
+    if problems:
+        raise ApiError(400, "spec_refused", describe(problems),
+                       details=[{"field": p.field, "message": p.message} for p in problems])
 
 
 def new_revision(session, model: tables.Model, spec: dict, change: str) -> None:
@@ -158,10 +143,10 @@ async def list_models(request: web.Request) -> web.Response:
 @route("POST", "/v2/models", "Deploy a model", body=schemas.ModelCreate, response=schemas.ModelOut, status=201)
 async def create_model(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ModelCreate)
-    _check_source(body)
     principal = principal_of(request)
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     async with server_of(request).db.session() as s:
+        await check_spec(request, s, spec)
         existing = (await s.execute(select(tables.Model).where(tables.Model.name == body.name))).scalar_one_or_none()
         if existing is not None:
             what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
@@ -204,7 +189,7 @@ async def update_model(request: web.Request) -> web.Response:
         model.max_surge, model.max_unavailable = surge, unavailable
         if changes:
             new_spec = schemas.ModelSpec.model_validate({**model.spec, **changes})
-            _check_source(new_spec)
+            await check_spec(request, s, new_spec)
             dumped = new_spec.model_dump(mode="json")
             if dumped != model.spec:
                 new_revision(s, model, dumped, "spec changed: " + ", ".join(sorted(changes)))

@@ -9,7 +9,7 @@ from sqlalchemy import or_, select
 
 from server import schemas
 from server.api.errors import read_json
-from server.api.resources import _check_source, _get_model, model_out, ready_counts
+from server.api.resources import _get_model, check_spec, model_out, ready_counts
 from server.api.routing import json_out, route, server_of
 from server.db import tables
 from server.scheduler.estimate import EstimateError, estimate
@@ -24,10 +24,10 @@ S = schemas.InstanceState
        "Writes nothing.", body=schemas.ModelCreate, response=schemas.ModelEvaluation)
 async def evaluate_model(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ModelCreate)
-    _check_source(body)
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     server = server_of(request)
     async with server.db.session() as s:
+        await check_spec(request, s, spec)
         state = await load_state(s, Reserves.from_env())
         existing = (await s.execute(select(tables.Model.id).where(tables.Model.name == body.name))).scalar_one_or_none()
     pending = len(state.pending)

