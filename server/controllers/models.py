@@ -1,16 +1,25 @@
 """The model controller: keeps `replicas` instances per model, rolls generations over,
 restarts failed instances with backoff, replaces those of lost workers, tears down
-deleted models."""
+deleted models.
+
+It reconciles the models that changed: a model's own change or one of its instances' queues that
+model (controllers/loop.py KeyedReconcileLoop); a worker change queues everything only when the
+worker's state or draining flag moved (heartbeats are no events at all: server/liveness.py). A
+backoff or grace period queues the model again when it ends. A full pass every resync interval is
+the safety net.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime
+from typing import Any, Iterable
 
 from sqlalchemy import select
 
 from server import schemas
-from server.controllers.loop import ReconcileLoop
+from server.controllers.loop import ALL, KeyedReconcileLoop
 from server.controllers.rollout import InstanceView, plan
 from server.db import tables
 from server.events import record_event
@@ -27,19 +36,51 @@ def _age(moment: datetime, now: datetime) -> float:
     return (now - (moment if moment.tzinfo else moment.replace(tzinfo=UTC))).total_seconds()
 
 
-class ModelController(ReconcileLoop):
+class ModelController(KeyedReconcileLoop):
     name = "model-controller"
     kinds = ("models", "instances", "workers")
 
+    def __init__(self, server: Any, interval: float):
+        super().__init__(server, interval)
+        self._workers: dict[int, tuple[str, bool]] = {}  # what of a worker matters here: state, draining
+
+    def keys_of(self, event: Any) -> Iterable[int] | object:
+        obj = event.object
+        if event.kind == "models":
+            return (obj["id"],)
+        if event.kind == "instances":
+            return (obj["model_id"],) if obj.get("model_id") is not None else ()
+        # workers: only a move of state or draining changes what this controller does
+        if event.action == "deleted":
+            self._workers.pop(obj["id"], None)
+            return ALL
+        seen = (obj.get("state"), bool(obj.get("draining")))
+        before = self._workers.get(obj["id"])
+        self._workers[obj["id"]] = seen
+        return () if before == seen or (before is None and seen == ("ready", False)) else ALL
+
     async def reconcile(self) -> None:
+        await self._reconcile(None)
+
+    async def reconcile_keys(self, keys: set[int]) -> None:
+        await self._reconcile(keys)
+
+    async def _reconcile(self, model_ids: set[int] | None) -> None:
+        """Reconcile these models (None: all of them)."""
         now = datetime.now(UTC)
-        self.next_wake = None
+        self._now = asyncio.get_running_loop().time()
         async with self.server.db.session() as s:
-            models = (await s.execute(select(tables.Model))).scalars().all()
-            instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
+            model_query, instance_query = select(tables.Model), select(tables.ModelInstance)
+            if model_ids is not None:
+                model_query = model_query.where(tables.Model.id.in_(model_ids))
+                instance_query = instance_query.where(tables.ModelInstance.model_id.in_(model_ids))
+            models = (await s.execute(model_query)).scalars().all()
+            instances = (await s.execute(instance_query)).scalars().all()
             ready_workers = set((await s.execute(select(tables.Worker.id).where(
                 tables.Worker.state == schemas.WorkerState.ready))).scalars())
             draining = set((await s.execute(select(tables.Worker.id).where(tables.Worker.draining))).scalars())
+            if model_ids is None:
+                self._workers = {w: ("ready", w in draining) for w in ready_workers}
             by_model: dict[int, list[tables.ModelInstance]] = {}
             for instance in instances:
                 by_model.setdefault(instance.model_id, []).append(instance)
@@ -55,8 +96,8 @@ class ModelController(ReconcileLoop):
                     await s.delete(instance)
             await s.commit()
 
-    def _wake_in(self, seconds: float) -> None:
-        self.next_wake = seconds if self.next_wake is None else min(self.next_wake, seconds)
+    def _wake_in(self, model_id: int, seconds: float) -> None:
+        self.queue.add_after(model_id, seconds, self._now)
 
     async def _heal(self, s, instance: tables.ModelInstance, ready_workers: set[int], now: datetime) -> bool:
         """Restart a failed instance after its backoff, or replace it; True when it was removed."""
@@ -64,7 +105,7 @@ class ModelController(ReconcileLoop):
         if instance.state == S.unreachable:
             waited = _age(instance.updated_at, now)
             if waited < config.reschedule_after:
-                self._wake_in(config.reschedule_after - waited)
+                self._wake_in(instance.model_id, config.reschedule_after - waited)
                 return False
             record_event(s, "instances", instance, "Rescheduled",
                          f"worker {instance.worker_name} unreachable for {waited:.0f} s; replacing the instance", self.name)
@@ -75,7 +116,7 @@ class ModelController(ReconcileLoop):
         backoff = min(config.restart_backoff * 2 ** instance.restart_count, config.restart_backoff_max)
         waited = _age(instance.updated_at, now)
         if waited < backoff:
-            self._wake_in(backoff - waited)
+            self._wake_in(instance.model_id, backoff - waited)
             return False
         if instance.restart_count >= config.max_restarts:
             record_event(s, "instances", instance, "Replaced",

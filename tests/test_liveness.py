@@ -1,0 +1,166 @@
+"""Unit tests: worker leases (expiry, takeover grace, renewals through the store), the heartbeat
+cache that decides when a heartbeat writes, the model controller's event filter and its per-object
+work queue. Pure: times are passed in."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+from server.bus import EventBus, Frame
+from server.controllers.loop import ALL, WorkQueue
+from server.controllers.models import ModelController
+from server.liveness import Heartbeats, Leases, inventory
+
+TIMEOUT = 15.0
+
+
+def test_a_lease_expires_after_the_timeout_without_renewal():
+    leases = Leases(taken_over_at=100.0)
+    leases.renew(1, 101.0)
+    leases.renew(2, 110.0)
+    assert leases.expired([1, 2], TIMEOUT, now=115.0) == []
+    assert leases.expired([1, 2], TIMEOUT, now=116.5) == [1]
+    assert leases.expired([1, 2], TIMEOUT, now=126.0) == [1, 2]
+
+
+def test_an_older_renewal_never_shortens_a_lease():
+    leases = Leases(taken_over_at=0.0)
+    leases.renew(1, 50.0)
+    leases.renew(1, 40.0)
+    assert leases.last_heard(1) == 50.0
+
+
+def test_takeover_grants_every_worker_a_full_timeout():
+    # A new leader (or a restarted server) heard nothing from anyone yet, and the store says the
+    # workers were last seen long ago (the gap while no leader ran): none expires before a full timeout.
+    leases = Leases(taken_over_at=1000.0)
+    wall = datetime(2026, 1, 1, tzinfo=UTC)
+    leases.renew_from_store(1, wall - timedelta(seconds=60), now=1000.0, wall_now=wall)
+    assert leases.expired([1, 2], TIMEOUT, now=1000.0 + TIMEOUT) == []
+    assert leases.expired([1, 2], TIMEOUT, now=1000.0 + TIMEOUT + 0.1) == [1, 2]
+
+
+def test_store_times_renew_only_when_they_advance_and_never_into_the_future():
+    leases = Leases(taken_over_at=0.0)
+    wall = datetime(2026, 1, 1, tzinfo=UTC)
+    seen = wall - timedelta(seconds=2)  # flushed by another server 2 s ago
+    leases.renew_from_store(7, seen, now=500.0, wall_now=wall)
+    assert leases.last_heard(7) == 498.0
+    # The same time read again later is no new sign of life.
+    leases.renew_from_store(7, seen, now=520.0, wall_now=wall + timedelta(seconds=20))
+    assert leases.expired([7], TIMEOUT, now=520.0) == [7]
+    # A clock ahead of ours counts as "now", not later.
+    leases.renew_from_store(7, wall + timedelta(seconds=90), now=530.0, wall_now=wall + timedelta(seconds=30))
+    assert leases.last_heard(7) == 530.0
+    # Naive times (SQLite) are UTC.
+    leases.renew_from_store(8, (wall - timedelta(seconds=1)).replace(tzinfo=None), now=500.0, wall_now=wall)
+    assert leases.last_heard(8) == 499.0
+
+
+def test_forgotten_workers_leave_the_table():
+    leases = Leases(taken_over_at=0.0)
+    leases.renew(1, 10.0)
+    leases.renew(2, 10.0)
+    leases.forget([2])
+    assert leases.last_heard(1) == 0.0 and leases.last_heard(2) == 10.0
+
+
+def _gpu(index: int, utilization: float = 0.0, memory_used: int = 0) -> dict:
+    return {"index": index, "name": "H100 (simulated)", "vendor": "simulated", "uuid": None,
+            "memory_total": 80 << 30, "memory_used": memory_used, "utilization": utilization,
+            "mig_mode": None, "simulated": True}
+
+
+def test_a_heartbeat_writes_only_when_something_durable_changed():
+    beats = Heartbeats(db=None)
+    host = {"hostname": "h", "os": "Linux", "cpu_count": 8, "memory_total": 1 << 34, "cpu_percent": 3.0}
+    assert beats.current(1, [_gpu(0)], host) is None  # nothing known: read (and maybe write) the row
+    beats.remember({"id": 1, "state": "ready", "gpus": [_gpu(0)], "host": host})
+    # Moving readings are telemetry: no write.
+    assert beats.current(1, [_gpu(0, utilization=97.0, memory_used=5 << 30)], host | {"cpu_percent": 80.0}) is not None
+    # Different hardware, or a worker that is not ready, goes to the database.
+    assert beats.current(1, [_gpu(0), _gpu(1)], host) is None
+    assert beats.current(1, [_gpu(0)], host | {"memory_total": 1 << 35}) is None
+    beats.remember({"id": 1, "state": "not_ready", "gpus": [_gpu(0)], "host": host})
+    assert beats.current(1, [_gpu(0)], host) is None
+    assert inventory([_gpu(0, 50.0)], host) == inventory([_gpu(0, 10.0)], host | {"cpu_percent": 1.0})
+
+
+def test_heard_workers_wait_for_the_batched_flush():
+    beats = Heartbeats(db=None)
+    first = beats.heard_from(3)
+    second = beats.heard_from(3)
+    beats.heard_from(4)
+    assert beats._unflushed == {3: second, 4: beats._unflushed[4]} and second >= first
+    beats.forget(4)
+    assert set(beats._unflushed) == {3} and 4 not in beats.heard
+
+
+def test_work_queue_holds_each_key_once_and_delays():
+    queue = WorkQueue()
+    queue.add(1)
+    queue.add(1)
+    queue.add_after(2, 5.0, now=100.0)
+    queue.add_after(2, 9.0, now=100.0)  # a later time does not push it back
+    assert queue.next_due(100.0) == 0.0
+    assert queue.take(100.0) == (False, {1})
+    assert queue.next_due(100.0) == 5.0
+    assert queue.take(104.0) == (False, set())
+    assert queue.take(105.0) == (False, {2})
+    assert queue.next_due(105.0) is None and len(queue) == 0
+    queue.add_after(3, 1.0, now=0.0)
+    queue.add(3)  # now wins over later
+    assert queue.take(0.0) == (False, {3}) and len(queue) == 0
+    queue.add_all()
+    assert queue.take(0.0) == (True, set())
+
+
+def _event(kind: str, obj: dict, action: str = "updated"):
+    return SimpleNamespace(kind=kind, action=action, object=obj)
+
+
+def test_the_model_controller_reconciles_only_what_an_event_concerns():
+    controller = ModelController(SimpleNamespace(bus=EventBus()), interval=10.0)
+    assert controller.keys_of(_event("models", {"id": 4})) == (4,)
+    assert controller.keys_of(_event("instances", {"id": 9, "model_id": 4})) == (4,)
+    worker = {"id": 1, "state": "ready", "draining": False, "gpus": [_gpu(0, 10.0)]}
+    assert controller.keys_of(_event("workers", worker, "created")) == ()  # a new ready worker: the scheduler's
+    # A worker row rewritten with new readings (or labels) does not wake it...
+    assert controller.keys_of(_event("workers", worker | {"gpus": [_gpu(0, 90.0)]})) == ()
+    # ...a worker that went away, drains or comes back does, for every model.
+    assert controller.keys_of(_event("workers", worker | {"state": "not_ready"})) is ALL
+    assert controller.keys_of(_event("workers", worker | {"state": "not_ready"})) == ()
+    assert controller.keys_of(_event("workers", worker)) is ALL
+    assert controller.keys_of(_event("workers", worker | {"draining": True})) is ALL
+    assert controller.keys_of(_event("workers", worker, "deleted")) is ALL
+
+
+def test_agent_subscriptions_get_only_their_instances_and_telemetry_goes_to_who_asked():
+    bus = EventBus()
+    bus.workers_of = lambda obj: {obj.get("worker_id")} | set(obj.get("subordinates", ()))
+    agent_1 = bus.subscribe(["instances"], worker_id=1)
+    agent_2 = bus.subscribe(["instances"], worker_id=2)
+    tui = bus.subscribe(["workers", "instances"], telemetry=True)
+    controller = bus.subscribe(["workers", "instances"])
+    bus.publish("instances", "updated", {"id": 1, "worker_id": 1})
+    bus.publish("instances", "updated", {"id": 2, "worker_id": 2, "subordinates": [1]})
+    bus.publish("workers", "updated", {"id": 1})
+    assert [e.object["id"] for e in _drain(agent_1)] == [1, 2]
+    assert [e.object["id"] for e in _drain(agent_2)] == [2]
+    assert len(_drain(controller)) == 3 and len(_drain(tui)) == 3
+    bus.publish_frame(lambda: b"delta\n", lambda: b"full\n")
+    bus.publish_frame(lambda: b"delta\n", lambda: b"full\n")
+    bus.publish_frame(lambda: None, lambda: b"full\n")  # nothing changed: nothing sent
+    assert _drain(tui) == [Frame(b"full\n"), Frame(b"delta\n")]
+    assert _drain(controller) == [] and _drain(agent_1) == []
+    agent_1.close()
+    bus.publish("instances", "updated", {"id": 3, "worker_id": 1})
+    assert _drain(agent_1) == [] and 1 not in bus._by_worker
+
+
+def _drain(subscription) -> list:
+    items = []
+    while not subscription.queue.empty():
+        items.append(subscription.queue.get_nowait())
+    return items
