@@ -120,7 +120,7 @@ async def measure(view: str, size: tuple[int, int], frames: int) -> dict[str, An
                 frame_ms.append((done - start) * 1000)
                 cpu_ms.append(cpu * 1000)
         if view == "dash":
-            from maas_tui.tui.widgets import GpuHeatmap
+            from maas_tui.tui.heatmap import GpuHeatmap
 
             heatmap = app.screen.query_one(GpuHeatmap)
             for _ in range(20):

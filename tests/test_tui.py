@@ -21,10 +21,18 @@ from conftest import free_port
 from maas_tui.client import MaasClient
 from maas_tui.tui.app import MaasApp
 from maas_tui.tui.logs import LogView
-from maas_tui.tui.modals import ConfirmScreen, DeployForm, KeyCreateForm, ScaleForm, SecretScreen
-from maas_tui.tui.screens import (DashboardScreen, DescribeScreen, EventsScreen, GpusScreen, InstancesScreen,
-                                  KeysScreen, LogsScreen, ModelsScreen, WorkersScreen)
-from maas_tui.tui.widgets import ClusterHeader, GpuHeatmap, ResourceTable
+from maas_tui.tui.forms import DeployForm, KeyCreateForm, ScaleForm
+from maas_tui.tui.heatmap import GpuHeatmap
+from maas_tui.tui.modals import ConfirmScreen, SecretScreen
+from maas_tui.tui.views import DescribeScreen, LogsScreen
+from maas_tui.tui.views.dash import DashboardScreen
+from maas_tui.tui.views.events import EventsScreen
+from maas_tui.tui.views.gpus import GpusScreen
+from maas_tui.tui.views.instances import InstancesScreen
+from maas_tui.tui.views.keys import KeysScreen
+from maas_tui.tui.views.models import ModelsScreen
+from maas_tui.tui.views.workers import WorkersScreen
+from maas_tui.tui.widgets import ClusterHeader, ResourceTable
 from server.app import MaasServer
 from server.config import ServerConfig
 
@@ -288,7 +296,8 @@ def seen_recorder(pilot: Any, app: MaasApp, key: str, column: str, into: list[st
 
 async def test_edit_rolls_out_with_pause_resume_history_and_instance_restart(server: MaasServer, admin: MaasClient,
                                                                              agent, tiny_model: Path):
-    from maas_tui.tui.modals import EditForm, HistoryScreen
+    from maas_tui.tui.forms import EditForm
+    from maas_tui.tui.modals import HistoryScreen
 
     await admin.create_model({"name": "tiny", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 1})
     app = MaasApp(MaasClient(server.url, admin.token), start="models")
@@ -323,7 +332,7 @@ async def test_edit_rolls_out_with_pause_resume_history_and_instance_restart(ser
                     what="the paused rollout")
         await pilot.pause(1.0)  # paused: no new-generation instance appears
         rollout = app.state.rollouts()[model.id]
-        assert rollout.updated == 0 and rollout.outdated == 1 and rollout.old_ready == 1
+        assert rollout.updated == 0 and rollout.outdated == 1 and rollout.available - rollout.ready == 1  # old, serving
         assert "PAUSED" in screen_text(app)
 
         # Resume: the progress bar moves, then the rollout completes on generation 2.

@@ -15,9 +15,14 @@ from maas_tui.render import format as fmt
 from maas_tui.tui.demo import DemoClient, demo_state, fixed_clock, make_worker
 from maas_tui.tui.app import MaasApp
 from maas_tui.tui.logs import LogView, clean_line
-from maas_tui.tui.screens import DashboardScreen, InstancesScreen, LogsScreen, ModelsScreen
+from maas_tui.tui.heatmap import GpuHeatmap
 from maas_tui.tui.state import ClusterState
-from maas_tui.tui.widgets import GpuHeatmap, ResourceTable, resolve_command
+from maas_tui.tui.views import LogsScreen, resolve_command
+from maas_tui.tui.views.dash import DashboardScreen
+from maas_tui.tui.views.instances import InstancesScreen
+from maas_tui.tui.views.models import ModelsScreen
+from maas_tui.tui.widgets import ResourceTable
+from server.schemas.rollout import rollout_in_progress
 from server import schemas
 
 pytestmark = pytest.mark.timeout(60)
@@ -200,10 +205,10 @@ def test_rollout_progress_sort_keys_and_bar():
     qwen = state.model_by_name("qwen2.5-7b")
     rollout = state.rollouts()[qwen.id]
     # generation 2: one starting and one pending new instance, one old one still serving
-    assert (rollout.generation, rollout.desired, rollout.updated, rollout.ready, rollout.outdated,
-            rollout.old_ready) == (2, 3, 2, 0, 1, 1)
-    assert rollout.in_progress and not rollout.complete
-    assert not state.rollouts()[state.model_by_name("tiny").id].in_progress
+    assert (rollout.generation, rollout.replicas, rollout.updated, rollout.ready, rollout.outdated,
+            rollout.available - rollout.ready) == (2, 3, 2, 0, 1, 1)
+    assert rollout_in_progress(rollout) and not rollout.complete
+    assert not rollout_in_progress(state.rollouts()[state.model_by_name("tiny").id])
     assert fmt.rollout_bar(1, 2, 4, 8).plain == "██▒▒░░░░"
     assert fmt.rollout_bar(0, 0, 0, 4).plain == "░░░░"
     ages = ["2h", "40m", "5s", "3d", "-"]
@@ -244,7 +249,7 @@ async def test_log_view_timestamps_prefix_arrival_time():
     ("hf://nope", "vllm", "write hf://ORG/NAME"),
 ])
 def test_forms_check_sources_as_the_server_does(source: str, backend: str, problem: str | None):
-    from maas_tui.tui.modals import source_problem
+    from maas_tui.tui.forms import source_problem
 
     found = source_problem(source, backend)
     assert found is None if problem is None else problem in found
@@ -259,7 +264,7 @@ def test_downloading_state_shows_its_progress():
 def test_worker_describe_lists_nvml_details_when_the_agent_sends_them():
     from rich.console import Console
 
-    from maas_tui.tui.widgets import gpu_nvml_table
+    from maas_tui.render.workers import gpu_nvml_table
 
     worker = make_worker(1, "gpu-a01", [("H100-80GB", 80)], simulated=False)
     assert gpu_nvml_table(worker) is None  # nothing beyond the heatmap's values

@@ -20,9 +20,9 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
 from maas_tui.client import ApiClientError, MaasClient
-from maas_tui.tui.modals import ConfirmScreen, DeployForm, EditForm, HelpScreen, HistoryScreen, KeyCreateForm, \
-    ScaleForm, SecretScreen
-from maas_tui.tui.screens import VIEWS, DescribeScreen, LogsScreen, MaasScreen
+from maas_tui.tui.forms import DeployForm, EditForm, KeyCreateForm, ScaleForm
+from maas_tui.tui.modals import ConfirmScreen, HelpScreen, HistoryScreen, SecretScreen
+from maas_tui.tui.views import VIEWS, DescribeScreen, LogsScreen, MaasScreen
 from maas_tui.tui.state import WATCH_KINDS, ClusterState
 from server import schemas
 
@@ -62,8 +62,11 @@ class MaasApp(App[None]):
 
     def __init__(self, client: Any, *, state: ClusterState | None = None, clock: Callable[[], datetime] | None = None,
                  watch: bool = True, start: str = "dash", refresh_delay: float = 0.05, tick: float = 2.0,
-                 freeze_gc: bool = False) -> None:
+                 freeze_gc: bool = False, remote: bool = False) -> None:
         super().__init__()
+        # Over SSH (the front door sets MAAS_TUI_REMOTE) the app runs on the server: nothing may write
+        # files there for the client (log save, Textual's screenshot).
+        self.remote = remote
         self.client = client
         self.server: str = getattr(client, "server", "")
         self.state = state or ClusterState()
@@ -78,6 +81,22 @@ class MaasApp(App[None]):
         self.refreshes = 0  # how many times the visible screen was refreshed (tests, bench)
         self.freeze_gc = freeze_gc
         self._frozen = False
+
+    def get_system_commands(self, screen: Any) -> Any:
+        for command in super().get_system_commands(screen):
+            if not (self.remote and command.title == "Screenshot"):
+                yield command
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        if self.remote:
+            self.notify("screenshots are off over SSH (they would be written on the server)", severity="warning")
+            return
+        super().action_screenshot(filename, path)
+
+    def deliver_screenshot(self, *args: Any, **kwargs: Any) -> Any:
+        if self.remote:
+            return None
+        return super().deliver_screenshot(*args, **kwargs)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -401,9 +420,9 @@ class MaasApp(App[None]):
         self.run_worker(run, group="keys", exclusive=True)
 
 
-def run_tui(server_url: str, token: str) -> None:
+def run_tui(server_url: str, token: str, remote: bool = False) -> None:
     """Run the TUI against a server until the user quits (blocking); a crash exits 1 (see run_app)."""
-    run_app(MaasApp(MaasClient(server_url, token), freeze_gc=True))
+    run_app(MaasApp(MaasClient(server_url, token), freeze_gc=True, remote=remote))
 
 
 def crash_log_path() -> Path:

@@ -53,7 +53,7 @@ def _screen_is(name: str) -> Callable[[MaasApp], bool]:
 
 
 def _logs_loaded(app: MaasApp) -> bool:
-    from maas_tui.tui.screens import LogsScreen
+    from maas_tui.tui.views import LogsScreen
 
     return isinstance(app.screen, LogsScreen) and app.screen.log_view.line_count >= 400
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import schemas
+from server.schemas.rollout import rollout_status
 from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
 WATCH_KINDS = ["workers", "models", "instances", "events"]
@@ -40,28 +41,6 @@ class Summary:
     @property
     def alerts(self) -> int:
         return self.instances_error + self.instances_unreachable + self.workers_not_ready
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """Where a model's rollout stands, from the instances the TUI sees (no extra request)."""
-
-    generation: int
-    desired: int
-    updated: int  # instances of the newest generation
-    ready: int  # ... of which running
-    outdated: int  # instances of older generations still present
-    old_ready: int  # ... of which running
-    paused: bool = False
-    message: str = ""
-
-    @property
-    def in_progress(self) -> bool:
-        return self.outdated > 0 or self.paused or bool(self.message)
-
-    @property
-    def complete(self) -> bool:
-        return self.outdated == 0 and self.ready >= self.desired and self.updated <= self.desired
 
 
 class ClusterState:
@@ -256,29 +235,13 @@ class ClusterState:
         return self._cached("instances", ("instances",),
                             lambda: sorted(self.instances.values(), key=lambda i: (i.model_name, i.name)))
 
-    def rollouts(self) -> dict[int, "Rollout"]:
-        """Per model id: instances of the newest generation (updated, ready of them) and of older ones."""
-        def build() -> dict[int, Rollout]:
-            counts: dict[int, list[int]] = {}
+    def rollouts(self) -> dict[int, schemas.RolloutStatus]:
+        """Per model id: its rollout progress, by the server's definition (server/schemas/rollout.py)."""
+        def build() -> dict[int, schemas.RolloutStatus]:
+            owned: dict[int, list[schemas.InstanceOut]] = {}
             for inst in self.instances.values():
-                model = self.models.get(inst.model_id)
-                if model is None:
-                    continue
-                c = counts.setdefault(inst.model_id, [0, 0, 0, 0])
-                if inst.generation >= model.generation:
-                    if inst.state == schemas.InstanceState.terminating:
-                        continue
-                    c[0] += 1
-                    c[1] += inst.state == schemas.InstanceState.running
-                else:
-                    c[2] += 1
-                    c[3] += inst.state == schemas.InstanceState.running
-            result = {}
-            for model in self.models.values():
-                updated, ready, outdated, old_ready = counts.get(model.id, [0, 0, 0, 0])
-                result[model.id] = Rollout(model.generation, model.replicas, updated, ready, outdated, old_ready,
-                                           model.paused, model.rollout_message)
-            return result
+                owned.setdefault(inst.model_id, []).append(inst)
+            return {m.id: rollout_status(m, owned.get(m.id, ())) for m in self.models.values()}
         return self._cached("rollouts", ("models", "instances"), build)
 
     def model_by_name(self, name: str) -> schemas.ModelOut | None:

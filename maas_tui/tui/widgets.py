@@ -1,4 +1,5 @@
-"""Widgets: the cluster header, a flicker-free resource table, the GPU heatmap, the prompt bar."""
+"""Widgets: the cluster header, a flicker-free resource table, the prompt bar, the footer (the GPU heatmap
+is in heatmap.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from textual.suggester import SuggestFromList
 from textual.containers import HorizontalGroup
 from textual.widgets import Footer, Input, Static
 
-from server import schemas
 from maas_tui.render import format as fmt
 from maas_tui.tui.state import ClusterState
+from maas_tui.tui.views.registry import commands, navigable
 
 _PLAIN = Style()
 
@@ -342,271 +343,7 @@ def _parse_style(name: str) -> Style:
 _TEXT_CONSOLE = Console(width=1000, color_system=None, legacy_windows=False, force_terminal=False)
 
 
-# --- GPU heatmap -------------------------------------------------------------------------
-
-METRICS = {"util": "utilisation %", "mem": "memory used %", "claim": "memory claimed %"}
-SHORT_METRICS = {"util": "util %", "mem": "mem used %", "claim": "claimed %"}
-
-
-class GpuHeatmap(ScrollView, can_focus=True):
-    """One row per worker, one cell per GPU, coloured by the chosen metric with the number printed.
-
-    Line-virtualised: only the visible rows are rendered, so thousands of GPUs scroll without lag.
-    """
-
-    BINDINGS = CURSOR_BINDINGS
-
-    cursor = reactive(0, repaint=False, init=False)
-
-    class Highlighted(Message):
-        def __init__(self, worker: schemas.WorkerOut | None) -> None:
-            super().__init__()
-            self.worker = worker
-
-    class Selected(Message):
-        def __init__(self, worker: schemas.WorkerOut) -> None:
-            super().__init__()
-            self.worker = worker
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.rows: list[schemas.WorkerOut] = []
-        self.metric = "util"
-        self.state: ClusterState | None = None
-        self._max_gpus = 0
-        self._name_width = 12
-        self._strip_cache: dict[int, tuple[tuple, Strip]] = {}
-        self._dim = Style(dim=True)
-        self._bold = Style(bold=True)
-        self._cursor_style = Style(reverse=True, bold=True)
-
-    # data
-    def set_rows(self, state: ClusterState, rows: list[schemas.WorkerOut], metric: str) -> None:
-        previous = self.rows[self.cursor].id if self.rows and 0 <= self.cursor < len(self.rows) else None
-        self.state = state
-        self.rows = rows
-        self.metric = metric
-        self._max_gpus = max((len(w.gpus) for w in rows), default=0)
-        self._name_width = max(8, min(20, max((len(w.name) for w in rows), default=8)))
-        if previous is not None:
-            index = next((i for i, w in enumerate(rows) if w.id == previous), None)
-            if index is not None and index != self.cursor:
-                self.set_reactive(GpuHeatmap.cursor, index)
-        if self.cursor >= len(rows):
-            self.set_reactive(GpuHeatmap.cursor, max(0, len(rows) - 1))
-        size = Size(self._row_width(), len(rows) + 1)
-        if size != self.virtual_size:
-            self.virtual_size = size
-        self.refresh()
-
-    @property
-    def current(self) -> schemas.WorkerOut | None:
-        return self.rows[self.cursor] if 0 <= self.cursor < len(self.rows) else None
-
-    def _cells_width(self) -> int:
-        return 4 * max(self._max_gpus, 3)
-
-    def _bar_width(self) -> int:
-        fixed = 1 + self._name_width + 3 + self._cells_width() + 14
-        return max(3, min(12, (max(self.size.width, 60) - fixed) // 2))
-
-    def _row_width(self) -> int:
-        return 1 + self._name_width + 3 + self._cells_width() + 14 + 2 * self._bar_width()
-
-    # rendering
-    def value(self, worker: schemas.WorkerOut, gpu: schemas.GPUDevice) -> float:
-        if self.metric == "mem":
-            return 100.0 * gpu.memory_used / gpu.memory_total if gpu.memory_total else 0.0
-        if self.metric == "claim":
-            claimed = self.state.claimed_bytes(worker.id, gpu.index) if self.state else 0
-            return min(100.0, 100.0 * claimed / gpu.memory_total) if gpu.memory_total else 0.0
-        return gpu.utilization
-
-    def render_line(self, y: int) -> Strip:
-        width = self.size.width
-        scroll_x, scroll_y = self.scroll_offset
-        if y == 0:
-            strip = self._header_strip()
-        else:
-            index = scroll_y + y - 1
-            if index >= len(self.rows):
-                return Strip.blank(width, self.rich_style)
-            strip = self._row_strip(index)
-        return strip.crop_extend(scroll_x, scroll_x + width, self.rich_style)
-
-    def _header_strip(self) -> Strip:
-        bar = self._bar_width()
-        cells = self._cells_width()
-        gpu_title = fmt.truncate(f"GPU {SHORT_METRICS[self.metric]}", cells - 1)
-        text = (" " + "WORKER".ljust(self._name_width) + "   "
-                + gpu_title.ljust(cells) + "  " + "CPU %".ljust(bar + 7) + "RAM %")
-        return Strip([Segment(text, self._bold)])
-
-    def _row_strip(self, index: int) -> Strip:
-        worker = self.rows[index]
-        selected = index == self.cursor
-        values = tuple(round(self.value(worker, g)) for g in worker.gpus)
-        key = (worker.id, worker.name, worker.state, values, round(worker.host.cpu_percent),
-               worker.host.memory_used, worker.host.memory_total, selected, self.metric, self.size.width)
-        cached = self._strip_cache.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        segments: list[Segment] = []
-        name = fmt.truncate(worker.name, self._name_width).ljust(self._name_width)
-        segments.append(Segment("▶" if selected else " ", self._bold))
-        segments.append(Segment(name, self._cursor_style if selected else self._bold))
-        ready = worker.state == "ready"
-        segments.append(Segment(" ● " if ready else " ✖ ", Style(color="green" if ready else "red", bold=True)))
-        if worker.gpus:
-            for value in values:
-                segments.append(Segment(f"{value:>3}", fmt.cell_style(value)))
-                segments.append(Segment(" ", _PLAIN))
-            pad = self._cells_width() - 4 * len(values)
-        else:
-            label = "(no GPU)"
-            segments.append(Segment(label, self._dim))
-            pad = self._cells_width() - len(label)
-        segments.append(Segment(" " * max(0, pad), _PLAIN))
-        bar = self._bar_width()
-        cpu = worker.host.cpu_percent
-        ram = 100.0 * worker.host.memory_used / worker.host.memory_total if worker.host.memory_total else 0.0
-        for value in (cpu, ram):
-            segments.append(Segment("  ", _PLAIN))
-            filled = round(max(0.0, min(100.0, value)) / 100 * bar)
-            segments.append(Segment(fmt.BAR_FULL * filled, _fg(fmt.percent_color(value))))
-            segments.append(Segment(fmt.BAR_EMPTY * (bar - filled), _fg("grey42")))
-            segments.append(Segment(f"{round(value):>4}%", _PLAIN))
-        strip = Strip(segments)
-        self._strip_cache[index] = (key, strip)
-        return strip
-
-    # cursor
-    def watch_cursor(self, old: int, new: int) -> None:
-        self._strip_cache.pop(old, None)
-        self._strip_cache.pop(new, None)
-        self._scroll_cursor_into_view()
-        self.refresh()
-        self.post_message(self.Highlighted(self.current))
-
-    def _scroll_cursor_into_view(self) -> None:
-        visible = max(1, self.size.height - 1)
-        top = self.scroll_offset.y
-        if self.cursor < top:
-            self.scroll_to(y=self.cursor, animate=False, immediate=True)
-        elif self.cursor >= top + visible:
-            self.scroll_to(y=self.cursor - visible + 1, animate=False, immediate=True)
-
-    def action_move(self, delta: int) -> None:
-        if self.rows:
-            self.cursor = max(0, min(len(self.rows) - 1, self.cursor + delta))
-
-    def action_page(self, direction: int) -> None:
-        self.action_move(direction * max(1, self.size.height - 2))
-
-    def action_jump(self, where: int) -> None:
-        if self.rows:
-            self.cursor = 0 if where == 0 else len(self.rows) - 1
-
-    def action_select(self) -> None:
-        if self.current is not None:
-            self.post_message(self.Selected(self.current))
-
-    def on_resize(self) -> None:
-        self._strip_cache.clear()
-        self.virtual_size = Size(self._row_width(), len(self.rows) + 1)
-
-
-_FG: dict[str, Style] = {}
-
-
-def _fg(color: str) -> Style:
-    style = _FG.get(color)
-    if style is None:
-        style = _FG[color] = Style(color=color)
-    return style
-
-
-def gpu_detail(state: ClusterState, worker: schemas.WorkerOut | None, width: int) -> Text:
-    """The selected worker's GPUs, one line each: history sparkline, utilisation, memory, claims."""
-    text = Text()
-    if worker is None:
-        text.append(" no workers yet — start an agent: maas agent --server-url URL --token TOKEN", style="dim")
-        return text
-    sim = any(g.simulated for g in worker.gpus)
-    text.append(f" {worker.name}", style="bold")
-    text.append(f"  {worker.state}", style=fmt.STATE_STYLES.get(worker.state, ""))
-    text.append(f"  {len(worker.gpus)} GPU{'s' if len(worker.gpus) != 1 else ''}{' (simulated)' if sim else ''}",
-                style="italic yellow" if sim else "")
-    host = worker.host
-    cpu_hist = list(state.cpu.get(worker.id, ()))
-    text.append(f"  CPU {host.cpu_percent:.0f}% ", style="")
-    text.append(fmt.sparkline(cpu_hist, 12), style="cyan")
-    text.append(f"  RAM {fmt.gb(host.memory_used, 1)}/{fmt.gb(host.memory_total)}G")
-    claims = state.gpu_claims()
-    spark_width = max(6, width - 60)
-    for gpu in worker.gpus:
-        text.append("\n")
-        name = gpu.name.replace(" (simulated)", "")
-        text.append(f" GPU{gpu.index:<2}", style="bold")
-        text.append(f"{fmt.truncate(name, 12):<12} ", style="")
-        history = list(state.gpu_util.get((worker.id, gpu.index), ()))
-        text.append(fmt.sparkline(history, spark_width), style=Style(color=fmt.percent_color(gpu.utilization)))
-        text.append(f" {gpu.utilization:>3.0f}%", style="bold")
-        text.append(f"  used {fmt.gb(gpu.memory_used)}/{fmt.gb(gpu.memory_total)}G", style="")
-        holders = claims.get((worker.id, gpu.index), [])
-        claimed = sum(i.claim.vram_bytes_per_gpu for i in holders if i.claim)
-        text.append(f"  claim {fmt.gb(claimed, 1)}G" if holders else "  claim -", style="yellow" if holders else "dim")
-        text.append(f"  {gpu.temperature:.0f}°C" if gpu.temperature is not None else "  --°C", style="dim")
-    if not worker.gpus:
-        text.append("\n no GPUs: CPU backends (llama.cpp) serve from host RAM", style="dim")
-    return text
-
-
-def gpu_nvml_table(worker: schemas.WorkerOut) -> Any:
-    """Per GPU what NVML adds (UUID, power, MIG mode, the processes on it), or None when the agent gave none
-    (simulated GPUs, CPU-only hosts)."""
-    from rich.table import Table
-
-    gpus = [g for g in worker.gpus if g.power_watts is not None or g.mig_mode is not None or g.processes]
-    if not gpus:
-        return None
-    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
-    for column in ("GPU", "POWER", "MIG", "PROCESSES (pid memory)"):
-        table.add_column(column, no_wrap=column != "PROCESSES (pid memory)")
-    for g in gpus:
-        processes = ", ".join(f"{p.pid} {fmt.human_bytes(p.used_memory)}" if p.used_memory is not None else str(p.pid)
-                              for p in g.processes) or "-"
-        table.add_row(f"{g.index} {fmt.truncate(g.uuid or '', 12)}",
-                      f"{g.power_watts:.0f} W" if g.power_watts is not None else "-",
-                      {True: "on", False: "off", None: "-"}[g.mig_mode], processes)
-    return table
-
-
 # --- prompt bar --------------------------------------------------------------------------
-
-COMMANDS: dict[str, list[str]] = {
-    "dash": ["dash", "dashboard", "d", "heatmap", "home"],
-    "workers": ["workers", "worker", "wo", "nodes", "node", "no"],
-    "gpus": ["gpus", "gpu"],
-    "models": ["models", "model", "mo", "deploy", "deployments", "dp"],
-    "instances": ["instances", "instance", "inst", "in", "pods", "po"],
-    "keys": ["keys", "key", "apikeys"],
-    "events": ["events", "event", "ev"],
-    "help": ["help", "h", "?"],
-    "quit": ["quit", "q", "q!", "exit"],
-}
-ALIASES = {alias: target for target, names in COMMANDS.items() for alias in names}
-
-
-def resolve_command(text: str) -> str | None:
-    word = text.strip().lstrip(":").strip().lower()
-    if not word:
-        return None
-    if word in ALIASES:
-        return ALIASES[word]
-    prefixed = {target for alias, target in ALIASES.items() if alias.startswith(word)}
-    return prefixed.pop() if len(prefixed) == 1 else None
-
 
 class PromptBar(Input):
     """The `:` command line and the `/` filter, one line above the footer; hidden until asked for."""
@@ -616,8 +353,8 @@ class PromptBar(Input):
     mode = reactive("command")
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(compact=True, suggester=SuggestFromList(list(COMMANDS) + ["dashboard"], case_sensitive=False),
-                         **kwargs)
+        super().__init__(compact=True, suggester=SuggestFromList(list(commands()) + ["dashboard"],
+                                                                 case_sensitive=False), **kwargs)
 
     def open(self, mode: str, value: str = "") -> None:
         self.mode = mode
@@ -628,9 +365,9 @@ class PromptBar(Input):
             hint = {"command": "tab completes · enter · esc", "filter": "!x negates · enter · esc clears",
                     "search": "enter jumps · n/N · esc"}.get(mode, "")
             self.parent.query_one("#prompt-hint", Static).update(hint)
-        self.suggester = (SuggestFromList([n for names in COMMANDS.values() for n in names if len(n) > 2],
+        self.suggester = (SuggestFromList([n for names in commands().values() for n in names if len(n) > 2],
                                           case_sensitive=False) if mode == "command" else None)
-        self.placeholder = ("resource: dash workers gpus models instances keys events (Tab completes)"
+        self.placeholder = (f"resource: {' '.join(navigable())} (Tab completes)"
                             if mode == "command" else "filter: text, or !text to hide matches")
         self.value = value
         self.cursor_position = len(value)

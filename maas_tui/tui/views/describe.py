@@ -1,0 +1,126 @@
+"""Describe: `maas ... describe` as a live screen (model, instance or worker), pushed over a view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from maas_tui.render import instances, models, workers
+from maas_tui.tui.views.base import MaasScreen
+from maas_tui.tui.views.registry import view
+from maas_tui.tui.widgets import PromptBar
+from server import schemas
+
+
+@view("describe", "Describe", navigable=False)
+class DescribeScreen(MaasScreen):
+    """`maas ... describe` as a live screen: the object's fields, related objects, recent events."""
+
+    BINDINGS = [
+        Binding("escape", "back", "Back", tooltip="back to the view"),
+        Binding("l", "logs", "Logs", tooltip="an instance's log"),
+        Binding("s", "scale", "Scale", tooltip="scale a model"),
+        Binding("e", "edit", "Edit", tooltip="edit a model's spec"),
+        Binding("r", "restart", "Restart", tooltip="restart the instance, or the model's rollout"),
+        Binding("ctrl+d", "delete", "Delete", tooltip="delete (asks first)"),
+    ]
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.name_ = name
+        self._last: Any = None
+
+    def header_label(self) -> str:
+        return f"{self.kind} {self.name_}"
+
+    def compose_body(self) -> ComposeResult:
+        with VerticalScroll(id="describe-scroll"):
+            yield Static(id="describe")
+
+    def main_widget(self) -> Any:
+        return self.query_one("#describe-scroll")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "logs":
+            return self.kind == "instance"
+        if action in ("scale", "edit"):
+            return self.kind == "model"
+        if action == "restart":
+            return self.kind in ("model", "instance")
+        if action == "delete":
+            return self.kind in ("instance", "model", "worker")
+        return True
+
+    def refresh_body(self, kinds: set[str] | None = None) -> None:
+        obj = self.find()
+        if obj is not None:
+            self._last = obj
+        self.set_title(f"Describe {self.kind}", None, "" if obj is not None else "[b red](deleted — last known)[/]")
+        target = self._last
+        if target is None:
+            body = Text(f"{self.kind} {self.name_} not found", style="red")
+        else:
+            body = getattr(self, f"describe_{self.kind}")(target)
+        self.query_one("#describe", Static).update(body)
+
+    def find(self) -> Any:
+        state = self.state
+        if self.kind == "instance":
+            return state.instance_by_name(self.name_)
+        if self.kind == "model":
+            return state.model_by_name(self.name_)
+        return state.worker_by_name(self.name_)
+
+    def describe_instance(self, inst: schemas.InstanceOut) -> RenderableType:
+        return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now)
+
+    def describe_model(self, model: schemas.ModelOut) -> RenderableType:
+        owned = self.state.instances_of(model.id)
+        names = {model.name} | {i.name for i in owned}
+        return models.describe(model, instances=owned, events=self.state.events_about(names, limit=12),
+                               rollout=self.state.rollouts().get(model.id), now=self.now,
+                               ready=self.state.ready_counts()[model.id])
+
+    def describe_worker(self, worker: schemas.WorkerOut) -> RenderableType:
+        return workers.describe(worker, state=self.state, events=self.state.events_about({worker.name}, limit=12),
+                                now=self.now, width=self.size.width or 80)
+
+    def action_back(self) -> None:
+        prompt = self.query_one(PromptBar)
+        if prompt.is_open:
+            self.close_prompt()
+            return
+        self.app.pop_screen()
+
+    def action_logs(self) -> None:
+        if self.kind == "instance":
+            self.app.show_logs(self.name_)
+
+    def action_scale(self) -> None:
+        if self.kind == "model" and (model := self.state.model_by_name(self.name_)) is not None:
+            self.app.scale(model.name, model.replicas)
+
+    def action_edit(self) -> None:
+        if self.kind == "model":
+            self.app.edit_model(self.name_)
+
+    def action_restart(self) -> None:
+        if self.kind == "instance":
+            self.app.restart_instance(self.name_)
+        elif self.kind == "model":
+            self.app.rollout_restart(self.name_)
+
+    def action_delete(self) -> None:
+        if self.kind == "instance":
+            self.app.delete_instance(self.name_)
+        elif self.kind == "model":
+            self.app.delete_model(self.name_)
+        elif self.kind == "worker":
+            self.app.remove_worker(self.name_)
