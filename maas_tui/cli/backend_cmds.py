@@ -15,7 +15,8 @@ _COLUMNS = [("NAME", lambda b: b.name if b.builtin else f"custom:{b.name}"),
             ("KIND", lambda b: "built-in" if b.builtin else "custom"),
             ("HEALTH", lambda b: b.health_path),
             ("DESCRIPTION", lambda b: b.description)]
-_WIDE = [("COMMAND", lambda b: " ".join(b.command)), ("IMAGE", lambda b: b.image or "")]
+_WIDE = [("COMMAND", lambda b: " ".join(b.command)), ("IMAGE", lambda b: b.image or ""),
+         ("ALLOWED ENV", lambda b: " ".join(b.allowed_env)), ("ALLOWED ARGS", lambda b: " ".join(b.allowed_args))]
 
 
 @backend_app.command("list")
@@ -68,3 +69,18 @@ def backend_delete(name: str = typer.Argument(..., help="a custom backend's name
 
     call(lambda c: c.delete_backend(name.removeprefix("custom:")))
     typer.echo(f"backend custom:{name.removeprefix('custom:')} deleted")
+
+
+@backend_app.command("allow")
+def backend_allow(name: str = typer.Argument(..., help="a built-in backend, or custom:NAME"),
+                  env: list[str] = typer.Option([], "--env", help="an env name users may set (repeatable)"),
+                  arg: list[str] = typer.Option([], "--arg", help="a flag users may pass, e.g. --arg=--ctx-size (repeatable)")) -> None:
+    """Set what users other than admins may pass to a backend beyond its own allow-list (admin).
+
+    The names given are the whole list (none clears it). What nobody may pass (loader variables, bind
+    flags) cannot be allowed. `maas backend list -o wide` shows the result."""
+    from maas_tui.cli.main import call
+
+    allowed = call(lambda c: c.set_backend_allow_list(name, env, arg))
+    typer.echo(f"backend {name}: users may also set env {', '.join(allowed.env) or '-'} "
+               f"and pass {', '.join(allowed.args) or '-'}")
