@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent import metrics
+from agent import backoff, metrics
 from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
                             missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
@@ -156,7 +156,7 @@ class Agent:
         return {"Authorization": f"Bearer {self._worker_token}"}
 
     async def _register_until_accepted(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 await self._register()
@@ -164,9 +164,11 @@ class Agent:
             except ServerRejected:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("cannot reach the server at %s (%s); retrying", self.config.server_url, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+                # A busy server (429/503) says when to come back; jitter spreads the agents out.
+                headers = exc.headers if isinstance(exc, aiohttp.ClientResponseError) else None
+                log.warning("cannot register with the server at %s (%s); retrying", self.config.server_url, exc)
+                await asyncio.sleep(backoff.delay(attempt, headers))
+                attempt += 1
 
     async def _register(self) -> None:
         body = {"name": self.config.name, "address": self.config.address, "agent_port": self.config.port,
@@ -186,11 +188,14 @@ class Agent:
                  len(registered.worker.gpus))
 
     async def _heartbeat_loop(self) -> None:
+        wait = self.config.heartbeat_interval
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            await self.heartbeat()
+            await asyncio.sleep(wait)
+            wait = await self.heartbeat()
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self) -> float:
+        """One heartbeat; returns the wait before the next (longer when the server is busy)."""
+        interval = self.config.heartbeat_interval
         body = {"gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
                 "host": host_info().model_dump(mode="json")}
         try:
@@ -199,8 +204,14 @@ class Agent:
                 if response.status in (401, 404):
                     log.warning("the server no longer knows this worker; registering again")
                     await self._register_until_accepted()
+                elif response.status in backoff.BUSY:
+                    # The lease was renewed; what else the heartbeat carried goes with a later one.
+                    wait = backoff.delay(0, response.headers)
+                    log.info("server busy (%s); next heartbeat in %.1f s", response.status, min(wait, interval))
+                    return min(wait, interval)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("heartbeat failed: %s", exc)
+        return interval
 
     async def _watch_loop(self) -> None:
         version: int | None = None
@@ -251,6 +262,7 @@ class Agent:
         """Tell the server an instance's state. True once the server answered (accepted or refused)."""
         body = {"state": state, "message": message, **{k: v for k, v in extra.items() if v is not None}}
         for attempt in range(5):
+            headers = None
             try:
                 async with self._http.put(f"{self.config.server_url}/v2/agent/instances/{instance_id}/status",
                                           json=body, headers=self._headers()) as response:
@@ -259,9 +271,10 @@ class Agent:
                     if response.status in (404, 409):  # gone or moved on; the watch tells us what is wanted
                         log.info("report %s for instance %s refused: %s", state, instance_id, await response.text())
                         return True
+                    headers = response.headers  # busy (429/503): its Retry-After
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("report failed (%s), retrying", exc)
-            await asyncio.sleep(0.5 * (attempt + 1))
+            await asyncio.sleep(backoff.delay(attempt, headers))
         return False
 
     # --- making actual match desired ------------------------------------------------

@@ -315,7 +315,8 @@ class TuiSession(asyncssh.SSHServerSession):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
         env.update(TERM=self.term_type, MAAS_SERVER=self.door.backend.server_url, MAAS_API_KEY=token,
                    MAAS_CONFIG=os.devnull, COLUMNS=str(self.size[0]), LINES=str(self.size[1]),
-                   LANG=env.get("LANG") or "C.UTF-8", USER=self.username, LOGNAME=self.username)
+                   LANG=env.get("LANG") or "C.UTF-8", USER=self.username, LOGNAME=self.username,
+                   MAAS_TUI_REMOTE="1")  # the TUI runs here, not at the client: it writes no files
         env.pop("TEXTUAL", None)
         try:
             # subprocess rather than the loop's subprocess support: the fds are in place before
