@@ -11,8 +11,9 @@ from server.api import (agent_api, backends, gateway_api, metrics, operations, r
                         scheduling, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.inputs import BodyLimits, input_middleware
-from server.api.routing import PRINCIPAL_KEY, ROUTES, SERVER_KEY, openapi_document
+from server.api.routing import EVENT_STREAM, PRINCIPAL_KEY, ROUTES, SERVER_KEY, Handler, openapi_document, route
 from server.api.stale_reads import LastGoodReads, stale_read_middleware
+from server.higress.objects import MODEL_HEADER
 
 # Which credential kinds each route accepts, and the scope a user's key needs there.
 _ALLOWED = {
@@ -52,6 +53,21 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     return await handler(request)
 
 
+HEALTH = {"type": "object", "required": ["status", "version", "leader", "database"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "degraded"]}, "version": {"type": "string"},
+    "leader": {"type": "boolean"}, "database": {"type": "string", "enum": ["ok", "unavailable"]},
+    "database_error": {"type": "string"}}}
+OPENAI_MODELS = {"type": "object", "required": ["object", "data"], "properties": {
+    "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "required": ["id"]}}}}
+OPENAI_REQUEST = {"type": "object", "required": ["model"], "properties": {
+    "model": {"type": "string", "minLength": 1}, "stream": {"type": "boolean"}}}
+OPENAI_UPLOAD = {"type": "object", "required": ["model", "file"], "properties": {
+    "model": {"type": "string", "minLength": 1}, "file": {"type": "string", "contentMediaType": "application/octet-stream"}}}
+ANY_OBJECT = {"type": "object"}
+
+
+@route("GET", "/healthz", "Liveness: this server answers; whether its database does, and whether it leads",
+       auth="none", response=HEALTH)
 async def healthz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     leading = bool(server.leadership and server.leadership.is_leader)
@@ -59,6 +75,60 @@ async def healthz(request: web.Request) -> web.Response:
     database = await server.database_status()
     return web.json_response({"status": "ok" if database["database"] == "ok" else "degraded",
                               "version": server.version, "leader": leading, **database})
+
+
+_OPENAPI_KEY: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+
+
+@route("GET", "/openapi.json", "This document", auth="none", response=ANY_OBJECT)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_OPENAPI_KEY])
+
+
+def _document_routes_registered_elsewhere() -> None:
+    """The routes other modules add to the router, in the table for the OpenAPI document."""
+    from server.gateway import proxy
+
+    def describe(method: str, path: str, handler: Handler, summary: str, **kwargs: Any) -> None:
+        route(method, path, summary, registered_elsewhere=True, **kwargs)(handler)
+
+    describe("GET", "/metrics", metrics.metrics_handler, "Prometheus metrics of the cluster and this server",
+             auth="none", content={"text/plain": None})
+    describe("GET", "/v1/models", proxy.list_models, "OpenAI: the models this key may call that serve now",
+             auth="inference", response=OPENAI_MODELS)
+    for path in proxy.JSON_ENDPOINTS:
+        streams = path in ("/v1/chat/completions", "/v1/completions")
+        answer: dict[str, Any] = {"application/json": ANY_OBJECT}
+        if streams:
+            answer[EVENT_STREAM] = None  # "stream": true: server-sent events, relayed as they come
+        if path == "/v1/audio/speech":
+            answer = {"audio/*": None, "application/octet-stream": None}
+        describe("POST", path, proxy.proxy, f"OpenAI {path[4:]}: relayed to the least busy instance of the model"
+                 + ("; a stream of server-sent events with \"stream\": true" if streams else ""),
+                 auth="inference", body=OPENAI_REQUEST, content=answer, also=(502,))
+    for path in proxy.MULTIPART_ENDPOINTS:
+        describe("POST", path, proxy.proxy, f"OpenAI {path[4:]}: an upload relayed to an instance of the model",
+                 auth="inference", body=OPENAI_UPLOAD, body_content_type="multipart/form-data",
+                 content={"application/json": ANY_OBJECT, "text/plain": None}, also=(502,))
+    for method in ("GET", "POST"):
+        describe(method, "/v2/gateway/authorize", gateway_api.authorize,
+                 "Higress forward auth: 200 when the key may call the model named in the header", auth="inference",
+                 headers={MODEL_HEADER: "the model the call is for"},
+                 response={"type": "object", "required": ["allowed"], "properties": {
+                     "allowed": {"type": "boolean"}, "key": {"type": ["string", "null"]}}})
+
+
+_document_routes_registered_elsewhere()
+
+
+def _check_documented(app: web.Application) -> None:
+    """Every route the router serves is in the table (so in /openapi.json), and nothing more."""
+    served = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.resource is not None and r.method != "HEAD"}  # add_get's HEAD goes with its GET
+    documented = {(r.method, r.path) for r in ROUTES}
+    if served != documented:
+        raise RuntimeError(f"routes served but not in the route table: {sorted(served - documented)}; "
+                           f"in the table but not served: {sorted(documented - served)}")
 
 
 def body_limits(config: Any) -> BodyLimits:
@@ -75,17 +145,12 @@ def create_app(server: Any) -> web.Application:
     app = web.Application(middlewares=[error_middleware, input_middleware(limits), auth_middleware, stale_reads],
                           client_max_size=limits.largest())
     app[SERVER_KEY] = server
-    app.router.add_get("/healthz", healthz)
-    document = openapi_document(server.version)
-
-    async def openapi(_request: web.Request) -> web.Response:
-        return web.json_response(document)
-
-    app.router.add_get("/openapi.json", openapi)
+    app[_OPENAPI_KEY] = openapi_document(server.version)
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        if not r.registered_elsewhere:
+            app.router.add_route(r.method, r.path, r.handler)
     add_gateway_routes(app)
     gateway_api.add_gateway_admin_routes(app)
     metrics.add_metrics_routes(app)
+    _check_documented(app)
     return app
-

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from server import schemas
 from server.api.errors import conflict, forbidden, not_found, read_json
-from server.api.routing import json_out, principal_of, route, server_of
+from server.api.routing import Query, json_out, one_of, principal_of, route, server_of
 from server.db import tables
 from server.db.settings import put_setting
 from server.events import record_event
@@ -91,7 +91,8 @@ async def get_backend(request: web.Request) -> web.Response:
 
 
 @route("POST", "/v2/backends", "Register a custom backend (admin)", body=schemas.BackendDefinition,
-       response=schemas.BackendOut, status=201)
+       response=schemas.BackendOut, status=201,
+       query={"replace": Query("1 to replace a backend of that name", one_of("0", "1"))})
 async def create_backend(request: web.Request) -> web.Response:
     _check_admin(request)
     body = await read_json(request, schemas.BackendDefinition)

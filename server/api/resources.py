@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from server import schemas
 from server.api.errors import (ApiError, bad_request, conflict, not_found, parse_whole_number, read_json,
                                unauthorized)
-from server.api.routing import json_out, principal_of, route, server_of
+from server.api.routing import Query, integer, json_out, one_of, principal_of, route, server_of
 from server.api.security import SESSION_LIFETIME, hash_secret, new_user_token, verify_password
 from server.db import tables
 from server.events import record_event
@@ -260,7 +260,10 @@ async def delete_instance(request: web.Request) -> web.Response:
 
 
 @route("GET", "/v2/instances/{ref}/logs", "The instance's log, from its agent (text; chunked with follow=1)",
-       query={"tail": "last N lines (default 200)", "follow": "1 to keep streaming"})
+       query={"tail": Query("last N lines (default 200; -1: everything)", integer(-1, 10_000_000, 200)),
+              "follow": Query("1 to keep streaming", one_of("0", "1")),
+              "previous": Query("1 for the log of the previous run", one_of("0", "1"))},
+       content={"text/plain": None}, also=(502,))
 async def instance_logs(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     tail = parse_whole_number(request.query.get("tail", "200"), low=-1, high=10_000_000)
@@ -336,7 +339,8 @@ async def delete_worker(request: web.Request) -> web.Response:
 
 
 @route("GET", "/v2/events", "Recent events, newest last", response=schemas.EventOut, response_list=True,
-       query={"limit": "how many (default 100, at most 1000)", "kind": "models|instances|workers|api_keys",
+       query={"limit": Query("how many (default 100, at most 1000)", integer(1, 1000, 100)),
+              "kind": "only events of this kind of object: models, instances, workers, api_keys, users, backends",
               "name": "only events of this object"})
 async def list_events(request: web.Request) -> web.Response:
     limit = parse_whole_number(request.query.get("limit", "100"), low=1, high=1000)

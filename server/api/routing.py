@@ -16,6 +16,36 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Auth = Literal["none", "user", "inference", "worker", "registrar", "user_or_worker"]
 
 
+# Media types of the streams (their operations say so instead of application/json).
+NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
+Schema = type[BaseModel] | dict[str, Any]  # a model, or a JSON schema written out
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query parameter: what it means, and the values it takes (a JSON schema)."""
+
+    description: str
+    schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = False
+
+
+def integer(low: int, high: int, default: int | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
+    return schema if default is None else schema | {"default": default}
+
+
+def one_of(*values: str) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values)}
+
+
+def comma_list(*values: str) -> dict[str, Any]:
+    """Comma-separated names out of `values` (at least one)."""
+    choice = "|".join(v.replace(".", r"\.") for v in values)
+    return {"type": "string", "pattern": f"^({choice})(,({choice}))*$"}
+
+
 @dataclass
 class Route:
     method: str
@@ -23,60 +53,101 @@ class Route:
     handler: Handler
     summary: str
     auth: Auth
-    body: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
+    body: Schema | None = None
+    response: Schema | None = None
     response_list: bool = False
     status: int = 200
-    query: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str | Query] = field(default_factory=dict)
     tag: str = ""
+    # Non-JSON answers: media type -> schema (None: any content); replaces the JSON response.
+    content: dict[str, Schema | None] | None = None
+    body_content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # required request headers: name -> description
+    # Statuses other than 4xx and 503 the route may answer with (502 where it relays to a worker).
+    also: tuple[int, ...] = ()
+    registered_elsewhere: bool = False  # added to the router by its own module; here to be documented
 
 
 ROUTES: list[Route] = []
 
 
-def route(method: str, path: str, summary: str, *, auth: Auth = "user", body: type[BaseModel] | None = None,
-          response: type[BaseModel] | None = None, response_list: bool = False, status: int = 200,
-          query: dict[str, str] | None = None, tag: str = "") -> Callable[[Handler], Handler]:
+def route(method: str, path: str, summary: str, *, auth: Auth = "user", body: Schema | None = None,
+          response: Schema | None = None, response_list: bool = False, status: int = 200,
+          query: dict[str, str | Query] | None = None, tag: str = "", content: dict[str, Schema | None] | None = None,
+          body_content_type: str = "application/json", headers: dict[str, str] | None = None,
+          also: tuple[int, ...] = (), registered_elsewhere: bool = False) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         ROUTES.append(Route(method, path, handler, summary, auth, body, response, response_list, status,
-                            query or {}, tag or path.split("/")[2]))
+                            query or {}, tag or path.split("/")[2 if path.startswith("/v") else 1],
+                            content, body_content_type, headers or {}, also, registered_elsewhere))
         handler.__maas_auth__ = auth  # type: ignore[attr-defined]
         return handler
     return register
 
 
+def _openai_error_schema() -> dict[str, Any]:
+    return {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]},
+                       "param": {"type": ["string", "null"]}}}}}
+
+
 def openapi_document(version: str) -> dict[str, Any]:
+    """OpenAPI 3.1 of every route in the table: parameters with their constraints, bodies, the media
+    types of streams, and the errors each may answer with (4xx, 503; 502 where it relays)."""
     from pydantic.json_schema import models_json_schema
 
     from server.schemas import ErrorResponse
 
+    def schemas_of(r: Route) -> list[Any]:
+        return [r.body, r.response, *(r.content or {}).values()]
+
     models: set[type[BaseModel]] = {ErrorResponse}
     for r in ROUTES:
-        models.update(m for m in (r.body, r.response) if m is not None)
+        models.update(m for m in schemas_of(r) if isinstance(m, type))
     ordered = sorted(models, key=lambda m: m.__name__)
     _, top = models_json_schema([(m, "validation") for m in ordered], ref_template="#/components/schemas/{model}")
-    ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
+
+    def ref(schema: Schema) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{schema.__name__}"} if isinstance(schema, type) else schema
+
     paths: dict[str, Any] = {}
     for r in ROUTES:
         op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag], "responses": {}}
         if r.auth != "none":
             op["security"] = [{"bearer": []}]
-        params = [{"name": p[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in r.path.split("/") if p.startswith("{")]
-        params += [{"name": k, "in": "query", "required": False, "schema": {"type": "string"}, "description": v}
-                   for k, v in r.query.items()]
+        params: list[dict[str, Any]] = [
+            {"name": p[1:-1], "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+            for p in r.path.split("/") if p.startswith("{")]
+        for name, spec in r.query.items():
+            q = spec if isinstance(spec, Query) else Query(spec)
+            params.append({"name": name, "in": "query", "required": q.required, "schema": q.schema,
+                           "description": q.description})
+        params += [{"name": name, "in": "header", "required": True, "schema": {"type": "string"}, "description": text}
+                   for name, text in r.headers.items()]
         if params:
             op["parameters"] = params
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(r.body)}}}
-        if r.response is not None:
+            op["requestBody"] = {"required": True, "content": {r.body_content_type: {"schema": ref(r.body)}}}
+        if r.content is not None:
+            content = {kind: ({"schema": ref(schema)} if schema is not None else {}) for kind, schema in r.content.items()}
+            op["responses"][str(r.status)] = {"description": "OK", "content": content}
+        elif r.response is not None:
             schema = ref(r.response)
             if r.response_list:
-                schema = {"type": "object", "properties": {"items": {"type": "array", "items": schema}}}
+                schema = {"type": "object", "required": ["items"],
+                          "properties": {"items": {"type": "array", "items": schema}}}
             op["responses"][str(r.status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
         else:
-            op["responses"][str(r.status)] = {"description": "OK"}
-        op["responses"]["4XX"] = {"description": "error", "content": {"application/json": {"schema": ref(ErrorResponse)}}}
+            op["responses"][str(r.status)] = {"description": "OK", "content": {"application/json": {
+                "schema": {"type": "object"}}}}
+        error = _openai_error_schema() if r.path.startswith("/v1/") else ref(ErrorResponse)
+        errors = {"4XX": "refused: the error says why (bad input, credentials, missing object, conflict, too large)",
+                  "503": "the database (or, for /v1, every instance of the model) is unavailable now; try again"}
+        errors |= {str(status): {502: "the worker or backend it relays to failed"}.get(status, "error")
+                   for status in r.also}
+        for status, text in errors.items():
+            op["responses"][status] = {"description": text, "content": {"application/json": {"schema": error}}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from server import schemas
 from server.api.errors import bad_request
-from server.api.routing import json_out, principal_of, route, server_of
+from server.api.routing import Query, comma_list, json_out, principal_of, route, server_of
 from server.db import tables
 
 _GROUPS = {"day": tables.Usage.day, "key": tables.Usage.api_key_name, "model": tables.Usage.model_name}
@@ -27,8 +27,9 @@ def _day(text: str | None, name: str) -> date | None:
 
 @route("GET", "/v2/usage", "Gateway usage: requests and tokens, summed by day, key and/or model",
        response=schemas.UsageRow, response_list=True,
-       query={"by": "comma-separated groups: day,key,model (default all three)",
-              "since": "first day, YYYY-MM-DD", "until": "last day, YYYY-MM-DD"})
+       query={"by": Query("comma-separated groups: day,key,model (default all three)", comma_list(*_GROUPS)),
+              "since": Query("first day, YYYY-MM-DD", {"type": "string", "format": "date"}),
+              "until": Query("last day, YYYY-MM-DD", {"type": "string", "format": "date"})})
 async def usage(request: web.Request) -> web.Response:
     groups = [g for g in request.query.get("by", "day,key,model").split(",") if g]
     unknown = [g for g in groups if g not in _GROUPS]

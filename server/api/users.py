@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from server import schemas
 from server.api.errors import ApiError, bad_request, conflict, forbidden, not_found, read_json
-from server.api.routing import json_out, principal_of, route, server_of
+from server.api.routing import Query, json_out, principal_of, route, server_of
 from server.api.security import hash_password, hash_secret, new_user_token
 from server.db import tables
 from server.db.database import Database
@@ -212,7 +212,8 @@ async def create_ssh_session(request: web.Request) -> web.Response:
     return json_out(out, status=201)
 
 
-@route("DELETE", "/v2/users/{name}/sessions/{prefix}", "End an SSH session: revoke its token (admin)")
+@route("DELETE", "/v2/users/{name}/sessions/{prefix}", "End an SSH session: revoke its token (admin)",
+       query={"reason": Query("why, for the logout event", {"type": "string", "maxLength": 500})})
 async def delete_ssh_session(request: web.Request) -> web.Response:
     _check_admin(request)
     name, prefix = request.match_info["name"], request.match_info["prefix"]

@@ -18,7 +18,7 @@ from server import schemas
 from server.api.agent_api import subordinate_ids
 from server.api.errors import bad_request, forbidden, parse_whole_number
 from server.api.resources import model_out, ready_counts
-from server.api.routing import principal_of, route, server_of
+from server.api.routing import NDJSON, Query, comma_list, integer, principal_of, route, server_of
 from server.bus import BusEvent, Frame
 from server.db import tables
 
@@ -91,8 +91,9 @@ def _visible(event: BusEvent, worker_id: int | None) -> bool:
 
 
 @route("GET", "/v2/watch", "Stream changes as JSON lines: a snapshot, then events, with heartbeats",
-       auth="user_or_worker", query={"kinds": "comma-separated: workers,models,instances,events",
-                                     "since": "resume after this version"})
+       auth="user_or_worker", content={NDJSON: None},
+       query={"kinds": Query("comma-separated: " + ",".join(schemas.WATCH_KINDS), comma_list(*schemas.WATCH_KINDS)),
+              "since": Query("resume after this version", integer(0, 2**63 - 1))})
 async def watch(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     principal = principal_of(request)
