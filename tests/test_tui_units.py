@@ -275,3 +275,58 @@ def test_worker_describe_lists_nvml_details_when_the_agent_sends_them():
     console.print(gpu_nvml_table(worker.model_copy(update={"gpus": [gpu]})))
     text = console.export_text()
     assert "312 W" in text and "off" in text and "4242 2.0G, 77" in text and "GPU-4c1f0a9" in text
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "over-ssh"])
+async def test_over_ssh_the_tui_writes_no_file_on_the_server(tmp_path, monkeypatch, remote: bool):
+    """Under the SSH front door (MAAS_TUI_REMOTE) the TUI runs on the server: log save and Textual's
+    screenshot would write there, so both are off; locally both work."""
+    monkeypatch.chdir(tmp_path)
+    state = demo_state()
+    app = MaasApp(DemoClient(state, log_lines=50), state=state, clock=fixed_clock, tick=0, remote=remote)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.state.connected)
+        app.push_screen(LogsScreen("tiny-2c4e6a", tail=-1))
+        await until(pilot, lambda: isinstance(app.screen, LogsScreen) and app.screen.query(LogView)
+                    and app.screen.log_view.line_count == 50)
+        shown = {b.binding.action for b in app.screen.active_bindings.values() if b.enabled}
+        assert ("save" in shown) is not remote
+        await pilot.press("ctrl+s")
+        if not remote:
+            await until(pilot, lambda: bool(list(tmp_path.glob("*.log"))))
+        await pilot.pause(0.2)
+        assert bool(list(tmp_path.glob("*.log"))) is not remote
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert ("Screenshot" in titles) is not remote
+        app.action_screenshot(path=str(tmp_path))
+        await pilot.pause(0.2)
+        assert bool(list(tmp_path.glob("*.svg"))) is not remote
+
+
+def test_the_registry_drives_commands_columns_and_help():
+    """Every view is reached by its name and aliases; its columns are its renderer's; every key a view
+    binds is on the help page (generated from the bindings, nothing written beside them)."""
+    import io
+
+    from rich.console import Console
+
+    from maas_tui.render import instances, models, workers
+    from maas_tui.tui.modals import help_page
+    from maas_tui.tui.views import REGISTRY, VIEWS
+
+    assert list(VIEWS) == ["dash", "workers", "gpus", "models", "instances", "keys", "events"]
+    for name, spec in REGISTRY.items():
+        if spec.navigable:
+            assert spec.screen.VIEW == name
+            assert all(resolve_command(word) == name for word in (name, *spec.aliases))
+    assert REGISTRY["models"].columns == models.COLUMNS + models.WIDE_COLUMNS
+    assert REGISTRY["instances"].columns == instances.COLUMNS + instances.WIDE_COLUMNS
+    assert REGISTRY["gpus"].columns == workers.GPU_COLUMNS + workers.GPU_WIDE_COLUMNS
+    console = Console(width=72, file=io.StringIO(), record=True, color_system=None)
+    console.print(help_page())
+    page = " ".join(console.export_text().split())
+    for spec in REGISTRY.values():
+        assert spec.title in page or not spec.key_hints
+        for key, what in spec.key_hints:
+            assert f"{key} {' '.join(what.split())}" in page, (spec.name, key)
+    assert "ctrl+d delete (asks first)" in page and "ctrl+s save to a file" in page

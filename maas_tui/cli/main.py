@@ -584,7 +584,8 @@ def tui() -> None:
     config = client_config.load()
     if not config.server:
         fail("no server configured: run 'maas login --server URL ...' or set MAAS_SERVER")
-    run_tui(config.server, config.token)
+    # The SSH front door sets MAAS_TUI_REMOTE: this process runs on the server, so nothing may be saved here.
+    run_tui(config.server, config.token, remote=os.environ.get("MAAS_TUI_REMOTE") == "1")
 
 
 def main() -> None:
