@@ -20,11 +20,12 @@ from server.api.http_server import MaasAppRunner
 from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
 from server.bus import ChangeFeed, EventBus
 from server.config import ServerConfig
+from server.data_lock import DataDirLock
 from server.controllers.models import ModelController
 from server.controllers.workers import WorkerLivenessController
 from server.db import tables
 from server.db.database import Database, to_wire
-from server.db.embedded import EmbeddedPostgres
+from server.db.embedded import EmbeddedPostgres, in_own_thread
 from server.db.errors import first_line
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
@@ -77,6 +78,7 @@ class MaasServer:
         self._runner: web.AppRunner | None = None
         self._loops: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._data_lock = DataDirLock(config.data_dir)
 
     @property
     def admin_password_file(self) -> Path:
@@ -89,10 +91,11 @@ class MaasServer:
     async def start(self) -> None:
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_lock.acquire()  # before anything in the folder is read or started (server/data_lock.py)
         database_url = self.config.database_url
         if not database_url:
             self.embedded = EmbeddedPostgres(data_dir)
-            database_url = await asyncio.to_thread(self.embedded.start)
+            database_url = await in_own_thread(self.embedded.start)
         self.db = Database(database_url)
         self.leadership = LeaderElection(self.db, self._start_loops, self._stop_loops)
         # SQLite and MySQL take one server: refused here, before anything is written (StoreInUse).
@@ -162,12 +165,14 @@ class MaasServer:
         while True:
             await asyncio.sleep(backoff)
             # Stopped on purpose (url None: `maas db restore`, a test) is not a crash.
-            if self.embedded.url is None or await asyncio.to_thread(self.embedded.alive):
+            # alive() reads postmaster.pid and /proc: cheap enough for the loop. The restart runs
+            # on a thread of its own: the default executor may be busy (password hashes, estimates).
+            if self.embedded.url is None or self.embedded.alive():
                 backoff = interval
                 continue
             log.warning("the embedded PostgreSQL in %s stopped running; starting it again", self.embedded.cluster_dir)
             try:
-                await asyncio.to_thread(self.embedded.restart_after_crash)
+                await in_own_thread(self.embedded.restart_after_crash)
                 log.info("the embedded PostgreSQL is back on 127.0.0.1:%s", self.embedded.port)
                 backoff = interval
             except Exception as exc:  # EmbeddedPostgresError and OS errors: try again later
@@ -217,7 +222,8 @@ class MaasServer:
         if self.db:
             await self.db.dispose()
         if self.embedded:
-            await asyncio.to_thread(self.embedded.stop)
+            await in_own_thread(self.embedded.stop)
+        self._data_lock.release()
 
     async def _bootstrap(self) -> None:
         """First start: an admin with a generated password. Any start: a valid cluster token on disk."""

@@ -316,3 +316,108 @@ def test_root_falls_back_to_su_without_runuser(data_dir, monkeypatch):
     finally:
         pg.stop()
     assert _postmaster_pid(data_dir) is None
+
+
+@needs_pg
+def test_stop_leaves_a_reused_cluster_running(data_dir):
+    pg = EmbeddedPostgres(data_dir)
+    url = pg.start()
+    try:
+        pid = _postmaster_pid(data_dir)
+        other = EmbeddedPostgres(data_dir)
+        assert other.start() == url and other.reused
+        other.stop()  # it only borrowed the cluster: let go, not stopped
+        assert other.url is None and _postmaster_pid(data_dir) == pid and _alive(pid)
+        assert query(url, "select 1")[0][0] == 1
+    finally:
+        pg.stop()
+    assert not _alive(pid)  # the one that started it stops it
+
+
+def _maas_start(data_dir: Path, port: int, log: Path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAAS_CONFIG": os.devnull}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def _healthy(port: int, process, log: Path, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"server not healthy in {timeout:g} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _files(data_dir: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file of the server's own in the data folder (PostgreSQL's files move by themselves)."""
+    return {str(p.relative_to(data_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in data_dir.rglob("*") if p.is_file() and "postgres" not in p.relative_to(data_dir).parts[0]}
+
+
+@needs_pg
+def test_second_maas_start_on_a_live_data_folder_exits_2_and_touches_nothing(data_dir):
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    log = data_dir.parent / "first.log"
+    first = _maas_start(data_dir, port, log)
+    try:
+        _healthy(port, first, log)
+        pid = _postmaster_pid(data_dir)
+        before = _files(data_dir)
+        env = {**os.environ, "MAAS_CONFIG": os.devnull}
+        second = subprocess.run([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
+                                 "--port", str(free_port())], capture_output=True, text=True, timeout=60, env=env)
+        output = (second.stdout + second.stderr).strip().splitlines()
+        assert second.returncode == 2, output
+        assert len(output) == 1 and "in use" in output[0] and str(data_dir) in output[0], output
+        assert _postmaster_pid(data_dir) == pid and _alive(pid)
+        assert _files(data_dir) == before
+        _healthy(port, first, log, timeout=5)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0
+        assert not _alive(pid)  # the server that started the cluster stops it
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+
+
+@needs_pg
+def test_maas_start_never_stops_a_cluster_it_adopted(data_dir):
+    from conftest import free_port
+
+    port = free_port()
+    log = data_dir.parent / "server.log"
+    first = _maas_start(data_dir, port, log)
+    second = None
+    try:
+        _healthy(port, first, log)
+        pid = _postmaster_pid(data_dir)
+        os.killpg(first.pid, signal.SIGKILL)  # the server dies; its PostgreSQL (a daemon of its own) lives on
+        first.wait(10)
+        assert _alive(pid)
+        second = _maas_start(data_dir, port, log)
+        _healthy(port, second, log)
+        assert "reused" in log.read_text(errors="replace")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+        assert _postmaster_pid(data_dir) == pid and _alive(pid), "a cluster it adopted was stopped"
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)

@@ -10,12 +10,14 @@ PostgreSQL refuses to run as root.  When this process is root, ``initdb`` and ``
 run as the existing unprivileged user ``postgres`` through ``runuser`` (or ``su``); no
 system user is ever created.
 
-All calls are synchronous (subprocesses); async callers should run :meth:`start` and
-:meth:`stop` in a thread (``await asyncio.to_thread(pg.start)``).
+All calls are synchronous (subprocesses); async callers run :meth:`start`, :meth:`stop` and
+:meth:`restart_after_crash` in a thread: ``await in_own_thread(pg.restart_after_crash)`` gives the
+call a thread of its own, so a busy default executor never delays bringing the database back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import logging
 import os
@@ -30,9 +32,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir"]
+T = TypeVar("T")
+
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir", "in_own_thread"]
 
 SUPERUSER = "maas"
 #: Unprivileged OS user that runs PostgreSQL when this process is root.
@@ -54,6 +59,31 @@ class EmbeddedPostgresError(Exception):
 
     The message is a user-facing paragraph that says what went wrong and how to fix it.
     """
+
+
+async def in_own_thread(function: Callable[[], T]) -> T:
+    """Run a blocking call on a new thread (not the loop's default executor) and await its result."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name=f"maas-{getattr(function, '__name__', 'call')}", daemon=True).start()
+    return await future
 
 
 # --------------------------------------------------------------------------- binaries
@@ -261,10 +291,17 @@ class EmbeddedPostgres:
             return self._url
 
     def stop(self) -> None:
-        """Stop the cluster (``pg_ctl stop -m fast``).  Idempotent; a no-op if this
-        instance never started (or reused) it."""
+        """Stop the cluster (``pg_ctl stop -m fast``) if this instance started it.  Idempotent; a
+        cluster it found running (``reused``: another server's, or one left behind) is only let go,
+        never stopped: stopping it would take the database from under whoever runs it."""
         with self._lock:
             if self._url is None or self._bin is None:
+                return
+            if self.reused:
+                self._url = None
+                self._last_port, self.port = self.port, None
+                self.log.info("left the embedded PostgreSQL in %s running (this process did not start it)",
+                              self.cluster_dir)
                 return
             t0 = time.perf_counter()
             res = self._run(
