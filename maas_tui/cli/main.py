@@ -41,10 +41,12 @@ from maas_tui.cli import context_cmds  # noqa: E402
 context_cmds.register(app)
 from maas_tui.cli.db_cmds import db_app  # noqa: E402
 app.add_typer(db_app, name="db")
+from maas_tui.cli import simulate_cmds  # noqa: E402
+simulate_cmds.register(app)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(message)
     raise typer.Exit(code)
 
 
