@@ -92,6 +92,34 @@ def _openai_error_schema() -> dict[str, Any]:
                        "param": {"type": ["string", "null"]}}}}}
 
 
+def operation_id(r: Route) -> str:
+    """method_path_words, e.g. get_v2_models_name: unique, and stable while the route is."""
+    words = [w.strip("{}").replace(".", "_").replace("-", "_") for w in r.path.split("/") if w]
+    return "_".join([r.method.lower(), *words])
+
+
+def _links(creator: Route) -> dict[str, Any]:
+    """OpenAPI links from what a POST creates to the operations on it (a client, or a stateful fuzzer,
+    follows them): POST /v2/models -> GET /v2/models/{name}, ... The new object's key is the response
+    field named like the path parameter, else its `name`; the creator's own path parameters carry over."""
+    if creator.method != "POST" or not isinstance(creator.response, type) or creator.response_list:
+        return {}
+    fields = creator.response.model_fields
+    links: dict[str, Any] = {}
+    for r in ROUTES:
+        rest = r.path[len(creator.path):]
+        if not (r.path.startswith(creator.path) and rest.startswith("/{")):
+            continue
+        key = rest[2:rest.index("}")]
+        field_name = key if key in fields else "name" if "name" in fields else None
+        if field_name is None:
+            continue
+        parameters = {p[1:-1]: f"$request.path.{p[1:-1]}" for p in creator.path.split("/") if p.startswith("{")}
+        parameters[key] = f"$response.body#/{field_name}"
+        links[operation_id(r)] = {"operationId": operation_id(r), "parameters": parameters}
+    return links
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """OpenAPI 3.1 of every route in the table: parameters with their constraints, bodies, the media
     types of streams, and the errors each may answer with (4xx, 503; 502 where it relays)."""
@@ -113,7 +141,7 @@ def openapi_document(version: str) -> dict[str, Any]:
 
     paths: dict[str, Any] = {}
     for r in ROUTES:
-        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag], "responses": {}}
+        op: dict[str, Any] = {"operationId": operation_id(r), "summary": r.summary, "tags": [r.tag], "responses": {}}
         if r.auth != "none":
             op["security"] = [{"bearer": []}]
         params: list[dict[str, Any]] = [
@@ -138,6 +166,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                 schema = {"type": "object", "required": ["items"],
                           "properties": {"items": {"type": "array", "items": schema}}}
             op["responses"][str(r.status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
+            if links := _links(r):
+                op["responses"][str(r.status)]["links"] = links
         else:
             op["responses"][str(r.status)] = {"description": "OK", "content": {"application/json": {
                 "schema": {"type": "object"}}}}
