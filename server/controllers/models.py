@@ -156,7 +156,7 @@ class ModelController(KeyedReconcileLoop):
         for _ in range(decision.create):
             instance = tables.ModelInstance(
                 name=f"{model.name}-{secrets.token_hex(3)}", model_id=model.id, model_name=model.name,
-                generation=model.generation, spec=model.spec, state=S.pending)
+                team=model.team, generation=model.generation, spec=model.spec, state=S.pending)
             s.add(instance)
             record_event(s, "instances", instance, "Created", f"replica of {model.name} (generation {model.generation})",
                          self.name)
