@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -352,16 +353,24 @@ async def run(config: SimulateConfig, duration: float | None = None, report_ever
     cluster = SimulatedCluster(config)
     await cluster.start()
     started = time.monotonic()
+
+    def summarize() -> dict[str, Any]:
+        summary = cluster.stats.summary() | {
+            "started_monotonic": cluster.stats.started,  # CLOCK_MONOTONIC: comparable across processes
+            "heartbeat_samples": [(round(t - cluster.stats.started, 3), round(d * 1000, 2))
+                                  for t, d in cluster.stats.heartbeats]}
+        if summary_path:  # written at every status line too: a run that is killed still leaves one
+            with open(summary_path + ".tmp", "w") as handle:
+                json.dump(summary, handle)
+            os.replace(summary_path + ".tmp", summary_path)
+        return summary
+
     try:
         while duration is None or time.monotonic() - started < duration:
             await asyncio.sleep(min(report_every, duration - (time.monotonic() - started)) if duration else report_every)
             echo(cluster.status_line(report_every))
+            summarize()
     finally:
-        summary = cluster.stats.summary() | {
-            "heartbeat_samples": [(round(t - cluster.stats.started, 3), round(d * 1000, 2))
-                                  for t, d in cluster.stats.heartbeats]}
-        if summary_path:
-            with open(summary_path, "w") as handle:
-                json.dump(summary, handle)
+        summary = summarize()
         await cluster.stop()
     return summary
