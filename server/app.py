@@ -120,6 +120,8 @@ class MaasServer:
         await self.feed.start()
         await self._load_routes()
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
+        # The gateway probes backends whose worker went silent: serving never waits on an agent.
+        self._tasks.append(asyncio.create_task(self.routes.probe_loop(), name="gateway-probes"))
         self.heartbeats.start()
         self.telemetry.start()
         if self.embedded is not None:

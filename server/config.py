@@ -27,6 +27,9 @@ class ServerConfig:
     # Seconds an instance stays unreachable before it is replaced elsewhere. With the worker
     # timeout this puts a replacement in service within about 30 s of a worker's loss.
     reschedule_after: float = 10.0
+    # ...unless the gateway's probes find its backend still answering (a dead agent, a live backend):
+    # then it keeps serving, and a restarted agent adopts it; replaced only after this long.
+    replace_serving_after: float = 600.0
     restart_backoff: float = 10.0  # first restart delay after an error; doubles each time
     restart_backoff_max: float = 300.0
     max_restarts: int = 5  # then the instance is replaced by a new one (placed afresh)
@@ -57,6 +60,7 @@ class ServerConfig:
             "database_url": os.environ.get("MAAS_DATABASE_URL"),
             "worker_timeout": os.environ.get("MAAS_WORKER_TIMEOUT"),
             "reschedule_after": os.environ.get("MAAS_RESCHEDULE_AFTER"),
+            "replace_serving_after": os.environ.get("MAAS_REPLACE_SERVING_AFTER"),
             "restart_backoff": os.environ.get("MAAS_RESTART_BACKOFF"),
             "restart_backoff_max": os.environ.get("MAAS_RESTART_BACKOFF_MAX"),
             "max_restarts": os.environ.get("MAAS_MAX_RESTARTS"),

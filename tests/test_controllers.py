@@ -115,6 +115,8 @@ async def test_instances_of_a_lost_worker_are_replaced_elsewhere(server: MaasSer
             pytest.skip("first-fit placed nothing on the second worker")
         server.config.worker_timeout = 1.0
         server.config.reschedule_after = 1.0
+        # Its backend still answers (only the agent went silent), so only "gone for longer" replaces it.
+        server.config.replace_serving_after = 2.0
         lost_at = time.monotonic()
         await eventually(lambda: _running_on(admin, "mobile", {"worker-1"}, 2), timeout=60,
                          message="both replicas running on the surviving worker")

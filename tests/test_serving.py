@@ -139,8 +139,9 @@ async def _has_worker(admin: MaasClient, name: str) -> bool:
 
 async def test_silent_worker_goes_unreachable_and_recovers(server: MaasServer, admin: MaasClient, tmp_path: Path,
                                                            tiny_model: Path):
-    """No heartbeat for worker_timeout -> not_ready and its instances unreachable (the gateway stops
-    routing to them); the next heartbeat brings them back, still served by the same process."""
+    """No heartbeat for worker_timeout -> not_ready and its instances unreachable; the gateway keeps
+    routing to them while their backend answers its probes; the next heartbeat brings them back,
+    still served by the same process."""
     from agent.agent import Agent, AgentConfig
 
     quiet = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "quiet",
@@ -158,7 +159,10 @@ async def test_silent_worker_goes_unreachable_and_recovers(server: MaasServer, a
             return worker.state == "not_ready" and states == ["unreachable"]
 
         await eventually(unreachable, timeout=15, message="worker not_ready and instance unreachable")
-        assert server.routes.serving_models() == []
+        assert server.routes.serving_models() == ["lonely"]  # the agent is silent, the backend is not
+        async for piece in admin.chat("lonely", "hi", max_tokens=3):
+            assert isinstance(piece, str)
+        assert server.routes.backend_answers((await admin.list_instances("lonely"))[0].id, within=5) is not False
 
         server.config.worker_timeout = 3600
         await quiet.heartbeat()

@@ -27,6 +27,9 @@ from server.events import record_event
 S = schemas.InstanceState
 
 
+_PROBE_FRESH = 5.0  # seconds a gateway probe's answer counts as "the backend is alive"
+
+
 def _removable_now(instance: tables.ModelInstance, worker_ready: bool) -> bool:
     """An instance nobody runs can be dropped without asking an agent."""
     return instance.worker_id is None or instance.state == S.pending or not worker_ready
@@ -107,8 +110,21 @@ class ModelController(KeyedReconcileLoop):
             if waited < config.reschedule_after:
                 self._wake_in(instance.model_id, config.reschedule_after - waited)
                 return False
+            # A silent agent is not a dead backend: while the gateway's probes get answers, the instance
+            # serves on and a restarted agent adopts it (server/gateway/routing_table.py).
+            if (waited < config.replace_serving_after
+                    and self.server.routes.backend_answers(instance.id, within=_PROBE_FRESH) is not False):
+                if self.server.routes.backend_answers(instance.id, within=_PROBE_FRESH):
+                    self._wake_in(instance.model_id, min(config.reschedule_after, config.replace_serving_after - waited))
+                    return False
+                if waited < config.reschedule_after + _PROBE_FRESH:  # not probed yet: give the probes a moment
+                    self._wake_in(instance.model_id, _PROBE_FRESH)
+                    return False
+            why = ("its backend does not answer" if waited < config.replace_serving_after
+                   else "its backend still answers, but the worker has been gone too long")
             record_event(s, "instances", instance, "Rescheduled",
-                         f"worker {instance.worker_name} unreachable for {waited:.0f} s; replacing the instance", self.name)
+                         f"worker {instance.worker_name} unreachable for {waited:.0f} s and {why}; replacing the instance",
+                         self.name)
             await s.delete(instance)
             return True
         if instance.state != S.error or instance.worker_id not in ready_workers:

@@ -138,12 +138,17 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     for target, fresh in ((targets[0], False), (second, True)):
         try:
             if streamed:  # a connection of its own each time
-                return await _forward_stream(request, server, principal, name, target, body, content_type,
-                                             client_wants_usage)
-            return await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
+                response = await _forward_stream(request, server, principal, name, target, body, content_type,
+                                                 client_wants_usage)
+            else:
+                response = await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
         except _Upstream as exc:
             failure = str(exc)
+            server.routes.failed(target)  # passive health: enough failures in a row take it out
             log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
+            continue
+        server.routes.answered(target)
+        return response
     server.usage.record(principal, name, None)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
 
