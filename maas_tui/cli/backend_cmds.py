@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-import yaml
 
+from maas_tui.cli.inputs import InputProblem, load_yaml_documents, read_input_file
 from maas_tui.cli.output import Format, OutputOption, emit
 
 backend_app = typer.Typer(help="Inference backends: list them, register custom ones.", no_args_is_help=True)
@@ -37,7 +37,7 @@ def backend_get(name: str = typer.Argument(..., help="a custom backend's name (w
 
 
 @backend_app.command("add")
-def backend_add(file: Path = typer.Option(..., "-f", "--file", exists=True, dir_okay=False, readable=True,
+def backend_add(file: Path = typer.Option(..., "-f", "--file",
                                           help="YAML (or JSON): name, command, env, health_path, metrics_path, metrics, image"),
                 replace: bool = typer.Option(False, "--replace", help="change a backend registered before"),
                 output: Format = OutputOption) -> None:
@@ -52,13 +52,13 @@ def backend_add(file: Path = typer.Option(..., "-f", "--file", exists=True, dir_
     from maas_tui.cli.main import call, fail
 
     try:
-        definition = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        fail(f"{file}: not YAML: {exc}")
-        return
-    if not isinstance(definition, dict):
-        fail(f"{file}: expected a mapping with name, command, ...")
-        return
+        text, _ = read_input_file(file)
+        documents = load_yaml_documents(text, str(file))
+    except InputProblem as exc:
+        fail(exc.message, exc.code)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        fail(f"{file}: expected one mapping with name, command, ...")
+    definition = documents[0]
     emit(call(lambda c: c.add_backend(definition, replace=replace)), output, _COLUMNS, _WIDE)
 
 

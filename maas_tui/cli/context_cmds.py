@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 
 from maas_tui import config as client_config
-from maas_tui.cli.output import Format, OutputOption, console, emit, err_console
+from maas_tui.cli.inputs import InputProblem, load_yaml_documents, read_input_file, server_url
+from maas_tui.cli.output import Format, OutputOption, console, emit, print_error
 from server import schemas
 
 context_app = typer.Typer(help="Named servers and credentials in one config file (like kubectl contexts).",
@@ -44,13 +44,13 @@ def global_options(ctx: typer.Context,
         _usage(f"no context named {context!r} (see 'maas context list')")
 
 
-def _usage(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+def _usage(message: str) -> NoReturn:
+    print_error(message)
     raise typer.Exit(2)
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+def _fail(message: str) -> NoReturn:
+    print_error(message)
     raise typer.Exit(1)
 
 
@@ -67,7 +67,10 @@ def context_add(name: str = typer.Argument(..., help="what to call this server")
     """Add (or replace) a context: a server and credentials for it."""
     from maas_tui.cli.main import call
 
-    server = server.rstrip("/")
+    try:
+        server = server_url(server)
+    except InputProblem as exc:
+        (_usage if exc.code == 2 else _fail)(exc.message)
     if api_key and username:
         _usage("give --api-key or --username, not both")
     if username:
@@ -127,22 +130,18 @@ def context_delete(name: str) -> None:
 POLICY = ("replicas", "max_surge", "max_unavailable")
 
 
-def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
-    import yaml
+# Keys of a kubectl-style document besides metadata and spec: what `get -o yaml` prints and apply ignores.
+_IGNORED = ("apiVersion", "status")
 
-    if file == "-":
-        text, base = sys.stdin.read(), Path.cwd()
-    else:
-        path = Path(file).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            _usage(f"cannot read {file}: {exc.strerror or exc}")
-        base = path.absolute().parent
+
+def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
+    """Every model of FILE, each checked with the wire contract (strict types, as the server checks them):
+    one invalid document fails the whole file before anything is sent."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        _fail(f"{file} is not valid YAML: {exc}")
+        text, base = read_input_file(file)
+        docs = load_yaml_documents(text, file)
+    except InputProblem as exc:
+        (_usage if exc.code == 2 else _fail)(exc.message)
     models: list[schemas.ModelCreate] = []
     problems: list[str] = []
     for number, doc in enumerate(docs, 1):
@@ -154,22 +153,27 @@ def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
             problems.append(f"document {number}: kind {kind!r} is not supported (only Model)")
             continue
         if isinstance(doc.get("metadata"), dict) or isinstance(doc.get("spec"), dict):  # kubectl style
+            unknown = sorted(set(doc) - {"kind", "metadata", "spec", *_IGNORED})
+            if unknown:
+                problems.append(f"document {number}: unknown top-level keys {', '.join(map(str, unknown))} "
+                                "(a document has kind, metadata, spec and status)")
+                continue
             body = dict(doc.get("spec") or {}) | {"name": (doc.get("metadata") or {}).get("name")}
         else:
-            body = {k: v for k, v in doc.items() if k != "kind"}
+            body = {k: v for k, v in doc.items() if k not in ("kind", *_IGNORED)}
         source = body.get("source")
         if body.get("backend") == "llama.cpp" and isinstance(source, str) and not source.startswith("/"):
             body["source"] = str((base / Path(source).expanduser()).resolve())  # relative to the file
         try:
-            models.append(schemas.ModelCreate.model_validate(body))
+            models.append(schemas.ModelCreate.model_validate(body, strict=True))
         except ValidationError as exc:
-            where = body.get("name") or f"document {number}"
+            where = body.get("name") if isinstance(body.get("name"), str) else f"document {number}"
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors())
             problems.append(f"{where}: {details}")
     names = [m.name for m in models]
     problems += [f"{n}: declared more than once" for n in sorted({n for n in names if names.count(n) > 1})]
     if problems:
-        _fail("invalid model file:\n  " + "\n  ".join(problems))
+        _fail("invalid model file (nothing was applied):\n  " + "\n  ".join(problems))
     if not models:
         _fail(f"{file} declares no model")
     return models, base
@@ -190,24 +194,42 @@ def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of mod
 
     models, _ = _documents(file)
 
+    async def plan(client) -> list[tuple[schemas.ModelCreate, schemas.ModelOut | None, dict[str, Any]]]:
+        """Read what exists, and have the server check every model that would be created or rolled out
+        (a dry run writes nothing) before anything is written."""
+        steps = []
+        problems: list[str] = []
+        for model in models:
+            try:
+                current = await client.get_model(model.name)
+            except ApiClientError as exc:
+                if exc.status != 404:
+                    raise
+                current = None
+            changes = _diff(current, model) if current is not None else {}
+            if current is None or any(k not in POLICY for k in changes):
+                try:
+                    await client.evaluate_model(model.model_dump(mode="json"))
+                except ApiClientError as exc:
+                    if not 400 <= exc.status < 500:
+                        raise
+                    problems.append(f"{model.name}: {exc.message}")
+            steps.append((model, current, changes))
+        if problems:
+            raise ApiClientError(400, "invalid", "the server refused (nothing was applied):\n  " + "\n  ".join(problems))
+        return steps
+
     async def work(client) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
-        for model in models:
+        for model, current, changes in await plan(client):
             entry: dict[str, Any] = {"name": model.name, "action": "", "changes": {}, "error": ""}
             try:
-                try:
-                    current = await client.get_model(model.name)
-                except ApiClientError as exc:
-                    if exc.status != 404:
-                        raise
-                    current = None
                 if current is None:
                     entry["action"] = "create"
                     entry["changes"] = {k: [None, v] for k, v in model.model_dump(mode="json", exclude={"name"}).items()}
                     if not dry_run:
                         await client.create_model(model.model_dump(mode="json"))
                 else:
-                    changes = _diff(current, model)
                     spec_change = any(k not in POLICY for k in changes)
                     entry["action"] = ("rollout" if spec_change else "update") if changes else "unchanged"
                     entry["changes"] = {k: list(v) for k, v in changes.items()}
@@ -234,9 +256,9 @@ def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of mod
             if r["action"] in ("rollout", "update") or (dry_run and r["action"] == "create"):
                 for key, (old, new) in r["changes"].items():
                     if r["action"] == "create":
-                        console.print(f"  + {key}: {json.dumps(new)}", highlight=False, markup=False)
+                        console.print(f"  + {key}: {json.dumps(new)}")
                     else:
-                        console.print(f"  ~ {key}: {json.dumps(old)} -> {json.dumps(new)}", highlight=False, markup=False)
+                        console.print(f"  ~ {key}: {json.dumps(old)} -> {json.dumps(new)}")
     if any(r["action"] == "failed" for r in results):
         raise typer.Exit(1)
 

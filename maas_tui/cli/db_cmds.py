@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from maas_tui.cli.output import console, err_console
+from maas_tui.cli.output import console, print_error
 
 db_app = typer.Typer(help="The server's database: backup, restore, migrate between stores.", no_args_is_help=True)
 
@@ -20,7 +20,7 @@ DATA_DIR_HELP = "the server's data folder (holds the embedded PostgreSQL) [defau
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(message)
     raise typer.Exit(1)
 
 

@@ -11,13 +11,13 @@ from typing import Any, Coroutine
 
 import typer
 
-from maas_tui.cli.output import console, err_console
+from maas_tui.cli.output import console, print_error
 
 
 def _setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
-        err_console.print(f"[bold red]error:[/] unknown log level {level!r}")
+        print_error(f"unknown log level {level!r}")
         raise typer.Exit(2)
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -68,13 +68,13 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
         try:
             parse_simulated(simulate_gpus)
         except DeviceSpecError as exc:
-            err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
+            print_error(f"--simulate-gpus: {exc}")
             raise typer.Exit(2) from None
     try:
         config = ServerConfig.from_env(data_dir=data_dir, host=host, port=port, database_url=database_url,
                                        **(extra or {}))
     except ValueError as exc:  # e.g. MAAS_PORT=abc
-        err_console.print(f"[bold red]error:[/] bad configuration: {exc}")
+        print_error(f"bad configuration: {exc}")
         raise typer.Exit(2) from None
 
     async def main() -> None:
@@ -111,18 +111,18 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
     try:
         _run_until_signal(main())
     except EmbeddedPostgresError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(str(exc))
         raise typer.Exit(1) from None
     except StoreInUse as exc:  # a second server on SQLite or MySQL: one line, nothing written
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         raise typer.Exit(2) from None
     except OSError as exc:
         if _database_error(exc, config):  # refused, or a TLS failure, while connecting to the database
             raise typer.Exit(1) from None
-        err_console.print(f"[bold red]error:[/] cannot start the server on {config.host}:{config.port}: {exc.strerror or exc}")
+        print_error(f"cannot start the server on {config.host}:{config.port}: {exc.strerror or exc}")
         raise typer.Exit(1) from None
     except ValueError as exc:  # a bad --database-url (scheme, TLS options)
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         raise typer.Exit(2) from None
     except Exception as exc:
         if not _database_error(exc, config):
@@ -138,7 +138,7 @@ def _database_error(exc: BaseException, config: Any) -> bool:
         return False
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
     where = _without_password(config.database_url) if config.database_url else "(the embedded PostgreSQL)"
-    err_console.print(f"[bold red]error:[/] cannot use the database {where}: {reason}", highlight=False, soft_wrap=True)
+    print_error(f"cannot use the database {where}: {reason}")
     return True
 
 
@@ -151,7 +151,7 @@ def _without_password(url: str | None) -> str:
 def _banner(server, with_agent: bool) -> None:
     config = server.config
     lines = [
-        f"MaaS-Base {server.version} is up at [bold]{server.url}[/]",
+        f"MaaS-Base {server.version} is up at {server.url}",
         f"  data folder:     {config.data_dir}",
         f"  database:        {'embedded PostgreSQL' if server.embedded else 'external: ' + _without_password(config.database_url)}",
         f"  admin password:  {server.admin_password_file}",
@@ -180,23 +180,23 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
 
     _setup_logging(log_level)
     if runtime not in ("auto", "process", "docker"):
-        err_console.print(f"[bold red]error:[/] --runtime must be auto, docker or process, not {runtime!r}")
+        print_error(f"--runtime must be auto, docker or process, not {runtime!r}")
         raise typer.Exit(2)
     try:
         worker_labels = parse_labels(labels or [])
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] --labels: {exc}")
+        print_error(f"--labels: {exc}")
         raise typer.Exit(2) from None
     try:
         ports = parse_port_range(port_range, ephemeral_range()) if port_range else DEFAULT_RANGE
     except PortRangeError as exc:
-        err_console.print(f"[bold red]error:[/] --port-range: {exc}", highlight=False, soft_wrap=True)
+        print_error(f"--port-range: {exc}")
         raise typer.Exit(2) from None
     try:
         ray_ports = parse_ray_port_range(ray_port_range, ports, ephemeral_range()) if ray_port_range \
             else DEFAULT_RAY_RANGE
     except PortRangeError as exc:
-        err_console.print(f"[bold red]error:[/] --ray-port-range: {exc}", highlight=False, soft_wrap=True)
+        print_error(f"--ray-port-range: {exc}")
         raise typer.Exit(2) from None
     worker_name = name or socket.gethostname()
     folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
@@ -208,13 +208,13 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
                              model_roots=list(model_roots) if model_roots else env_model_roots())
         agent = Agent(config)
     except DeviceSpecError as exc:
-        err_console.print(f"[bold red]error:[/] --simulate-gpus: {exc}")
+        print_error(f"--simulate-gpus: {exc}")
         raise typer.Exit(2) from None
     except Exception as exc:  # docker.errors.DockerException: --runtime docker without an engine
         if runtime != "docker":
             raise
-        err_console.print(f"[bold red]error:[/] --runtime docker: no Docker engine answers here ({exc}); "
-                          "use --runtime process or auto")
+        print_error(f"--runtime docker: no Docker engine answers here ({exc}); "
+                    "use --runtime process or auto")
         raise typer.Exit(1) from None
 
     async def main() -> None:
@@ -231,8 +231,8 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     try:
         _run_until_signal(main())
     except ServerRejected as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        print_error(str(exc))
         raise typer.Exit(1) from None
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        print_error(str(exc))
         raise typer.Exit(1) from None

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from maas_tui.cli.output import Format, OutputOption, age, console, emit, err_console
+from maas_tui.cli.inputs import InputProblem, port_option, read_input_file, server_url as checked_url
+from maas_tui.cli.output import Format, OutputOption, age, console, emit, print_error
 
 user_app = typer.Typer(help="Users and the SSH keys that let them into the TUI over SSH.", no_args_is_help=True)
 ssh_app = typer.Typer(help="Serve the TUI over SSH.", no_args_is_help=True)
@@ -17,7 +18,7 @@ ssh_app = typer.Typer(help="Serve the TUI over SSH.", no_args_is_help=True)
 KEY_COLUMNS = [("NAME", lambda k: k.name), ("FINGERPRINT", lambda k: k.fingerprint),
                ("LAST USED", lambda k: age(k.last_used_at) if k.last_used_at else "never"),
                ("AGE", lambda k: age(k.created_at))]
-USER_COLUMNS = [("NAME", lambda u: u.username), ("ADMIN", lambda u: "yes" if u.is_admin else ""),
+USER_COLUMNS = [("NAME", lambda u: u.username), ("ROLE", lambda u: u.role),
                 ("AGE", lambda u: age(u.created_at))]
 
 
@@ -43,13 +44,13 @@ def user_add_key(name: str = typer.Argument(..., help="the user"),
                  output: Format = OutputOption) -> None:
     """Let a public key log in as NAME (`ssh -p 2222 NAME@server`)."""
     try:
-        text = key_file.expanduser().read_text()
-    except OSError as exc:
-        err_console.print(f"[bold red]error:[/] cannot read {key_file}: {exc.strerror or exc}", highlight=False)
-        raise typer.Exit(2) from None
+        text, _ = read_input_file(key_file, limit=64 * 1024)  # a public key line is well under 16 KiB
+    except InputProblem as exc:
+        print_error(exc.message)
+        raise typer.Exit(exc.code) from None
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if len(lines) != 1:
-        err_console.print(f"[bold red]error:[/] {key_file} must hold exactly one public key line", highlight=False)
+        print_error(f"{key_file} must hold exactly one public key line")
         raise typer.Exit(2)
     key = _call(lambda c: c.add_ssh_key(name, lines[0], key_name))
     emit(key, output, KEY_COLUMNS)
@@ -78,16 +79,25 @@ def user_list(output: Format = OutputOption) -> None:
 @user_app.command("create")
 def user_create(name: str = typer.Argument(..., help="lower-case user name"),
                 password: Optional[str] = typer.Option(None, help="prompted when missing"),
-                admin: bool = typer.Option(False, "--admin", help="give the user admin rights"),
+                role: str = typer.Option("member", help="admin, operator, member or viewer"),
+                team: list[str] = typer.Option([], "--team", help="a team to join (repeatable; default: default)"),
                 output: Format = OutputOption) -> None:
-    """Create a user (admin)."""
+    """Create a user (admin). Members and viewers join their teams with their role."""
     secret = password if password is not None else getpass.getpass(f"password for {name}: ")
-    emit(_call(lambda c: c.create_user(name, secret, admin)), output, USER_COLUMNS)
+    emit(_call(lambda c: c.create_user(name, secret, role, team or None)), output, USER_COLUMNS)
+
+
+@user_app.command("set-role")
+def user_set_role(name: str = typer.Argument(..., help="the user"),
+                  role: str = typer.Argument(..., help="admin, operator, member or viewer"),
+                  output: Format = OutputOption) -> None:
+    """Change a user's role (admin); their keys and sessions follow at once, on every server."""
+    emit(_call(lambda c: c.set_user_role(name, role)), output, USER_COLUMNS)
 
 
 @ssh_app.command("serve")
 def ssh_serve(server: Optional[str] = typer.Option(None, help="the server URL (default: the current context)"),
-              port: int = typer.Option(2222, help="SSH port"),
+              port: int = port_option(2222, "SSH port"),
               host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
               data_dir: Optional[Path] = typer.Option(None, help="where the host key is kept"),
               max_sessions: int = typer.Option(16, min=1, help="concurrent sessions at most"),
@@ -103,8 +113,13 @@ def ssh_serve(server: Optional[str] = typer.Option(None, help="the server URL (d
     config = client_config.load()
     url = server or config.server
     if not url or not config.token:
-        err_console.print("[bold red]error:[/] no server or credentials: run 'maas login' as an admin first")
+        print_error("no server or credentials: run 'maas login' as an admin first")
         raise typer.Exit(2)
+    try:
+        url = checked_url(url)
+    except InputProblem as exc:
+        print_error(exc.message)
+        raise typer.Exit(exc.code) from None
     folder = data_dir or Path(platformdirs.user_data_dir("maas"))
 
     async def main() -> None:
@@ -122,14 +137,14 @@ def ssh_serve(server: Optional[str] = typer.Option(None, help="the server URL (d
     try:
         _run_until_signal(main())
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] cannot serve SSH on {host}:{port}: {exc.strerror or exc}")
+        print_error(f"cannot serve SSH on {host}:{port}: {exc.strerror or exc}")
         raise typer.Exit(1) from None
 
 
 def worker_add(target: str = typer.Argument(..., help="user@host or user@host:port"),
                token: str = typer.Option(..., envvar="MAAS_TOKEN", help="the cluster token (<data-dir>/token on the server)"),
                identity: Optional[Path] = typer.Option(None, help="SSH private key (default: your agent and ~/.ssh keys)"),
-               port: int = typer.Option(22, "--port", help="SSH port"),
+               port: int = port_option(22, "SSH port", flag="--port"),
                name: Optional[str] = typer.Option(None, help="worker name (default: the remote host name)"),
                address: Optional[str] = typer.Option(None, help="address the server uses to reach the worker (default: host)"),
                server_url: Optional[str] = typer.Option(None, help="the server URL as the worker sees it (default: the context's)"),
@@ -149,13 +164,13 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
     from maas_tui.ssh.bootstrap import AgentPlan, BootstrapError, bootstrap
 
     if supervisor not in ("auto", "systemd", "process"):
-        err_console.print("[bold red]error:[/] --supervisor must be auto, systemd or process", highlight=False)
+        print_error("--supervisor must be auto, systemd or process")
         raise typer.Exit(2)
     where = _target(target, port, identity, no_host_key_check)
     try:
         worker_labels = parse_labels(labels)
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] --labels: {exc}", highlight=False)
+        print_error(f"--labels: {exc}")
         raise typer.Exit(2) from None
     config = client_config.load()
     if not config.server:
@@ -210,8 +225,11 @@ def _target(target: str, port: int, identity: Optional[Path], no_host_key_check:
     try:
         where = parse_target(target, port)
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(f"{target}: {exc}")
         raise typer.Exit(2) from None
+    if not 1 <= where.port <= 65535:
+        print_error(f"{target}: the port must be from 1 to 65535, not {where.port}")
+        raise typer.Exit(2)
     where.identity = str(identity.expanduser()) if identity else None
     if no_host_key_check:
         where.known_hosts = None
@@ -220,7 +238,7 @@ def _target(target: str, port: int, identity: Optional[Path], no_host_key_check:
 
 def worker_uninstall(target: str = typer.Argument(..., help="user@host or user@host:port"),
                      identity: Optional[Path] = typer.Option(None, help="SSH private key"),
-                     port: int = typer.Option(22, "--port", help="SSH port"),
+                     port: int = port_option(22, "SSH port", flag="--port"),
                      remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
                      remove: Optional[str] = typer.Option(None, "--remove", help="then remove this worker from the cluster"),
                      no_host_key_check: bool = typer.Option(False, "--no-host-key-check", help="accept any host key")) -> None:

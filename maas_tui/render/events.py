@@ -17,8 +17,11 @@ WIDE_COLUMNS: list[Column] = []
 ALARMING = {"error", "failed", "unreachable", "notready", "unschedulable"}
 
 
-def rows(events: Iterable[schemas.EventOut], now: datetime) -> Iterable[Row]:
+def rows(events: Iterable[schemas.EventOut], now: datetime, truncate: bool = True) -> Iterable[Row]:
+    """One row per event; `truncate` cuts long names and messages to fit a screen (the TUI), the CLI prints
+    them whole (one line each)."""
+    cut = fmt.truncate if truncate else (lambda text, _width: text)
     for e in events:
         reason = Text(e.reason, style="bold red" if e.reason.lower() in ALARMING else "")
-        yield str(e.id), (fmt.age(e.created_at, now), e.kind.rstrip("s"), fmt.truncate(e.object_name, 20), reason,
-                          fmt.truncate(e.actor, 10), fmt.truncate(" ".join(e.message.split()), 120))
+        yield str(e.id), (fmt.age(e.created_at, now), e.kind.rstrip("s"), cut(e.object_name, 20), reason,
+                          cut(e.actor, 10), cut(" ".join(e.message.split()), 120))

@@ -65,6 +65,22 @@ class ClusterState:
         self.revision: Counter[str] = Counter()
         self._cache: dict[str, tuple[int, Any]] = {}
 
+    def load(self, *, workers: list[schemas.WorkerOut] | None = None, models: list[schemas.ModelOut] | None = None,
+             instances: list[schemas.InstanceOut] | None = None,
+             events: list[schemas.EventOut] | None = None) -> "ClusterState":
+        """Fill from REST answers (the CLI renders with the TUI's renderers from a state built this way)."""
+        for kind, items in (("workers", workers), ("models", models), ("instances", instances)):
+            if items is not None:
+                setattr(self, kind, {item.id: item for item in items})
+                self.revision[kind] += 1
+        for worker in workers or ():
+            self._sample(worker)
+        if events is not None:
+            self.events.clear()
+            self.events.extend(events)
+            self.revision["events"] += 1
+        return self
+
     # --- applying the stream ------------------------------------------------------------
 
     def apply(self, message: schemas.WatchMessage) -> set[str]:

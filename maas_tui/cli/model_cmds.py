@@ -1,0 +1,249 @@
+"""`maas model ...`: deploy, list, get, describe, scale, delete (rollouts and history: ops_cmds.py).
+
+Tables and describe pages come from maas_tui/render/models.py, as in the TUI's Models view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from maas_tui.cli.describe import print_evaluation
+from maas_tui.cli.output import Format, OutputOption, console, emit, emit_document, err_console, fail, now, \
+    print_renderable, print_rows
+from maas_tui.client import ApiClientError, MaasClient
+from maas_tui.render import models as render
+from maas_tui.tui.state import ClusterState
+from server import schemas
+from server.schemas.rollout import rollout_status
+
+model_app = typer.Typer(help="Deploy, list, scale and delete models.", no_args_is_help=True)
+
+
+def call(work: Any, **kwargs: Any) -> Any:
+    from maas_tui.cli.main import call as run  # main imports this module
+
+    return run(work, **kwargs)
+
+
+def _resolve_source(source: str) -> str:
+    """Local paths go to the server absolute; anything else (a repository id) as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() or source.startswith((".", "/", "~")) else source
+
+
+@model_app.command("deploy")
+def model_deploy(
+    name: str = typer.Argument(..., help="the model name clients use in the 'model' field"),
+    source: str = typer.Option(..., help=(
+        "a local path on the worker, or a repository the agent downloads: hf://ORG/NAME or ORG/NAME "
+        "(Hugging Face), ms://ORG/NAME (ModelScope), each optionally with @REVISION and /FILE; "
+        "llama.cpp takes one .gguf, e.g. hf://ORG/NAME/FILE.gguf")),
+    backend: str = typer.Option(..., help=f"one of: {', '.join(schemas.KNOWN_BACKENDS)}"),
+    replicas: int = typer.Option(1, help="how many instances to run"),
+    context_length: int = typer.Option(2048, help="context length each instance serves"),
+    cpu_only: bool = typer.Option(False, "--cpu-only", help="serve from host RAM, never claim a GPU"),
+    arg: list[str] = typer.Option([], "--arg", help="extra backend argument (repeatable)"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the backend (repeatable)"),
+    wait: bool = typer.Option(False, "--wait", help="wait until every replica is running"),
+    timeout: float = typer.Option(600, help="seconds --wait waits"),
+    max_model_len: Optional[int] = typer.Option(None, help="vllm/sglang: longest sequence (default: the model's)"),
+    concurrency: Optional[int] = typer.Option(None, help="vllm/sglang: full-length sequences the KV cache holds"),
+    memory: Optional[str] = typer.Option(None, help="claim this much per replica instead of the estimate, e.g. 20GiB"),
+    selector: list[str] = typer.Option([], "--selector", help="only workers with label KEY=VALUE (repeatable)"),
+    gpu_type: Optional[str] = typer.Option(None, help="only GPUs whose name contains this, e.g. H100"),
+    gpu_vendor: Optional[str] = typer.Option(None, help="only GPUs of this vendor, e.g. nvidia"),
+    gpus: list[str] = typer.Option([], "--gpus", help="manual placement WORKER:0,1 (repeatable; several workers need --distributed)"),
+    strategy: Optional[str] = typer.Option(None, help="spread (default) or binpack"),
+    distributed: bool = typer.Option(False, "--distributed", help="vllm/sglang: may span workers when none fits alone"),
+    partial_offload: bool = typer.Option(False, "--partial-offload", help="llama.cpp: layers that do not fit stay in RAM"),
+    category: list[str] = typer.Option([], "--category", help=f"what the model serves (repeatable): {', '.join(schemas.MODEL_CATEGORIES)}; gates the /v1 endpoints [default: llm]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show where each replica would go (or why not); deploy nothing. Exit code 1 when some replica does not fit"),
+    output: Format = OutputOption,
+) -> None:
+    """Deploy a model."""
+    env_map = {}
+    for item in env:
+        if "=" not in item:
+            fail(f"--env {item!r}: write KEY=VALUE", code=2)
+        key, value = item.split("=", 1)
+        env_map[key] = value
+    body = {"name": name, "source": _resolve_source(source), "backend": backend, "replicas": replicas,
+            "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
+    if category:
+        body["categories"] = category
+    body.update(_scheduling_fields(max_model_len, concurrency, memory, selector, gpu_type, gpu_vendor, gpus, strategy,
+                                   distributed, partial_offload))
+    if dry_run:
+        evaluation = call(lambda c: c.evaluate_model(body))
+        if output in (Format.json, Format.yaml):
+            emit(evaluation, output)
+        else:
+            print_evaluation(evaluation)
+        if evaluation.schedulable < replicas:
+            raise typer.Exit(1)
+        return
+    model = call(lambda c: c.create_model(body))
+    if wait:
+        model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
+    _show_one(model, output)
+
+
+def _scheduling_fields(max_model_len: int | None, concurrency: int | None, memory: str | None, selector: list[str],
+                       gpu_type: str | None, gpu_vendor: str | None, gpus: list[str], strategy: str | None,
+                       distributed: bool, partial_offload: bool) -> dict[str, Any]:
+    """The deploy flags that shape scheduling, as spec fields (only those given)."""
+    from server.schemas import parse_size
+
+    fields: dict[str, Any] = {}
+    if max_model_len is not None:
+        fields["max_model_len"] = max_model_len
+    if concurrency is not None:
+        fields["concurrency"] = concurrency
+    if memory is not None:
+        size = parse_size(memory)
+        if not size:
+            fail(f"--memory {memory!r}: write a size such as 20GiB or 512MiB", code=2)
+        fields["memory_bytes"] = size
+    if selector:
+        labels = {}
+        for item in selector:
+            if "=" not in item:
+                fail(f"--selector {item!r}: write KEY=VALUE", code=2)
+            key, value = item.split("=", 1)
+            labels[key] = value
+        fields["worker_selector"] = labels
+    if gpus:
+        selection = []
+        for item in gpus:
+            worker, _, indexes = item.rpartition(":")
+            try:
+                numbers = [int(i) for i in indexes.split(",") if i.strip()]
+            except ValueError:
+                numbers = []
+            if not worker or not numbers:
+                fail(f"--gpus {item!r}: write WORKER:INDEX[,INDEX...], e.g. gpu-1:0,1", code=2)
+            selection.append({"worker": worker, "gpu_indexes": numbers})
+        fields["gpu_selector"] = selection
+    for key, value in (("gpu_type", gpu_type), ("gpu_vendor", gpu_vendor), ("placement_strategy", strategy)):
+        if value is not None:
+            fields[key] = value
+    if distributed:
+        fields["distributed"] = True
+    if partial_offload:
+        fields["partial_offload"] = True
+    return fields
+
+
+def _wait_ready(name: str, timeout: float, quiet: bool) -> schemas.ModelOut:
+    async def work(client: MaasClient) -> schemas.ModelOut:
+        deadline = time.monotonic() + timeout
+        seen: dict[int, str] = {}
+        while True:
+            model = await client.get_model(name)
+            instances = await client.list_instances(model=name)
+            for instance in instances:
+                line = f"{instance.state}" + (f": {instance.state_message}" if instance.state_message else "")
+                if not quiet and seen.get(instance.id) != line:
+                    err_console.print(f"  {instance.name}: {line}", highlight=False)
+                seen[instance.id] = line
+            running = sum(1 for i in instances if i.state == schemas.InstanceState.running)
+            if running >= model.replicas and len(instances) == model.replicas:
+                model.ready_replicas = running
+                return model
+            if time.monotonic() > deadline:
+                raise ApiClientError(0, "timeout", f"{name}: {running}/{model.replicas} running after {timeout:g} s")
+            await asyncio.sleep(0.25)
+
+    return call(work)
+
+
+@model_app.command("list")
+def model_list(output: Format = OutputOption) -> None:
+    """List models (-o json|yaml: the objects as the API gives them, under "items")."""
+    async def work(client: MaasClient) -> tuple[list[schemas.ModelOut], list[schemas.InstanceOut]]:
+        return await client.list_models(), await client.list_instances()
+
+    models, instances = call(work)
+    show_models(models, output, instances)
+
+
+@model_app.command("get")
+def model_get(name: str, output: Format = OutputOption) -> None:
+    """Show one model; -o yaml|json prints the document `maas apply -f` takes back (kind, metadata, spec, status)."""
+    async def work(client: MaasClient) -> tuple[schemas.ModelOut, list[schemas.InstanceOut]]:
+        return await client.get_model(name), await client.list_instances(model=name)
+
+    model, instances = call(work)
+    if output in (Format.json, Format.yaml):
+        emit_document(render.document_of(model), output)
+        return
+    show_models([model], output, instances)
+
+
+@model_app.command("describe")
+def model_describe(name: str, output: Format = OutputOption) -> None:
+    """Show a model: its memory estimate, where each instance runs or why it waits, and recent events."""
+    description = call(lambda c: c.describe_model(name))
+    if output in (Format.json, Format.yaml):
+        emit(description, output)
+        return
+    model = description.model
+    print_renderable(render.describe(
+        model, instances=description.instances, events=list(reversed(description.events)),
+        rollout=rollout_status(model, description.instances), now=now(), estimate=description.estimate,
+        estimate_error=description.estimate_error))
+
+
+def show_models(models: list[schemas.ModelOut], output: Format, instances: list[schemas.InstanceOut] = ()) -> None:
+    """Models as the TUI's Models view shows them (table, wide), or the API objects (json, yaml)."""
+    if output in (Format.json, Format.yaml):
+        emit(models, output)
+        return
+    state = ClusterState().load(models=models, instances=list(instances))
+    print_rows(render.COLUMNS, render.WIDE_COLUMNS, render.rows(state, now()), output == Format.wide)
+
+
+@model_app.command("scale")
+def model_scale(name: str, replicas: int = typer.Argument(..., min=0), wait: bool = typer.Option(False, "--wait"),
+                timeout: float = typer.Option(600), output: Format = OutputOption) -> None:
+    """Change a model's replica count."""
+    model = call(lambda c: c.update_model(name, {"replicas": replicas}))
+    if wait:
+        model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
+    _show_one(model, output)
+
+
+@model_app.command("delete")
+def model_delete(name: str, wait: bool = typer.Option(False, "--wait", help="wait until it is gone"),
+                 timeout: float = typer.Option(120)) -> None:
+    """Delete a model; its instances are stopped."""
+    async def work(client: MaasClient) -> None:
+        await client.delete_model(name)
+        deadline = time.monotonic() + timeout
+        while wait:
+            try:
+                await client.get_model(name)
+            except ApiClientError as exc:
+                if exc.status == 404:
+                    return
+                raise
+            if time.monotonic() > deadline:
+                raise ApiClientError(0, "timeout", f"{name} still exists after {timeout:g} s")
+            await asyncio.sleep(0.25)
+
+    call(work)
+    console.print(f"model {name} deleted" if wait else f"model {name} is being deleted")
+
+
+
+def _show_one(model: schemas.ModelOut, output: Format) -> None:
+    """What deploy and scale print: the model as the API answered (json, yaml), or its row with its instances."""
+    if output in (Format.json, Format.yaml):
+        emit(model, output)
+        return
+    show_models([model], output, call(lambda c: c.list_instances(model=model.name)))
