@@ -103,6 +103,7 @@ class Heartbeats:
         self._unflushed: dict[int, datetime] = {}
         # Worker id -> its row as published (WorkerOut wire dict), kept current from the bus.
         self.stored: dict[int, dict[str, Any]] = {}
+        self._inventory: dict[int, tuple] = {}  # of each stored row, computed once
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
 
@@ -116,9 +117,11 @@ class Heartbeats:
     def remember(self, row: dict[str, Any]) -> None:
         """The worker row as the database now holds it (a bus event, a write of our own)."""
         self.stored[row["id"]] = row
+        self._inventory[row["id"]] = inventory(row.get("gpus") or (), row.get("host") or {})
 
     def forget(self, worker_id: int) -> None:
         self.stored.pop(worker_id, None)
+        self._inventory.pop(worker_id, None)
         self.heard.pop(worker_id, None)
         self._unflushed.pop(worker_id, None)
 
@@ -128,7 +131,7 @@ class Heartbeats:
         row = self.stored.get(worker_id)
         if row is None or row.get("state") != "ready":
             return None
-        if inventory(row.get("gpus") or (), row.get("host") or {}) != inventory(gpus, host):
+        if self._inventory.get(worker_id) != inventory(gpus, host):
             return None
         return row
 

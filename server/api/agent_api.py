@@ -8,6 +8,7 @@ off with jitter) instead of queueing into timeouts. A heartbeat is never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import secrets
@@ -30,30 +31,53 @@ from server.telemetry import reading_of
 log = logging.getLogger(__name__)
 S = schemas.InstanceState
 
-# Agent calls that need the database, at once, on one server; more are told to come back later.
-# Below the pool (10 + 20 overflow) so operators' requests and the controllers still get connections.
+# Agent calls that need the database, at once, on one server. Below the pool (10 + 20 overflow), so
+# operators' requests and the controllers still get connections. A burst (500 instances reported
+# running together) waits in a short queue; past it, or after QUEUE_SECONDS, a call is refused.
 MAX_AGENT_WRITES = 16
+MAX_QUEUED = 1000
+QUEUE_SECONDS = 2.0
 RETRY_AFTER_SECONDS = 2
 
 
 class AgentAdmission:
-    """Counts the agent calls using the database; past `limit`, a call is refused at once with 503."""
+    """Admits agent calls that use the database: `limit` at once, a bounded queue behind them, and
+    503 with Retry-After beyond, so overload is answered at once instead of running into timeouts."""
 
-    def __init__(self, limit: int = MAX_AGENT_WRITES):
+    def __init__(self, limit: int = MAX_AGENT_WRITES, queued: int = MAX_QUEUED, wait: float = QUEUE_SECONDS):
         self.limit = limit
+        self.max_queued = queued
+        self.wait = wait
         self.in_flight = 0
+        self.queued = 0
         self.refused = 0
+        self._slot = asyncio.Condition()
 
     async def run(self, work: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if self.in_flight >= self.limit:
-            self.refused += 1
-            return busy("overloaded", f"the server is handling {self.in_flight} agent calls that write; "
-                        f"retry after the Retry-After delay")
+            if self.queued >= self.max_queued or not await self._wait_for_slot():
+                self.refused += 1
+                return busy("overloaded", f"the server is busy with {self.in_flight} agent calls that write and "
+                            f"{self.queued} waiting; retry after the Retry-After delay")
         self.in_flight += 1
         try:
             return await work()
         finally:
             self.in_flight -= 1
+            async with self._slot:
+                self._slot.notify()
+
+    async def _wait_for_slot(self) -> bool:
+        self.queued += 1
+        try:
+            async with self._slot:
+                async with asyncio.timeout(self.wait):  # not wait_for: see controllers/loop.py
+                    await self._slot.wait_for(lambda: self.in_flight < self.limit)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.queued -= 1
 
 
 def busy(code: str, message: str, status: int = 503) -> web.Response:

@@ -1,0 +1,310 @@
+"""The control plane at scale: a real server and a simulated cluster, as separate processes.
+
+    .venv/bin/python bench/cluster.py [--workers 1000] [--gpus 8xH100-80GB] [--replicas 500] [--steady 60]
+                                      [--watchers 20] [--heartbeat 5]
+
+`maas start --no-agent` (embedded PostgreSQL) and `maas simulate` run as their own processes; this
+process holds the TUI-style watchers (every kind) and measures. Timeline: the server starts, the
+simulated workers register (each with its own watch of its instances), the watchers connect, a
+model with `--replicas` replicas is deployed and timed until every replica is running, then a
+steady window of `--steady` seconds in which the server's and PostgreSQL's CPU are measured.
+
+Printed: server CPU (own process) and PostgreSQL CPU in the steady window, heartbeat p50/p99 (all
+and steady window), errors (simulated agents' failed calls other than 429/503 back-offs, watcher
+failures), busy answers, workers ever seen not_ready, seconds to place and run all replicas, watcher
+lag p99 (an instance change's updated_at, stamped at its commit, to the line reaching a watcher),
+server RSS; the last line is `RESULT workers=... server_cpu_pct=... hb_p99_ms=... not_ready=...
+errors=... place_s=... watch_lag_p99_ms=... rss_mb=...`. Note: the machine running this also runs
+the load generator (and possibly more), so the figures are upper bounds for the server itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from conftest import free_port  # noqa: E402
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+from server.ndjson import watch_messages  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def postgres_pids(data_dir: Path) -> list[int]:
+    """The embedded PostgreSQL's postmaster (its -D lies under data_dir) and its children."""
+    pids: dict[int, int] = {}
+    master = None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(stat.rsplit(")", 1)[1].split()[1])
+        pids[pid] = ppid
+        if "postgres" in cmdline and str(data_dir) in cmdline and " -D " in f" {cmdline}":
+            master = pid
+    if master is None:
+        return []
+    return [master] + [pid for pid, ppid in pids.items() if ppid == master]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Watchers:
+    """TUI-style watchers of everything: what they saw and how late."""
+
+    def __init__(self, url: str, token: str, count: int):
+        self.url, self.token, self.count = url, token, count
+        self.lags: list[float] = []
+        self.not_ready: set[int] = set()
+        self.errors = 0
+        self.frames = 0
+        self.running: dict[int, set[int]] = {}  # model id -> running instance ids (first watcher)
+        self.placed: dict[int, set[int]] = {}  # model id -> instance ids with a worker (first watcher)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.measuring = True
+
+    async def one(self, http: aiohttp.ClientSession, index: int) -> None:
+        version = None
+        while True:
+            params = {"kinds": "workers,models,instances,events"} | ({"since": str(version)} if version else {})
+            try:
+                async with http.get(f"{self.url}/v2/watch", params=params,
+                                    headers={"Authorization": f"Bearer {self.token}"},
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as response:
+                    response.raise_for_status()
+                    async for message in watch_messages(response.content.iter_any()):
+                        received = time.time()
+                        version = message["version"]
+                        if message["type"] == "snapshot":
+                            for worker in message["items"].get("workers", ()):
+                                if worker["state"] != "ready":
+                                    self.not_ready.add(worker["id"])
+                            continue
+                        if message["type"] != "event":
+                            continue
+                        kind, obj = message["kind"], message["object"]
+                        if kind == "telemetry":
+                            self.frames += index == 0
+                            continue
+                        if kind == "workers" and obj["state"] != "ready":
+                            self.not_ready.add(obj["id"])
+                        if kind == "instances" and message["action"] != "deleted":
+                            if self.measuring:
+                                stamp = datetime.fromisoformat(obj["updated_at"]).timestamp()
+                                self.lags.append(received - stamp)
+                            if index == 0:
+                                ids = self.running.setdefault(obj["model_id"], set())
+                                (ids.add if obj["state"] == "running" else ids.discard)(obj["id"])
+                                ids = self.placed.setdefault(obj["model_id"], set())
+                                (ids.add if obj["worker_id"] is not None else ids.discard)(obj["id"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.errors += 1
+                print(f"watcher {index}: {type(exc).__name__}: {exc}", flush=True)
+                await asyncio.sleep(1)
+
+    def start(self, http: aiohttp.ClientSession) -> None:
+        self.tasks = [asyncio.create_task(self.one(http, i)) for i in range(self.count)]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.3)
+    raise TimeoutError(f"{url} did not come up in {timeout:.0f} s")
+
+
+async def main(args: argparse.Namespace) -> None:
+    base = Path(tempfile.mkdtemp(prefix="maas-bench-cluster-"))
+    os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
+    data_dir = base / "data"
+    model = base / "models" / "tiny.gguf"
+    model.parent.mkdir()
+    write_tiny_gguf(model, seed=0)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MAAS_MODEL_ROOTS": str(model.parent), "MAAS_CONFIG": str(base / "cli.json"),
+           "PYTHONUNBUFFERED": "1"}
+    server_log = open(base / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
+                               "--port", str(port)], stdout=server_log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    simulate = None
+    summary_path = base / "simulate.json"
+    try:
+        await wait_http(url, 120)
+        token = (data_dir / "token").read_text().strip()
+        password = (data_dir / "initial_admin_password").read_text().strip()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            async with http.post(f"{url}/v2/auth/login", json={"username": "admin", "password": password}) as r:
+                admin = (await r.json())["token"]
+            auth = {"Authorization": f"Bearer {admin}"}
+            watchers = Watchers(url, admin, args.watchers)
+            watchers.start(http)
+
+            started = time.monotonic()
+            simulate = subprocess.Popen(
+                [sys.executable, "-m", "maas_tui", "simulate", "--server", url, "--token", token,
+                 "--workers", str(args.workers), "--gpus", args.gpus, "--heartbeat-interval", str(args.heartbeat),
+                 "--report-every", "20", "--summary", str(summary_path)],
+                stdout=open(base / "simulate.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+            async def count_workers() -> int:
+                async with http.get(f"{url}/v2/workers", headers=auth) as r:
+                    return len((await r.json())["items"])
+
+            while (registered := await count_workers()) < args.workers:
+                if time.monotonic() - started > 300 or simulate.poll() is not None:
+                    raise RuntimeError(f"only {registered} of {args.workers} workers registered")
+                await asyncio.sleep(2)
+            registered_s = time.monotonic() - started
+            print(f"{args.workers} workers registered in {registered_s:.1f} s", flush=True)
+            await asyncio.sleep(10)  # every watch connected, heartbeats spread
+
+            deploy_at = time.monotonic()
+            body = {"name": "bench", "source": str(model), "backend": "llama.cpp", "replicas": args.replicas}
+            async with http.post(f"{url}/v2/models", json=body, headers=auth) as r:
+                created = await r.json()
+                if r.status >= 300:
+                    raise RuntimeError(f"deploy refused: {created}")
+            model_id = created["id"]
+            place_s = running_s = None
+            while time.monotonic() - deploy_at < 180:
+                if place_s is None and len(watchers.placed.get(model_id, ())) >= args.replicas:
+                    place_s = time.monotonic() - deploy_at
+                if len(watchers.running.get(model_id, ())) >= args.replicas:
+                    running_s = time.monotonic() - deploy_at
+                    break
+                await asyncio.sleep(0.05)
+            print(f"{args.replicas} replicas placed after {place_s if place_s is None else round(place_s, 2)} s, "
+                  f"running after {running_s if running_s is None else round(running_s, 2)} s", flush=True)
+
+            await asyncio.sleep(5)  # the deploy's tail (events, reports) out of the window
+            pg = postgres_pids(data_dir)
+            server_cpu0, pg_cpu0 = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in pg)
+            window_start = time.monotonic()
+            rss = 0.0
+            while time.monotonic() - window_start < args.steady:
+                await asyncio.sleep(1)
+                rss = max(rss, rss_mb(server.pid))
+            window = time.monotonic() - window_start
+            server_cpu = 100 * (cpu_seconds(server.pid) - server_cpu0) / window
+            pg_cpu = 100 * (sum(cpu_seconds(p) for p in postgres_pids(data_dir)) - pg_cpu0) / window
+            steady_to = window_start + window
+            watchers.measuring = False
+            await watchers.stop()
+    finally:
+        if simulate is not None and simulate.poll() is None:
+            simulate.send_signal(signal.SIGINT)
+            try:
+                simulate.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(simulate.pid, signal.SIGKILL)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+    summary = json.loads(summary_path.read_text())
+    # Sample times are seconds from the simulator's start on CLOCK_MONOTONIC, which both processes share.
+    samples = [(summary["started_monotonic"] + t, d) for t, d in summary["heartbeat_samples"]]
+    all_ms = [d for _, d in samples]
+    steady_ms = [d for t, d in samples if window_start <= t <= steady_to]
+    hb_p50, hb_p99 = percentile(steady_ms or all_ms, 0.5), percentile(steady_ms or all_ms, 0.99)
+    errors = summary["errors"] + watchers.errors
+    lag_p99 = percentile(watchers.lags, 0.99) * 1000
+    rows = [
+        ("workers x GPUs", f"{args.workers} x {args.gpus} (simulated)"),
+        ("registration", f"{registered_s:.1f} s"),
+        ("server CPU, steady window", f"{server_cpu:.1f} % of a core"),
+        ("PostgreSQL CPU, steady window", f"{pg_cpu:.1f} % of a core ({len(pg)} processes)"),
+        ("heartbeat p50 / p99, steady", f"{hb_p50:.1f} / {hb_p99:.1f} ms ({len(steady_ms)} heartbeats)"),
+        ("heartbeat p50 / p99, whole run", f"{percentile(all_ms, 0.5):.1f} / {percentile(all_ms, 0.99):.1f} ms "
+                                           f"({len(all_ms)} heartbeats)"),
+        ("errors", f"{errors} {summary['error_kinds'] or ''} (watchers: {watchers.errors})"),
+        ("busy answers (429/503, backed off)", str(summary["busy"])),
+        ("workers ever seen not_ready", str(len(watchers.not_ready))),
+        (f"{args.replicas} replicas placed (on a worker)", f"{place_s:.2f} s" if place_s is not None else "not within 180 s"),
+        (f"{args.replicas} replicas running (reported)", f"{running_s:.2f} s" if running_s is not None else "not within 180 s"),
+        ("watcher lag p50 / p99", f"{percentile(watchers.lags, 0.5) * 1000:.0f} / {lag_p99:.0f} ms "
+                                  f"({len(watchers.lags)} lines, {args.watchers} watchers)"),
+        ("telemetry frames (one watcher)", str(watchers.frames)),
+        ("server RSS (max, steady window)", f"{rss:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(f"(logs in {base})")
+    print(f"RESULT workers={args.workers} server_cpu_pct={server_cpu:.1f} pg_cpu_pct={pg_cpu:.1f} "
+          f"hb_p50_ms={hb_p50:.1f} hb_p99_ms={hb_p99:.1f} not_ready={len(watchers.not_ready)} errors={errors} "
+          f"place_s={place_s if place_s is None else round(place_s, 2)} "
+          f"running_s={running_s if running_s is None else round(running_s, 2)} watch_lag_p99_ms={lag_p99:.0f} rss_mb={rss:.0f}")
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=1000)
+    parser.add_argument("--gpus", default="8xH100-80GB")
+    parser.add_argument("--replicas", type=int, default=500)
+    parser.add_argument("--steady", type=float, default=60.0)
+    parser.add_argument("--watchers", type=int, default=20)
+    parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data folder")
+    asyncio.run(main(parser.parse_args()))
