@@ -330,3 +330,30 @@ def test_the_registry_drives_commands_columns_and_help():
         for key, what in spec.key_hints:
             assert f"{key} {' '.join(what.split())}" in page, (spec.name, key)
     assert "ctrl+d delete (asks first)" in page and "ctrl+s save to a file" in page
+
+
+async def test_server_text_is_shown_as_typed_not_as_markup():
+    """A message quoting the server (a notification, a form's error) is never read as Rich markup: `[red]`
+    shows as typed, and a stray `[/]` cannot crash the app."""
+    import io
+
+    from rich.console import Console
+
+    from maas_tui.tui.forms import ScaleForm
+
+    state = demo_state()
+    app = MaasApp(DemoClient(state), state=state, clock=fixed_clock, tick=0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.state.connected)
+        app.notify("model '[red]boom[/red]' refused [/]", severity="error")
+        form = ScaleForm("tiny", 1)
+        app.push_screen(form)
+        await until(pilot, lambda: app.screen is form and bool(form.query("#status")))
+        form.set_status("the server refused: [bold]x[/bold] [/]")
+        await pilot.pause(0.2)
+        console = Console(width=100, height=30, file=io.StringIO(), record=True, color_system=None)
+        console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+        shown = console.export_text()
+        assert "[bold]x[/bold] [/]" in shown, shown
+        toasts = [n for n in app._notifications if "boom" in n.message]
+        assert toasts and not toasts[0].markup  # Textual shows it as plain text

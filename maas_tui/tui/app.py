@@ -82,6 +82,10 @@ class MaasApp(App[None]):
         self.freeze_gc = freeze_gc
         self._frozen = False
 
+    def notify(self, message: str, *, markup: bool = False, **kwargs: Any) -> None:
+        """Notifications show text as it is: messages often quote the server, which must not inject markup."""
+        super().notify(message, markup=markup, **kwargs)
+
     def get_system_commands(self, screen: Any) -> Any:
         for command in super().get_system_commands(screen):
             if not (self.remote and command.title == "Screenshot"):

@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any, Callable
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -68,7 +69,7 @@ class FormScreen(ModalScreen[Any]):
 
     def set_error(self, name: str, message: str | None) -> None:
         error = self.query_one(f"#{name}-error", Static)
-        error.update(f"✖ {message}" if message else "")
+        error.update(Text(f"✖ {message}" if message else ""))  # server text: never markup
         error.set_class(bool(message), "-shown")
         widget = self.query_one(f"#{name}")
         widget.set_class(bool(message), "-invalid")
@@ -76,7 +77,7 @@ class FormScreen(ModalScreen[Any]):
     def set_status(self, message: str, error: bool = True) -> None:
         self.status_text = message
         status = self.query_one("#status", Static)
-        status.update(message)
+        status.update(Text(message))
         status.set_class(error, "-error")
 
     def action_cancel(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -72,9 +73,9 @@ class LogsScreen(MaasScreen):
         if self.previous:
             parts.append("[yellow]previous run[/]")
         if view.search:
-            parts.append(f"[b]/{view.search}[/b] ({self.match_count})")
+            parts.append(f"[b]/{escape(view.search)}[/b] ({self.match_count})")
         if self.stream_state not in ("streaming",):
-            parts.append(f"[dim]{self.stream_state}[/]")
+            parts.append(f"[dim]{escape(self.stream_state)}[/]")  # may hold the server's message
         self.set_title("Logs", None, " │ ".join(parts))
 
     # streaming
