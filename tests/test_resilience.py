@@ -64,7 +64,10 @@ def test_killed_agent_is_replaced_on_the_other_worker(traversable_tmp: Path, tin
         assert set(placed) == {"worker-a", "worker-b"}  # spread: one replica per worker
         orphans.append(placed["worker-a"]["pid"])  # its backend outlives the agent (its own session)
 
+        # The agent and its backend both die: the backend is really gone, so the instance is replaced
+        # (a dead agent alone leaves its backend serving: test_agent_kill_under_load_fails_almost_nothing).
         doomed.send_signal(signal.SIGKILL)
+        os.killpg(placed["worker-a"]["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         deadline = killed_at + 90
         while True:
@@ -74,7 +77,8 @@ def test_killed_agent_is_replaced_on_the_other_worker(traversable_tmp: Path, tin
             assert time.monotonic() < deadline, f"no replacement: {items}"
             time.sleep(0.2)
         recovery = time.monotonic() - killed_at
-        print(f"\nagent killed -> replacement running on the other worker: {recovery:.1f} s (default timeouts)")
+        print(f"\nagent and backend killed -> replacement running on the other worker: {recovery:.1f} s "
+              "(default timeouts)")
         assert recovery <= 45
         assert "Rescheduled" in cluster.maas("events", "--limit", "200").stdout
     finally:
@@ -122,3 +126,75 @@ def test_server_killed_mid_rollout_converges_after_restart(traversable_tmp: Path
         assert len(running_backends) == 4, "no instance lost, none doubled"
     finally:
         cluster.close()
+
+
+def test_agent_kill_under_load_fails_almost_nothing(traversable_tmp: Path, tiny_model: Path):
+    """kill -9 of the agent process under 32 clients through /v1: its backends keep serving (the gateway
+    probes them while the worker is silent), nothing is replaced, and the restarted agent adopts them.
+    Short timeouts so the worker goes not_ready and past reschedule_after inside the load window."""
+    import asyncio
+
+    import aiohttp
+
+    cluster = _cluster(traversable_tmp, "agent-kill-load")
+    cluster.env.update(MAAS_WORKER_TIMEOUT="2", MAAS_RESCHEDULE_AFTER="2")
+    try:
+        cluster.start_server()
+        _login(cluster)
+        agent = cluster.start_agent("worker-a")
+        _wait_workers(cluster, {"worker-a"})
+        cluster.maas("model", "deploy", "tiny", "--source", str(tiny_model), "--backend", "llama.cpp",
+                     "--replicas", "2", "--wait", "--timeout", "120")
+        before = {i["id"]: i["pid"] for i in _wait_running(cluster, 2)}
+        key = json.loads(cluster.maas("key", "create", "load", "-o", "json").stdout)["key"]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        outcomes: list[int] = []
+        failures: list[str] = []
+        seen_states: set[str] = set()
+
+        async def client(http: aiohttp.ClientSession, stop_at: float) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    async with http.post(f"{cluster.url}/v1/chat/completions", json=body,
+                                         headers={"Authorization": f"Bearer {key}"}) as response:
+                        await response.read()
+                        outcomes.append(response.status)
+                        if response.status != 200:
+                            failures.append(f"{response.status}: {(await response.text())[:200]}")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    outcomes.append(0)
+                    failures.append(repr(exc))
+
+        async def load() -> None:
+            nonlocal agent
+            start = time.monotonic()
+            stop_at = start + 15
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                clients = [asyncio.create_task(client(http, stop_at)) for _ in range(32)]
+                await asyncio.sleep(2)
+                agent.send_signal(signal.SIGKILL)  # a real kill -9 of the agent process
+                await asyncio.to_thread(agent.wait, 10)
+                # Long enough for not_ready (2 s) and past reschedule_after (2 s): the old rules replaced here.
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    seen_states.update(i["state"] for i in await asyncio.to_thread(_instances, cluster))
+                    await asyncio.sleep(0.5)
+                agent = cluster.start_agent("worker-a")  # the restarted agent adopts the backends
+                await asyncio.gather(*clients)
+
+        asyncio.run(load())
+        total, failed = len(outcomes), sum(1 for status in outcomes if status != 200)
+        rate = failed / total if total else 1.0
+        print(f"\nkill -9 of the agent under 32 clients: {total} requests in 15 s, {failed} failed "
+              f"({rate * 100:.3f}%); instance states seen meanwhile: {sorted(seen_states)}")
+        assert "unreachable" in seen_states, "the worker never went silent: the test proved nothing"
+        assert total >= 200
+        routing_log = [line for line in cluster.log("server.log").splitlines() if "routing" in line]
+        assert rate <= 0.001, (failures[:5], routing_log[-10:])
+
+        after = {i["id"]: i["pid"] for i in _wait_running(cluster, 2, timeout=30)}
+        assert after == before, "the backends were replaced instead of adopted"
+        assert "Rescheduled" not in cluster.maas("events", "--limit", "200").stdout
+    finally:
+        cluster.close()
+        _kill_orphans(list(before.values()) if "before" in locals() else [])

@@ -39,7 +39,7 @@ class Target:
     healthy: bool = True  # taken out (False) by failures or failed probes, back in by a probe that answers
     worker_away: bool = False  # the instance is unreachable: its backend is probed, not trusted on the agent's word
     failures: int = 0  # failed exchanges in a row
-    answered_at: float | None = None  # monotonic time of the last probe that got an answer
+    answered_at: float | None = None  # monotonic time of the last answer: a probe's, or a request's
     probe_failed_at: float | None = None  # ... and of the last one that did not
 
     @property
@@ -93,12 +93,15 @@ class RoutingTable:
         self.created.setdefault(name, _epoch(model.get("created_at")))
 
     def apply_instance(self, action: str, instance: dict[str, Any]) -> None:
-        serving = (action != "deleted" and instance["state"] in SERVING_STATES and instance.get("port")
-                   and instance.get("address"))
+        state = instance["state"]
+        # A target whose worker came back is `scheduled` until its agent has adopted the backend again
+        # (server/api/agent_api.py _recover_unreachable): it stays, on the probes' word, meanwhile.
+        serving = (action != "deleted" and instance.get("port") and instance.get("address")
+                   and (state in SERVING_STATES or (state == "scheduled" and instance["id"] in self._targets)))
         if serving:
             routes = self.models.setdefault(instance["model_name"], ModelRoutes())
             host, port = str(instance["address"]), int(instance["port"])
-            away = instance["state"] == "unreachable"
+            away = state != "running"
             current = routes.targets.get(instance["id"])
             if current is None or (current.host, current.port) != (host, port):
                 if current is not None:  # moved: its old address's idle connections go
@@ -138,11 +141,13 @@ class RoutingTable:
                         target.instance_id, target.host, target.port, target.failures)
 
     def answered(self, target: Target) -> None:
+        """An exchange got its answer: the backend is alive, whatever its probe (queued behind the load) says."""
         target.failures = 0
+        target.answered_at = time.monotonic()
 
     def backend_answers(self, instance_id: int, within: float) -> bool | None:
-        """Whether the gateway's probes find this instance's backend answering: True when one answered
-        in the last `within` seconds, False when they fail, None when it is not probed here."""
+        """Whether this gateway finds the instance's backend answering: True when a probe or a request got
+        an answer in the last `within` seconds, False when not, None when it has not been probed here."""
         target = self._targets.get(instance_id)
         if target is None or (target.answered_at is None and target.probe_failed_at is None):
             return None
@@ -164,7 +169,9 @@ class RoutingTable:
                          target.port)
             target.healthy, target.failures = True, 0
         else:
-            target.probe_failed_at = time.monotonic()
+            target.probe_failed_at = now = time.monotonic()
+            if target.answered_at is not None and now - target.answered_at < PROBE_TIMEOUT + PROBE_INTERVAL:
+                return  # requests got answers meanwhile: a busy backend, not a dead one
             if target.healthy:
                 log.warning("instance %s (%s:%s) does not answer its probe; taken out of routing",
                             target.instance_id, target.host, target.port)
