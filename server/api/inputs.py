@@ -12,12 +12,16 @@
   own so a big one never stalls the event loop.
 - Types: request models are validated in pydantic's strict mode from the JSON text, so
   `"2"` or `true` is not an integer (datetimes and enums still parse from their JSON strings).
+  Query parameters must fit the schema their route declares (routing.Query): what
+  /openapi.json promises is what is enforced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+from datetime import date
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
@@ -26,7 +30,8 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from pydantic import BaseModel
 
-from server.api.errors import ApiError, bad_request
+from server.api.errors import ApiError, bad_request, parse_whole_number
+from server.api.routing import Query, Route
 
 KIB, MIB = 1024, 1024**2
 ANONYMOUS_MAX_BODY = 16 * KIB  # login and the other routes without credentials
@@ -162,6 +167,36 @@ def check_json_depth(data: Any) -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
+def check_query(request: web.Request, declared: dict[str, str | Query]) -> None:
+    """Declared query parameters against their schemas (integer ranges, enums, patterns, dates, lengths)."""
+    for name, spec in declared.items():
+        value = request.query.get(name)
+        if value is None or not isinstance(spec, Query):
+            continue
+        if problem := _schema_problem(value, spec.schema):
+            raise ApiError(400, "bad_request", f"query parameter {name!r} ('{_shown(value)}') {problem}", {"field": name})
+
+
+def _schema_problem(value: str, schema: dict[str, Any]) -> str | None:
+    if schema.get("type") == "integer":
+        low, high = schema.get("minimum", -(2**63)), schema.get("maximum", 2**63 - 1)
+        if parse_whole_number(value, low=low, high=high) is None:
+            return f"must be a whole number from {low} to {high}"
+        return None
+    if "enum" in schema and value not in schema["enum"]:
+        return "must be one of " + ", ".join(schema["enum"])
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return f"must match {schema['pattern']}"
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        return f"must be at most {schema['maxLength']} characters"
+    if schema.get("format") == "date":
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            return "must be a date like 2026-01-31"
+    return None
+
+
 # --- JSON --------------------------------------------------------------------------------
 
 
@@ -255,7 +290,9 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 # --- the middleware ------------------------------------------------------------------------
 
 
-def input_middleware(limits: BodyLimits) -> Callable[..., Awaitable[web.StreamResponse]]:
+def input_middleware(limits: BodyLimits, routes: list[Route]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    queries = {(r.method, r.path): r.query for r in routes if r.query}
+
     @web.middleware
     async def middleware(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -263,6 +300,9 @@ def input_middleware(limits: BodyLimits) -> Callable[..., Awaitable[web.StreamRe
         if request.content_length is not None and request.content_length > limit:
             raise too_large(request.content_length, limit, what)
         check_request_text(request)
+        resource = request.match_info.route.resource
+        if resource is not None and (declared := queries.get((request.method, resource.canonical))):
+            check_query(request, declared)
         if request.body_exists:
             request = request.clone(client_max_size=limit)  # a chunked body is cut off at the limit
         return await handler(request)
