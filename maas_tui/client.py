@@ -250,9 +250,34 @@ class MaasClient:
     async def list_users(self) -> list[schemas.UserOut]:
         return [schemas.UserOut.model_validate(i) for i in (await self.request("GET", "/v2/users"))["items"]]
 
-    async def create_user(self, username: str, password: str, is_admin: bool = False) -> schemas.UserOut:
-        body = {"username": username, "password": password, "is_admin": is_admin}
+    async def create_user(self, username: str, password: str, role: str = "member",
+                          teams: list[str] | None = None) -> schemas.UserOut:
+        body: dict[str, Any] = {"username": username, "password": password, "role": role}
+        if teams is not None:
+            body["teams"] = teams
         return schemas.UserOut.model_validate(await self.request("POST", "/v2/users", json_body=body))
+
+    async def set_user_role(self, username: str, role: str) -> schemas.UserOut:
+        return schemas.UserOut.model_validate(await self.request("PATCH", f"/v2/users/{username}",
+                                                                 json_body={"role": role}))
+
+    # --- teams ----------------------------------------------------------------------
+
+    async def list_teams(self) -> list[schemas.TeamOut]:
+        return [schemas.TeamOut.model_validate(i) for i in (await self.request("GET", "/v2/teams"))["items"]]
+
+    async def create_team(self, name: str) -> schemas.TeamOut:
+        return schemas.TeamOut.model_validate(await self.request("POST", "/v2/teams", json_body={"name": name}))
+
+    async def delete_team(self, name: str) -> None:
+        await self.request("DELETE", f"/v2/teams/{name}")
+
+    async def set_team_member(self, team: str, username: str, role: str = "member") -> schemas.TeamOut:
+        return schemas.TeamOut.model_validate(await self.request("PUT", f"/v2/teams/{team}/members/{username}",
+                                                                 json_body={"role": role}))
+
+    async def remove_team_member(self, team: str, username: str) -> schemas.TeamOut:
+        return schemas.TeamOut.model_validate(await self.request("DELETE", f"/v2/teams/{team}/members/{username}"))
 
     async def list_ssh_keys(self, username: str) -> list[schemas.SshKeyOut]:
         data = await self.request("GET", f"/v2/users/{_seg(username)}/keys")

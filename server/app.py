@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import func, select
 
-from server import __version__
+from server import __version__, schemas
 from server.api.app import create_app
 from server.api.http_server import MaasAppRunner
 from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_TOKEN_SETTING = "cluster_token_hash"
 CLUSTER_TOKEN = "cluster_token"
-_FOLLOWED = ("models", "instances", "api_keys", "workers")  # what the gateway table and key cache follow
+_FOLLOWED = ("models", "instances", "api_keys", "users", "workers")  # what the gateway table and key cache follow
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -228,12 +228,14 @@ class MaasServer:
         self._data_lock.release()
 
     async def _bootstrap(self) -> None:
-        """First start: an admin with a generated password. Any start: a valid cluster token on disk."""
+        """First start: an admin with a generated password and the default team. Any start: a valid
+        cluster token on disk."""
         async with self.db.session() as s:
             if not (await s.execute(select(func.count()).select_from(tables.User))).scalar_one():
                 self.admin_password = secrets.token_urlsafe(18)
-                s.add(tables.User(username="admin", password_hash=hash_password(self.admin_password), is_admin=True))
+                s.add(tables.User(username="admin", password_hash=hash_password(self.admin_password), role="admin"))
                 write_secret(self.admin_password_file, self.admin_password)
+                s.add(tables.Team(name=schemas.DEFAULT_TEAM))  # where models go until there are more teams
             # One cluster token for every server on this database. It is kept in the database
             # (servers must hand it out and agents present it) and copied to each data folder.
             stored = await s.get(tables.Setting, CLUSTER_TOKEN)
@@ -274,7 +276,7 @@ class MaasServer:
                     self.routes.apply_model(event.action, event.object)
                 elif event.kind == "instances":
                     self.routes.apply_instance(event.action, event.object)
-                elif event.kind == "api_keys":
+                elif event.kind in ("api_keys", "users"):  # a revoked key, a changed role or team
                     self.auth.invalidate()
                 elif event.kind == "workers":
                     self.auth.invalidate(worker_id=event.object["id"])

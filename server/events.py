@@ -15,4 +15,5 @@ def record_event(session: AsyncSession, kind: str, obj: object, reason: str, mes
         reason=reason,
         message=message,
         actor=actor,
+        team=getattr(obj, "team", None),  # models' and instances': who may read the event
     ))

@@ -152,6 +152,9 @@ async def test_upgrade_from_first_schema_keeps_data(store_url: str):
                 got = (await conn.execute(maintenance._ordered(table))).mappings().all()
                 assert len(got) == len(rows), name
                 for want, have in zip(rows, got):  # the old columns: unchanged
+                    if name == "users":  # 0007 turned is_admin into a role
+                        want = {**{k: v for k, v in want.items() if k != "is_admin"},
+                                "role": "admin" if want["is_admin"] else "member"}
                     assert maintenance.normal_row({k: have[k] for k in want}) == maintenance.normal_row(want), name
 
             keys = (await conn.execute(select(tables.ApiKey.__table__))).mappings().all()
@@ -163,6 +166,13 @@ async def test_upgrade_from_first_schema_keeps_data(store_url: str):
                 [False, False]
             revision = (await conn.execute(select(tables.ModelRevision.__table__))).mappings().one()
             assert (revision["model_id"], revision["revision"], revision["spec"]) == (model["id"], 3, SPEC)
+            # 0007: everything belongs to the default team, whose member every user but the admin is.
+            assert model["team"] == "default"
+            assert {i["team"] for i in (await conn.execute(select(tables.ModelInstance.__table__))).mappings()} == \
+                {"default"}
+            members = (await conn.execute(select(tables.User.username, tables.TeamMember.role, tables.Team.name)
+                                          .select_from(tables.TeamMember).join(tables.User).join(tables.Team))).all()
+            assert [tuple(m) for m in members] == [("ops", "member", "default")]
             for empty in ("usage", "change_log", "ssh_keys"):
                 count = (await conn.execute(select(func.count()).select_from(tables.Base.metadata.tables[empty])))
                 assert count.scalar_one() == 0

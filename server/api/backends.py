@@ -2,7 +2,7 @@
 
 A custom backend's definition is stored in the settings table under `backend/NAME` (JSON);
 agents fetch the one an instance needs (`GET /v2/backends/NAME` with their worker token).
-Registering one is admin-only: its command runs on every worker that serves it.
+Registering one takes an admin or an operator: its command runs on every worker that serves it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server import schemas
-from server.api.errors import conflict, forbidden, not_found, read_json
+from server.api.errors import conflict, not_found, read_json
+from server.api.permissions import require_cluster_role
 from server.api.routing import Query, json_out, one_of, principal_of, route, server_of
 from server.db import tables
 from server.db.settings import put_setting
@@ -63,9 +64,8 @@ async def _custom_rows(session) -> list[tables.Setting]:
     return list((await session.execute(query.order_by(tables.Setting.key))).scalars())
 
 
-def _check_admin(request: web.Request) -> None:
-    if not principal_of(request).is_admin:
-        raise forbidden("only an admin may register, remove or open up backends: their commands run on the workers")
+def _require_backend_admin(request: web.Request) -> None:
+    require_cluster_role(request, "register, remove or open up backends: their commands run on the workers")
 
 
 @route("GET", "/v2/backends", "List the built-in backends and the custom ones (deploy those as custom:NAME)",
@@ -90,11 +90,11 @@ async def get_backend(request: web.Request) -> web.Response:
         return json_out(_out(row, (await allow_lists(s)).get(schemas.CUSTOM_BACKEND_PREFIX + name)))
 
 
-@route("POST", "/v2/backends", "Register a custom backend (admin)", body=schemas.BackendDefinition,
+@route("POST", "/v2/backends", "Register a custom backend (admins and operators)", body=schemas.BackendDefinition,
        response=schemas.BackendOut, status=201,
        query={"replace": Query("1 to replace a backend of that name", one_of("0", "1"))})
 async def create_backend(request: web.Request) -> web.Response:
-    _check_admin(request)
+    _require_backend_admin(request)
     body = await read_json(request, schemas.BackendDefinition)
     replace = request.query.get("replace") == "1"
     async with server_of(request).db.session() as s:
@@ -109,9 +109,9 @@ async def create_backend(request: web.Request) -> web.Response:
         return json_out(_out(row), status=201)
 
 
-@route("DELETE", "/v2/backends/{name}", "Remove a custom backend (admin); running instances keep running")
+@route("DELETE", "/v2/backends/{name}", "Remove a custom backend (admins and operators); running instances keep running")
 async def delete_backend(request: web.Request) -> web.Response:
-    _check_admin(request)
+    _require_backend_admin(request)
     name = request.match_info["name"]
     async with server_of(request).db.session() as s:
         row = await s.get(tables.Setting, SETTING_PREFIX + name)
@@ -125,11 +125,11 @@ async def delete_backend(request: web.Request) -> web.Response:
     return web.json_response({"deleted": name})
 
 
-@route("PUT", "/v2/backends/{name}/allow", "Set what users other than admins may pass to a backend (admin): "
+@route("PUT", "/v2/backends/{name}/allow", "Set what members may pass to a backend (admins and operators): "
        "env names and flags beyond its built-in allow-list; NAME is built-in or custom:NAME",
        body=schemas.BackendAllowList, response=schemas.BackendAllowList)
 async def set_allow_list(request: web.Request) -> web.Response:
-    _check_admin(request)
+    _require_backend_admin(request)
     body = await read_json(request, schemas.BackendAllowList)
     name = request.match_info["name"]
     custom = name.removeprefix(schemas.CUSTOM_BACKEND_PREFIX) if name.startswith(schemas.CUSTOM_BACKEND_PREFIX) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.api.errors import bad_request, forbidden
+from server.api.permissions import require_cluster_role
 from server.api.routing import json_out, principal_of, route, server_of
 from server.higress.objects import MODEL_HEADER
 from server.higress.sync import current_objects
@@ -12,6 +13,7 @@ from server.higress.sync import current_objects
 
 @route("GET", "/v2/gateway/higress", "The Higress objects (McpBridge, Ingress, WasmPlugin) for what runs now, and how their sync fares")
 async def higress_objects(request: web.Request) -> web.Response:
+    require_cluster_role(request, "read the Higress configuration")
     server = server_of(request)
     sync = [status.as_dict() for status in server.higress_status]
     return json_out({"items": await current_objects(server), "sync": sync})

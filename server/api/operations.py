@@ -8,7 +8,9 @@ from sqlalchemy import select
 
 from server import schemas
 from server.api.errors import ApiError, conflict, not_found, read_json
-from server.api.resources import _get_model, _get_worker, check_spec, model_out, new_revision, ready_counts
+from server.api.permissions import require_cluster_role
+from server.api.resources import (_get_worker, check_spec, get_instance, get_model, instance_out, model_out, new_revision,
+                                  ready_counts, redacted_spec)
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.events import record_event
@@ -22,8 +24,8 @@ async def _model_instances(s, model: tables.Model) -> list[tables.ModelInstance]
         tables.ModelInstance.model_id == model.id))).scalars())
 
 
-async def _active_model(s, name: str) -> tables.Model:
-    model = await _get_model(s, name)
+async def _active_model(request: web.Request, s, name: str) -> tables.Model:
+    model = await get_model(request, s, name, write=True)
     if model.state == schemas.ModelState.deleting:
         raise conflict(f"model {model.name!r} is being deleted")
     return model
@@ -32,7 +34,7 @@ async def _active_model(s, name: str) -> tables.Model:
 @route("GET", "/v2/models/{name}/rollout", "Rollout progress: updated / ready / desired", response=schemas.RolloutStatus)
 async def get_rollout(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
+        model = await get_model(request, s, request.match_info["name"])
         return json_out(rollout_status(model, await _model_instances(s, model)))
 
 
@@ -40,11 +42,11 @@ async def get_rollout(request: web.Request) -> web.Response:
        response=schemas.ModelOut)
 async def restart_rollout(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        model = await _active_model(s, request.match_info["name"])
+        model = await _active_model(request, s, request.match_info["name"])
         new_revision(s, model, dict(model.spec), "restart")
         record_event(s, "models", model, "RolloutRestart", f"generation {model.generation}", principal_of(request).name)
         await s.commit()
-        return json_out(model_out(model, await ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal_of(request)))
 
 
 @route("POST", "/v2/models/{name}/rollout/undo", "Roll back to an earlier revision's spec (a new generation)",
@@ -52,7 +54,7 @@ async def restart_rollout(request: web.Request) -> web.Response:
 async def undo_rollout(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.RolloutUndo) if request.can_read_body else schemas.RolloutUndo()
     async with server_of(request).db.session() as s:
-        model = await _active_model(s, request.match_info["name"])
+        model = await _active_model(request, s, request.match_info["name"])
         revisions = {r.revision: r for r in (await s.execute(select(tables.ModelRevision).where(
             tables.ModelRevision.model_id == model.id))).scalars()}
         if body.to_revision is not None:
@@ -71,18 +73,18 @@ async def undo_rollout(request: web.Request) -> web.Response:
         record_event(s, "models", model, "RolloutUndo", f"to revision {target.revision}: generation {model.generation}",
                      principal_of(request).name)
         await s.commit()
-        return json_out(model_out(model, await ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal_of(request)))
 
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     async with server_of(request).db.session() as s:
-        model = await _active_model(s, request.match_info["name"])
+        model = await _active_model(request, s, request.match_info["name"])
         if model.paused != paused:
             model.paused = paused
             record_event(s, "models", model, "RolloutPaused" if paused else "RolloutResumed", "",
                          principal_of(request).name)
             await s.commit()
-        return json_out(model_out(model, await ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal_of(request)))
 
 
 @route("POST", "/v2/models/{name}/rollout/pause", "Freeze a rollout where it stands", response=schemas.ModelOut)
@@ -98,19 +100,21 @@ async def resume_rollout(request: web.Request) -> web.Response:
 @route("GET", "/v2/models/{name}/history", "A model's revisions, oldest first", response=schemas.ModelRevisionOut,
        response_list=True)
 async def model_history(request: web.Request) -> web.Response:
+    caller = principal_of(request)
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
+        model = await get_model(request, s, request.match_info["name"])
         rows = (await s.execute(select(tables.ModelRevision).where(tables.ModelRevision.model_id == model.id)
                                 .order_by(tables.ModelRevision.revision))).scalars().all()
-    return json_out([schemas.ModelRevisionOut.model_validate(r) for r in rows])
+    revisions = [schemas.ModelRevisionOut.model_validate(r) for r in rows]
+    for revision in revisions:
+        revision.spec = redacted_spec(revision.spec, caller, model.team)
+    return json_out(revisions)
 
 
 @route("POST", "/v2/instances/{ref}/restart", "Restart an instance's workload on its worker", response=schemas.InstanceOut)
 async def restart_instance(request: web.Request) -> web.Response:
-    from server.api.resources import _get_instance
-
     async with server_of(request).db.session() as s:
-        instance = await _get_instance(s, request.match_info["ref"])
+        instance = await get_instance(request, s, request.match_info["ref"], write=True)
         if instance.worker_id is None or instance.state in (S.pending, S.terminating):
             raise conflict(f"instance {instance.name} is {instance.state}: nothing to restart")
         instance.restart_count += 1
@@ -118,10 +122,11 @@ async def restart_instance(request: web.Request) -> web.Response:
         instance.state_message = f"restart requested by {principal_of(request).name}"
         record_event(s, "instances", instance, "Restarting", instance.state_message, principal_of(request).name)
         await s.commit()
-        return json_out(schemas.InstanceOut.model_validate(instance))
+        return json_out(instance_out(instance, principal_of(request)))
 
 
 async def _set_schedulable(request: web.Request, cordoned: bool, draining: bool, reason: str) -> web.Response:
+    require_cluster_role(request, "cordon, uncordon or drain workers")
     async with server_of(request).db.session() as s:
         worker = await _get_worker(s, request.match_info["name"])
         if (worker.cordoned, worker.draining) != (cordoned, draining):

@@ -13,11 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from server import schemas
 from server.api.errors import (ApiError, bad_request, conflict, not_found, parse_whole_number, read_json,
                                unauthorized)
+from server.api.permissions import require_cluster_role, require_team, visible_teams
 from server.api.routing import Query, integer, json_out, one_of, principal_of, route, server_of
-from server.api.security import SESSION_LIFETIME, hash_secret, new_user_token, verify_password
+from server.api.security import SESSION_LIFETIME, Principal, hash_secret, new_user_token, verify_password
 from server.db import tables
 from server.events import record_event
 from server.schemas.backend_traits import describe
+from server.services import access
 from server.services import models as model_specs
 
 # --- login and keys -------------------------------------------------------------
@@ -95,7 +97,7 @@ async def delete_key(request: web.Request) -> web.Response:
 async def check_spec(request: web.Request, session, spec: schemas.ModelSpec) -> None:
     """A 400 naming each field of `spec` this caller may not ask the workers for (server/services/models.py)."""
     server = server_of(request)
-    problems = await model_specs.check_spec(session, spec, admin=principal_of(request).is_admin,
+    problems = await model_specs.check_spec(session, spec, admin=access.runs_cluster(principal_of(request)),
                                             model_roots=server.config.local_model_roots())
     if problems:
         raise ApiError(400, "spec_refused", describe(problems),
@@ -119,25 +121,59 @@ async def ready_counts(session, model_ids: list[int] | None = None) -> dict[int,
     return {model_id: count for model_id, count in (await session.execute(query)).all()}
 
 
-def model_out(model: tables.Model, ready: dict[int, int]) -> schemas.ModelOut:
+def redacted_spec(spec: schemas.ModelSpec, caller: Principal, team: str | None) -> schemas.ModelSpec:
+    """Env values only for admins and the owning team's members (server/services/access.py)."""
+    if not spec.env or access.sees_secrets(caller, team):
+        return spec
+    return spec.model_copy(update={"env": access.redact_env(spec.env)})
+
+
+def model_out(model: tables.Model, ready: dict[int, int], caller: Principal) -> schemas.ModelOut:
     out = schemas.ModelOut.model_validate(model)
     out.ready_replicas = ready.get(model.id, 0)
+    out.spec = redacted_spec(out.spec, caller, model.team)
     return out
 
 
-async def _get_model(session, name: str) -> tables.Model:
+async def get_model(request: web.Request, session, name: str, write: bool = False) -> tables.Model:
+    """The model `name` if the caller may see it (and change it, with `write`)."""
     model = (await session.execute(select(tables.Model).where(tables.Model.name == name))).scalar_one_or_none()
     if model is None:
         raise not_found(f"model {name!r}")
+    require_team(request, model.team, f"model {name!r}", write)
     return model
 
 
-@route("GET", "/v2/models", "List models", response=schemas.ModelOut, response_list=True)
+async def team_for_new_model(request: web.Request, session, team: str | None) -> str:
+    """The team a new model goes to: as asked, else the caller's only team where it may deploy
+    (`default` for admins and operators)."""
+    caller = principal_of(request)
+    if team is None:
+        if access.runs_cluster(caller):
+            team = schemas.DEFAULT_TEAM
+        else:
+            writable = [t for t, _ in caller.teams if access.team_access(caller, t) == "write"]
+            if len(writable) != 1:
+                raise bad_request("name the team that owns the model (team): you may deploy to "
+                                  + (", ".join(writable) or "no team; ask an admin to add you to one"))
+            team = writable[0]
+    if await session.scalar(select(tables.Team.id).where(tables.Team.name == team)) is None:
+        raise not_found(f"team {team!r}")
+    require_team(request, team, f"team {team!r}", write=True)
+    return team
+
+
+@route("GET", "/v2/models", "List the models of your teams (every model for admins and operators)",
+       response=schemas.ModelOut, response_list=True)
 async def list_models(request: web.Request) -> web.Response:
+    query = select(tables.Model).order_by(tables.Model.name)
+    if (teams := visible_teams(request)) is not None:
+        query = query.where(tables.Model.team.in_(teams))
     async with server_of(request).db.session() as s:
-        models = (await s.execute(select(tables.Model).order_by(tables.Model.name))).scalars().all()
+        models = (await s.execute(query)).scalars().all()
         ready = await ready_counts(s)
-    return json_out([model_out(m, ready) for m in models])
+    caller = principal_of(request)
+    return json_out([model_out(m, ready, caller) for m in models])
 
 
 @route("POST", "/v2/models", "Deploy a model", body=schemas.ModelCreate, response=schemas.ModelOut, status=201)
@@ -146,13 +182,14 @@ async def create_model(request: web.Request) -> web.Response:
     principal = principal_of(request)
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     async with server_of(request).db.session() as s:
+        team = await team_for_new_model(request, s, body.team)
         await check_spec(request, s, spec)
         existing = (await s.execute(select(tables.Model).where(tables.Model.name == body.name))).scalar_one_or_none()
         if existing is not None:
             what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
             raise conflict(f"model {body.name!r} {what}")
         model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1,
-                             max_surge=body.max_surge, max_unavailable=body.max_unavailable)
+                             max_surge=body.max_surge, max_unavailable=body.max_unavailable, team=team)
         s.add(model)
         try:
             await s.flush()
@@ -162,14 +199,14 @@ async def create_model(request: web.Request) -> web.Response:
         record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas",
                      principal.name)
         await s.commit()
-    return json_out(model_out(model, {}), status=201)
+    return json_out(model_out(model, {}, principal), status=201)
 
 
 @route("GET", "/v2/models/{name}", "Get a model", response=schemas.ModelOut)
-async def get_model(request: web.Request) -> web.Response:
+async def read_model(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
-        return json_out(model_out(model, await ready_counts(s, [model.id])))
+        model = await get_model(request, s, request.match_info["name"])
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal_of(request)))
 
 
 @route("PATCH", "/v2/models/{name}", "Scale a model or change its spec (a new generation)",
@@ -178,7 +215,7 @@ async def update_model(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.ModelUpdate)
     principal = principal_of(request)
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
+        model = await get_model(request, s, request.match_info["name"], write=True)
         if model.state == schemas.ModelState.deleting:
             raise conflict(f"model {model.name!r} is being deleted")
         changes = body.model_dump(exclude_unset=True, exclude=schemas.MODEL_POLICY_FIELDS)
@@ -198,35 +235,44 @@ async def update_model(request: web.Request) -> web.Response:
             record_event(s, "models", model, "Scaled", f"{model.replicas} -> {body.replicas} replicas", principal.name)
             model.replicas = body.replicas
         await s.commit()
-        return json_out(model_out(model, await ready_counts(s, [model.id])))
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal))
 
 
 @route("DELETE", "/v2/models/{name}", "Delete a model and stop its instances", response=schemas.ModelOut, status=202)
 async def delete_model(request: web.Request) -> web.Response:
     principal = principal_of(request)
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
+        model = await get_model(request, s, request.match_info["name"], write=True)
         if model.state != schemas.ModelState.deleting:
             model.state = schemas.ModelState.deleting
             record_event(s, "models", model, "Deleting", "instances are being stopped", principal.name)
             await s.commit()
-        return json_out(model_out(model, await ready_counts(s, [model.id])), status=202)
+        return json_out(model_out(model, await ready_counts(s, [model.id]), principal), status=202)
 
 
 # --- instances ----------------------------------------------------------------
 
 
-async def _get_instance(session, ref: str) -> tables.ModelInstance:
+async def get_instance(request: web.Request, session, ref: str, write: bool = False) -> tables.ModelInstance:
+    """The instance `ref` (an id or a name) if the caller may see it (and act on it, with `write`)."""
     instance_id = parse_whole_number(ref, low=1)
     column = tables.ModelInstance.name if instance_id is None else tables.ModelInstance.id
     value = ref if instance_id is None else instance_id
     instance = (await session.execute(select(tables.ModelInstance).where(column == value))).scalar_one_or_none()
     if instance is None:
         raise not_found(f"instance {ref!r}")
+    require_team(request, instance.team, f"instance {ref!r}", write)
     return instance
 
 
-@route("GET", "/v2/instances", "List model instances", response=schemas.InstanceOut, response_list=True,
+def instance_out(instance: tables.ModelInstance, caller: Principal) -> schemas.InstanceOut:
+    out = schemas.InstanceOut.model_validate(instance)
+    out.spec = redacted_spec(out.spec, caller, instance.team)
+    return out
+
+
+@route("GET", "/v2/instances", "List the instances of your teams' models (every one for admins and operators)",
+       response=schemas.InstanceOut, response_list=True,
        query={"model": "only instances of this model", "worker": "only instances on this worker"})
 async def list_instances(request: web.Request) -> web.Response:
     query = select(tables.ModelInstance).order_by(tables.ModelInstance.id)
@@ -234,15 +280,18 @@ async def list_instances(request: web.Request) -> web.Response:
         query = query.where(tables.ModelInstance.model_name == model)
     if worker := request.query.get("worker"):
         query = query.where(tables.ModelInstance.worker_name == worker)
+    if (teams := visible_teams(request)) is not None:
+        query = query.where(tables.ModelInstance.team.in_(teams))
     async with server_of(request).db.session() as s:
         rows = (await s.execute(query)).scalars().all()
-    return json_out([schemas.InstanceOut.model_validate(r) for r in rows])
+    caller = principal_of(request)
+    return json_out([instance_out(r, caller) for r in rows])
 
 
 @route("GET", "/v2/instances/{ref}", "Get an instance by id or name", response=schemas.InstanceOut)
-async def get_instance(request: web.Request) -> web.Response:
+async def read_instance(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        return json_out(schemas.InstanceOut.model_validate(await _get_instance(s, request.match_info["ref"])))
+        return json_out(instance_out(await get_instance(request, s, request.match_info["ref"]), principal_of(request)))
 
 
 @route("DELETE", "/v2/instances/{ref}", "Stop an instance (the model controller replaces it)",
@@ -250,13 +299,13 @@ async def get_instance(request: web.Request) -> web.Response:
 async def delete_instance(request: web.Request) -> web.Response:
     principal = principal_of(request)
     async with server_of(request).db.session() as s:
-        instance = await _get_instance(s, request.match_info["ref"])
+        instance = await get_instance(request, s, request.match_info["ref"], write=True)
         if instance.state != schemas.InstanceState.terminating:
             instance.state = schemas.InstanceState.terminating
             instance.state_message = f"deleted by {principal.name}"
             record_event(s, "instances", instance, "Deleting", instance.state_message, principal.name)
             await s.commit()
-        return json_out(schemas.InstanceOut.model_validate(instance), status=202)
+        return json_out(instance_out(instance, principal), status=202)
 
 
 @route("GET", "/v2/instances/{ref}/logs", "The instance's log, from its agent (text; chunked with follow=1)",
@@ -272,7 +321,8 @@ async def instance_logs(request: web.Request) -> web.StreamResponse:
     if tail is None:
         raise bad_request("tail must be a whole number from -1 (everything) to 10000000")
     async with server.db.session() as s:
-        instance = await _get_instance(s, request.match_info["ref"])
+        # Logs may hold what the env had: the team's members (and admins, operators) only, not its viewers.
+        instance = await get_instance(request, s, request.match_info["ref"], write=True)
         worker = await s.get(tables.Worker, instance.worker_id) if instance.worker_id else None
     if worker is None:
         raise ApiError(409, "not_scheduled", f"instance {instance.name} has no worker yet, so it has no log")
@@ -315,13 +365,14 @@ async def _get_worker(session, name: str) -> tables.Worker:
 
 
 @route("GET", "/v2/workers/{name}", "Get a worker", response=schemas.WorkerOut)
-async def get_worker(request: web.Request) -> web.Response:
+async def read_worker(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
         return json_out(schemas.WorkerOut.model_validate(await _get_worker(s, request.match_info["name"])))
 
 
 @route("DELETE", "/v2/workers/{name}", "Remove a worker; its instances are rescheduled")
 async def delete_worker(request: web.Request) -> web.Response:
+    require_cluster_role(request, "remove workers")
     principal = principal_of(request)
     async with server_of(request).db.session() as s:
         worker = await _get_worker(s, request.match_info["name"])
@@ -351,6 +402,8 @@ async def list_events(request: web.Request) -> web.Response:
         query = query.where(tables.Event.kind == kind)
     if name := request.query.get("name"):
         query = query.where(tables.Event.object_name == name)
+    if (visible := access.event_clause(principal_of(request))) is not None:
+        query = query.where(visible)
     async with server_of(request).db.session() as s:
         rows = (await s.execute(query)).scalars().all()
     return json_out([schemas.EventOut.model_validate(r) for r in reversed(rows)])

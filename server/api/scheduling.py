@@ -9,8 +9,8 @@ from sqlalchemy import or_, select
 
 from server import schemas
 from server.api.errors import read_json
-from server.api.resources import _get_model, check_spec, model_out, ready_counts
-from server.api.routing import json_out, route, server_of
+from server.api.resources import check_spec, get_model, instance_out, model_out, ready_counts, team_for_new_model
+from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.scheduler.estimate import EstimateError, estimate
 from server.scheduler.placement import Request, evaluate
@@ -27,6 +27,7 @@ async def evaluate_model(request: web.Request) -> web.Response:
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     server = server_of(request)
     async with server.db.session() as s:
+        await team_for_new_model(request, s, body.team)  # may the caller deploy there at all?
         await check_spec(request, s, spec)
         state = await load_state(s, Reserves.from_env())
         existing = (await s.execute(select(tables.Model.id).where(tables.Model.name == body.name))).scalar_one_or_none()
@@ -54,19 +55,21 @@ async def evaluate_model(request: web.Request) -> web.Response:
        "reasons they wait) and recent events", response=schemas.ModelDescription)
 async def describe_model(request: web.Request) -> web.Response:
     async with server_of(request).db.session() as s:
-        model = await _get_model(s, request.match_info["name"])
-        out = model_out(model, await ready_counts(s, [model.id]))
+        model = await get_model(request, s, request.match_info["name"])
+        caller = principal_of(request)
+        spec = schemas.ModelSpec.model_validate(model.spec)  # the estimate reads the real one, not a redacted copy
+        out = model_out(model, await ready_counts(s, [model.id]), caller)
         instances = (await s.execute(select(tables.ModelInstance).where(
             tables.ModelInstance.model_id == model.id).order_by(tables.ModelInstance.id))).scalars().all()
         names = [model.name] + [i.name for i in instances]
         events = (await s.execute(select(tables.Event).where(or_(
             tables.Event.object_name.in_(names), tables.Event.object_name.like(f"{model.name}-%"))).order_by(
             tables.Event.id.desc()).limit(50))).scalars().all()
-        instance_out = [schemas.InstanceOut.model_validate(i) for i in instances]
-    description = schemas.ModelDescription(model=out, instances=instance_out,
+        listed = [instance_out(i, caller) for i in instances]
+    description = schemas.ModelDescription(model=out, instances=listed,
                                            events=[schemas.EventOut.model_validate(e) for e in reversed(events)])
     try:
-        description.estimate = (await asyncio.to_thread(estimate, out.spec)).to_out()
+        description.estimate = (await asyncio.to_thread(estimate, spec)).to_out()
     except EstimateError as exc:
         description.estimate_error = str(exc)
     return json_out(description)

@@ -69,12 +69,20 @@ class Principal:
     name: str
     user_id: int | None = None
     worker_id: int | None = None
-    is_admin: bool = False
+    role: str = "viewer"  # schemas.Role; server/services/access.py reads it
+    teams: tuple[tuple[str, str], ...] = ()  # (team, role in it)
     scopes: frozenset[str] = ALL_SCOPES
     allowed_models: frozenset[str] = frozenset()  # empty: every model
     api_key_id: int | None = None
     api_key_name: str = ""
     expires_at: datetime | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "user" and self.role == "admin"
+
+    def team_role(self, team: str | None) -> str | None:
+        return next((role for name, role in self.teams if name == team), None)
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -144,7 +152,11 @@ class Authenticator:
             api_key, user = row
             if not hmac.compare_digest(api_key.secret_hash, token_hash):
                 return None
-            return Principal(kind="user", name=user.username, user_id=user.id, is_admin=user.is_admin,
+            async with self.db.session() as s:
+                teams = tuple((t, r) for t, r in (await s.execute(
+                    select(tables.Team.name, tables.TeamMember.role).join(tables.TeamMember)
+                    .where(tables.TeamMember.user_id == user.id).order_by(tables.Team.name))).all())
+            return Principal(kind="user", name=user.username, user_id=user.id, role=user.role, teams=teams,
                              scopes=frozenset(api_key.scopes), allowed_models=frozenset(api_key.allowed_models),
                              api_key_id=api_key.id, api_key_name=api_key.name,
                              expires_at=_aware(api_key.expires_at) if api_key.expires_at else None)

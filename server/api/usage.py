@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from server import schemas
 from server.api.errors import bad_request
 from server.api.routing import Query, comma_list, json_out, principal_of, route, server_of
+from server.services import access
 from server.db import tables
 
 _GROUPS = {"day": tables.Usage.day, "key": tables.Usage.api_key_name, "model": tables.Usage.model_name}
@@ -40,7 +41,7 @@ async def usage(request: web.Request) -> web.Response:
     query = select(*columns, func.sum(tables.Usage.requests), func.sum(tables.Usage.prompt_tokens),
                    func.sum(tables.Usage.completion_tokens)).group_by(*columns).order_by(*columns)
     principal = principal_of(request)
-    if not principal.is_admin:
+    if not access.runs_cluster(principal):  # members: the usage of their own keys
         query = query.where(tables.Usage.user_id == principal.user_id)
     if since:
         query = query.where(tables.Usage.day >= since)

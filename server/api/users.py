@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from server import schemas
 from server.api.errors import ApiError, bad_request, conflict, forbidden, not_found, read_json
+from server.api.permissions import require_admin
 from server.api.routing import Query, json_out, principal_of, route, server_of
 from server.api.security import hash_password, hash_secret, new_user_token
 from server.db import tables
@@ -48,8 +49,7 @@ def _check_self_or_admin(request: web.Request, username: str) -> None:
 
 
 def _check_admin(request: web.Request) -> None:
-    if not principal_of(request).is_admin:
-        raise forbidden("only an admin may do that")
+    require_admin(request, "do that")
 
 
 async def _user(session, username: str) -> tables.User:
@@ -124,15 +124,37 @@ async def create_user(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.UserCreate)
     password_hash = await asyncio.to_thread(hash_password, body.password)
     async with server_of(request).db.session() as s:
-        user = tables.User(username=body.username, password_hash=password_hash, is_admin=body.is_admin)
+        user = tables.User(username=body.username, password_hash=password_hash, role=body.role)
         s.add(user)
         try:
             await s.flush()
         except IntegrityError:
             raise conflict(f"a user named {body.username!r} already exists") from None
+        if body.role in ("member", "viewer"):  # admins and operators reach every team already
+            for name in dict.fromkeys(body.teams):
+                team_id = await s.scalar(select(tables.Team.id).where(tables.Team.name == name))
+                if team_id is None:
+                    raise not_found(f"team {name!r}")
+                s.add(tables.TeamMember(team_id=team_id, user_id=user.id, role="viewer" if body.role == "viewer" else "member"))
         record_event(s, "users", user, "Created", f"user {body.username} created", principal_of(request).name)
         await s.commit()
         return json_out(schemas.UserOut.model_validate(user), status=201)
+
+
+@route("PATCH", "/v2/users/{name}", "Change a user's role (admin)", body=schemas.UserUpdate, response=schemas.UserOut)
+async def update_user(request: web.Request) -> web.Response:
+    _check_admin(request)
+    body = await read_json(request, schemas.UserUpdate)
+    async with server_of(request).db.session() as s:
+        user = await _user(s, request.match_info["name"])
+        if user.username == principal_of(request).name and body.role != "admin":
+            raise conflict("you cannot take your own admin role away; another admin can")
+        if user.role != body.role:
+            record_event(s, "users", user, "RoleChanged", f"{user.role} -> {body.role}", principal_of(request).name)
+            user.role = body.role  # published: every server drops the user's cached credentials
+        await s.commit()
+        server_of(request).auth.invalidate()
+        return json_out(schemas.UserOut.model_validate(user))
 
 
 # --- SSH keys ---------------------------------------------------------------------

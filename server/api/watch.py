@@ -17,10 +17,11 @@ from sqlalchemy import or_, select
 from server import schemas
 from server.api.agent_api import subordinate_ids
 from server.api.errors import bad_request, forbidden, parse_whole_number
-from server.api.resources import model_out, ready_counts
+from server.api.resources import instance_out, model_out, ready_counts
 from server.api.routing import NDJSON, Query, comma_list, integer, principal_of, route, server_of
 from server.bus import BusEvent, Frame
 from server.db import tables
+from server.services import access
 
 _TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance}
 _SNAPSHOT_EVENTS = 200
@@ -52,25 +53,33 @@ def _page_line(version: int, page: dict[str, list[str]], more: bool) -> bytes:
     return f'{{"type":"snapshot","version":{version}{more_field},"items":{{{items}}}}}\n'.encode()
 
 
-async def _snapshot(server: Any, kinds: list[str], worker_id: int | None) -> dict[str, list[dict[str, Any]]]:
+async def _snapshot(server: Any, kinds: list[str], worker_id: int | None, caller: Any) -> dict[str, list[dict[str, Any]]]:
     items: dict[str, list[dict[str, Any]]] = {}
+    teams = access.visible_teams(caller) if worker_id is None else None
     async with server.db.session() as s:
         for kind in kinds:
             if kind == "events":
-                rows = (await s.execute(select(tables.Event).order_by(tables.Event.id.desc()).limit(_SNAPSHOT_EVENTS))).scalars().all()
+                query = select(tables.Event).order_by(tables.Event.id.desc()).limit(_SNAPSHOT_EVENTS)
+                if (visible := access.event_clause(caller)) is not None:
+                    query = query.where(visible)
+                rows = (await s.execute(query)).scalars().all()
                 items[kind] = [schemas.EventOut.model_validate(r).model_dump(mode="json") for r in reversed(rows)]
                 continue
             table = _TABLES[kind]
             query = select(table).order_by(table.id)
             if worker_id is not None:
                 query = query.where(await _instances_of_worker(s, worker_id))
+            elif teams is not None and kind != "workers":  # a team's models and instances: its own
+                query = query.where(table.team.in_(teams))
             rows = (await s.execute(query)).scalars().all()
             if kind == "models":
                 ready = await ready_counts(s)
-                items[kind] = [model_out(r, ready).model_dump(mode="json") for r in rows]
+                items[kind] = [model_out(r, ready, caller).model_dump(mode="json") for r in rows]
+            elif kind == "instances":
+                items[kind] = [(instance_out(r, caller) if worker_id is None else schemas.InstanceOut.model_validate(r))
+                               .model_dump(mode="json") for r in rows]
             else:
-                schema = schemas.WorkerOut if kind == "workers" else schemas.InstanceOut
-                items[kind] = [schema.model_validate(r).model_dump(mode="json") for r in rows]
+                items[kind] = [schemas.WorkerOut.model_validate(r).model_dump(mode="json") for r in rows]
     return items
 
 
@@ -84,10 +93,25 @@ async def _instances_of_worker(session: Any, worker_id: int) -> Any:
     return or_(tables.ModelInstance.worker_id == worker_id, tables.ModelInstance.id.in_(subordinate))
 
 
-def _visible(event: BusEvent, worker_id: int | None) -> bool:
-    if worker_id is None:
-        return True
-    return event.object.get("worker_id") == worker_id or worker_id in subordinate_ids(event.object.get("claim"))
+def _visible(event: BusEvent, worker_id: int | None, caller: Any) -> bool:
+    if worker_id is not None:
+        return event.object.get("worker_id") == worker_id or worker_id in subordinate_ids(event.object.get("claim"))
+    if event.kind == "events":
+        obj = event.object
+        return access.sees_event(caller, obj.get("kind", ""), obj.get("team"), obj.get("object_name", ""),
+                                 obj.get("actor", ""))
+    if event.kind in ("models", "instances"):
+        return access.team_access(caller, event.object.get("team")) is not None
+    return True
+
+
+def _event_line(event: BusEvent, worker_id: int | None, caller: Any) -> bytes:
+    obj = event.object
+    spec = obj.get("spec")
+    if (worker_id is None and event.kind in ("models", "instances") and isinstance(spec, dict) and spec.get("env")
+            and not access.sees_secrets(caller, obj.get("team"))):
+        obj = {**obj, "spec": {**spec, "env": access.redact_env(spec["env"])}}
+    return _line({"type": "event", "version": event.version, "kind": event.kind, "action": event.action, "object": obj})
 
 
 @route("GET", "/v2/watch", "Stream changes as JSON lines: a snapshot, then events, with heartbeats",
@@ -121,14 +145,13 @@ async def watch(request: web.Request) -> web.StreamResponse:
         replay = server.bus.since(since) if since is not None else None
         if replay is None:
             version = server.bus.version
-            items = await _snapshot(server, kinds, worker_id)
+            items = await _snapshot(server, kinds, worker_id, principal)
             for line in _snapshot_lines(version, items):
                 await response.write(line)
         else:
             for event in replay:
-                if event.kind in kinds and _visible(event, worker_id):
-                    await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
-                                                "action": event.action, "object": event.object}))
+                if event.kind in kinds and _visible(event, worker_id, principal):
+                    await response.write(_event_line(event, worker_id, principal))
         await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
         while True:
             try:
@@ -142,9 +165,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
             if isinstance(event, Frame):
                 await response.write(event.line)
                 continue
-            if _visible(event, worker_id):
-                await response.write(_line({"type": "event", "version": event.version, "kind": event.kind,
-                                            "action": event.action, "object": event.object}))
+            if _visible(event, worker_id, principal):
+                await response.write(_event_line(event, worker_id, principal))
     except ConnectionResetError:
         pass
     finally:

@@ -73,7 +73,25 @@ class User(Base, Timestamps):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(100), unique=True)
     password_hash: Mapped[str] = mapped_column(String(300))
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")  # schemas.Role
+
+
+class Team(Base, Timestamps):
+    """Teams own models; users belong to teams with a role in each (server/services/access.py)."""
+
+    __tablename__ = "teams"
+    __table_args__ = (UniqueConstraint("name", name="uq_teams_name"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class TeamMember(Base):
+    __tablename__ = "team_members"
+    __table_args__ = MYSQL_TABLE
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(16), default="member")  # schemas.TeamRole
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ApiKey(Base, Timestamps):
@@ -124,6 +142,8 @@ class Model(Base, Timestamps):
     max_surge: Mapped[int] = mapped_column(Integer, default=1)
     max_unavailable: Mapped[int] = mapped_column(Integer, default=0)
     rollout_message: Mapped[str] = mapped_column(Text, default="")  # why a rollout is stuck, when it is
+    # The owning team, by name (teams are not renamed): the wire keeps it without a join.
+    team: Mapped[str | None] = mapped_column(ForeignKey("teams.name", name="fk_models_team"), index=True, default=None)
 
 
 class ModelRevision(Base):
@@ -146,6 +166,7 @@ class ModelInstance(Base, Timestamps):
     name: Mapped[str] = mapped_column(String(140), unique=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     model_name: Mapped[str] = mapped_column(String(100))
+    team: Mapped[str | None] = mapped_column(String(100), index=True, default=None)  # its model's
     generation: Mapped[int] = mapped_column(Integer)
     spec: Mapped[dict[str, Any]] = mapped_column()
     state: Mapped[str] = mapped_column(String(32), default="pending", index=True)
@@ -171,6 +192,7 @@ class Event(Base):
     reason: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text, default="")
     actor: Mapped[str] = mapped_column(String(140), default="")
+    team: Mapped[str | None] = mapped_column(String(100), default=None)  # the object's team, if it has one
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 

@@ -22,6 +22,15 @@ KNOWN_BACKENDS: tuple[str, ...] = tuple(BACKEND_TRAITS)
 HF_BACKENDS: tuple[str, ...] = ("vllm", "sglang")
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+
+# admin: everything. operator: workers, backends and every team's models; no users or teams.
+# member: its teams' models, instances, logs; its own keys and usage. viewer: reads its teams' objects.
+Role = Literal["admin", "operator", "member", "viewer"]
+ROLES: tuple[str, ...] = get_args(Role)
+# A user's role in one team: member (deploys and changes the team's models) or viewer (reads them).
+TeamRole = Literal["member", "viewer"]
+TEAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+DEFAULT_TEAM = "default"
 # What a model serves; the gateway routes a /v1 endpoint only to models of its category.
 ModelCategory = Literal["llm", "embedding", "reranker", "speech_to_text", "text_to_speech", "image"]
 MODEL_CATEGORIES: tuple[str, ...] = get_args(ModelCategory)
@@ -316,6 +325,8 @@ class ModelSpec(Schema):
 
 class ModelCreate(ModelSpec):
     name: str = Field(pattern=MODEL_NAME_PATTERN)
+    team: str | None = Field(default=None, pattern=TEAM_NAME_PATTERN, description=(
+        "the owning team; default: the caller's only team where it is a member (admins and operators: default)"))
     replicas: int = Field(default=1, ge=0, le=1000)
     max_surge: int = Field(default=1, ge=0, le=1000, description="rollouts: instances above replicas while replacing")
     max_unavailable: int = Field(default=0, ge=0, le=1000, description="rollouts: running instances that may be missing")
@@ -328,7 +339,7 @@ class ModelCreate(ModelSpec):
 
 
 # Fields of ModelCreate that are not part of the instance spec.
-MODEL_POLICY_FIELDS = frozenset({"name", "replicas", "max_surge", "max_unavailable"})
+MODEL_POLICY_FIELDS = frozenset({"name", "team", "replicas", "max_surge", "max_unavailable"})
 
 
 class ModelUpdate(Schema):
@@ -376,6 +387,7 @@ class ModelOut(Schema):
     max_surge: int = 1
     max_unavailable: int = 0
     rollout_message: str = ""
+    team: str | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -482,6 +494,7 @@ class InstanceOut(Schema):
     name: str
     model_id: int
     model_name: str
+    team: str | None = None
     generation: int
     spec: ModelSpec
     state: InstanceState
@@ -568,6 +581,7 @@ class EventOut(Schema):
     reason: str
     message: str = ""
     actor: str = ""
+    team: str | None = None
     created_at: datetime
 
 
@@ -598,14 +612,44 @@ class WatchMessage(Schema):
 
 class UserCreate(Schema):
     username: str = Field(pattern=r"^[a-z_][a-z0-9_.-]{0,99}$")
-    password: str = Field(min_length=8)
-    is_admin: bool = False
+    password: str = Field(min_length=8, max_length=1000)
+    role: Role = "member"
+    teams: list[str] = Field(default_factory=lambda: [DEFAULT_TEAM], max_length=100, description=(
+        "teams the user joins with the role member (viewer for the role viewer); admins and operators need none"))
 
 
 class UserOut(Schema):
     id: int
     username: str
-    is_admin: bool
+    role: Role
+    created_at: datetime
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class UserUpdate(Schema):
+    role: Role
+
+
+class TeamCreate(Schema):
+    name: str = Field(pattern=TEAM_NAME_PATTERN)
+
+
+class TeamMemberSet(Schema):
+    role: TeamRole = "member"
+
+
+class TeamMemberOut(Schema):
+    username: str
+    role: TeamRole
+
+
+class TeamOut(Schema):
+    id: int
+    name: str
+    members: list[TeamMemberOut] = Field(default_factory=list)
     created_at: datetime
 
 
