@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -350,7 +351,7 @@ class TuiSession(asyncssh.SSHServerSession):
                 self.chan.write(data)
 
         loop.add_reader(master, readable)
-        self._exited = asyncio.ensure_future(asyncio.to_thread(self.process.wait))
+        self._exited = exit_status(self.process)
         status = await asyncio.shield(self._exited)
         try:
             await asyncio.wait_for(drained.wait(), 2.0)  # what the TUI wrote last (restoring the screen)
@@ -400,6 +401,36 @@ class TuiSession(asyncssh.SSHServerSession):
                 self.chan.exit(status)
             except Exception:  # the channel is already gone
                 pass
+
+
+def exit_status(process: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """The child's exit status, waited for on the event loop (a pidfd), never by a thread of the
+    default executor: that pool has cpu+4 threads, and one held per session starved logins and the
+    embedded PostgreSQL's watchdog with a handful of sessions open."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): a thread of its own, not the pool's
+        def wait() -> None:
+            status = process.wait()
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(status))
+
+        threading.Thread(target=wait, name=f"wait-{process.pid}", daemon=True).start()
+        return future
+
+    def readable() -> None:  # the pidfd turns readable once the child has exited
+        status = process.poll()
+        if status is None:
+            return
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not future.done():
+            future.set_result(status)
+
+    loop.add_reader(pidfd, readable)
+    readable()  # it may have exited already
+    return future
 
 
 def _set_winsize(fd: int, columns: int, rows: int) -> None:
