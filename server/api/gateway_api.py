@@ -25,7 +25,8 @@ async def authorize(request: web.Request) -> web.Response:
     if not model:
         raise bad_request(f"missing the {MODEL_HEADER} header")
     principal = principal_of(request)
-    if not principal.may_use_model(model):
+    routes = server_of(request).routes.models.get(model)
+    if not principal.may_use_model(model, routes.team if routes is not None else None):
         raise forbidden(f"this API key may not use the model {model!r}")
     return web.json_response({"allowed": True, "key": principal.api_key_name})
 

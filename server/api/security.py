@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from server.api.errors import parse_whole_number
 from server.db import tables
+from server.services import access
 from server.db.database import Database
 
 SESSION_LIFETIME = timedelta(days=7)
@@ -84,8 +85,12 @@ class Principal:
     def team_role(self, team: str | None) -> str | None:
         return next((role for name, role in self.teams if name == team), None)
 
-    def may_use_model(self, model: str) -> bool:
-        return not self.allowed_models or model in self.allowed_models
+    def may_use_model(self, model: str, team: str | None) -> bool:
+        """Through /v1: a model of one of the caller's teams (any, for admins and operators) that the
+        key's allow-list names, when it has one."""
+        if self.allowed_models and model not in self.allowed_models:
+            return False
+        return access.team_access(self, team) is not None
 
 
 class Authenticator:

@@ -22,6 +22,7 @@ from server.api.inputs import parse_json_body
 from server.api.routing import principal_of, server_of
 from server.gateway.routing_table import Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
+from server.services import access
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ async def list_models(request: web.Request) -> web.Response:
     principal = principal_of(request)
     data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas",
              "categories": sorted(table.models[name].categories)}
-            for name in table.serving_models() if principal.may_use_model(name)]
+            for name in table.serving_models() if principal.may_use_model(name, table.models[name].team)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -101,11 +102,11 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         name = payload.get("model")
         if not isinstance(name, str) or not name:
             raise bad_request(f"the body must be {expected}")
-    if not principal.may_use_model(name):
-        raise forbidden(f"this API key may not use the model {name!r}")
     routes = server.routes.models.get(name)
-    if routes is None:
+    if routes is None or access.team_access(principal, routes.team) is None:  # other teams' models do not show
         raise ApiError(404, "model_not_found", f"the model {name!r} does not exist")
+    if not principal.may_use_model(name, routes.team):
+        raise forbidden(f"this API key may not use the model {name!r}")
     request[_MODEL_KEY] = name
     category = CATEGORY_OF[request.path]
     if category not in routes.categories:

@@ -55,6 +55,7 @@ class Target:
 class ModelRoutes:
     targets: dict[int, Target] = field(default_factory=dict)
     categories: frozenset[str] = frozenset({"llm"})  # what the model serves: gates the /v1 endpoints
+    team: str | None = None  # who may call it (server/services/access.py)
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def ordered(self) -> list[Target]:
@@ -90,6 +91,7 @@ class RoutingTable:
         spec = model.get("spec") or {}
         routes.categories = frozenset(derive_categories(spec.get("backend", ""), spec.get("args") or (),
                                                         spec.get("categories")))
+        routes.team = model.get("team")
         self.created.setdefault(name, _epoch(model.get("created_at")))
 
     def apply_instance(self, action: str, instance: dict[str, Any]) -> None:
