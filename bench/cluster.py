@@ -101,6 +101,7 @@ class Watchers:
         self.frames = 0
         self.running: dict[int, set[int]] = {}  # model id -> running instance ids (first watcher)
         self.placed: dict[int, set[int]] = {}  # model id -> instance ids with a worker (first watcher)
+        self.workers: set[int] = set()  # worker ids seen (first watcher)
         self.tasks: list[asyncio.Task[None]] = []
         self.measuring = True
 
@@ -118,6 +119,8 @@ class Watchers:
                         version = message["version"]
                         if message["type"] == "snapshot":
                             for worker in message["items"].get("workers", ()):
+                                if index == 0:
+                                    self.workers.add(worker["id"])
                                 if worker["state"] != "ready":
                                     self.not_ready.add(worker["id"])
                             continue
@@ -127,6 +130,8 @@ class Watchers:
                         if kind == "telemetry":
                             self.frames += index == 0
                             continue
+                        if kind == "workers" and index == 0:
+                            (self.workers.discard if message["action"] == "deleted" else self.workers.add)(obj["id"])
                         if kind == "workers" and obj["state"] != "ready":
                             self.not_ready.add(obj["id"])
                         if kind == "instances" and message["action"] != "deleted":
@@ -203,11 +208,7 @@ async def main(args: argparse.Namespace) -> None:
                  "--report-every", "20", "--summary", str(summary_path)],
                 stdout=open(base / "simulate.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-            async def count_workers() -> int:
-                async with http.get(f"{url}/v2/workers", headers=auth) as r:
-                    return len((await r.json())["items"])
-
-            while (registered := await count_workers()) < args.workers:
+            while (registered := len(watchers.workers)) < args.workers:  # no listing: it would load the server
                 if time.monotonic() - started > 300 or simulate.poll() is not None:
                     raise RuntimeError(f"only {registered} of {args.workers} workers registered")
                 await asyncio.sleep(2)

@@ -17,9 +17,11 @@ full timeout of its own before it declares anything dead, whatever gap it had.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, Iterable
 
 from sqlalchemy import bindparam, update
@@ -38,9 +40,18 @@ _GPU_DURABLE = ("index", "name", "vendor", "uuid", "memory_total", "mig_mode", "
 _HOST_DURABLE = ("hostname", "os", "cpu_count", "memory_total")
 
 
+_gpu_key = itemgetter(*_GPU_DURABLE)
+_host_key = itemgetter(*_HOST_DURABLE)
+
+
 def inventory(gpus: Iterable[dict[str, Any]], host: dict[str, Any]) -> tuple:
-    """What of a worker's report is durable: its GPUs and host, without the moving readings."""
-    return (tuple(tuple(g.get(k) for k in _GPU_DURABLE) for g in gpus), tuple(host.get(k) for k in _HOST_DURABLE))
+    """What of a worker's report is durable: its GPUs and host, without the moving readings.
+    Takes wire dicts or pydantic models' __dict__ (every field present)."""
+    try:
+        return tuple(map(_gpu_key, gpus)), _host_key(host)
+    except KeyError:  # a stored row from before a field existed: compare what is there
+        return (tuple(tuple(g.get(k) for k in _GPU_DURABLE) for g in gpus),
+                tuple(host.get(k) for k in _HOST_DURABLE))
 
 
 def _aware(moment: datetime) -> datetime:
@@ -83,6 +94,15 @@ class Leases:
     def expired(self, worker_ids: Iterable[int], timeout: float, now: float) -> list[int]:
         return [w for w in worker_ids if now - self.last_heard(w) > timeout]
 
+    def excuse(self, seconds: float, now: float) -> None:
+        """The judge itself stalled for `seconds` (its loop ran that late: an overloaded server hears
+        heartbeats late too): every lease gets that time back, as a takeover gives a full timeout."""
+        if seconds <= 0:
+            return
+        self.taken_over_at = min(now, self.taken_over_at + seconds)
+        for worker_id, at in self._renewed.items():
+            self._renewed[worker_id] = min(now, at + seconds)
+
     def forget(self, keep: Iterable[int]) -> None:
         """Drop workers that are gone (deleted rows)."""
         keep = set(keep)
@@ -104,6 +124,7 @@ class Heartbeats:
         # Worker id -> its row as published (WorkerOut wire dict), kept current from the bus.
         self.stored: dict[int, dict[str, Any]] = {}
         self._inventory: dict[int, tuple] = {}  # of each stored row, computed once
+        self._encoded: dict[int, bytes] = {}  # each stored row as JSON without its last "}", encoded once
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
 
@@ -118,22 +139,26 @@ class Heartbeats:
         """The worker row as the database now holds it (a bus event, a write of our own)."""
         self.stored[row["id"]] = row
         self._inventory[row["id"]] = inventory(row.get("gpus") or (), row.get("host") or {})
+        rest = {k: v for k, v in row.items() if k != "last_heartbeat_at"}
+        self._encoded[row["id"]] = json.dumps(rest, separators=(",", ":")).encode()[:-1]
 
     def forget(self, worker_id: int) -> None:
         self.stored.pop(worker_id, None)
         self._inventory.pop(worker_id, None)
+        self._encoded.pop(worker_id, None)
         self.heard.pop(worker_id, None)
         self._unflushed.pop(worker_id, None)
 
-    def current(self, worker_id: int, gpus: list[dict[str, Any]], host: dict[str, Any]) -> dict[str, Any] | None:
-        """The stored row when a heartbeat with this report needs no database write: the worker is
-        ready and its inventory unchanged. None when it must go to the database."""
+    def current(self, worker_id: int, gpus: list[dict[str, Any]], host: dict[str, Any],
+                seen: datetime) -> bytes | None:
+        """When a heartbeat with this report needs no database write (the worker is ready and its
+        hardware unchanged): the stored row with this last-seen time, as JSON. Else None."""
         row = self.stored.get(worker_id)
         if row is None or row.get("state") != "ready":
             return None
         if self._inventory.get(worker_id) != inventory(gpus, host):
             return None
-        return row
+        return self._encoded[worker_id] + b',"last_heartbeat_at":"' + seen.isoformat().encode() + b'"}'
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeat-flush")

@@ -160,9 +160,9 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     seen = server.heartbeats.heard_from(worker_id)
     server.telemetry.update(worker_id, reading_of(body, seen))
     gpus = [g.__dict__ for g in body.gpus]  # the fields as given; only the durable ones are compared
-    stored = server.heartbeats.current(worker_id, gpus, body.host.__dict__)
+    stored = server.heartbeats.current(worker_id, gpus, body.host.__dict__, seen)
     if stored is not None:  # ready, same hardware: the lease and telemetry were all there was to do
-        return web.json_response(stored | {"last_heartbeat_at": seen.isoformat()})
+        return web.Response(body=stored, content_type="application/json")
     try:
         return await _admission(request).run(lambda: _durable_heartbeat(request, body, seen))
     except ApiError:

@@ -69,6 +69,7 @@ class WorkQueue:
         self.full = False
         self._now: set[Any] = set()
         self._later: dict[Any, float] = {}
+        self._taken: dict[Any, float] = {}  # key -> when it was last handed out
 
     def add(self, key: Any) -> None:
         self._now.add(key)
@@ -85,13 +86,23 @@ class WorkQueue:
     def add_all(self) -> None:
         self.full = True
 
-    def take(self, now: float) -> tuple[bool, set[Any]]:
-        """(full, keys) due now; both are cleared. A full pass covers every key, due or not."""
+    def take(self, now: float, spacing: float = 0.0) -> tuple[bool, set[Any]]:
+        """(full, keys) due now; both are cleared. A full pass covers every key, due or not.
+        A key taken less than `spacing` seconds ago waits out the rest: a burst of changes to one
+        object (500 instances of a model reporting running) becomes a few passes, not 500."""
         due = {k for k, at in self._later.items() if at <= now}
         for key in due:
             del self._later[key]
         keys, self._now = self._now | due, set()
         full, self.full = self.full, False
+        if spacing > 0 and not full:
+            for key in [k for k in keys if now - self._taken.get(k, float("-inf")) < spacing]:
+                keys.discard(key)
+                self._later[key] = self._taken[key] + spacing
+        for key in keys:
+            self._taken[key] = now
+        if full:
+            self._taken.clear()
         return full, keys
 
     def next_due(self, now: float) -> float | None:
@@ -110,6 +121,8 @@ class KeyedReconcileLoop(ReconcileLoop):
     """A reconcile loop with a queue per object, as Kubernetes controllers have: each bus event names
     the objects it concerns (`keys_of`), only those are reconciled (`reconcile_keys`), and a full
     `reconcile()` every `interval` seconds is the safety net for anything missed."""
+
+    spacing = 0.25  # seconds between two passes over the same object (WorkQueue.take)
 
     def __init__(self, server: Any, interval: float):
         super().__init__(server, interval)
@@ -140,7 +153,7 @@ class KeyedReconcileLoop(ReconcileLoop):
                 now = loop.time()
                 if now - last_full >= self.interval:
                     self.queue.add_all()
-                full, keys = self.queue.take(now)
+                full, keys = self.queue.take(now, self.spacing)
                 try:
                     if full:
                         last_full = now

@@ -26,14 +26,29 @@ class WorkerLivenessController(ReconcileLoop):
     name = "worker-liveness"
     kinds = ()  # time-driven only
 
+    # A tick this much later than planned means this server was stalled (overloaded, paused): the
+    # heartbeats it did not read meanwhile are not the workers' fault (Leases.excuse).
+    STALL_SECONDS = 1.0
+
     def __init__(self, server, interval: float):
         super().__init__(server, interval)
         self.leases: Leases | None = None
+        self._planned: float | None = None  # when the next tick should come
+        self.excused = 0.0
 
     async def reconcile(self) -> None:
         now = time.monotonic()
         if self.leases is None:
             self.leases = Leases(taken_over_at=now)
+        elif self._planned is not None and now - self._planned > self.STALL_SECONDS:
+            self.leases.excuse(now - self._planned, now)
+            self.excused += now - self._planned
+        try:
+            await self._judge(now)
+        finally:
+            self._planned = time.monotonic() + self.interval
+
+    async def _judge(self, now: float) -> None:
         timeout = self.server.config.worker_timeout
         heard = self.server.heartbeats.heard if self.server.heartbeats else {}
         async with self.server.db.session() as s:
