@@ -19,6 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from maas_tui.client import ApiClientError
+from maas_tui.render.claims import claim_cell
 from server import schemas
 
 NAME_RE = re.compile(schemas.MODEL_NAME_PATTERN)
@@ -272,9 +273,7 @@ def preview_text(result: Any) -> str:
         lines[0] += f" · needs {estimate.total_bytes / 1000**3:.2f} GB per replica"
     for placement in result.replicas[:4]:
         if placement.scheduled and placement.claim is not None:
-            claim = placement.claim
-            where = (f"GPU {','.join(map(str, claim.gpu_indexes))}" if claim.device == "gpu" else "CPU/RAM")
-            lines.append(f"  replica {placement.replica}: {placement.worker} {where}")
+            lines.append(f"  replica {placement.replica}: {placement.worker} {claim_cell(placement.claim)}")
         else:
             why = "; ".join(f"{r.worker or 'all'}: {r.message}" for r in placement.reasons[:2]) or "no room"
             lines.append(f"  replica {placement.replica}: not now: {why}")
