@@ -165,12 +165,11 @@ class MaasServer:
         reconnect by themselves once it is back."""
         backoff = interval
         while True:
-            await asyncio.sleep(backoff)
             # Stopped on purpose (url None: `maas db restore`, a test) is not a crash.
             # alive() reads postmaster.pid and /proc: cheap enough for the loop. The restart runs
             # on a thread of its own: the default executor may be busy (password hashes, estimates).
             if self.embedded.url is None or self.embedded.alive():
-                backoff = interval
+                await self.embedded.postmaster_exit(interval)  # wakes at once when the postmaster dies
                 continue
             log.warning("the embedded PostgreSQL in %s stopped running; starting it again", self.embedded.cluster_dir)
             try:
@@ -181,6 +180,7 @@ class MaasServer:
                 backoff = min(max_backoff, backoff * 2)
                 log.error("could not restart the embedded PostgreSQL (retrying in %.0f s): %s",
                           backoff, first_line(exc))
+                await asyncio.sleep(backoff)
 
     async def database_status(self) -> dict[str, Any]:
         """Whether the database answers now (for /healthz: reported, never a 5xx)."""

@@ -290,3 +290,105 @@ async def test_maas_ssh_serve_against_a_running_server(server, admin: MaasClient
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+async def test_16_sessions_with_logins_and_a_postgres_kill(traversable_tmp: Path) -> None:
+    """`maas start --ssh-port` with its embedded PostgreSQL and 16 TUI sessions open (the cap): a 17th
+    is turned away, logins are answered, and after a kill -9 of the postmaster the watchdog brings the
+    database back (measured: kill -> a login answered again) with every session still open. A session
+    holds no thread of the default executor (maas_tui/ssh/server.py exit_status)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from conftest import HAVE_POSTGRES, free_port
+
+    if not HAVE_POSTGRES:
+        pytest.skip("PostgreSQL server binaries not installed")
+    port, ssh_port = free_port(), free_port()
+    data = traversable_tmp / f"ssh16-{os.getpid()}-{time.monotonic_ns()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    log_path = traversable_tmp / f"{data.name}.log"
+    log_file = open(log_path, "wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data), "--port", str(port),
+        "--ssh-port", str(ssh_port), env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    connections: list[asyncssh.SSHClientConnection] = []
+    password = ""
+
+    async def login(timeout: float = 10.0) -> float:
+        started = time.monotonic()
+        async with MaasClient(url, timeout=timeout) as anonymous:
+            await anonymous.login("admin", password)
+        return time.monotonic() - started
+
+    try:
+        async def up() -> bool:
+            try:
+                async with MaasClient(url, timeout=2) as probe:
+                    await probe.health()
+                return (data / HOST_KEY_NAME).exists()
+            except ApiClientError:
+                return False
+        await eventually(up, timeout=60, message="maas start with --ssh-port")
+        password = (data / "initial_admin_password").read_text().strip()
+        async with MaasClient(url) as anonymous:
+            token = (await anonymous.login("admin", password)).token
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        async with MaasClient(url, token) as admin:
+            await admin.add_ssh_key("admin", key.export_public_key().decode())
+
+        screens: list[Screen] = []
+        for _ in range(16):
+            conn = await asyncssh.connect("127.0.0.1", ssh_port, username="admin", client_keys=[key],
+                                          known_hosts=None, agent_path=None)
+            connections.append(conn)
+            process = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+            screens.append(Screen(process))
+        for screen in screens:
+            await screen.wait_for("● live", timeout=120)
+
+        extra = await asyncssh.connect("127.0.0.1", ssh_port, username="admin", client_keys=[key], known_hosts=None,
+                                       agent_path=None)
+        connections.append(extra)
+        refused = await extra.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        assert b"Too many sessions (16)" in await asyncio.wait_for(refused.stdout.read(), 20)
+
+        latencies = [await login() for _ in range(5)]
+
+        pidfile = data / "postgres" / "postmaster.pid"
+        postmaster = int(pidfile.read_text().splitlines()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            try:
+                await login(timeout=2)
+                break
+            except ApiClientError:
+                assert time.monotonic() - killed_at < 60, "the database did not come back in 60 s"
+                await asyncio.sleep(0.1)
+        recovery = time.monotonic() - killed_at
+        assert int(pidfile.read_text().splitlines()[0]) != postmaster
+        print(f"\n16 SSH sessions open: logins {', '.join(f'{t * 1000:.0f}' for t in latencies)} ms; "
+              f"PostgreSQL kill -9 -> login answered again in {recovery:.2f} s")
+        assert recovery <= 5.0
+        assert all(screen.process.exit_status is None for screen in screens), "a session ended"
+    finally:
+        for conn in connections:
+            conn.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log_file.close()
+        text = log_path.read_text(errors="replace")
+        print(text[-3000:])  # shown when the test fails
+        print("\n".join(line for line in text.splitlines() if "PostgreSQL" in line or "maas.ssh" in line)[-4000:])
+    assert "SSH session of admin failed" not in text, text[text.index("SSH session of admin failed"):][:3000]

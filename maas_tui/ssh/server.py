@@ -357,7 +357,8 @@ class TuiSession(asyncssh.SSHServerSession):
             await asyncio.wait_for(drained.wait(), 2.0)  # what the TUI wrote last (restoring the screen)
         except TimeoutError:
             pass
-        loop.remove_reader(master)
+        if self.master == master:  # else _finish closed it already, and the number may be another fd's now
+            loop.remove_reader(master)
         await self._finish(status if status >= 0 else 128 - status, "the TUI exited")
 
     async def terminate(self, reason: str) -> None:
