@@ -392,3 +392,44 @@ async def test_16_sessions_with_logins_and_a_postgres_kill(traversable_tmp: Path
         print(text[-3000:])  # shown when the test fails
         print("\n".join(line for line in text.splitlines() if "PostgreSQL" in line or "maas.ssh" in line)[-4000:])
     assert "SSH session of admin failed" not in text, text[text.index("SSH session of admin failed"):][:3000]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+async def test_a_session_token_is_revoked_once_the_database_is_back(traversable_tmp: Path) -> None:
+    """A session that ends while the embedded PostgreSQL is down cannot revoke its token then; the front
+    door keeps trying, and the token is refused once the database is back."""
+    import os
+    import signal
+    import time
+
+    from conftest import HAVE_POSTGRES, free_port
+    from server.app import MaasServer
+    from server.config import ServerConfig
+
+    if not HAVE_POSTGRES:
+        pytest.skip("PostgreSQL server binaries not installed")
+    data = traversable_tmp / f"revoke-{os.getpid()}-{time.monotonic_ns()}"
+    server = MaasServer(ServerConfig(data_dir=data, port=free_port()))
+    await server.start()
+    door = TuiFrontDoor(DatabaseBackend(server), SshConfig(port=0, data_dir=data / "ssh"))
+    try:
+        token, prefix = await door.backend.open_session("admin", "SHA256:test", "127.0.0.1:1")
+        async with MaasClient(server.url, token) as session_client:
+            await session_client.list_models()
+            os.kill(int((data / "postgres" / "postmaster.pid").read_text().splitlines()[0]), signal.SIGKILL)
+            with pytest.raises(Exception):  # the database is down: the revocation cannot happen now
+                await door.backend.close_session("admin", prefix, "the client went away")
+            door.revoke_later("admin", prefix, "the client went away", first_delay=0.2)
+
+            async def revoked() -> bool:
+                try:
+                    await session_client.list_models()
+                except ApiClientError as exc:
+                    return exc.status == 401
+                return False
+            await eventually(revoked, timeout=60, interval=0.3, message="the token revoked once the database is back")
+        assert not door._revocations
+    finally:
+        await door.stop()
+        await server.stop()

@@ -136,6 +136,7 @@ class TuiFrontDoor:
         self.sessions: set[TuiSession] = set()
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self.port = 0
+        self._revocations: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         host_key = load_host_key(self.config.data_dir)
@@ -148,9 +149,30 @@ class TuiFrontDoor:
         log.info("TUI over SSH on %s:%d (host key %s)", self.config.host, self.port,
                  host_key.get_fingerprint("sha256"))
 
+    def revoke_later(self, username: str, prefix: str, reason: str, first_delay: float = 1.0) -> None:
+        """Revoke a session token whose revocation failed, retrying with backoff until it succeeds:
+        a session that ended while the database was down must not leave a valid token behind."""
+        async def retry() -> None:
+            delay = first_delay
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self.backend.close_session(username, prefix, reason)
+                except Exception:
+                    delay = min(delay * 2, 30.0)
+                    continue
+                log.info("revoked the session token of %s now that the server answers again", username)
+                return
+
+        task = asyncio.ensure_future(retry())
+        self._revocations.add(task)
+        task.add_done_callback(self._revocations.discard)
+
     async def stop(self) -> None:
         for session in list(self.sessions):
             await session.terminate("the server is stopping")
+        for task in list(self._revocations):  # the server is stopping: pending retries end with it
+            task.cancel()
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()
@@ -394,8 +416,10 @@ class TuiSession(asyncssh.SSHServerSession):
         if self.prefix:
             try:
                 await self.door.backend.close_session(self.username, self.prefix, reason)
-            except Exception:
-                log.exception("cannot revoke the session token of %s", self.username)
+            except Exception as exc:  # the database or the server is away: revoke it once it is back
+                log.warning("cannot revoke the session token of %s now (%s); retrying until it is revoked",
+                            self.username, str(exc) or type(exc).__name__)
+                self.door.revoke_later(self.username, self.prefix, reason)
         log.info("SSH session of %s ended: %s (status %d)", self.username, reason, status)
         if self.chan is not None:
             try:
