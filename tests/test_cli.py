@@ -188,6 +188,20 @@ async def test_get_prints_documents_that_apply_takes_back(server, admin: MaasCli
     result = await cli("apply", "-f", "-", env=env, input=yaml.safe_dump(document))
     assert result.exit_code == 1 and "kind 'ApiKey' is not supported" in result.output, result.output
 
+    # A custom backend: `backend get -o yaml` is what `backend add -f` takes back; describe shows it whole.
+    definition = _write(tmp_path / "echo.yaml", "name: echo\ndescription: an echo\n"
+                        "command: [python3, -m, http.server, '{port}']\nhealth_path: /\n")
+    assert (await cli("backend", "add", "-f", str(definition), env=env)).exit_code == 0
+    document = yaml.safe_load((await cli("backend", "get", "echo", "-o", "yaml", env=env)).stdout)
+    assert document["kind"] == "Backend" and document["metadata"]["name"] == "echo"
+    assert document["spec"]["command"] == ["python3", "-m", "http.server", "{port}"]
+    document["spec"]["description"] = "an echo, edited"
+    result = await cli("backend", "add", "-f", "-", "--replace", env=env, input=yaml.safe_dump(document))
+    assert result.exit_code == 0, result.output
+    assert (await admin.get_backend("echo")).description == "an echo, edited"
+    result = await cli("backend", "describe", "custom:echo", env=env)
+    assert result.exit_code == 0 and "python3 -m http.server {port}" in result.output and "Health" in result.output
+
 
 async def test_apply_validates_every_document_before_writing(server, admin: MaasClient, api_key: str, cli,
                                                              tmp_path: Path, tiny_model: Path) -> None:

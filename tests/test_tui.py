@@ -131,7 +131,7 @@ async def test_navigate_deploy_scale_logs_delete(server: MaasServer, admin: Maas
         if hasattr(admin, "evaluate_model"):  # the dry run: where the replica would go; nothing is written
             await pilot.press("ctrl+r")
             await until(pilot, lambda: "Preview" in form.status_text, what="the dry-run preview")
-            assert "replica 0: sim-worker GPU 0" in form.status_text or "replica 0: worker-1" in form.status_text
+            assert "replica 0: sim-worker gpu0" in form.status_text or "replica 0: worker-1" in form.status_text
             assert await admin.list_models() == []
         await pilot.press("ctrl+s")
         await until(pilot, lambda: isinstance(app.screen, ModelsScreen), what="the form to close")

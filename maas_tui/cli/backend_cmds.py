@@ -7,16 +7,16 @@ from pathlib import Path
 import typer
 
 from maas_tui.cli.inputs import InputProblem, load_yaml_documents, read_input_file
-from maas_tui.cli.output import Format, OutputOption, emit
+from maas_tui.cli.output import Format, OutputOption, emit, emit_document, print_renderable, print_rows
+from maas_tui.render import backends as render
 
 backend_app = typer.Typer(help="Inference backends: list them, register custom ones.", no_args_is_help=True)
 
-_COLUMNS = [("NAME", lambda b: b.name if b.builtin else f"custom:{b.name}"),
-            ("KIND", lambda b: "built-in" if b.builtin else "custom"),
-            ("HEALTH", lambda b: b.health_path),
-            ("DESCRIPTION", lambda b: b.description)]
-_WIDE = [("COMMAND", lambda b: " ".join(b.command)), ("IMAGE", lambda b: b.image or ""),
-         ("ALLOWED ENV", lambda b: " ".join(b.allowed_env)), ("ALLOWED ARGS", lambda b: " ".join(b.allowed_args))]
+def _show(backends: list, output: Format) -> None:
+    if output in (Format.json, Format.yaml):
+        emit(backends, output)
+        return
+    print_rows(render.COLUMNS, render.WIDE_COLUMNS, render.rows(backends), output == Format.wide)
 
 
 @backend_app.command("list")
@@ -24,21 +24,39 @@ def backend_list(output: Format = OutputOption) -> None:
     """List the backends models can be deployed with."""
     from maas_tui.cli.main import call
 
-    emit(call(lambda c: c.list_backends()), output, _COLUMNS, _WIDE)
+    _show(call(lambda c: c.list_backends()), output)
 
 
 @backend_app.command("get")
 def backend_get(name: str = typer.Argument(..., help="a custom backend's name (with or without custom:)"),
                 output: Format = OutputOption) -> None:
-    """Show a custom backend's definition."""
+    """Show a custom backend; -o yaml|json prints a document that `maas backend add -f` takes back."""
     from maas_tui.cli.main import call
 
-    emit(call(lambda c: c.get_backend(name.removeprefix("custom:"))), output, _COLUMNS, _WIDE)
+    backend = call(lambda c: c.get_backend(name.removeprefix("custom:")))
+    if output in (Format.json, Format.yaml):
+        emit_document(render.document_of(backend), output)
+        return
+    _show([backend], output)  # a table of one row, as `list` prints it
+
+
+@backend_app.command("describe")
+def backend_describe(name: str = typer.Argument(..., help="a custom backend's name (with or without custom:)"),
+                     output: Format = OutputOption) -> None:
+    """Show a custom backend's definition: command, image, env, health and metrics, what users may set."""
+    from maas_tui.cli.main import call
+
+    backend = call(lambda c: c.get_backend(name.removeprefix("custom:")))
+    if output in (Format.json, Format.yaml):
+        emit(backend, output)
+        return
+    print_renderable(render.describe(backend))
 
 
 @backend_app.command("add")
 def backend_add(file: Path = typer.Option(..., "-f", "--file",
-                                          help="YAML (or JSON): name, command, env, health_path, metrics_path, metrics, image"),
+                                          help="YAML (or JSON): name, command, env, health_path, metrics_path, metrics, image; "
+                                               "or what `maas backend get NAME -o yaml` prints; - reads stdin"),
                 replace: bool = typer.Option(False, "--replace", help="change a backend registered before"),
                 output: Format = OutputOption) -> None:
     """Register a custom backend (admin). Deploy it with --backend custom:NAME.
@@ -58,8 +76,14 @@ def backend_add(file: Path = typer.Option(..., "-f", "--file",
         fail(exc.message, exc.code)
     if len(documents) != 1 or not isinstance(documents[0], dict):
         fail(f"{file}: expected one mapping with name, command, ...")
-    definition = documents[0]
-    emit(call(lambda c: c.add_backend(definition, replace=replace)), output, _COLUMNS, _WIDE)
+    if documents[0].get("kind", render.KIND) != render.KIND:
+        fail(f"{file}: kind {documents[0]['kind']!r} is not a backend")
+    definition = render.definition_of(documents[0])
+    added = call(lambda c: c.add_backend(definition, replace=replace))
+    if output in (Format.json, Format.yaml):
+        emit(added, output)
+        return
+    _show([added], output)
 
 
 @backend_app.command("delete")
