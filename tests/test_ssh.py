@@ -315,7 +315,8 @@ async def test_16_sessions_with_logins_and_a_postgres_kill(traversable_tmp: Path
     log_file = open(log_path, "wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data), "--port", str(port),
-        "--ssh-port", str(ssh_port), env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+        "--ssh-port", str(ssh_port), "--ssh-max-sessions", "16", env=env, stdout=log_file,
+        stderr=asyncio.subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     connections: list[asyncssh.SSHClientConnection] = []
     password = ""

@@ -100,6 +100,7 @@ def start(
     advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssh_port: Optional[int] = port_option(None, "also serve the TUI over SSH on this port (public keys: maas user add-key)"),
+    ssh_max_sessions: int = typer.Option(16, min=1, max=1024, help="with --ssh-port: concurrent TUI sessions at most"),
     model_root: list[Path] = typer.Option([], "--model-root", help=(
         "a folder local model sources may lie in (repeatable; besides <data-dir>/models) [env: MAAS_MODEL_ROOTS]")),
 ) -> None:
@@ -107,7 +108,7 @@ def start(
     from maas_tui.cli.serve import run_start
 
     run_start(data_dir=data_dir, host=host, port=port, database_url=database_url, no_agent=no_agent,
-              simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port,
+              simulate_gpus=simulate_gpus, log_level=log_level, ssh_port=ssh_port, ssh_max_sessions=ssh_max_sessions,
               extra={"higress_dir": str(higress_dir.absolute()) if higress_dir else None,
                      "higress_kubeconfig": _kubeconfig_option(higress_kubeconfig),
                      "advertise_url": advertise_url,

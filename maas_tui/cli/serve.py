@@ -55,7 +55,7 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 def run_start(*, data_dir: Path | None, host: str | None, port: int | None, database_url: str | None, no_agent: bool,
               simulate_gpus: str | None, log_level: str, extra: dict[str, object] | None = None,
-              ssh_port: int | None = None) -> None:
+              ssh_port: int | None = None, ssh_max_sessions: int = 16) -> None:
     from agent.agent import Agent, AgentConfig
     from agent.devices import DeviceSpecError, parse_simulated
     from server.app import MaasServer
@@ -87,7 +87,8 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
                 from maas_tui.ssh.server import DatabaseBackend, SshConfig, TuiFrontDoor
 
                 door = TuiFrontDoor(DatabaseBackend(server), SshConfig(host=config.host, port=ssh_port,
-                                                                       data_dir=config.data_dir))
+                                                                       data_dir=config.data_dir,
+                                                                       max_sessions=ssh_max_sessions))
                 await door.start()
             if not no_agent:
                 agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "",
