@@ -357,3 +357,29 @@ async def test_server_text_is_shown_as_typed_not_as_markup():
         assert "[bold]x[/bold] [/]" in shown, shown
         toasts = [n for n in app._notifications if "boom" in n.message]
         assert toasts and not toasts[0].markup  # Textual shows it as plain text
+
+
+async def test_enter_on_a_key_describes_it():
+    """Every kind the TUI lists has a describe page (keys too, from render.keys, as `maas key describe`)."""
+    import io
+
+    from rich.console import Console
+
+    from maas_tui.tui.views import DescribeScreen
+
+    state = demo_state()
+    app = MaasApp(DemoClient(state), state=state, clock=fixed_clock, tick=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.state.connected)
+        app.navigate("keys")
+        await until(pilot, lambda: bool(app.state.keys) and bool(app.screen.query(ResourceTable))
+                    and app.screen.query_one(ResourceTable).row_count > 0)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DescribeScreen))
+        await pilot.pause(0.1)
+        first = sorted(app.state.keys, key=lambda k: k.name)[0]
+        assert app.screen.kind == "key" and app.screen.find() is first
+        console = Console(width=80, height=24, file=io.StringIO(), record=True, color_system=None)
+        console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+        shown = console.export_text()
+        assert "Prefix" in shown and first.prefix in shown and "Scopes" in shown, shown

@@ -1,4 +1,4 @@
-"""Describe: `maas ... describe` as a live screen (model, instance or worker), pushed over a view."""
+"""Describe: `maas ... describe` as a live screen (model, instance, worker or API key), pushed over a view."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from maas_tui.render import instances, models, workers
+from maas_tui.render import instances, keys, models, workers
 from maas_tui.tui.views.base import MaasScreen
 from maas_tui.tui.views.registry import view
 from maas_tui.tui.widgets import PromptBar
@@ -55,7 +55,7 @@ class DescribeScreen(MaasScreen):
         if action == "restart":
             return self.kind in ("model", "instance")
         if action == "delete":
-            return self.kind in ("instance", "model", "worker")
+            return self.kind in ("instance", "model", "worker", "key")
         return True
 
     def refresh_body(self, kinds: set[str] | None = None) -> None:
@@ -76,7 +76,12 @@ class DescribeScreen(MaasScreen):
             return state.instance_by_name(self.name_)
         if self.kind == "model":
             return state.model_by_name(self.name_)
+        if self.kind == "key":
+            return next((k for k in state.keys if k.name == self.name_), None)
         return state.worker_by_name(self.name_)
+
+    def describe_key(self, key: schemas.ApiKeyOut) -> RenderableType:
+        return keys.describe(key, now=self.now)
 
     def describe_instance(self, inst: schemas.InstanceOut) -> RenderableType:
         return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now)
@@ -124,3 +129,5 @@ class DescribeScreen(MaasScreen):
             self.app.delete_model(self.name_)
         elif self.kind == "worker":
             self.app.remove_worker(self.name_)
+        elif self.kind == "key":
+            self.app.revoke_key(self.name_)

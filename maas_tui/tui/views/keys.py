@@ -35,7 +35,7 @@ class KeysScreen(TableScreen):
         return "secrets are shown once, at creation"
 
     def describe(self, key: str) -> None:
-        self.app.notify(f"key {key}: the secret was shown once at creation; revoke with ctrl+d")
+        self.app.describe("key", key)
 
     def action_create(self) -> None:
         self.app.create_key()
