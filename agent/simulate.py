@@ -46,7 +46,7 @@ class SimulateConfig:
     flap: bool = False  # stopped workers come back after flap_down seconds
     flap_down: float = 30.0
     name_prefix: str = "sim"
-    register_rate: float = 200.0  # registrations started per second (a whole rack does not boot at once)
+    register_rate: float = 50.0  # registrations started per second (a whole rack does not boot at once)
     request_timeout: float = 10.0
 
 

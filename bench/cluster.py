@@ -62,6 +62,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def postgres_cpu_seconds(data_dir: Path) -> float:
+    """CPU of the embedded PostgreSQL: the postmaster with its reaped children (backends come and go)
+    and the live ones."""
+    pids = postgres_pids(data_dir)
+    if not pids:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+        reaped = (int(fields[13]) + int(fields[14])) / TICK  # cutime, cstime
+    except OSError:
+        reaped = 0.0
+    return reaped + sum(cpu_seconds(p) for p in pids)
+
+
 def postgres_pids(data_dir: Path) -> list[int]:
     """The embedded PostgreSQL's postmaster (its -D lies under data_dir) and its children."""
     pids: dict[int, int] = {}
@@ -205,7 +219,7 @@ async def main(args: argparse.Namespace) -> None:
             simulate = subprocess.Popen(
                 [sys.executable, "-m", "maas_tui", "simulate", "--server", url, "--token", token,
                  "--workers", str(args.workers), "--gpus", args.gpus, "--heartbeat-interval", str(args.heartbeat),
-                 "--report-every", "20", "--summary", str(summary_path)],
+                 "--report-every", "20", "--summary", str(summary_path), "--register-rate", str(args.register_rate)],
                 stdout=open(base / "simulate.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
             while (registered := len(watchers.workers)) < args.workers:  # no listing: it would load the server
@@ -213,7 +227,9 @@ async def main(args: argparse.Namespace) -> None:
                     raise RuntimeError(f"only {registered} of {args.workers} workers registered")
                 await asyncio.sleep(2)
             registered_s = time.monotonic() - started
-            print(f"{args.workers} workers registered in {registered_s:.1f} s", flush=True)
+            registration_cpu = 100 * cpu_seconds(server.pid) / registered_s  # from its start: an upper bound
+            print(f"{args.workers} workers registered in {registered_s:.1f} s "
+                  f"(server CPU {registration_cpu:.0f} % of a core meanwhile)", flush=True)
             await asyncio.sleep(10)  # every watch connected, heartbeats spread
 
             deploy_at = time.monotonic()
@@ -236,7 +252,8 @@ async def main(args: argparse.Namespace) -> None:
 
             await asyncio.sleep(5)  # the deploy's tail (events, reports) out of the window
             pg = postgres_pids(data_dir)
-            server_cpu0, pg_cpu0 = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in pg)
+            server_cpu0, pg_cpu0 = cpu_seconds(server.pid), postgres_cpu_seconds(data_dir)
+            sim_cpu0, bench_cpu0 = cpu_seconds(simulate.pid), time.process_time()
             window_start = time.monotonic()
             rss = 0.0
             while time.monotonic() - window_start < args.steady:
@@ -244,7 +261,10 @@ async def main(args: argparse.Namespace) -> None:
                 rss = max(rss, rss_mb(server.pid))
             window = time.monotonic() - window_start
             server_cpu = 100 * (cpu_seconds(server.pid) - server_cpu0) / window
-            pg_cpu = 100 * (sum(cpu_seconds(p) for p in postgres_pids(data_dir)) - pg_cpu0) / window
+            pg_cpu = 100 * (postgres_cpu_seconds(data_dir) - pg_cpu0) / window
+            sim_cpu = 100 * (cpu_seconds(simulate.pid) - sim_cpu0) / window
+            bench_cpu = 100 * (time.process_time() - bench_cpu0) / window
+            load = os.getloadavg()[0]
             steady_to = window_start + window
             watchers.measuring = False
             await watchers.stop()
@@ -274,6 +294,8 @@ async def main(args: argparse.Namespace) -> None:
         ("registration", f"{registered_s:.1f} s"),
         ("server CPU, steady window", f"{server_cpu:.1f} % of a core"),
         ("PostgreSQL CPU, steady window", f"{pg_cpu:.1f} % of a core ({len(pg)} processes)"),
+        ("load: maas simulate / watchers CPU", f"{sim_cpu:.0f} % / {bench_cpu:.0f} % of a core; load average {load:.1f} "
+                                              f"on {os.cpu_count()} cores"),
         ("heartbeat p50 / p99, steady", f"{hb_p50:.1f} / {hb_p99:.1f} ms ({len(steady_ms)} heartbeats)"),
         ("heartbeat p50 / p99, whole run", f"{percentile(all_ms, 0.5):.1f} / {percentile(all_ms, 0.99):.1f} ms "
                                            f"({len(all_ms)} heartbeats)"),
@@ -307,5 +329,6 @@ if __name__ == "__main__":
     parser.add_argument("--steady", type=float, default=60.0)
     parser.add_argument("--watchers", type=int, default=20)
     parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--register-rate", type=float, default=50.0, help="registrations started per second")
     parser.add_argument("--keep", action="store_true", help="keep the logs and data folder")
     asyncio.run(main(parser.parse_args()))

@@ -10,10 +10,11 @@ Subscribers get bounded queues; one that falls behind is dropped and must resync
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Iterable
 
@@ -32,6 +33,15 @@ class BusEvent:
     kind: str
     action: str  # created | updated | deleted
     object: dict[str, Any]
+    _encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    def line(self) -> bytes:
+        """This event as a watch line, encoded once however many watchers send it."""
+        if not self._encoded:
+            self._encoded.append(json.dumps({"type": "event", "version": self.version, "kind": self.kind,
+                                             "action": self.action, "object": self.object},
+                                            separators=(",", ":")).encode() + b"\n")
+        return self._encoded[0]
 
 
 @dataclass(frozen=True, slots=True)

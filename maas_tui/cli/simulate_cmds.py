@@ -18,7 +18,7 @@ def simulate(
     flap_down: float = typer.Option(30.0, min=0, help="how long a flapping worker stays silent"),
     heartbeat_interval: float = typer.Option(5.0, min=0.1, help="seconds between heartbeats of each worker"),
     name_prefix: str = typer.Option("sim", help="workers are named PREFIX-00000, PREFIX-00001, ..."),
-    register_rate: float = typer.Option(200.0, min=1, help="registrations started per second"),
+    register_rate: float = typer.Option(50.0, min=1, help="registrations started per second"),
     duration: Optional[float] = typer.Option(None, min=1, help="stop after this many seconds (default: until Ctrl-C)"),
     report_every: float = typer.Option(10.0, min=0.5, help="seconds between status lines"),
     summary: Optional[str] = typer.Option(None, help="write a JSON summary (with every heartbeat's latency) here at the end"),

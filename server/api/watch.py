@@ -111,7 +111,9 @@ def _event_line(event: BusEvent, worker_id: int | None, caller: Any) -> bytes:
     if (worker_id is None and event.kind in ("models", "instances") and isinstance(spec, dict) and spec.get("env")
             and not access.sees_secrets(caller, obj.get("team"))):
         obj = {**obj, "spec": {**spec, "env": access.redact_env(spec["env"])}}
-    return _line({"type": "event", "version": event.version, "kind": event.kind, "action": event.action, "object": obj})
+        return _line({"type": "event", "version": event.version, "kind": event.kind, "action": event.action,
+                      "object": obj})
+    return event.line()  # encoded once for every watcher that sees it as is
 
 
 @route("GET", "/v2/watch", "Stream changes as JSON lines: a snapshot, then events, with heartbeats",
