@@ -299,6 +299,7 @@ async def main(args: argparse.Namespace) -> None:
         ("heartbeat p50 / p99, steady", f"{hb_p50:.1f} / {hb_p99:.1f} ms ({len(steady_ms)} heartbeats)"),
         ("heartbeat p50 / p99, whole run", f"{percentile(all_ms, 0.5):.1f} / {percentile(all_ms, 0.99):.1f} ms "
                                            f"({len(all_ms)} heartbeats)"),
+        ("load generator's event loop lag p99", f"{summary['loop_lag_p99_ms']:.0f} ms (included in its heartbeat latencies)"),
         ("errors", f"{errors} {summary['error_kinds'] or ''} (watchers: {watchers.errors})"),
         ("busy answers (429/503, backed off)", str(summary["busy"])),
         ("workers ever seen not_ready", str(len(watchers.not_ready))),
