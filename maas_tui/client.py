@@ -80,8 +80,10 @@ class MaasClient:
         data = await self.request("POST", "/v2/auth/login", json_body={"username": username, "password": password})
         return schemas.LoginResponse.model_validate(data)
 
-    async def list_keys(self) -> list[schemas.ApiKeyOut]:
-        return [schemas.ApiKeyOut.model_validate(i) for i in (await self.request("GET", "/v2/keys"))["items"]]
+    async def list_keys(self, all_users: bool = False) -> list[schemas.ApiKeyListed]:
+        params = {"all": "1"} if all_users else None
+        return [schemas.ApiKeyListed.model_validate(i)
+                for i in (await self.request("GET", "/v2/keys", params=params))["items"]]
 
     async def create_key(self, name: str, expires_in_days: int | None = None, scopes: list[str] | None = None,
                          allowed_models: list[str] | None = None) -> schemas.ApiKeyCreated:
@@ -99,8 +101,16 @@ class MaasClient:
         params = {"by": by} | ({"since": since} if since else {}) | ({"until": until} if until else {})
         return [schemas.UsageRow.model_validate(i) for i in (await self.request("GET", "/v2/usage", params=params))["items"]]
 
-    async def delete_key(self, name: str) -> None:
-        await self.request("DELETE", f"/v2/keys/{name}")
+    async def delete_key(self, name: str, user: str | None = None) -> None:
+        await self.request("DELETE", f"/v2/keys/{name}", params={"user": user} if user else None)
+
+    async def list_sessions(self, all_users: bool = False) -> list[schemas.SessionOut]:
+        params = {"all": "1"} if all_users else None
+        return [schemas.SessionOut.model_validate(i)
+                for i in (await self.request("GET", "/v2/sessions", params=params))["items"]]
+
+    async def revoke_session(self, prefix: str) -> None:
+        await self.request("DELETE", f"/v2/sessions/{prefix}")
 
     async def higress_objects(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v2/gateway/higress"))["items"]
@@ -257,9 +267,12 @@ class MaasClient:
             body["teams"] = teams
         return schemas.UserOut.model_validate(await self.request("POST", "/v2/users", json_body=body))
 
-    async def set_user_role(self, username: str, role: str) -> schemas.UserOut:
-        return schemas.UserOut.model_validate(await self.request("PATCH", f"/v2/users/{username}",
-                                                                 json_body={"role": role}))
+    async def update_user(self, username: str, role: str | None = None, disabled: bool | None = None) -> schemas.UserOut:
+        changes = {k: v for k, v in (("role", role), ("disabled", disabled)) if v is not None}
+        return schemas.UserOut.model_validate(await self.request("PATCH", f"/v2/users/{username}", json_body=changes))
+
+    async def delete_user(self, username: str) -> None:
+        await self.request("DELETE", f"/v2/users/{username}")
 
     # --- teams ----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from server import __version__, schemas
 from server.api.app import create_app
 from server.api.http_server import MaasAppRunner
-from server.api.security import Authenticator, hash_password, hash_secret, new_cluster_token
+from server.api.security import Authenticator, LoginThrottle, hash_password, hash_secret, new_cluster_token
 from server.bus import ChangeFeed, EventBus
 from server.config import ServerConfig
 from server.data_lock import DataDirLock
@@ -66,6 +66,7 @@ class MaasServer:
         self.embedded: EmbeddedPostgres | None = None
         self.db: Database | None = None
         self.auth: Authenticator | None = None
+        self.login_throttle = LoginThrottle()  # failed logins per user and per address (this server's)
         self.http: aiohttp.ClientSession | None = None
         self.usage: UsageMeter | None = None
         self.feed: ChangeFeed | None = None

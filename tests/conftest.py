@@ -317,7 +317,7 @@ async def admin(server: MaasServer) -> AsyncIterator[MaasClient]:
 
 @pytest.fixture
 async def api_key(admin: MaasClient) -> str:
-    return (await admin.create_key("tests")).key
+    return (await admin.create_key("tests", scopes=["management", "inference"])).key
 
 
 @pytest.fixture

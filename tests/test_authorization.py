@@ -38,6 +38,7 @@ def policy(**given: str) -> dict[str, str]:
 
 PUBLIC = {caller: OK for caller in CALLERS}
 ANY_USER = policy(**{u: OK for u in USERS})
+ANY_USER_PASS = policy(**{u: PASS for u in USERS})  # the route's object may be missing for anyone
 TEAM_READ = policy(viewer=OK, member=OK, other="404", operator=OK, admin=OK)
 TEAM_WRITE = policy(viewer="403", member=OK, other="404", operator=OK, admin=OK)
 CLUSTER = policy(operator=OK, admin=OK)
@@ -175,6 +176,12 @@ async def _fresh_user_patch(world: World, caller: str) -> Call:
     return Call(f"/v2/users/{name}", {"role": "viewer"})
 
 
+async def _fresh_user_delete(world: World, caller: str) -> Call:
+    name = world.unique("user")
+    await world.admin.create_user(name, "password-123")
+    return Call(f"/v2/users/{name}")
+
+
 async def _ssh_key_delete(world: World, caller: str) -> Call:
     key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     added = await world.admin.request("POST", "/v2/users/mona/keys", json_body={"public_key": key})
@@ -239,6 +246,9 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "GET /v2/users": (ADMIN, _fixed(Call("/v2/users"))),
     "POST /v2/users": (ADMIN, lambda w, c: _new_user(w)),
     "PATCH /v2/users/{name}": (ADMIN, _fresh_user_patch),
+    "DELETE /v2/users/{name}": (ADMIN, _fresh_user_delete),
+    "GET /v2/sessions": (ANY_USER, _fixed(Call("/v2/sessions"))),
+    "DELETE /v2/sessions/{prefix}": (ANY_USER_PASS, _fixed(Call("/v2/sessions/nosuch"))),
     "GET /v2/users/{name}/keys": (SELF_OR_ADMIN, _fixed(Call("/v2/users/mona/keys"))),
     "POST /v2/users/{name}/keys": (SELF_OR_ADMIN, lambda w, c: _new_ssh_key(w)),
     "DELETE /v2/users/{name}/keys/{key}": (SELF_OR_ADMIN, _ssh_key_delete),

@@ -263,7 +263,7 @@ async def test_unreachable_api_server_is_reported_and_recovers(tmp_path: Path):
                 token = (await anonymous.login("admin", password)).token
             async with MaasClient(server.url, token) as admin:
                 sync = (await admin.request("GET", "/v2/gateway/higress"))["sync"]
-                key = (await admin.create_key("ops")).key
+                key = (await admin.create_key("ops", scopes=["management"])).key
             assert sync[0]["applier"] == "kubernetes" and sync[0]["ok"] is False
             assert "cannot reach the Kubernetes API" in sync[0]["error"]
             env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": key, "MAAS_CONFIG": str(tmp_path / "cli.json"),

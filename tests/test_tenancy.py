@@ -110,7 +110,7 @@ async def test_a_membership_change_takes_effect_at_once(server, admin: MaasClien
     with pytest.raises(ApiClientError) as caught:
         await otto.get_model("red-only")
     assert caught.value.status == 404
-    await admin.set_user_role("otto", "operator")
+    await admin.update_user("otto", role="operator")
     assert (await otto.update_model("red-only", {"replicas": 0})).name == "red-only"
     with pytest.raises(ApiClientError) as caught:  # a team that owns models stays
         await admin.delete_team("red")

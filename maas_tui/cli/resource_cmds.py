@@ -173,7 +173,7 @@ def worker_remove(name: str,
 
 @key_app.command("create")
 def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, help="days until it stops working"),
-               scope: list[str] = typer.Option([], "--scope", help="management and/or inference (default both; repeatable)"),
+               scope: list[str] = typer.Option([], "--scope", help="management and/or inference (default inference; repeatable)"),
                allow_model: list[str] = typer.Option([], "--allow-model", help="only these models through /v1 (repeatable)"),
                output: Format = OutputOption) -> None:
     """Create an API key. The secret is shown once."""
@@ -186,13 +186,20 @@ def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, he
 
 
 @key_app.command("list")
-def key_list(output: Format = OutputOption) -> None:
+def key_list(all_users: bool = typer.Option(False, "--all", help="every user's keys, with their owner (admin)"),
+             output: Format = OutputOption) -> None:
     """List your API keys (never their secrets)."""
-    items = call(lambda c: c.list_keys())
+    items = call(lambda c: c.list_keys(all_users))
     if output in (Format.json, Format.yaml):
         emit(items, output)
         return
-    print_rows(keys.COLUMNS, keys.WIDE_COLUMNS, keys.rows(items, now()), output == Format.wide)
+    if not all_users:
+        print_rows(keys.COLUMNS, keys.WIDE_COLUMNS, keys.rows(items, now()), output == Format.wide)
+        return
+    for owner in sorted({k.owner for k in items}):  # one table per owner: names repeat across users
+        console.print(f"{owner}:")
+        print_rows(keys.COLUMNS, keys.WIDE_COLUMNS, keys.rows([k for k in items if k.owner == owner], now()),
+                   output == Format.wide)
 
 
 def _key(name: str) -> schemas.ApiKeyOut:
@@ -223,7 +230,7 @@ def key_describe(name: str, output: Format = OutputOption) -> None:
 
 
 @key_app.command("delete")
-def key_delete(name: str) -> None:
+def key_delete(name: str, user: Optional[str] = typer.Option(None, "--user", help="another user's key (admin)")) -> None:
     """Revoke an API key."""
-    call(lambda c: c.delete_key(name))
+    call(lambda c: c.delete_key(name, user))
     console.print(f"API key {name} revoked")

@@ -14,6 +14,7 @@ from maas_tui.cli.output import Format, OutputOption, age, console, emit, print_
 
 user_app = typer.Typer(help="Users and the SSH keys that let them into the TUI over SSH.", no_args_is_help=True)
 ssh_app = typer.Typer(help="Serve the TUI over SSH.", no_args_is_help=True)
+session_app = typer.Typer(help="Login sessions: list and revoke them.", no_args_is_help=True)
 
 KEY_COLUMNS = [("NAME", lambda k: k.name), ("FINGERPRINT", lambda k: k.fingerprint),
                ("LAST USED", lambda k: age(k.last_used_at) if k.last_used_at else "never"),
@@ -25,6 +26,7 @@ USER_COLUMNS = [("NAME", lambda u: u.username), ("ROLE", lambda u: u.role),
 def register(app: typer.Typer) -> None:
     app.add_typer(user_app, name="user")
     app.add_typer(ssh_app, name="ssh")
+    app.add_typer(session_app, name="session")
     for group in app.registered_groups:  # `maas worker add` joins the existing worker group
         if group.name == "worker" and group.typer_instance is not None:
             group.typer_instance.command("add")(worker_add)
@@ -92,7 +94,45 @@ def user_set_role(name: str = typer.Argument(..., help="the user"),
                   role: str = typer.Argument(..., help="admin, operator, member or viewer"),
                   output: Format = OutputOption) -> None:
     """Change a user's role (admin); their keys and sessions follow at once, on every server."""
-    emit(_call(lambda c: c.set_user_role(name, role)), output, USER_COLUMNS)
+    emit(_call(lambda c: c.update_user(name, role=role)), output, USER_COLUMNS)
+
+
+@user_app.command("disable")
+def user_disable(name: str = typer.Argument(..., help="the user"), output: Format = OutputOption) -> None:
+    """Disable a user (admin): their keys and sessions stop at once, on every server."""
+    emit(_call(lambda c: c.update_user(name, disabled=True)), output, USER_COLUMNS)
+
+
+@user_app.command("enable")
+def user_enable(name: str = typer.Argument(..., help="the user"), output: Format = OutputOption) -> None:
+    """Enable a disabled user again (admin); revoked sessions stay revoked, keys work again."""
+    emit(_call(lambda c: c.update_user(name, disabled=False)), output, USER_COLUMNS)
+
+
+@user_app.command("delete")
+def user_delete(name: str = typer.Argument(..., help="the user")) -> None:
+    """Delete a user with their keys, sessions and SSH keys (admin)."""
+    _call(lambda c: c.delete_user(name))
+    console.print(f"user {name} deleted")
+
+
+SESSION_COLUMNS = [("PREFIX", lambda s: s.prefix), ("USER", lambda s: s.username), ("KIND", lambda s: s.kind),
+                   ("CREATED", lambda s: age(s.created_at)), ("EXPIRES", lambda s: str(s.expires_at or "-")),
+                   ("LAST USED", lambda s: age(s.last_used_at) if s.last_used_at else "-")]
+
+
+@session_app.command("list")
+def session_list(all_users: bool = typer.Option(False, "--all", help="every user's sessions (admin)"),
+                 output: Format = OutputOption) -> None:
+    """List login sessions (yours; --all: everyone's)."""
+    emit(_call(lambda c: c.list_sessions(all_users)), output, SESSION_COLUMNS)
+
+
+@session_app.command("revoke")
+def session_revoke(prefix: str = typer.Argument(..., help="the session's prefix (maas session list)")) -> None:
+    """Revoke a session: yours, or anyone's for admins. It stops at once, on every server."""
+    _call(lambda c: c.revoke_session(prefix))
+    console.print(f"session {prefix} revoked")
 
 
 @ssh_app.command("serve")

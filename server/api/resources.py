@@ -7,15 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 from aiohttp import web
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from server import schemas
-from server.api.errors import (ApiError, bad_request, conflict, not_found, parse_whole_number, read_json,
+from server.api.errors import (ApiError, bad_request, conflict, forbidden, not_found, parse_whole_number, read_json,
                                unauthorized)
 from server.api.permissions import require_cluster_role, require_team, visible_teams
 from server.api.routing import Query, integer, json_out, one_of, principal_of, route, server_of
-from server.api.security import SESSION_LIFETIME, Principal, hash_secret, new_user_token, verify_password
+from server.api.security import (SESSION_LIFETIME, Principal, hash_secret, new_user_token,
+                                 verify_password_or_nobody)
 from server.db import tables
 from server.events import record_event
 from server.schemas.backend_traits import describe
@@ -30,26 +31,59 @@ from server.services import models as model_specs
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.LoginRequest)
     server = server_of(request)
+    address = request.remote or ""
+    if (wait := server.login_throttle.retry_after(body.username, address)) > 0:
+        raise ApiError(429, "too_many_attempts", f"too many failed logins; try again in {wait:.0f} s",
+                       headers={"Retry-After": str(max(1, round(wait)))})
+    now = datetime.now(UTC)
     async with server.db.session() as s:
         user = (await s.execute(select(tables.User).where(tables.User.username == body.username))).scalar_one_or_none()
-        valid = user is not None and await asyncio.to_thread(verify_password, body.password, user.password_hash)
+        # The same scrypt work for a user that does not exist: the answer's time says nothing.
+        valid = await asyncio.to_thread(verify_password_or_nobody, body.password, user.password_hash if user else None)
         if not valid:
+            server.login_throttle.failed(body.username, address)
             raise unauthorized("wrong username or password")
+        if user.disabled:
+            raise forbidden(f"user {user.username} is disabled; an admin can enable it again")
+        server.login_throttle.succeeded(body.username)
+        await s.execute(delete(tables.ApiKey).where(tables.ApiKey.kind == "session", tables.ApiKey.expires_at < now))
         token, prefix = new_user_token()
-        expires = datetime.now(UTC) + SESSION_LIFETIME
+        expires = now + SESSION_LIFETIME
         s.add(tables.ApiKey(user_id=user.id, kind="session", name=f"session-{prefix}", prefix=prefix,
                             secret_hash=hash_secret(token), expires_at=expires))
         await s.commit()
     return json_out(schemas.LoginResponse(token=token, username=body.username, expires_at=expires))
 
 
-@route("GET", "/v2/keys", "List your API keys", response=schemas.ApiKeyOut, response_list=True)
+async def _owner(request: web.Request, session, username: str | None) -> int:
+    """The user whose keys or sessions a request means: the caller, or (admins) the one named."""
+    principal = principal_of(request)
+    if username is None or username == principal.name:
+        return principal.user_id
+    if not access.is_admin(principal):
+        raise forbidden("only an admin may see or revoke another user's keys and sessions")
+    user_id = await session.scalar(select(tables.User.id).where(tables.User.username == username))
+    if user_id is None:
+        raise not_found(f"user {username!r}")
+    return user_id
+
+
+@route("GET", "/v2/keys", "List your API keys (admins: ?all=1 lists everyone's, with their owner)",
+       response=schemas.ApiKeyListed, response_list=True,
+       query={"all": Query("1: every user's keys (admin)", one_of("0", "1"))})
 async def list_keys(request: web.Request) -> web.Response:
     principal = principal_of(request)
+    query = (select(tables.ApiKey, tables.User.username).join(tables.User).where(tables.ApiKey.kind == "api")
+             .order_by(tables.User.username, tables.ApiKey.id))
+    if request.query.get("all") == "1":
+        if not access.is_admin(principal):
+            raise forbidden("only an admin may list every user's keys")
+    else:
+        query = query.where(tables.ApiKey.user_id == principal.user_id)
     async with server_of(request).db.session() as s:
-        rows = (await s.execute(select(tables.ApiKey).where(
-            tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api").order_by(tables.ApiKey.id))).scalars()
-        return json_out([schemas.ApiKeyOut.model_validate(r) for r in rows])
+        rows = (await s.execute(query)).all()
+        return json_out([schemas.ApiKeyListed(**schemas.ApiKeyOut.model_validate(key).model_dump(), owner=owner)
+                         for key, owner in rows])
 
 
 @route("POST", "/v2/keys", "Create an API key; the secret is returned once", body=schemas.ApiKeyCreate,
@@ -75,13 +109,16 @@ async def create_key(request: web.Request) -> web.Response:
     return json_out(out, status=201)
 
 
-@route("DELETE", "/v2/keys/{name}", "Revoke an API key")
+@route("DELETE", "/v2/keys/{name}", "Revoke an API key (admins: ?user=NAME revokes another user's)",
+       query={"user": Query("the key's owner (admin; default: you)", {"type": "string", "minLength": 1,
+                                                                          "maxLength": 100})})
 async def delete_key(request: web.Request) -> web.Response:
     principal = principal_of(request)
     name = request.match_info["name"]
     async with server_of(request).db.session() as s:
+        owner = await _owner(request, s, request.query.get("user"))
         key = (await s.execute(select(tables.ApiKey).where(
-            tables.ApiKey.user_id == principal.user_id, tables.ApiKey.kind == "api", tables.ApiKey.name == name))).scalar_one_or_none()
+            tables.ApiKey.user_id == owner, tables.ApiKey.kind == "api", tables.ApiKey.name == name))).scalar_one_or_none()
         if key is None:
             raise not_found(f"API key {name!r}")
         await s.delete(key)
@@ -89,6 +126,47 @@ async def delete_key(request: web.Request) -> web.Response:
         await s.commit()
     server_of(request).auth.invalidate()  # at once here; other servers hear it through the change feed
     return web.json_response({"deleted": name})
+
+
+def _session_kind(key: tables.ApiKey) -> str:
+    return "ssh" if key.name.startswith("ssh-") else "login"
+
+
+@route("GET", "/v2/sessions", "List your login sessions (admins: ?all=1 lists everyone's)",
+       response=schemas.SessionOut, response_list=True,
+       query={"all": Query("1: every user's sessions (admin)", one_of("0", "1"))})
+async def list_sessions(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    query = (select(tables.ApiKey, tables.User.username).join(tables.User)
+             .where(tables.ApiKey.kind == "session", tables.ApiKey.expires_at >= datetime.now(UTC))
+             .order_by(tables.ApiKey.id))
+    if request.query.get("all") == "1":
+        if not access.is_admin(principal):
+            raise forbidden("only an admin may list every user's sessions")
+    else:
+        query = query.where(tables.ApiKey.user_id == principal.user_id)
+    async with server_of(request).db.session() as s:
+        rows = (await s.execute(query)).all()
+    return json_out([schemas.SessionOut(prefix=key.prefix, username=owner, kind=_session_kind(key),
+                                        created_at=key.created_at, expires_at=key.expires_at,
+                                        last_used_at=key.last_used_at) for key, owner in rows])
+
+
+@route("DELETE", "/v2/sessions/{prefix}", "Revoke a login session: yours, or anyone's for admins")
+async def revoke_session(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    prefix = request.match_info["prefix"]
+    async with server_of(request).db.session() as s:
+        row = (await s.execute(select(tables.ApiKey, tables.User).join(tables.User).where(
+            tables.ApiKey.kind == "session", tables.ApiKey.prefix == prefix))).first()
+        if row is None or (row[1].id != principal.user_id and not access.is_admin(principal)):
+            raise not_found(f"session {prefix!r}")
+        key, user = row
+        await s.delete(key)
+        record_event(s, "users", user, "SessionRevoked", f"session {prefix} of {user.username} revoked", principal.name)
+        await s.commit()
+    server_of(request).auth.invalidate()
+    return web.json_response({"deleted": prefix})
 
 
 # --- models -----------------------------------------------------------------

@@ -26,6 +26,56 @@ def hash_password(password: str) -> str:
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
+# Checked against when the user does not exist, so a login takes the same time either way.
+_NOBODY = f"scrypt${'00' * 16}${'00' * 64}"
+
+
+def verify_password_or_nobody(password: str, stored: str | None) -> bool:
+    valid = verify_password(password, stored or _NOBODY)
+    return valid and stored is not None
+
+
+class LoginThrottle:
+    """Failed logins per user name and per client address in a sliding minute: past the limit, a
+    429 with the seconds until the oldest failure leaves the window. In memory, per server: with N
+    servers an attacker gets at most N times the limit."""
+
+    WINDOW = 60.0
+
+    def __init__(self, per_user: int = 5, per_address: int = 20, keep: int = 10_000):
+        self.limits = {"user": per_user, "address": per_address}
+        self.keep = keep
+        self._failures: dict[tuple[str, str], list[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, ()) if now - t < self.WINDOW]
+        if times:
+            self._failures[key] = times
+        else:
+            self._failures.pop(key, None)
+        return times
+
+    def retry_after(self, username: str, address: str) -> float:
+        """Seconds to wait before trying again (0: go ahead)."""
+        now = time.monotonic()
+        wait = 0.0
+        for kind, value in (("user", username), ("address", address)):
+            times = self._recent((kind, value), now)
+            if len(times) >= self.limits[kind]:
+                wait = max(wait, self.WINDOW - (now - times[0]))
+        return wait
+
+    def failed(self, username: str, address: str) -> None:
+        if len(self._failures) > self.keep:
+            self._failures.clear()  # a flood of names: forget rather than grow
+        now = time.monotonic()
+        for key in (("user", username), ("address", address)):
+            self._failures.setdefault(key, []).append(now)
+
+    def succeeded(self, username: str) -> None:
+        self._failures.pop(("user", username), None)
+
+
 def verify_password(password: str, stored: str) -> bool:
     try:
         scheme, salt_hex, digest_hex = stored.split("$")
@@ -155,7 +205,7 @@ class Authenticator:
             if row is None:
                 return None
             api_key, user = row
-            if not hmac.compare_digest(api_key.secret_hash, token_hash):
+            if not hmac.compare_digest(api_key.secret_hash, token_hash) or user.disabled:
                 return None
             async with self.db.session() as s:
                 teams = tuple((t, r) for t, r in (await s.execute(

@@ -11,7 +11,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from server import schemas
@@ -141,20 +141,43 @@ async def create_user(request: web.Request) -> web.Response:
         return json_out(schemas.UserOut.model_validate(user), status=201)
 
 
-@route("PATCH", "/v2/users/{name}", "Change a user's role (admin)", body=schemas.UserUpdate, response=schemas.UserOut)
+@route("PATCH", "/v2/users/{name}", "Change a user's role, or disable or enable them (admin); a disabled user's "
+       "keys and sessions stop at once, on every server", body=schemas.UserUpdate, response=schemas.UserOut)
 async def update_user(request: web.Request) -> web.Response:
     _check_admin(request)
     body = await read_json(request, schemas.UserUpdate)
+    actor = principal_of(request).name
     async with server_of(request).db.session() as s:
         user = await _user(s, request.match_info["name"])
-        if user.username == principal_of(request).name and body.role != "admin":
-            raise conflict("you cannot take your own admin role away; another admin can")
-        if user.role != body.role:
-            record_event(s, "users", user, "RoleChanged", f"{user.role} -> {body.role}", principal_of(request).name)
-            user.role = body.role  # published: every server drops the user's cached credentials
-        await s.commit()
+        if user.username == actor and ((body.role not in (None, "admin")) or body.disabled):
+            raise conflict("you cannot take your own admin role away or disable yourself; another admin can")
+        if body.role is not None and user.role != body.role:
+            record_event(s, "users", user, "RoleChanged", f"{user.role} -> {body.role}", actor)
+            user.role = body.role
+        if body.disabled is not None and user.disabled != body.disabled:
+            record_event(s, "users", user, "Disabled" if body.disabled else "Enabled", "", actor)
+            user.disabled = body.disabled
+        await s.commit()  # the row is published: every server drops the user's cached credentials
         server_of(request).auth.invalidate()
         return json_out(schemas.UserOut.model_validate(user))
+
+
+@route("DELETE", "/v2/users/{name}", "Delete a user with their keys, sessions, SSH keys and memberships (admin); "
+       "the models of their teams stay")
+async def delete_user(request: web.Request) -> web.Response:
+    _check_admin(request)
+    actor = principal_of(request).name
+    async with server_of(request).db.session() as s:
+        user = await _user(s, request.match_info["name"])
+        if user.username == actor:
+            raise conflict("you cannot delete yourself; another admin can")
+        for table in (tables.ApiKey, tables.SshKey, tables.TeamMember):  # not left to ON DELETE CASCADE:
+            await s.execute(delete(table).where(table.user_id == user.id))  # SQLite enforces no foreign keys
+        await s.delete(user)
+        record_event(s, "users", user, "Deleted", f"user {user.username} deleted", actor)
+        await s.commit()
+    server_of(request).auth.invalidate()
+    return web.json_response({"deleted": user.username})
 
 
 # --- SSH keys ---------------------------------------------------------------------

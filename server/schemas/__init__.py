@@ -97,8 +97,8 @@ SCOPES: tuple[str, ...] = ("management", "inference")
 class ApiKeyCreate(Schema):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
-    scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES), min_length=1,
-                                description="management: the /v2 API; inference: the /v1 gateway")
+    scopes: list[Scope] = Field(default_factory=lambda: ["inference"], min_length=1, description=(
+        "management: the /v2 API; inference: the /v1 gateway (the default: a key for an application)"))
     allowed_models: list[str] = Field(default_factory=list, max_length=1000,
                                       description="models this key may call through /v1; empty: all")
 
@@ -109,6 +109,21 @@ class ApiKeyOut(Schema):
     prefix: str
     scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES))
     allowed_models: list[str] = Field(default_factory=list)
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class ApiKeyListed(ApiKeyOut):
+    owner: str = Field(description="the user the key belongs to")
+
+
+class SessionOut(Schema):
+    """A login session (from `maas login` or the SSH front door): revocable, never readable again."""
+
+    prefix: str
+    username: str
+    kind: Literal["login", "ssh"]
     created_at: datetime
     expires_at: datetime | None = None
     last_used_at: datetime | None = None
@@ -622,6 +637,7 @@ class UserOut(Schema):
     id: int
     username: str
     role: Role
+    disabled: bool = False
     created_at: datetime
 
     @property
@@ -630,7 +646,8 @@ class UserOut(Schema):
 
 
 class UserUpdate(Schema):
-    role: Role
+    role: Role | None = None
+    disabled: bool | None = Field(default=None, description="a disabled user's keys and sessions stop at once")
 
 
 class TeamCreate(Schema):

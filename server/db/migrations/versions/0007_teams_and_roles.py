@@ -1,4 +1,4 @@
-"""teams and roles: users get a role (admin, operator, member, viewer), teams own models (by name)
+"""teams and roles: users get a role (admin, operator, member, viewer) and can be disabled, teams own models (by name)
 
 Revision ID: 0007
 Revises: 0006
@@ -54,6 +54,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.add_column(sa.Column("role", sa.String(length=16), nullable=False, server_default="member"))
+        batch_op.add_column(sa.Column("disabled", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.execute("UPDATE users SET role = 'admin' WHERE is_admin = " + ("1" if _numeric_bool() else "true"))
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.drop_column("is_admin")
@@ -92,6 +93,7 @@ def downgrade() -> None:
         batch_op.add_column(sa.Column("is_admin", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.execute("UPDATE users SET is_admin = " + ("1" if _numeric_bool() else "true") + " WHERE role = 'admin'")
     with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_column("disabled")
         batch_op.drop_column("role")
     with op.batch_alter_table("team_members", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_team_members_user_id"))
