@@ -197,7 +197,8 @@ async def test_a_60_mb_anonymous_body_is_refused_from_its_content_length_without
     ("/v2/auth/login", 16 * 1024 + 1, inputs.ANONYMOUS_MAX_BODY, "none"),
     ("/v2/models", 1024**2 + 1, inputs.MANAGEMENT_MAX_BODY, "admin"),
     ("/v1/chat/completions", 64 * 1024**2 + 1, 64 * 1024**2, "key"),
-], ids=["anonymous", "v2", "v1"])
+    ("/v1/audio/transcriptions", 64 * 1024**2 + 1, 64 * 1024**2, "key"),
+], ids=["anonymous", "v2", "v1", "upload"])
 async def test_each_route_class_has_its_limit(server, admin: MaasClient, api_key: str, path: str, size: int,
                                               limit: int, auth: str):
     token = {"none": None, "admin": admin.token, "key": api_key}[auth]
@@ -206,7 +207,8 @@ async def test_each_route_class_has_its_limit(server, admin: MaasClient, api_key
                f"Content-Length: {size}\r\n").encode() + credentials + b"\r\n{"
     status, _, body = await raw_exchange(server.config.port, request, read_timeout=5)
     assert status == 413, body
-    assert str(limit) in json.loads(body)["error"]["message"]
+    message = json.loads(body)["error"]["message"]
+    assert str(limit) in message and ("an upload" in message) == path.endswith("transcriptions"), message
 
 
 async def test_a_chunked_body_is_cut_off_at_the_limit_while_read(server, http):
@@ -242,6 +244,16 @@ async def test_an_oversized_header_is_a_json_431_and_nothing_of_it_is_logged(ser
     logged = "\n".join(formatter.format(record) for record in caplog.records)
     assert "refused an unparsable request" in logged  # the refusal is logged ...
     assert "leakcheck" not in logged and "S3CR3T" not in logged and "aaaaaaaa" not in logged  # ... not its content
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer maas_\xff\xfe_secret", b"x-api-key: maas_\xc3\x28_secret",
+                                    b"Authorization: Bearer maas_\xed\xa0\x80_secret"],
+                         ids=["bearer-not-utf8", "api-key-not-utf8", "bearer-surrogate"])
+async def test_a_token_that_is_not_text_is_a_401(server, header: bytes):
+    status, headers, body = await raw_exchange(server.config.port, b"GET /v2/models HTTP/1.1\r\nHost: x\r\n"
+                                               + header + b"\r\n\r\n")
+    assert status == 401 and headers["content-type"].startswith("application/json"), body
+    assert json.loads(body)["error"]["code"] == "unauthorized"
 
 
 async def test_a_malformed_request_is_a_json_400(server):

@@ -41,6 +41,8 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     token = bearer_token(request)
     if token is None:
         raise unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+    if not token.isascii():  # tokens are ASCII; other bytes (even undecodable ones) are no credential
+        raise unauthorized("malformed credentials: a token is ASCII")
     principal = await request.app[SERVER_KEY].auth.authenticate(token)
     if principal is None:
         raise unauthorized("invalid, expired or revoked credentials")
