@@ -3,6 +3,7 @@ taking effect at once (the matrix of who may call what is tests/test_authorizati
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -117,3 +118,18 @@ async def test_a_membership_change_takes_effect_at_once(server, admin: MaasClien
     assert caught.value.status == 409
     teams_seen = {t.name: t for t in await admin.list_teams()}
     assert {m.username for m in teams_seen["red"].members} == {"mona", "vera"}
+
+
+async def test_deploy_with_a_team_from_the_cli(server, admin: MaasClient, api_key: str, teams, tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from maas_tui.cli.main import app as cli_app
+
+    env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": api_key, "MAAS_CONFIG": str(tmp_path / "cli.json"),
+           "COLUMNS": "300"}
+    done = await asyncio.to_thread(CliRunner().invoke, cli_app, [
+        "model", "deploy", "blue-cli", "--source", str(tiny_model), "--backend", "llama.cpp", "--replicas", "0",
+        "--team", "blue"], env=env)
+    assert done.exit_code == 0, done.output
+    assert (await admin.get_model("blue-cli")).team == "blue"
+    assert [m.name for m in await teams["otto"].list_models()] == ["blue-cli"]

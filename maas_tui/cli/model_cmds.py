@@ -63,6 +63,7 @@ def model_deploy(
     partial_offload: bool = typer.Option(False, "--partial-offload", help="llama.cpp: layers that do not fit stay in RAM"),
     category: list[str] = typer.Option([], "--category", help=f"what the model serves (repeatable): {', '.join(schemas.MODEL_CATEGORIES)}; gates the /v1 endpoints [default: llm]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show where each replica would go (or why not); deploy nothing. Exit code 1 when some replica does not fit"),
+    team: Optional[str] = typer.Option(None, help="the owning team (default: your only team; default for admins and operators)"),
     output: Format = OutputOption,
 ) -> None:
     """Deploy a model."""
@@ -76,6 +77,8 @@ def model_deploy(
             "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
     if category:
         body["categories"] = category
+    if team:
+        body["team"] = team
     body.update(_scheduling_fields(max_model_len, concurrency, memory, selector, gpu_type, gpu_vendor, gpus, strategy,
                                    distributed, partial_offload))
     if dry_run:
