@@ -84,6 +84,11 @@ class Team(Base, Timestamps):
     __table_args__ = (UniqueConstraint("name", name="uq_teams_name"), NO_ID_REUSE)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
+    # Quotas (schemas.TeamQuota; None: unlimited), read by the scheduler (server/scheduler/service.py).
+    quota_gpus: Mapped[int | None] = mapped_column(Integer, default=None)
+    quota_vram_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    quota_ram_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    quota_replicas: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class TeamMember(Base):

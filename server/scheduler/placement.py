@@ -27,6 +27,12 @@ Inside the chosen worker GPUs are always best-fit (the fitting GPUs with the lea
 memory), whatever the strategy: spreading inside one worker only fragments it.
 
 When nothing fits, `explain` gives one structured reason per worker.
+
+Team quotas (schemas.TeamQuota: GPUs, VRAM, host RAM, replicas) are checked first, before any
+worker is looked at: a team already at a limit the instance needs gets one `quota_exceeded`
+reason (need / used / limit). Otherwise the search skips the options that would take the team
+over a limit (a wider tensor-parallel split, a CPU placement with too much RAM), and when only
+such options exist the reason is again `quota_exceeded`, with the need of the option that fits.
 """
 
 from __future__ import annotations
@@ -124,12 +130,64 @@ class Placement:
     claim: schemas.ResourceClaim
 
 
+# --- team quotas -------------------------------------------------------------------------
+
+
+QUOTA_FIELDS = ("gpus", "vram_bytes", "ram_bytes", "replicas")
+
+
+@dataclass
+class Usage:
+    """What a team's claims add up to, in the units of schemas.TeamQuota."""
+
+    gpus: int = 0
+    vram_bytes: int = 0
+    ram_bytes: int = 0
+    replicas: int = 0
+
+    def add(self, other: "Usage", sign: int = 1) -> None:
+        self.gpus += sign * other.gpus
+        self.vram_bytes += sign * other.vram_bytes
+        self.ram_bytes += sign * other.ram_bytes
+        self.replicas += sign * other.replicas
+
+    def to_out(self) -> schemas.TeamUsage:
+        return schemas.TeamUsage(gpus=self.gpus, vram_bytes=self.vram_bytes, ram_bytes=self.ram_bytes,
+                                 replicas=self.replicas)
+
+
+def claim_cost(claim: schemas.ResourceClaim) -> Usage:
+    """What one instance's claim counts against its team: every GPU it claims (on every worker), the
+    GPU memory and host RAM of the claim, and one replica."""
+    gpus = len(claim.gpu_indexes)
+    vram = claim.vram_bytes_per_gpu * gpus
+    for sub in claim.subordinate_workers:
+        gpus += len(sub.gpu_indexes)
+        vram += sub.vram_bytes_per_gpu * len(sub.gpu_indexes)
+    return Usage(gpus=gpus, vram_bytes=vram, ram_bytes=claim.ram_bytes, replicas=1)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a team may still claim (None: no limit), for the one replica being placed."""
+
+    gpus: int | None = None
+    vram_bytes: int | None = None
+    ram_bytes: int | None = None
+
+    def allows(self, gpus: int = 0, vram_bytes: int = 0, ram_bytes: int = 0) -> bool:
+        return ((self.gpus is None or gpus <= self.gpus) and (self.vram_bytes is None or vram_bytes <= self.vram_bytes)
+                and (self.ram_bytes is None or ram_bytes <= self.ram_bytes))
+
+
 @dataclass
 class Request:
     spec: schemas.ModelSpec
     estimate: MemoryEstimate
     model_key: Any = None
     describe_estimate: bool = True  # put the estimate into claims
+    team: str | None = None  # whose quota the placement counts against
+    room: Room | None = field(default=None, repr=False)  # set by plan(): what the team may still claim
     _estimate_out: schemas.MemoryEstimateOut | None = field(default=None, repr=False)
     # Caches valid while the cluster's structure (workers, GPUs, labels, states) stays the same.
     _structure: tuple[int, int] | None = field(default=None, repr=False)
@@ -171,6 +229,8 @@ class Cluster:
 
     def __init__(self, workers: Iterable[WorkerSnapshot] = ()):
         self.workers: dict[int, WorkerSnapshot] = {}
+        self.quotas: dict[str, schemas.TeamQuota] = {}  # teams without an entry have no limits
+        self.usage: dict[str, Usage] = {}  # team -> what its instances that hold a claim claim
         self._names: dict[str, int] = {}
         self._ordered: list[WorkerSnapshot] | None = None
         self._indexed = False
@@ -216,7 +276,26 @@ class Cluster:
         return self._ordered
 
     def copy(self) -> "Cluster":
-        return Cluster(w.copy() for w in self.ordered())
+        cluster = Cluster(w.copy() for w in self.ordered())
+        cluster.quotas = dict(self.quotas)
+        cluster.usage = {team: Usage(**vars(u)) for team, u in self.usage.items()}
+        return cluster
+
+    # team quotas
+    def set_quota(self, team: str, quota: schemas.TeamQuota | None) -> bool:
+        """A team's limits (None or all None: unlimited); True when they changed."""
+        if quota is not None and all(getattr(quota, f) is None for f in QUOTA_FIELDS):
+            quota = None
+        if self.quotas.get(team) == quota:
+            return False
+        if quota is None:
+            self.quotas.pop(team, None)
+        else:
+            self.quotas[team] = quota
+        return True
+
+    def used(self, team: str) -> Usage:
+        return self.usage.get(team) or Usage()
 
     # indexes
     def ensure_indexes(self) -> None:
@@ -242,8 +321,17 @@ class Cluster:
     def _entry(w: WorkerSnapshot) -> tuple[dict[int, tuple[int, int, int]], tuple[float, int]]:
         return {i: (w.gpu_free(i), w.id, i) for i in w.gpu_total}, (w.load(), w.id)
 
-    def apply(self, claim: schemas.ResourceClaim, worker_id: int | None, model_key: Any = None, sign: int = 1) -> None:
-        """Add (sign=1) or remove (sign=-1) a claim: the main worker's part and every subordinate's."""
+    def apply(self, claim: schemas.ResourceClaim, worker_id: int | None, model_key: Any = None, sign: int = 1,
+              team: str | None = None) -> None:
+        """Add (sign=1) or remove (sign=-1) a claim: the main worker's part and every subordinate's,
+        and with `team` the claim's count against that team's quota."""
+        if team is not None:
+            usage = self.usage.get(team)
+            if usage is None:
+                usage = self.usage[team] = Usage()
+            usage.add(claim_cost(claim), sign)
+            if usage == Usage():
+                del self.usage[team]
         parts: list[tuple[WorkerSnapshot, Any]] = []
         main = self.workers.get(worker_id) if worker_id is not None else None
         if main is not None:
@@ -289,8 +377,8 @@ class Cluster:
         insort(self._loads, load)
         self._max_free[w.id] = max((g[0] for g in gpus.values()), default=-1)
 
-    def commit(self, placement: Placement, model_key: Any = None) -> None:
-        self.apply(placement.claim, placement.worker.id, model_key)
+    def commit(self, placement: Placement, model_key: Any = None, team: str | None = None) -> None:
+        self.apply(placement.claim, placement.worker.id, model_key, team=team)
 
     # filters (cached per filter key and worker until the next structural change)
     def usable(self, spec: schemas.ModelSpec, w: WorkerSnapshot, fkey: tuple | None = None) -> frozenset[int] | None:
@@ -449,6 +537,8 @@ def _on_gpus(request: Request, cluster: Cluster) -> Placement | None:
     limit = _max_usable_gpus(request, cluster)
     for k in est.tp_candidates(limit):
         need = est.per_gpu(k)
+        if not _affordable(request, gpus=k, vram_bytes=need * k):
+            continue
         found = _binpack_gpus(request, cluster, need, k) if binpack else _spread_gpus(request, cluster, need, k)
         if found is not None:
             return found
@@ -468,7 +558,7 @@ def _partial_offload(request: Request, cluster: Cluster) -> Placement | None:
             if split is None:
                 continue
             layers, vram, ram = split
-            if ram > w.ram_free():
+            if ram > w.ram_free() or not _affordable(request, gpus=1, vram_bytes=vram, ram_bytes=ram):
                 continue
             count = w.replicas.get(request.model_key, 0) if request.model_key is not None else 0
             key = (-layers, count, w.load(), w.id, index) if spec.placement_strategy == "spread" \
@@ -482,6 +572,8 @@ def _partial_offload(request: Request, cluster: Cluster) -> Placement | None:
 
 def _on_cpu(request: Request, cluster: Cluster, only_without_gpus: bool) -> Placement | None:
     spec, need = request.spec, request.estimate.total()
+    if not _affordable(request, ram_bytes=need):
+        return None
     best: tuple[tuple, WorkerSnapshot] | None = None
     for w in cluster.ordered():
         if only_without_gpus and w.gpu_total:
@@ -512,6 +604,8 @@ def _distributed(request: Request, cluster: Cluster) -> Placement | None:
                       for pp in range(2, min(len(eligible), MAX_PIPELINE_STAGES) + 1)))
     for _gpus, pp, tp in options:
         need = est.per_gpu(tp, pp)
+        if not _affordable(request, gpus=tp * pp, vram_bytes=need * tp * pp):
+            continue
         fits: list[tuple[tuple, WorkerSnapshot, list[int]]] = []
         for w, usable in eligible:
             if len(usable) < tp:
@@ -583,16 +677,39 @@ def _manual(request: Request, cluster: Cluster) -> Decision:
 
 
 def plan(request: Request, cluster: Cluster) -> Decision:
-    """Where one replica goes, or one reason per worker why it cannot go anywhere."""
-    spec, est = request.spec, request.estimate
+    """Where one replica goes, or why it cannot go anywhere: its team's quota, else one reason per worker."""
     request.bind(cluster)
     if not cluster.workers:
         return [schemas.UnschedulableReason(reason="no_workers", message="no worker has registered")]
+    over = quota_gate(request, cluster)
+    if over:
+        return over
+    found = _search(request, cluster)
+    if isinstance(found, Placement):
+        cost = claim_cost(found.claim)
+        if request.room is not None and not request.room.allows(cost.gpus, cost.vram_bytes, cost.ram_bytes):
+            return quota_reasons(request.team, cluster, cost)  # a gpu_selector names exactly what it takes
+        return found
+    if found is None and request.room is not None:
+        # Nothing within the team's quota: would anything fit without it? Then the quota is the reason.
+        room, request.room = request.room, None
+        try:
+            unlimited = _search(request, cluster)
+        finally:
+            request.room = room
+        if isinstance(unlimited, Placement):
+            return quota_reasons(request.team, cluster, claim_cost(unlimited.claim)) or unlimited
+    return found if found is not None else explain(request, cluster)
+
+
+def _search(request: Request, cluster: Cluster) -> Decision | None:
+    """The placement steps in order; None when none fits (explain() then says why, per worker)."""
+    spec, est = request.spec, request.estimate
     if spec.gpu_selector:
         return _manual(request, cluster)
     cpu_backend = spec.backend in CPU_BACKENDS and est.cpu_capable
     if spec.cpu_only:
-        return _on_cpu(request, cluster, only_without_gpus=False) or explain(request, cluster)
+        return _on_cpu(request, cluster, only_without_gpus=False)
     cluster.ensure_indexes()
     found = _on_gpus(request, cluster)
     if found is None and spec.partial_offload and cpu_backend:
@@ -601,7 +718,70 @@ def plan(request: Request, cluster: Cluster) -> Decision:
         found = _on_cpu(request, cluster, only_without_gpus=True)
     if found is None and spec.distributed:  # the spec's validator allows it for HF and custom backends only
         found = _distributed(request, cluster)
-    return found if found is not None else explain(request, cluster)
+    return found
+
+
+# --- team quotas: the filter before any worker is looked at ---------------------------------
+
+
+def _affordable(request: Request, gpus: int = 0, vram_bytes: int = 0, ram_bytes: int = 0) -> bool:
+    return request.room is None or request.room.allows(gpus, vram_bytes, ram_bytes)
+
+
+def least_cost(request: Request) -> Usage:
+    """The least any placement of this request claims: one replica, the GPUs of a gpu_selector (else
+    one GPU unless it may run on a CPU), and the host RAM of a cpu_only model."""
+    spec, est = request.spec, request.estimate
+    if spec.gpu_selector:
+        return Usage(gpus=len(spec.gpu_selector) * len(spec.gpu_selector[0].gpu_indexes), replicas=1)
+    if spec.cpu_only:
+        return Usage(ram_bytes=est.total(), replicas=1)
+    on_cpu = spec.backend in CPU_BACKENDS and est.cpu_capable
+    return Usage(gpus=0 if on_cpu else 1, replicas=1)
+
+
+def quota_gate(request: Request, cluster: Cluster) -> list[schemas.UnschedulableReason]:
+    """Sets `request.room` (what its team may still claim) and gives the quota_exceeded reasons when
+    even the least this request could claim takes the team over a limit."""
+    request.room = None
+    team = request.team
+    quota = cluster.quotas.get(team) if team is not None else None
+    if quota is None:
+        return []
+    over = quota_reasons(team, cluster, least_cost(request))
+    if over:
+        return over
+    used = cluster.used(team)  # type: ignore[arg-type]
+
+    def left(limit: int | None, in_use: int) -> int | None:
+        return None if limit is None else max(0, limit - in_use)
+
+    request.room = Room(gpus=left(quota.gpus, used.gpus), vram_bytes=left(quota.vram_bytes, used.vram_bytes),
+                        ram_bytes=left(quota.ram_bytes, used.ram_bytes))
+    return []
+
+
+_QUOTA_WORDS = {"gpus": "GPUs", "vram_bytes": "GPU memory", "ram_bytes": "host RAM", "replicas": "replicas"}
+
+
+def quota_reasons(team: str | None, cluster: Cluster, need: Usage) -> list[schemas.UnschedulableReason]:
+    """One quota_exceeded reason per limit that `need` on top of what the team holds goes over.
+    A placement that adds nothing of a resource is never held back by that resource's limit."""
+    quota = cluster.quotas.get(team) if team is not None else None
+    if quota is None:
+        return []
+    used = cluster.used(team)  # type: ignore[arg-type]
+    reasons = []
+    for name in QUOTA_FIELDS:
+        limit, wanted, held = getattr(quota, name), getattr(need, name), getattr(used, name)
+        if limit is None or wanted <= 0 or held + wanted <= limit:
+            continue
+        show = gib if name.endswith("_bytes") else str
+        reasons.append(schemas.UnschedulableReason(
+            reason="quota_exceeded", team=team, quota=name, need=wanted, used=held, limit=limit,
+            message=f"team {team}'s quota: this replica needs {show(wanted)} of {_QUOTA_WORDS[name]}, "
+                    f"its instances hold {show(held)} of {show(limit)}"))
+    return reasons
 
 
 # --- explanations -----------------------------------------------------------------------------
@@ -785,7 +965,7 @@ def evaluate(request: Request, cluster: Cluster, replicas: int) -> list[schemas.
     for n in range(replicas):
         result = plan(request, cluster)
         if isinstance(result, Placement):
-            cluster.commit(result, request.model_key)
+            cluster.commit(result, request.model_key, request.team)
             out.append(schemas.ReplicaPlacement(replica=n, scheduled=True, worker=result.worker.name,
                                                 claim=result.claim))
             continue

@@ -10,7 +10,9 @@ A pass places every pending instance against the snapshot (claims taken in memor
 goes; a spec that failed is not tried again in the same pass, since capacity only
 shrinks) and writes the outcomes in bulk: one transaction per `write_batch` instances,
 rows re-read FOR UPDATE so an instance changed meanwhile (deleted, scaled away, a new
-generation) is left alone and its claim given back. The ORM's unit of work costs about
+generation) is left alone and its claim given back. Team quotas are part of the snapshot:
+an instance whose placement would take its team over a quota stays pending with the
+reason quota_exceeded (server/scheduler/placement.py). The ORM's unit of work costs about
 300 us per placement at this volume, so instance updates, their events and the matching
 change-log entries go in as multi-row statements instead (see `_write_chunk`).
 """
@@ -32,7 +34,7 @@ from server.db.settings import put_setting
 from server.db.tables import utcnow
 from server.scheduler import hub
 from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate, needs_fetch
-from server.scheduler.placement import Placement, Request, failure_message, plan, summarize
+from server.scheduler.placement import QUOTA_FIELDS, Placement, Request, failure_message, plan, summarize
 from server.scheduler.snapshot import ClusterState, InstanceRecord, Reserves
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,18 @@ S = schemas.InstanceState
 
 _INSTANCE_COLUMNS = (tables.ModelInstance.id, tables.ModelInstance.name, tables.ModelInstance.model_id,
                      tables.ModelInstance.generation, tables.ModelInstance.state, tables.ModelInstance.worker_id,
-                     tables.ModelInstance.claim, tables.ModelInstance.spec, tables.ModelInstance.schedule_reasons)
+                     tables.ModelInstance.claim, tables.ModelInstance.spec, tables.ModelInstance.schedule_reasons,
+                     tables.ModelInstance.team)
+
+
+def team_quota(team: tables.Team) -> schemas.TeamQuota:
+    """A team row's quota (the columns quota_gpus, quota_vram_bytes...)."""
+    return schemas.TeamQuota(**{name: getattr(team, f"quota_{name}") for name in QUOTA_FIELDS})
+
+
+def team_wire(team: tables.Team) -> dict[str, Any]:
+    """What the scheduler follows of a team: published as kind `teams` when its quota changes."""
+    return {"name": team.name, "quota": team_quota(team).model_dump(mode="json")}
 
 
 async def load_state(session: Any, reserves: Reserves) -> ClusterState:
@@ -49,8 +62,9 @@ async def load_state(session: Any, reserves: Reserves) -> ClusterState:
     workers = [to_wire(w) for w in (await session.execute(select(tables.Worker))).scalars()]
     rows = (await session.execute(select(*_INSTANCE_COLUMNS))).all()
     instances = [{"id": r[0], "name": r[1], "model_id": r[2], "generation": r[3], "state": r[4], "worker_id": r[5],
-                  "claim": r[6], "spec": r[7], "schedule_reasons": r[8]} for r in rows]
-    state.load(workers, instances)
+                  "claim": r[6], "spec": r[7], "schedule_reasons": r[8], "team": r[9]} for r in rows]
+    teams = [team_wire(t) for t in (await session.execute(select(tables.Team))).scalars()]
+    state.load(workers, instances, teams)
     return state
 
 
@@ -60,7 +74,7 @@ def _reason_signature(reasons: list[Any]) -> list[tuple[Any, Any]]:
 
 class Scheduler(ReconcileLoop):
     name = "scheduler"
-    kinds = ("instances", "workers")
+    kinds = ("instances", "workers", "teams")
     write_batch = 1000
     full_resync_every = 300.0
     estimate_ttl = 15.0
@@ -236,13 +250,13 @@ class Scheduler(ReconcileLoop):
         self.stats["estimate_s"] += planned - started
 
         requests: dict[str, Request] = {}
-        failed: dict[str, list[schemas.UnschedulableReason]] = {}
+        failed: dict[tuple[str, str | None], list[schemas.UnschedulableReason]] = {}
         placed: list[tuple[InstanceRecord, Placement]] = []
         unschedulable: list[tuple[InstanceRecord, list[dict[str, Any]], str]] = []
         cluster = state.cluster
         for n, record in enumerate(records):
             key = record.key
-            reasons: list[schemas.UnschedulableReason] | None = failed.get(key)
+            reasons: list[schemas.UnschedulableReason] | None = failed.get((key, record.team))
             if reasons is None:
                 if key in invalid:
                     reasons = [schemas.UnschedulableReason(reason="invalid_spec", message=invalid[key])]
@@ -256,14 +270,16 @@ class Scheduler(ReconcileLoop):
                     if request is None:
                         request = requests[key] = Request(specs[key], estimates[key])  # type: ignore[arg-type]
                     request.model_key = record.model_id
+                    request.team = record.team
                     result = plan(request, cluster)
                     if isinstance(result, Placement):
-                        cluster.commit(result, record.model_id)
+                        cluster.commit(result, record.model_id, record.team)
                         placed.append((record, result))
                         continue
                     reasons = summarize(result)
-                # Within a pass capacity only shrinks: the same spec fails the same way.
-                failed[key] = reasons
+                # Within a pass capacity (and a team's room) only shrinks: the same spec of the same team fails
+                # the same way.
+                failed[(key, record.team)] = reasons
             dumped = [r.model_dump(mode="json") for r in reasons]
             if dumped != record.schedule_reasons:
                 unschedulable.append((record, dumped, failure_message(reasons)))
@@ -286,10 +302,10 @@ class Scheduler(ReconcileLoop):
                 # Nothing of this chunk or the later ones was written: give their claims back to the snapshot.
                 for record, outcome in work[start:]:
                     if isinstance(outcome, Placement):
-                        self.state.cluster.apply(outcome.claim, outcome.worker.id, record.model_id, -1)
+                        self.state.cluster.apply(outcome.claim, outcome.worker.id, record.model_id, -1, record.team)
                 raise
             for record, placement in skipped:
-                self.state.cluster.apply(placement.claim, placement.worker.id, record.model_id, -1)
+                self.state.cluster.apply(placement.claim, placement.worker.id, record.model_id, -1, record.team)
             for record, placement, claim_raw in done:
                 self.state.mark_scheduled(record, placement.worker.id, placement.claim, claim_raw)
             for record, reasons in noted:

@@ -1,8 +1,10 @@
 """The scheduler's picture of the cluster, kept current from the event bus.
 
-Workers and instance claims come from the database once (`load`), then from the wire
-objects the bus publishes for every committed change (`apply`). Allocation is the sum of
-the claims of instances that hold resources, never the usage agents report.
+Workers, instance claims and team quotas come from the database once (`load`), then from
+the wire objects the bus publishes for every committed change (`apply`; a quota change is
+published as kind `teams`, see server/api/teams.py). Allocation is the sum of the claims of
+instances that hold resources, never the usage agents report; a team's usage against its
+quota is the same sum over its instances.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from server import schemas
 from server.scheduler.placement import Cluster, WorkerSnapshot
@@ -79,6 +81,7 @@ class InstanceRecord:
     claim_raw: dict[str, Any] | None
     spec: dict[str, Any]
     schedule_reasons: list[Any] = field(default_factory=list)
+    team: str | None = None
     claim: schemas.ResourceClaim | None = None
     _spec_key: str | None = None
 
@@ -87,7 +90,7 @@ class InstanceRecord:
         return cls(id=int(obj["id"]), name=str(obj.get("name", "")), model_id=int(obj.get("model_id") or 0),
                    generation=int(obj.get("generation") or 0), state=str(obj.get("state")),
                    worker_id=obj.get("worker_id"), claim_raw=obj.get("claim"), spec=obj.get("spec") or {},
-                   schedule_reasons=list(obj.get("schedule_reasons") or []))
+                   schedule_reasons=list(obj.get("schedule_reasons") or []), team=obj.get("team"))
 
     @property
     def key(self) -> str:
@@ -98,9 +101,17 @@ class InstanceRecord:
     def holds(self) -> bool:
         return self.state in CLAIMING and self.worker_id is not None and self.claim_raw is not None
 
-    def holding(self) -> tuple[int | None, str] | None:
-        """What this instance holds, comparable between versions of it."""
-        return (self.worker_id, spec_key(self.claim_raw)) if self.holds() else None
+    def holding(self) -> tuple[int | None, str, str | None] | None:
+        """What this instance holds (and whose quota it counts against), comparable between versions of it."""
+        return (self.worker_id, spec_key(self.claim_raw), self.team) if self.holds() else None
+
+
+def quota_from_wire(obj: dict[str, Any]) -> schemas.TeamQuota | None:
+    """A team's quota from its published object ({"name", "quota"}); None when it has none or it is unreadable."""
+    try:
+        return schemas.TeamQuota.model_validate(obj.get("quota") or {})
+    except ValueError:
+        return None
 
 
 class ClusterState:
@@ -112,8 +123,11 @@ class ClusterState:
         self._statics: dict[int, tuple] = {}
 
     # loading
-    def load(self, workers: list[dict[str, Any]], instances: list[dict[str, Any]]) -> None:
+    def load(self, workers: list[dict[str, Any]], instances: list[dict[str, Any]],
+             teams: Iterable[dict[str, Any]] = ()) -> None:
         self.cluster = Cluster()
+        for obj in teams:
+            self.cluster.set_quota(str(obj["name"]), quota_from_wire(obj))
         self.instances.clear()
         self.pending.clear()
         self._statics.clear()
@@ -131,6 +145,8 @@ class ClusterState:
             return self.apply_worker(action, obj)
         if kind == "instances":
             return self.apply_instance(action, obj)
+        if kind == "teams":
+            return self.cluster.set_quota(str(obj["name"]), None if action == "deleted" else quota_from_wire(obj))
         return False
 
     def apply_worker(self, action: str, obj: dict[str, Any]) -> bool:
@@ -211,7 +227,7 @@ class ClusterState:
                     part = schemas.ResourceClaim(device="gpu", subordinate_workers=[sub])
                     self.cluster.apply(part, None, record.model_id, sign)
             return
-        self.cluster.apply(claim, record.worker_id, record.model_id, sign)
+        self.cluster.apply(claim, record.worker_id, record.model_id, sign, team=record.team)
 
     # after the scheduler's own write
     def mark_scheduled(self, record: InstanceRecord, worker_id: int, claim: schemas.ResourceClaim,

@@ -502,6 +502,12 @@ class UnschedulableReason(Schema):
     gpus_needed: int | None = Field(default=None, description="GPUs the closest option needs (tensor-parallel size)")
     gpus_fitting: int | None = Field(default=None, description="GPUs with need_bytes free on this worker")
     count: int | None = Field(default=None, description="a summary line: how many workers share this reason")
+    # quota_exceeded: which of the team's limits (a TeamQuota field), and need / used / limit in its unit
+    team: str | None = None
+    quota: str | None = Field(default=None, description="quota_exceeded: gpus, vram_bytes, ram_bytes or replicas")
+    need: int | None = Field(default=None, description="quota_exceeded: what this instance would add")
+    used: int | None = Field(default=None, description="quota_exceeded: what the team's instances hold now")
+    limit: int | None = Field(default=None, description="quota_exceeded: the team's limit")
 
 
 class InstanceOut(Schema):
@@ -663,10 +669,36 @@ class TeamMemberOut(Schema):
     role: TeamRole
 
 
+_MAX_COUNT = 1_000_000
+_MAX_BYTES = 2**62
+
+
+class TeamQuota(Schema):
+    """What a team's instances may claim together (None: unlimited). The scheduler keeps an instance
+    `pending` (reason quota_exceeded) while placing it would take its team over any of these."""
+
+    gpus: int | None = Field(default=None, ge=0, le=_MAX_COUNT, description=(
+        "GPUs claimed: each GPU an instance claims (even a part of it) counts once per instance"))
+    vram_bytes: int | None = Field(default=None, ge=0, le=_MAX_BYTES, description="GPU memory claimed")
+    ram_bytes: int | None = Field(default=None, ge=0, le=_MAX_BYTES, description="host RAM claimed")
+    replicas: int | None = Field(default=None, ge=0, le=_MAX_COUNT, description="instances that hold a claim")
+
+
+class TeamUsage(Schema):
+    """What a team's instances that hold a claim (scheduled, downloading, starting, running...) claim now."""
+
+    gpus: int = 0
+    vram_bytes: int = 0
+    ram_bytes: int = 0
+    replicas: int = 0
+
+
 class TeamOut(Schema):
     id: int
     name: str
     members: list[TeamMemberOut] = Field(default_factory=list)
+    quota: TeamQuota = Field(default_factory=TeamQuota)
+    usage: TeamUsage = Field(default_factory=TeamUsage)
     created_at: datetime
 
 
