@@ -6,6 +6,7 @@ It never touches the database: REST and the watch stream with its own worker tok
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent import backoff, metrics
+from agent import backoff, identity, metrics
 from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
                             missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
@@ -71,6 +72,10 @@ class AgentConfig:
     model_roots: list[str] = field(default_factory=env_model_roots)
     # A download that moves no byte for this long fails the instance (network gone, hub stuck).
     download_stall_timeout: float = 300.0
+    # The agent's /metrics answers the server's credential only, and this bearer token when given
+    # (Prometheus). From MAAS_METRICS_TOKEN, never a flag (a command line is readable by every user).
+    metrics_token: str | None = field(default_factory=lambda: os.environ.get("MAAS_METRICS_TOKEN") or None,
+                                      repr=False)
 
 
 @dataclass
@@ -174,12 +179,20 @@ class Agent:
         body = {"name": self.config.name, "address": self.config.address, "agent_port": self.config.port,
                 "labels": self.config.labels, "gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
                 "host": host_info().model_dump(mode="json")}
+        # Our current token keeps our name (a restart included); without it the name waits for an approval.
+        saved = self._worker_token or await asyncio.to_thread(identity.load_token, self.config.data_dir,
+                                                              self.config.name)
+        if saved:
+            body["token"] = saved
         async with self._http.post(f"{self.config.server_url}/v2/agent/register", json=body,
                                    headers={"Authorization": f"Bearer {self.config.token}"}) as response:
             if response.status in (401, 403, 422):
                 raise ServerRejected(f"the server refused registration ({response.status}): {await response.text()}")
+            if response.status == 409:  # held until `maas worker approve NAME`; we keep asking
+                log.warning("registration held: %s", await response.text())
             response.raise_for_status()
             registered = WorkerRegistered.model_validate(await response.json())
+        await asyncio.to_thread(identity.save_token, self.config.data_dir, self.config.name, registered.token)
         self.worker_id = registered.worker.id
         self._worker_token = registered.token
         self._agent_secret = registered.agent_secret
@@ -585,9 +598,20 @@ class Agent:
         await site.start()
         self.config.port = self._runner.addresses[0][1]
 
+    def _refusal(self, request: web.Request, *also: str | None) -> web.Response | None:
+        """401 unless the request presents the server's credential for this agent (the agent secret it was
+        given at registration) or one of `also`. Logs and metrics say what runs here: never anonymous."""
+        presented = request.headers.get("Authorization", "")
+        accepted = [f"Bearer {secret}" for secret in (self._agent_secret, *also) if secret]
+        if any(hmac.compare_digest(presented.encode(), bearer.encode()) for bearer in accepted):
+            return None
+        return web.json_response({"error": {"code": "unauthorized", "message": "this endpoint needs the server's "
+                                            "credential (or, for /metrics, the agent's MAAS_METRICS_TOKEN)"}},
+                                 status=401, headers={"WWW-Authenticate": "Bearer"})
+
     async def _handle_logs(self, request: web.Request) -> web.StreamResponse:
-        if not self._agent_secret or request.headers.get("Authorization") != f"Bearer {self._agent_secret}":
-            return web.json_response({"error": {"code": "unauthorized", "message": "bad agent secret"}}, status=401)
+        if (refused := self._refusal(request)) is not None:
+            return refused
         instance_id, tail = request.match_info["id"], request.query.get("tail", "200")
         if not (instance_id.isascii() and instance_id.isdigit() and len(instance_id) < 19):
             return web.json_response({"error": {"code": "not_found", "message": "no such instance"}}, status=404)
@@ -620,8 +644,10 @@ class Agent:
         return response
 
 
-    async def _handle_metrics(self, _request: web.Request) -> web.Response:
+    async def _handle_metrics(self, request: web.Request) -> web.Response:
         """Prometheus text: host, GPUs, instance states and each running instance's metrics, unified."""
+        if (refused := self._refusal(request, self.config.metrics_token)) is not None:
+            return refused
         samples: list[metrics.InstanceSample] = []
         scrapes = []
         for workload in list(self.workloads.values()):

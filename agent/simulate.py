@@ -134,6 +134,8 @@ class SimulatedWorker:
         attempt = 0
         while True:
             headers = None
+            if self.token:  # registering again (its token was refused): the current one keeps the name
+                body["token"] = self.token
             try:
                 async with self.cluster.http.post(f"{config.server_url}/v2/agent/register", json=body,
                                                   headers={"Authorization": f"Bearer {config.token}"}) as response:

@@ -160,6 +160,10 @@ class MaasClient:
         """cordon, uncordon or drain a worker."""
         return schemas.WorkerOut.model_validate(await self.request("POST", f"/v2/workers/{name}/{action}"))
 
+    async def approve_worker(self, name: str) -> schemas.WorkerApproval:
+        """Let the next registration under a taken worker name through without the worker's token."""
+        return schemas.WorkerApproval.model_validate(await self.request("POST", f"/v2/workers/{name}/approve"))
+
     # --- instances, workers, events ------------------------------------------------
 
     async def list_instances(self, model: str | None = None) -> list[schemas.InstanceOut]:
@@ -284,6 +288,11 @@ class MaasClient:
 
     async def delete_team(self, name: str) -> None:
         await self.request("DELETE", f"/v2/teams/{name}")
+
+    async def set_team_quota(self, name: str, quota: schemas.TeamQuota) -> schemas.TeamOut:
+        """Replace a team's quota (a field left None is unlimited)."""
+        return schemas.TeamOut.model_validate(await self.request(
+            "PUT", f"/v2/teams/{name}/quota", json_body=quota.model_dump(mode="json")))
 
     async def set_team_member(self, team: str, username: str, role: str = "member") -> schemas.TeamOut:
         return schemas.TeamOut.model_validate(await self.request("PUT", f"/v2/teams/{team}/members/{username}",

@@ -87,8 +87,10 @@ async def read_message(response: aiohttp.ClientResponse, skip_heartbeats: bool =
         return message
 
 
-async def register_fake_worker(http: aiohttp.ClientSession, server, name: str = "fake-1") -> dict[str, Any]:
-    body = {"name": name, "address": "127.0.0.1", "agent_port": 9}
+async def register_fake_worker(http: aiohttp.ClientSession, server, name: str = "fake-1",
+                               token: str | None = None) -> dict[str, Any]:
+    """Register a worker; `token` is its current one when it registers again under its name."""
+    body = {"name": name, "address": "127.0.0.1", "agent_port": 9} | ({"token": token} if token else {})
     async with http.post(f"{server.url}/v2/agent/register", json=body, headers=bearer(server.cluster_token)) as r:
         assert r.status == 201, await r.text()
         return await r.json()
@@ -469,7 +471,7 @@ async def test_reregistration_revokes_the_old_worker_token(server, http):
     old = (await register_fake_worker(http, server))["token"]
     async with http.post(f"{server.url}/v2/agent/heartbeat", json={}, headers=bearer(old)) as r:
         assert r.status == 200
-    new = (await register_fake_worker(http, server))["token"]
+    new = (await register_fake_worker(http, server, token=old))["token"]
     assert new != old
     async with http.post(f"{server.url}/v2/agent/heartbeat", json={}, headers=bearer(old)) as r:
         await error_of(r, 401)

@@ -235,6 +235,7 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "POST /v2/workers/{name}/cordon": (CLUSTER, _worker_call("/cordon")),
     "POST /v2/workers/{name}/uncordon": (CLUSTER, _worker_call("/uncordon")),
     "POST /v2/workers/{name}/drain": (CLUSTER, _worker_call("/drain", fresh=True)),
+    "POST /v2/workers/{name}/approve": (CLUSTER, _worker_call("/approve")),
     "POST /v2/models/evaluate": (TEAM_WRITE, _evaluate),
     "GET /v2/models/{name}/describe": (TEAM_READ, _red_model_call("/describe")),
     "GET /v2/teams": (ANY_USER, _fixed(Call("/v2/teams"))),

@@ -70,9 +70,10 @@ def test_rendered_families():
     assert value(text, "maas_instance_requests_running", instance="m-2") is None
 
 
-async def _get(url: str) -> str:
+async def _get(url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     async with aiohttp.ClientSession() as http:
-        async with http.get(url) as response:
+        async with http.get(url, headers=headers) as response:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/plain")
             return await response.text()
@@ -93,7 +94,11 @@ async def test_agent_and_server_metrics_with_a_real_backend(server, admin: MaasC
     await client.close()
     generated = reply.usage.completion_tokens
 
-    agent_text = await _get(f"http://127.0.0.1:{agent.config.port}/metrics")
+    # The agent's endpoint answers the server's credential (or MAAS_METRICS_TOKEN), never anyone.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{agent.config.port}/metrics") as response:
+            assert response.status == 401
+    agent_text = await _get(f"http://127.0.0.1:{agent.config.port}/metrics", agent._agent_secret)
     labels = {"model": "tiny", "instance": instance.name, "backend": "llama.cpp", "worker": "worker-1"}
     assert value(agent_text, "maas_instance_state", state="running", **labels) == 1
     assert value(agent_text, "maas_instance_metrics_up", **labels) == 1

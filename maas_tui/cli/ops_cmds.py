@@ -1,4 +1,4 @@
-"""Operator commands: `maas model rollout ...`, `maas model history`, `maas worker cordon|uncordon|drain`."""
+"""Operator commands: `maas model rollout ...`, `maas model history`, `maas worker cordon|uncordon|drain|approve`."""
 
 from __future__ import annotations
 
@@ -131,9 +131,23 @@ def worker_drain(name: str) -> None:
     _worker(name, "drain")
 
 
+def worker_approve(name: str) -> None:
+    """Let a worker name be taken over: the next registration under NAME goes through without the worker's
+    current token (once, within 15 minutes). A restarted agent with its saved token needs no approval; a
+    reinstalled host or another machine under the same name does."""
+    from maas_tui.cli.main import call
+
+    approval = call(lambda c: c.approve_worker(name))
+    held = (f"the registration held from {approval.pending.address}:{approval.pending.agent_port} goes through "
+            "at its next try" if approval.pending else "no registration is held now; the next one goes through")
+    console.print(f"worker {approval.worker}: approved until {approval.approved_until:%H:%M:%S %Z}; {held}",
+                  highlight=False)
+
+
 def register(model_app: typer.Typer, worker_app: typer.Typer) -> None:
     model_app.add_typer(rollout_app, name="rollout")
     model_app.command("history")(model_history)
     worker_app.command("cordon")(worker_cordon)
     worker_app.command("uncordon")(worker_uncordon)
     worker_app.command("drain")(worker_drain)
+    worker_app.command("approve")(worker_approve)

@@ -179,7 +179,12 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     from agent.ports import DEFAULT_RANGE, DEFAULT_RAY_RANGE, PortRangeError, ephemeral_range, parse_port_range, \
         parse_ray_port_range
 
+    from server.schemas import address_problem
+
     _setup_logging(log_level)
+    if problem := address_problem(address):  # the rule of the wire contract, before anything starts
+        print_error(f"--address: {problem}")
+        raise typer.Exit(2)
     if runtime not in ("auto", "process", "docker"):
         print_error(f"--runtime must be auto, docker or process, not {runtime!r}")
         raise typer.Exit(2)

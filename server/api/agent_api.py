@@ -25,6 +25,7 @@ from server.api.security import hash_secret, new_worker_token
 from server.db import tables
 from server.db.settings import put_setting
 from server.liveness import inventory
+from server.services import workers
 from server.events import record_event
 from server.telemetry import reading_of
 
@@ -116,6 +117,21 @@ async def _register(request: web.Request, body: schemas.WorkerRegister) -> web.R
             worker = tables.Worker(name=body.name)
             s.add(worker)
             reason = "Registered"
+        elif not workers.presents_token(worker, body.token, hash_secret(body.token) if body.token else None):
+            # A taken name: only its current token or an approval moves the identity (services/workers.py).
+            approval = await workers.take_approval(s, worker)
+            if approval is None:
+                if await workers.hold(s, worker, body):
+                    record_event(s, "workers", worker, "RegistrationHeld",
+                                 f"from {body.address}:{body.agent_port} without the worker's token; "
+                                 f"`maas worker approve {body.name}` lets it through", body.name)
+                await s.commit()
+                raise ApiError(409, "approval_required", workers.held_message(body.name),
+                               {"worker": body.name, "approve": f"maas worker approve {body.name}"})
+            reason = "Reregistered"
+            record_event(s, "workers", worker, "TakeoverApproved",
+                         f"registered from {body.address}:{body.agent_port} as approved by {approval.approved_by}",
+                         body.name)
         worker.address = body.address
         worker.agent_port = body.agent_port
         worker.labels = body.labels

@@ -15,6 +15,7 @@ from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.events import record_event
 from server.schemas.rollout import rollout_status
+from server.services import workers as worker_identity
 
 S = schemas.InstanceState
 
@@ -150,3 +151,18 @@ async def uncordon(request: web.Request) -> web.Response:
        "where capacity allows (the rollout rules)", response=schemas.WorkerOut)
 async def drain(request: web.Request) -> web.Response:
     return await _set_schedulable(request, True, True, "Draining")
+
+
+@route("POST", "/v2/workers/{name}/approve", "Let the next registration under a taken worker name through without "
+       f"the worker's token (once, within {worker_identity.APPROVAL_SECONDS // 60} minutes): the one held now, "
+       "which keeps retrying, or a reinstalled host's", response=schemas.WorkerApproval)
+async def approve_worker(request: web.Request) -> web.Response:
+    require_cluster_role(request, "approve worker registrations")
+    actor = principal_of(request).name
+    async with server_of(request).db.session() as s:
+        worker = await _get_worker(s, request.match_info["name"])
+        approval = await worker_identity.approve(s, worker, actor)
+        pending = f" (held: {approval.pending.address}:{approval.pending.agent_port})" if approval.pending else ""
+        record_event(s, "workers", worker, "RegistrationApproved", f"the next registration goes through{pending}", actor)
+        await s.commit()
+    return json_out(approval)

@@ -6,6 +6,7 @@ the standard library only.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import date, datetime
 from enum import StrEnum
@@ -182,13 +183,46 @@ class WorkerState(StrEnum):
     not_ready = "not_ready"
 
 
+# A DNS name: dot-separated labels of letters, digits and inner hyphens, 63 characters at most each.
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not an IP address or a DNS name (None when it is one). The server, the gateway
+    and Ray put it into URLs and command lines, so nothing else may pass."""
+    if "%" in address:  # an IPv6 zone takes any text after the %
+        return f"{address[:80]!r}: an IPv6 zone (%...) is not taken; give the address without it"
+    try:
+        ipaddress.ip_address(address)
+        return None
+    except ValueError:
+        pass
+    name = address[:-1] if address.endswith(".") else address
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        return f"{address[:80]!r} is neither an IP address nor a DNS name"
+    if name.replace(".", "").isdigit():
+        return f"{address[:80]!r} is neither an IP address nor a DNS name (all digits)"
+    return None
+
+
 class WorkerRegister(Schema):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    address: str = Field(min_length=1, max_length=255, description="where the server and gateway reach this worker")
+    address: str = Field(min_length=1, max_length=255,
+                         description="where the server and gateway reach this worker: an IP address or a DNS name")
     agent_port: int = Field(ge=1, le=65535)
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: list[GPUDevice] = Field(default_factory=list)
     host: HostInfo = Field(default_factory=HostInfo)
+    token: str | None = Field(default=None, max_length=200, description=(
+        "the worker's current token, when it registers again under its name (a restarted agent keeps "
+        "its identity); without it a taken name waits for `maas worker approve NAME`"))
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if problem := address_problem(value):
+            raise ValueError(problem)
+        return value
 
 
 class WorkerHeartbeat(Schema):
@@ -211,6 +245,24 @@ class WorkerOut(Schema):
     last_heartbeat_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
+
+
+class WorkerRegistrationRequest(Schema):
+    """A registration under a taken worker name that did not present the worker's current token."""
+
+    address: str
+    agent_port: int
+    requested_at: datetime
+
+
+class WorkerApproval(Schema):
+    """A worker name's takeover: the registration waiting for approval, and the approval once given
+    (it lets the next registration under the name through, once, until `approved_until`)."""
+
+    worker: str
+    pending: WorkerRegistrationRequest | None = None
+    approved_by: str = ""
+    approved_until: datetime | None = None
 
 
 class WorkerRegistered(Schema):
@@ -241,6 +293,16 @@ class GPUSelection(Schema):
         return value
 
 
+SECRET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class SecretRef(Schema):
+    """An env value kept as a team secret (`maas secret set NAME`): the agent fetches it when it starts
+    the instance; the spec, its history, events and the watch hold only the name."""
+
+    secret: str = Field(pattern=SECRET_NAME_PATTERN)
+
+
 class ModelSpec(Schema):
     """Everything that shapes an instance. A change to it is a new generation."""
 
@@ -248,7 +310,8 @@ class ModelSpec(Schema):
     backend: str
     backend_version: str | None = None
     args: list[str] = Field(default_factory=list, description="extra arguments for the backend")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str | SecretRef] = Field(default_factory=dict, description=(
+        "variables for the backend: a value, or {secret: NAME} for a secret of the model's team"))
     context_length: int = Field(default=2048, ge=64, le=1_048_576)
     cpu_only: bool = Field(default=False, description="never claim a GPU, serve from host RAM")
     # --- scheduling (see server/scheduler) ---
@@ -365,7 +428,7 @@ class ModelUpdate(Schema):
     backend: str | None = None
     backend_version: str | None = None
     args: list[str] | None = None
-    env: dict[str, str] | None = None
+    env: dict[str, str | SecretRef] | None = None
     context_length: int | None = Field(default=None, ge=64, le=1_048_576)
     cpu_only: bool | None = None
     max_model_len: int | None = Field(default=None, ge=16, le=10_485_760)
@@ -654,6 +717,25 @@ class UserOut(Schema):
 class UserUpdate(Schema):
     role: Role | None = None
     disabled: bool | None = Field(default=None, description="a disabled user's keys and sessions stop at once")
+
+
+class SecretSet(Schema):
+    value: str = Field(min_length=1, max_length=16 * 1024)
+
+
+class SecretOut(Schema):
+    """A secret's name and owner; its value is never read back through the API."""
+
+    name: str
+    team: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class InstanceSecrets(Schema):
+    """For the agent that runs an instance: the values of the secrets its env names."""
+
+    env: dict[str, str]
 
 
 class TeamCreate(Schema):
