@@ -134,7 +134,9 @@ class MaasServer:
                                      # A client that leaves ends its watch or stream at once.
                                      handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        # A deep accept queue: a thousand agents (re)connecting at once are accepted late, not dropped
+        # (aiohttp's default of 128 overflows, and a dropped connection attempt costs the client seconds).
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
         await site.start()
         host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.url = f"http://{host}:{self.config.port}"
