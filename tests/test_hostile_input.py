@@ -180,6 +180,27 @@ async def test_large_bodies_are_parsed_on_a_thread_of_their_own(server, admin: M
     assert any(t.name.startswith("maas-json") for t in inputs._executor._threads)
 
 
+def form(part_headers: str, value: bytes, boundary: str = "XyZ") -> bytes:
+    return (f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n{part_headers}\r\n'.encode()
+            + value + f"\r\n--{boundary}--\r\n".encode())
+
+
+@pytest.mark.parametrize("content_type, body, status", [
+    ("multipart/form-data; boundary=XyZ", form("Content-Type: text/plain; charset=nope-9\r\n", b"tiny"), 400),
+    ("multipart/form-data; boundary=XyZ", form("Content-Type: text/plain; charset=utf-8\r\n", b"t\xffiny"), 400),
+    ("multipart/form-data; boundary=XyZ", form("", b"ti\x00ny"), 400),
+    ("multipart/form-data; boundary=XyZ",
+     form("Content-Type: multipart/mixed; boundary=Q\r\n", b"--Q\r\n\r\nx\r\n--Q--"), 400),
+    ("multipart/form-data; boundary=XyZ", form("Content-Type: application/octet-stream\r\n", b"tiny"), 400),
+    ("multipart/form-data", form("", b"tiny"), 400),
+    ("multipart/form-data; boundary=XyZ", form("", b"tiny"), 404),  # well formed: the model does not exist
+], ids=["unknown-charset", "not-utf8", "nul", "nested-multipart", "binary-part", "no-boundary", "well-formed"])
+async def test_a_hostile_upload_form_is_a_4xx(server, api_key: str, http, content_type: str, body: bytes, status: int):
+    async with http.post(f"{server.url}/v1/audio/transcriptions", data=body,
+                         headers=bearer(api_key) | {"Content-Type": content_type}) as r:
+        await json_error(r, status)
+
+
 # --- body size per route class --------------------------------------------------------------------------------
 
 

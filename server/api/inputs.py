@@ -24,6 +24,8 @@ import re
 from datetime import date
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -285,6 +287,41 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     if len(raw) > OFF_LOOP_BYTES:
         return await off_loop(_parse_model, raw, model)
     return _parse_model(raw, model)
+
+
+# --- multipart ----------------------------------------------------------------------------------
+
+
+def _form_field(body: bytes, content_type: str, name: str) -> str | None:
+    """The text of form field `name` in a multipart/form-data body, or None when there is none.
+    Any part may be hostile: an unknown charset, a nested multipart or undecodable bytes is no field."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+                                                  + body)
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") != name or part.is_multipart():
+            continue
+        if part.get_content_maintype() != "text":
+            return None
+        raw = part.get_payload(decode=True)
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            text = raw.decode(part.get_content_charset() or "utf-8")
+        except (LookupError, UnicodeDecodeError):
+            raise invalid_text(f"form field {name!r}", "is not text in a known encoding") from None
+        if problem := text_problem(text):
+            raise invalid_text(f"form field {name!r}", problem)
+        return text.strip()
+    return None
+
+
+async def form_field(body: bytes, content_type: str, name: str) -> str | None:
+    """_form_field, on a parsing thread when the body is large (an upload of megabytes)."""
+    if len(body) > OFF_LOOP_BYTES:
+        return await off_loop(_form_field, body, content_type, name)
+    return _form_field(body, content_type, name)
 
 
 # --- the middleware ------------------------------------------------------------------------

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from email.parser import BytesParser
-from email.policy import HTTP
 from time import perf_counter
 from typing import Any
 
 from aiohttp import web
 
 from server.api.errors import ApiError, bad_request, forbidden
-from server.api.inputs import parse_json_body
+from server.api.inputs import form_field, parse_json_body
 from server.api.routing import principal_of, server_of
 from server.gateway.routing_table import Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
@@ -53,16 +51,6 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
-def _model_from_multipart(body: bytes, content_type: str) -> str | None:
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    if not message.is_multipart():
-        return None
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "model":
-            return part.get_content().strip() if isinstance(part.get_content(), str) else None
-    return None
-
-
 async def proxy(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     started = perf_counter()
@@ -94,7 +82,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         content_type = request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/form-data"):
             raise bad_request("send multipart/form-data with a 'model' field")
-        name = _model_from_multipart(body, content_type)
+        name = await form_field(body, content_type, "model")  # bounded, and off the loop when large
         if not name:
             raise bad_request("the form has no 'model' field")
     else:
