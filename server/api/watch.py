@@ -162,13 +162,16 @@ async def watch(request: web.Request) -> web.StreamResponse:
             except TimeoutError:
                 await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
                 continue
+            # What queued meanwhile goes out in one write (a burst of 500 changes is not 500 writes).
+            batch = [event]
+            while event is not None and len(batch) < 1000 and not subscription.queue.empty():
+                batch.append(event := subscription.queue.get_nowait())
+            lines = [e.line if isinstance(e, Frame) else _event_line(e, worker_id, principal)
+                     for e in batch if e is not None and (isinstance(e, Frame) or _visible(e, worker_id, principal))]
+            if lines:
+                await response.write(b"".join(lines))
             if event is None:  # fell behind: end the stream, the client resumes with a snapshot
                 break
-            if isinstance(event, Frame):
-                await response.write(event.line)
-                continue
-            if _visible(event, worker_id, principal):
-                await response.write(_event_line(event, worker_id, principal))
     except ConnectionResetError:
         pass
     finally:
