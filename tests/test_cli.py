@@ -181,6 +181,11 @@ async def test_get_prints_documents_that_apply_takes_back(server, admin: MaasCli
     assert result.exit_code == 0 and "model/tiny updated, rollout started" in result.output, result.output
     model = await admin.get_model("tiny")
     assert model.spec.context_length == 1024 and model.generation == 2
+    # The team is metadata (like a namespace): kept by the round trip, and a model does not move teams.
+    assert document["metadata"].get("team") == model.team
+    document["metadata"]["team"] = "elsewhere"
+    result = await cli("apply", "-f", "-", env=env, input=yaml.safe_dump(document))
+    assert result.exit_code == 1 and "does not change teams" in result.output, result.output
 
     # Other kinds print documents too; apply refuses the kinds it does not manage, with a message.
     document = yaml.safe_load((await cli("key", "get", "tests", "-o", "yaml", env=env)).stdout)
@@ -237,13 +242,21 @@ async def test_hostile_files_urls_ports_and_markup(server, api_key: str, cli, tm
     latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
     huge = tmp_path / "huge.yaml"
     huge.write_bytes(b"# " + b"x" * (5 * 1024 * 1024))
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    aliases = _write(tmp_path / "laughs.yaml", "\n".join(laughs) + "\n")  # 10**10 values once expanded
+    unhashable = _write(tmp_path / "unhashable.yaml", "{[1]: 2}\n")
     for path, message, code in ((binary, "is a binary file", 1), (latin, "is not UTF-8 text", 1),
+                                (aliases, "expands to more than", 1), (unhashable, "unhashable key", 1),
                                 (huge, "larger than 4 MiB", 1), (Path("/dev/zero"), "larger than 4 MiB", 1),
                                 (tmp_path, "cannot read", 2)):
         for command in (("apply", "-f", str(path)), ("backend", "add", "-f", str(path))):
             result = await cli(*command, env=env)
             assert result.exit_code == code and message in result.output, (command, result.output)
             assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    for text in ("kind: Model\nmetadata: oops\nspec: {source: /x.gguf}\n", "kind: Model\nmetadata: {name: a}\nspec: [1]\n"):
+        result = await cli("apply", "-f", "-", env=env, input=text)
+        assert result.exit_code == 1 and "metadata and spec must be mappings" in result.output, result.output
     result = await cli("user", "add-key", "admin", "--key-file", "/dev/zero", env=env)
     assert result.exit_code == 1 and "larger than" in result.output, result.output
 

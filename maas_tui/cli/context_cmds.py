@@ -158,7 +158,13 @@ def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
                 problems.append(f"document {number}: unknown top-level keys {', '.join(map(str, unknown))} "
                                 "(a document has kind, metadata, spec and status)")
                 continue
-            body = dict(doc.get("spec") or {}) | {"name": (doc.get("metadata") or {}).get("name")}
+            metadata, spec = doc.get("metadata") or {}, doc.get("spec") or {}
+            if not isinstance(metadata, dict) or not isinstance(spec, dict):
+                problems.append(f"document {number}: metadata and spec must be mappings")
+                continue
+            body = dict(spec) | {"name": metadata.get("name")}
+            if metadata.get("team") is not None:
+                body.setdefault("team", metadata["team"])  # like a namespace
         else:
             body = {k: v for k, v in doc.items() if k not in ("kind", *_IGNORED)}
         source = body.get("source")
@@ -180,8 +186,9 @@ def _documents(file: str) -> tuple[list[schemas.ModelCreate], Path]:
 
 
 def _diff(current: schemas.ModelOut, desired: schemas.ModelCreate) -> dict[str, tuple[Any, Any]]:
+    """What PATCH would change: spec fields and POLICY (a model's team is fixed; plan() checks it)."""
     now = current.spec.model_dump(mode="json") | {k: getattr(current, k) for k in POLICY}
-    want = desired.model_dump(mode="json", exclude={"name"})
+    want = desired.model_dump(mode="json", exclude={"name", "team"})
     return {k: (now.get(k), v) for k, v in want.items() if now.get(k) != v}
 
 
@@ -206,6 +213,10 @@ def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of mod
                 if exc.status != 404:
                     raise
                 current = None
+            if current is not None and model.team is not None and model.team != current.team:
+                problems.append(f"{model.name}: belongs to team {current.team!r}, the file says {model.team!r} "
+                                "(a model does not change teams: delete it and apply again)")
+                continue
             changes = _diff(current, model) if current is not None else {}
             if current is None or any(k not in POLICY for k in changes):
                 try:

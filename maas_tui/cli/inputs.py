@@ -66,7 +66,7 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) 
         try:
             duplicate = key in seen
         except TypeError:  # an unhashable key: the constructor below says so
-            duplicate = False
+            continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping", node.start_mark, f"the key {key!r} is given twice", key_node.start_mark)
@@ -77,12 +77,37 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+# Values a file may hold once its aliases are expanded: a few aliases can stand for billions of values
+# ("billion laughs"), which validating or sending them would walk through.
+MAX_VALUES = 1_000_000
+
+
 def load_yaml_documents(text: str, name: str) -> list[Any]:
-    """Every non-empty YAML document of TEXT (JSON is YAML too); duplicate keys are refused."""
+    """Every non-empty YAML document of TEXT (JSON is YAML too); duplicate keys are refused, and so is a
+    file whose aliases expand to more than MAX_VALUES values."""
     try:
-        return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc is not None]
+        documents = [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc is not None]
     except yaml.YAMLError as exc:
         raise InputProblem(f"{name} is not valid YAML: {exc}") from None
+    if _values_over(documents, MAX_VALUES):
+        raise InputProblem(f"{name} expands to more than {MAX_VALUES:,} values (YAML aliases): not a manifest")
+    return documents
+
+
+def _values_over(root: Any, limit: int) -> bool:
+    """Whether walking ROOT (aliases expanded, as a consumer would) meets more than LIMIT values."""
+    count, stack = 0, [root]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return False
 
 
 def server_url(url: str) -> str:

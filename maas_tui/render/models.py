@@ -145,4 +145,5 @@ def document_of(model: schemas.ModelOut) -> dict[str, Any]:
         "replicas": model.replicas, "max_surge": model.max_surge, "max_unavailable": model.max_unavailable}
     status = {"state": str(model.state), "generation": model.generation, "ready_replicas": model.ready_replicas,
               "paused": model.paused, "rollout_message": model.rollout_message}
-    return document(KIND, model, spec, status)
+    metadata = ("team", "id", "created_at", "updated_at") if model.team is not None else ("id", "created_at", "updated_at")
+    return document(KIND, model, spec, status, metadata)
