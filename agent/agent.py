@@ -30,7 +30,7 @@ from agent.runtimes.process import AdoptedHandle
 from agent.sources import ModelCache, SourceError, env_model_roots
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.ndjson import watch_messages
-from server.schemas import BackendDefinition, InstanceOut, WorkerRegistered
+from server.schemas import BackendDefinition, InstanceOut, InstanceSecrets, WorkerRegistered
 from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
 
 log = logging.getLogger(__name__)
@@ -525,8 +525,19 @@ class Agent:
         name = custom_name(instance.spec.backend)
         if name is not None:
             definition = await self.fetch_backend(name)
+        secrets = await self.fetch_secrets(instance) if any(
+            not isinstance(value, str) for value in instance.spec.env.values()) else {}
         return LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
-                             python=dict(self.config.backend_python), custom=definition)
+                             python=dict(self.config.backend_python), custom=definition, secrets=secrets)
+
+    async def fetch_secrets(self, instance: InstanceOut) -> dict[str, str]:
+        """The values of the team secrets the instance's env names; kept in memory for its launch only."""
+        url = f"{self.config.server_url}/v2/agent/instances/{instance.id}/secrets"
+        async with self._http.get(url, headers=self._headers()) as response:
+            if response.status != 200:
+                raise BackendError(f"the server did not give the instance's secrets ({response.status}: "
+                                   f"{(await response.text())[:300]})")
+            return InstanceSecrets.model_validate(await response.json()).env
 
     async def container_for(self, instance: InstanceOut, spec: LaunchSpec) -> dict[str, Any]:
         """The container specification of `instance` for the docker runtime."""

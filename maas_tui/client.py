@@ -280,6 +280,16 @@ class MaasClient:
 
     # --- teams ----------------------------------------------------------------------
 
+    async def list_secrets(self, team: str) -> list[schemas.SecretOut]:
+        return [schemas.SecretOut.model_validate(i) for i in (await self.request("GET", f"/v2/teams/{team}/secrets"))["items"]]
+
+    async def set_secret(self, team: str, name: str, value: str) -> schemas.SecretOut:
+        return schemas.SecretOut.model_validate(await self.request("PUT", f"/v2/teams/{team}/secrets/{name}",
+                                                                   json_body={"value": value}))
+
+    async def delete_secret(self, team: str, name: str) -> None:
+        await self.request("DELETE", f"/v2/teams/{team}/secrets/{name}")
+
     async def list_teams(self) -> list[schemas.TeamOut]:
         return [schemas.TeamOut.model_validate(i) for i in (await self.request("GET", "/v2/teams"))["items"]]
 

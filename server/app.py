@@ -67,6 +67,7 @@ class MaasServer:
         self.db: Database | None = None
         self.auth: Authenticator | None = None
         self.login_throttle = LoginThrottle()  # failed logins per user and per address (this server's)
+        self.secret_box: Any = None  # team secrets' key (server/services/secrets.py), opened on first use
         self.http: aiohttp.ClientSession | None = None
         self.usage: UsageMeter | None = None
         self.feed: ChangeFeed | None = None

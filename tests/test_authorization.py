@@ -176,6 +176,12 @@ async def _fresh_user_patch(world: World, caller: str) -> Call:
     return Call(f"/v2/users/{name}", {"role": "viewer"})
 
 
+async def _fresh_secret(world: World, caller: str) -> Call:
+    name = world.unique("secret")
+    await world.admin.set_secret("red", name, "value")
+    return Call(f"/v2/teams/red/secrets/{name}")
+
+
 async def _fresh_user_delete(world: World, caller: str) -> Call:
     name = world.unique("user")
     await world.admin.create_user(name, "password-123")
@@ -249,6 +255,10 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "PATCH /v2/users/{name}": (ADMIN, _fresh_user_patch),
     "DELETE /v2/users/{name}": (ADMIN, _fresh_user_delete),
     "GET /v2/sessions": (ANY_USER, _fixed(Call("/v2/sessions"))),
+    "GET /v2/teams/{team}/secrets": (TEAM_READ, _fixed(Call("/v2/teams/red/secrets"))),
+    "PUT /v2/teams/{team}/secrets/{name}": (TEAM_WRITE, _fixed(Call("/v2/teams/red/secrets/s", {"value": "v"}))),
+    "DELETE /v2/teams/{team}/secrets/{name}": (TEAM_WRITE, _fresh_secret),
+    "GET /v2/agent/instances/{id}/secrets": (WORKER, _fixed(Call("/v2/agent/instances/999999/secrets"))),
     "DELETE /v2/sessions/{prefix}": (ANY_USER_PASS, _fixed(Call("/v2/sessions/nosuch"))),
     "GET /v2/users/{name}/keys": (SELF_OR_ADMIN, _fixed(Call("/v2/users/mona/keys"))),
     "POST /v2/users/{name}/keys": (SELF_OR_ADMIN, lambda w, c: _new_ssh_key(w)),

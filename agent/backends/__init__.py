@@ -48,6 +48,7 @@ class LaunchContext:
     # Python interpreter per backend (vLLM and SGLang usually live in their own virtual environment).
     python: dict[str, str] = field(default_factory=dict)
     custom: BackendDefinition | None = None  # the definition of a `custom:NAME` backend
+    secrets: dict[str, str] = field(default_factory=dict)  # env name -> value, for env given as {secret: NAME}
     ray_address: str = ""  # the Ray head (host:port) of a multi-host placement, once it runs
 
     def python_for(self, backend: str) -> str:
@@ -241,11 +242,29 @@ def custom_name(backend: str) -> str | None:
     return backend[len(CUSTOM_BACKEND_PREFIX):] if backend.startswith(CUSTOM_BACKEND_PREFIX) else None
 
 
+def _with_secrets(instance: InstanceOut, context: LaunchContext) -> InstanceOut:
+    """The instance with each {secret: NAME} env value replaced by the value the server gave (only in
+    this launch: nothing stored holds it)."""
+    env = instance.spec.env
+    if all(isinstance(value, str) for value in env.values()):
+        return instance
+    plain = {}
+    for name, value in env.items():
+        if isinstance(value, str):
+            plain[name] = value
+        elif name in context.secrets:
+            plain[name] = context.secrets[name]
+        else:
+            raise BackendError(f"env {name}: the secret {value.secret!r} was not given to this agent")
+    return instance.model_copy(update={"spec": instance.spec.model_copy(update={"env": plain})})
+
+
 def build_launch(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     """The launch of `instance`, after the checks no spec may fail (the server made them when the spec
     was stored; a spec from before them, or written by hand, stops here)."""
     if problems := launch_problems(instance.spec):
         raise BackendError(f"refused by the agent's spec rules: {describe(problems)}")
+    instance = _with_secrets(instance, context)
     backend = instance.spec.backend
     if custom_name(backend) is not None:
         if context.custom is not None and (problem := template_problem(context.custom.command)):

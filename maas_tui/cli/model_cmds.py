@@ -49,6 +49,7 @@ def model_deploy(
     cpu_only: bool = typer.Option(False, "--cpu-only", help="serve from host RAM, never claim a GPU"),
     arg: list[str] = typer.Option([], "--arg", help="extra backend argument (repeatable)"),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the backend (repeatable)"),
+    env_secret: list[str] = typer.Option([], "--env-secret", help="KEY=SECRET: the team secret SECRET as KEY (repeatable)"),
     wait: bool = typer.Option(False, "--wait", help="wait until every replica is running"),
     timeout: float = typer.Option(600, help="seconds --wait waits"),
     max_model_len: Optional[int] = typer.Option(None, help="vllm/sglang: longest sequence (default: the model's)"),
@@ -73,6 +74,11 @@ def model_deploy(
             fail(f"--env {item!r}: write KEY=VALUE", code=2)
         key, value = item.split("=", 1)
         env_map[key] = value
+    for item in env_secret:
+        if "=" not in item:
+            fail(f"--env-secret {item!r}: write KEY=SECRET", code=2)
+        key, secret = item.split("=", 1)
+        env_map[key] = {"secret": secret}
     body = {"name": name, "source": _resolve_source(source), "backend": backend, "replicas": replicas,
             "context_length": context_length, "cpu_only": cpu_only, "args": arg, "env": env_map}
     if category:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 # Importing a handler module registers its routes in the route table.
 from server.api import (agent_api, backends, gateway_api, metrics, operations, resources,  # noqa: F401
-                        scheduling, teams, usage, users, watch)
+                        scheduling, secrets, teams, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.inputs import BodyLimits, input_middleware
 from server.api.routing import EVENT_STREAM, PRINCIPAL_KEY, ROUTES, SERVER_KEY, Handler, openapi_document, route

@@ -68,7 +68,8 @@ async def undo_rollout(request: web.Request) -> web.Response:
             if not earlier:
                 raise ApiError(409, "no_revision", f"model {model.name!r} has no earlier spec to go back to")
             target = earlier[0]
-        await check_spec(request, s, schemas.ModelSpec.model_validate(target.spec))  # stored before today's rules?
+        # A spec stored before today's rules, or naming a secret since deleted, is not brought back.
+        await check_spec(request, s, schemas.ModelSpec.model_validate(target.spec), model.team)
         new_revision(s, model, dict(target.spec), f"undo to revision {target.revision}")
         model.paused = False
         record_event(s, "models", model, "RolloutUndo", f"to revision {target.revision}: generation {model.generation}",

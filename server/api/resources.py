@@ -172,11 +172,12 @@ async def revoke_session(request: web.Request) -> web.Response:
 # --- models -----------------------------------------------------------------
 
 
-async def check_spec(request: web.Request, session, spec: schemas.ModelSpec) -> None:
-    """A 400 naming each field of `spec` this caller may not ask the workers for (server/services/models.py)."""
+async def check_spec(request: web.Request, session, spec: schemas.ModelSpec, team: str | None) -> None:
+    """A 400 naming each field of `spec` this caller may not ask the workers for in `team`
+    (server/services/models.py)."""
     server = server_of(request)
     problems = await model_specs.check_spec(session, spec, admin=access.runs_cluster(principal_of(request)),
-                                            model_roots=server.config.local_model_roots())
+                                            model_roots=server.config.local_model_roots(), team=team)
     if problems:
         raise ApiError(400, "spec_refused", describe(problems),
                        details=[{"field": p.field, "message": p.message} for p in problems])
@@ -261,7 +262,7 @@ async def create_model(request: web.Request) -> web.Response:
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     async with server_of(request).db.session() as s:
         team = await team_for_new_model(request, s, body.team)
-        await check_spec(request, s, spec)
+        await check_spec(request, s, spec, team)
         existing = (await s.execute(select(tables.Model).where(tables.Model.name == body.name))).scalar_one_or_none()
         if existing is not None:
             what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
@@ -304,7 +305,7 @@ async def update_model(request: web.Request) -> web.Response:
         model.max_surge, model.max_unavailable = surge, unavailable
         if changes:
             new_spec = schemas.ModelSpec.model_validate({**model.spec, **changes})
-            await check_spec(request, s, new_spec)
+            await check_spec(request, s, new_spec, model.team)
             dumped = new_spec.model_dump(mode="json")
             if dumped != model.spec:
                 new_revision(s, model, dumped, "spec changed: " + ", ".join(sorted(changes)))

@@ -27,8 +27,8 @@ async def evaluate_model(request: web.Request) -> web.Response:
     spec = schemas.ModelSpec.model_validate(body.model_dump(exclude=schemas.MODEL_POLICY_FIELDS))
     server = server_of(request)
     async with server.db.session() as s:
-        await team_for_new_model(request, s, body.team)  # may the caller deploy there at all?
-        await check_spec(request, s, spec)
+        team = await team_for_new_model(request, s, body.team)  # may the caller deploy there at all?
+        await check_spec(request, s, spec, team)
         state = await load_state(s, Reserves.from_env())
         existing = (await s.execute(select(tables.Model.id).where(tables.Model.name == body.name))).scalar_one_or_none()
     pending = len(state.pending)

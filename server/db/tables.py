@@ -91,6 +91,17 @@ class Team(Base, Timestamps):
     quota_replicas: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
+class Secret(Base, Timestamps):
+    """A team's secret, encrypted with the servers' secrets key (server/services/secrets.py)."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("team", "name", name="uq_secrets_team_name"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    team: Mapped[str] = mapped_column(ForeignKey("teams.name", ondelete="CASCADE", name="fk_secrets_team"))
+    name: Mapped[str] = mapped_column(String(100))
+    ciphertext: Mapped[str] = mapped_column(Text)
+
+
 class TeamMember(Base):
     __tablename__ = "team_members"
     __table_args__ = MYSQL_TABLE

@@ -93,5 +93,7 @@ def event_clause(caller: Caller):
 REDACTED = "<redacted>"
 
 
-def redact_env(env: dict[str, object]) -> dict[str, str]:
-    return {name: REDACTED for name in env}
+def redact_env(env: dict[str, object]) -> dict[str, object]:
+    """Values hidden; references to secrets ({secret: NAME}) kept: they hold no value."""
+    return {name: value if isinstance(value, dict) or hasattr(value, "secret") else REDACTED
+            for name, value in env.items()}

@@ -13,6 +13,7 @@ import os
 
 from server import schemas
 from server.schemas.backend_traits import BACKEND_TRAITS, SpecProblem, source_problem, spec_problems
+from server.services import secrets
 from server.services.backends import allowed_for
 
 
@@ -43,12 +44,19 @@ def source_form_problems(spec: schemas.ModelSpec, model_roots: list[str]) -> lis
     return [SpecProblem("source", problem)] if problem else []
 
 
-async def check_spec(session, spec: schemas.ModelSpec, *, admin: bool, model_roots: list[str]) -> list[SpecProblem]:
-    """Why this spec may not be stored for this user; [] when it may."""
+async def check_spec(session, spec: schemas.ModelSpec, *, admin: bool, model_roots: list[str],
+                     team: str | None) -> list[SpecProblem]:
+    """Why this spec may not be stored for this user in `team`; [] when it may."""
     allowed_env: frozenset[str] | None = None
     allowed_args: frozenset[str] | None = None
     if not admin:
         allowed_env, allowed_args = await allowed_for(session, spec.backend)
     spec_bytes = len(json.dumps(spec.model_dump(mode="json"), separators=(",", ":")).encode())
     problems = spec_problems(spec, spec_bytes=spec_bytes, allowed_env=allowed_env, allowed_args=allowed_args)
+    if problems:
+        return problems
+    refs = secrets.referenced(spec.env)
+    gone = await secrets.missing(session, team, set(refs.values()))
+    problems = [SpecProblem(f"env.{env}", f"team {team} has no secret {secret!r} (maas secret set {secret})")
+                for env, secret in refs.items() if secret in gone]
     return problems or source_form_problems(spec, model_roots)

@@ -1,4 +1,4 @@
-"""teams and roles: users get a role (admin, operator, member, viewer) and can be disabled, teams own models (by name)
+"""teams and roles: users get a role (admin, operator, member, viewer) and can be disabled, teams own models (by name) and secrets
 
 Revision ID: 0007
 Revises: 0006
@@ -41,6 +41,19 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("team_members", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_team_members_user_id"), ["user_id"], unique=False)
+    op.create_table(
+        "secrets",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("team", sa.String(length=100), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("ciphertext", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["team"], ["teams.name"], name="fk_secrets_team", ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("team", "name", name="uq_secrets_team_name"),
+        **TABLE,
+    )
 
     # Everything that exists belongs to the `default` team; every user who is not an admin is a member of it.
     # (A new, empty database gets that team with its first admin, when the server starts: a database
@@ -95,6 +108,7 @@ def downgrade() -> None:
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.drop_column("disabled")
         batch_op.drop_column("role")
+    op.drop_table("secrets")
     with op.batch_alter_table("team_members", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_team_members_user_id"))
     op.drop_table("team_members")
