@@ -232,6 +232,30 @@ async def test_each_route_class_has_its_limit(server, admin: MaasClient, api_key
     assert str(limit) in message and ("an upload" in message) == path.endswith("transcriptions"), message
 
 
+async def test_expect_100_continue_over_the_limit_gets_its_413_instead_of_the_invitation(server):
+    request = (b"POST /v2/auth/login HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+               b"Content-Length: 60000000\r\n\r\n")
+    status, _, body = await raw_exchange(server.config.port, request, read_timeout=5)
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    small = b'{"username": "admin", "password": "wrong"}'
+    request = (b"POST /v2/auth/login HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(small))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+    try:
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100 Continue")
+        writer.write(small)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 401")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("encoding, body", [("gzip", b"abcde"), ("deflate", b"\x00\x01garbage")], ids=["gzip", "deflate"])
+async def test_a_body_that_breaks_while_read_is_a_400(server, http, encoding: str, body: bytes):
+    async with http.post(f"{server.url}/v2/auth/login", data=body, headers={"Content-Encoding": encoding}) as r:
+        assert (await json_error(r, 400))["code"] == "bad_body"
+
+
 async def test_a_chunked_body_is_cut_off_at_the_limit_while_read(server, http):
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"username": "admin", "password": "'

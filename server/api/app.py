@@ -10,7 +10,7 @@ from aiohttp import web
 from server.api import (agent_api, backends, gateway_api, metrics, operations, resources,  # noqa: F401
                         scheduling, secrets, teams, usage, users, watch)
 from server.api.errors import error_middleware, forbidden, unauthorized
-from server.api.inputs import BodyLimits, input_middleware
+from server.api.inputs import BodyLimits, expect_handler, input_middleware
 from server.api.routing import EVENT_STREAM, PRINCIPAL_KEY, ROUTES, SERVER_KEY, Handler, openapi_document, route
 from server.api.stale_reads import LastGoodReads, stale_read_middleware
 from server.higress.objects import MODEL_HEADER
@@ -148,9 +148,10 @@ def create_app(server: Any) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=limits.largest())
     app[SERVER_KEY] = server
     app[_OPENAPI_KEY] = openapi_document(server.version)
+    expect = expect_handler(limits)
     for r in ROUTES:
         if not r.registered_elsewhere:
-            app.router.add_route(r.method, r.path, r.handler)
+            app.router.add_route(r.method, r.path, r.handler, expect_handler=expect)
     add_gateway_routes(app)
     gateway_api.add_gateway_admin_routes(app)
     metrics.add_metrics_routes(app)

@@ -6,6 +6,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 # What a failure of the store means lives with the store; re-exported for the callers here.
@@ -86,6 +87,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if "Allow" in exc.headers:  # a 405 says what the path takes
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # a body that breaks while read (bad gzip, chunks)
+        return error_response(request, 400, "bad_body", f"the request body could not be read ({type(exc).__name__})")
     except Exception as exc:  # a 5xx is a bug: log it whole, tell the client little
         if database_unavailable(exc):
             log.warning("database unavailable in %s %s: %s", request.method, request.path,

@@ -29,10 +29,10 @@ from email.policy import HTTP
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import unquote_to_bytes
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import BaseModel
 
-from server.api.errors import ApiError, bad_request, parse_whole_number
+from server.api.errors import ApiError, bad_request, error_response, parse_whole_number
 from server.api.routing import Query, Route
 
 KIB, MIB = 1024, 1024**2
@@ -325,6 +325,24 @@ async def form_field(body: bytes, content_type: str, name: str) -> str | None:
 
 
 # --- the middleware ------------------------------------------------------------------------
+
+
+def expect_handler(limits: BodyLimits) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """`Expect: 100-continue` is answered before any middleware runs: a body over the limit gets its 413
+    instead of the invitation to send it."""
+    async def handler(request: web.Request) -> web.StreamResponse | None:
+        limit, what = limits.of(request)
+        if request.content_length is not None and request.content_length > limit:
+            error = too_large(request.content_length, limit, what)
+            response = error_response(request, error.status, error.code, error.message, error.details)
+            response.force_close()
+            return response
+        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # type: ignore[attr-defined]  # as aiohttp's own handler does
+        return None
+
+    return handler
 
 
 def input_middleware(limits: BodyLimits, routes: list[Route]) -> Callable[..., Awaitable[web.StreamResponse]]:
