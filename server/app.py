@@ -232,32 +232,47 @@ class MaasServer:
         self._data_lock.release()
 
     async def _bootstrap(self) -> None:
-        """First start: an admin with a generated password and the default team. Any start: a valid
-        cluster token on disk."""
+        """First start: an admin with a generated password and the default team. Any start: the cluster
+        token's hash in the database and the token in the data folder (see _cluster_token)."""
         async with self.db.session() as s:
             if not (await s.execute(select(func.count()).select_from(tables.User))).scalar_one():
                 self.admin_password = secrets.token_urlsafe(18)
                 s.add(tables.User(username="admin", password_hash=hash_password(self.admin_password), role="admin"))
                 write_secret(self.admin_password_file, self.admin_password)
                 s.add(tables.Team(name=schemas.DEFAULT_TEAM))  # where models go until there are more teams
-            # One cluster token for every server on this database. It is kept in the database
-            # (servers must hand it out and agents present it) and copied to each data folder.
-            stored = await s.get(tables.Setting, CLUSTER_TOKEN)
-            on_disk = self.token_file.read_text().strip() if self.token_file.exists() else None
-            if stored is None:
-                hashed = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
-                # A database from before the token was stored keeps the token its data folder holds.
-                keep = on_disk if on_disk and hashed is not None and hash_secret(on_disk) == hashed.value else None
-                stored = tables.Setting(key=CLUSTER_TOKEN, value=keep or new_cluster_token())
-                s.add(stored)
-                if hashed is None:
-                    s.add(tables.Setting(key=CLUSTER_TOKEN_SETTING, value=hash_secret(stored.value)))
-                else:
-                    hashed.value = hash_secret(stored.value)
-            if on_disk != stored.value:
-                write_secret(self.token_file, stored.value)
-            self.cluster_token = stored.value
+            self.cluster_token = await self._cluster_token(s)
             await s.commit()
+
+    async def _cluster_token(self, s) -> str | None:
+        """One cluster token for every server on this database. The database holds only its hash (what
+        verifies a registration); the token itself lives in each server's data folder (<data-dir>/token,
+        0600). The first server mints it; a server joining later is given it (MAAS_CLUSTER_TOKEN, or its
+        token file) and keeps a copy, or runs without knowing it (it verifies, but cannot hand it out)."""
+        hashed = await s.get(tables.Setting, CLUSTER_TOKEN_SETTING)
+        legacy = await s.get(tables.Setting, CLUSTER_TOKEN)  # the plain copy earlier versions kept
+        on_disk = self.token_file.read_text().strip() if self.token_file.exists() else None
+        given = (self.config.cluster_token or "").strip() or None
+        if hashed is None:
+            token = given or new_cluster_token()
+            hashed = tables.Setting(key=CLUSTER_TOKEN_SETTING, value=hash_secret(token))
+            s.add(hashed)
+        elif given is not None:
+            if not secrets.compare_digest(hash_secret(given), hashed.value):
+                raise ValueError("MAAS_CLUSTER_TOKEN is not this cluster's token (the database holds the hash of "
+                                 "another one); give the token in the first server's <data-dir>/token")
+            token = given
+        else:
+            token = next((t for t in (on_disk, legacy.value if legacy else None)
+                          if t and secrets.compare_digest(hash_secret(t), hashed.value)), None)
+        if legacy is not None:
+            await s.delete(legacy)
+        if token is None:
+            log.warning("this server does not know the cluster token (the database keeps only its hash): agents "
+                        "registering here are verified, but to print it or run a local agent give it in "
+                        "MAAS_CLUSTER_TOKEN or %s", self.token_file)
+        elif on_disk != token:
+            write_secret(self.token_file, token)
+        return token
 
     async def _load_routes(self) -> None:
         async with self.db.session() as s:

@@ -45,6 +45,10 @@ class ServerConfig:
     # Folders local model sources may lie in, besides <data-dir>/models (os.pathsep-separated; the
     # agents check their own roots again): a model spec cannot name /etc/shadow.
     model_roots: str = field(default_factory=lambda: os.environ.get("MAAS_MODEL_ROOTS", ""))
+    # The cluster token for a server joining a database another server set up: the database holds only
+    # its hash, so this server can hand the token out (banner, local agent) only when given it here or in
+    # <data-dir>/token. From MAAS_CLUSTER_TOKEN, never a flag (a command line is readable by every user).
+    cluster_token: str | None = field(default=None, repr=False)
 
     def local_model_roots(self) -> list[str]:
         extra = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots.split(os.pathsep) if r.strip()]
@@ -71,6 +75,7 @@ class ServerConfig:
             "higress_kubeconfig": os.environ.get("MAAS_HIGRESS_KUBECONFIG"),
             "higress_kube_context": os.environ.get("MAAS_HIGRESS_KUBE_CONTEXT"),
             "advertise_url": os.environ.get("MAAS_ADVERTISE_URL"),
+            "cluster_token": os.environ.get("MAAS_CLUSTER_TOKEN"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -9,6 +9,7 @@ they are marked `postgres` and skipped without the server binaries.
 from __future__ import annotations
 
 import os
+import stat
 import shutil
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -288,6 +289,7 @@ def test_backup_wipe_restore_through_the_cli(tmp_path: Path):
         result = runner.invoke(app, ["db", "backup", str(dump), "--data-dir", str(data_dir)])
         assert result.exit_code == 0, result.output
         assert dump.stat().st_size > 0 and "backed up" in result.output
+        assert stat.S_IMODE(dump.stat().st_mode) == 0o600  # every credential hash of the cluster is in it
         assert not (data_dir / "postgres" / "postmaster.pid").exists()
 
         pg.start()  # wipe, with the cluster running (as under a live server)

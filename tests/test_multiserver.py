@@ -33,8 +33,9 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def _server(url: str, base: Path, name: str) -> MaasServer:
-    server = MaasServer(ServerConfig(data_dir=base / name, port=free_port(), database_url=url, resync_interval=2.0))
+async def _server(url: str, base: Path, name: str, cluster_token: str | None = None) -> MaasServer:
+    server = MaasServer(ServerConfig(data_dir=base / name, port=free_port(), database_url=url, resync_interval=2.0,
+                                     cluster_token=cluster_token))
     await server.start()
     return server
 
@@ -44,7 +45,8 @@ async def test_two_servers_share_changes_and_hand_over_leadership(postgres_url, 
 
     url, base = postgres_url
     first = await _server(url, base, "a")
-    second = await _server(url, base, "b")
+    # The database keeps only the cluster token's hash: a server joining is given the token.
+    second = await _server(url, base, "b", cluster_token=first.cluster_token)
     agent = None
     try:
         await eventually(lambda: _true(first.leadership.is_leader), message="the first server to lead")

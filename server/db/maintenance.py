@@ -56,11 +56,15 @@ def _with_embedded(data_dir: Path, work: Callable[[EmbeddedPostgres], Any]) -> A
 
 def backup(data_dir: Path, file: Path) -> dict[str, Any]:
     """Dump the embedded PostgreSQL of ``data_dir`` to ``file`` (custom format, compressed).
-    Written to a temporary name and renamed: a failed dump never leaves a truncated file."""
+    Written to a temporary name and renamed: a failed dump never leaves a truncated file. The dump
+    holds every credential hash and secret of the cluster: readable by its owner only (0600), from
+    its first byte on."""
     file = Path(file).absolute()
     tmp = file.with_name(f".{file.name}.{os.getpid()}.partial")
 
     def work(pg: EmbeddedPostgres) -> dict[str, Any]:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # pg_dump keeps the mode it finds
+        os.chmod(tmp, 0o600)  # an older partial file of the same name
         res = pg.run_client([str(pg.bin_path("pg_dump")), "-Fc", "--no-owner", "-f", str(tmp)], timeout=3600)
         if res.returncode != 0:
             tmp.unlink(missing_ok=True)
