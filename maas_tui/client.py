@@ -278,6 +278,10 @@ class MaasClient:
     async def delete_user(self, username: str) -> None:
         await self.request("DELETE", f"/v2/users/{username}")
 
+    async def audit(self, limit: int = 100, actor: str | None = None, since: str | None = None) -> list[schemas.AuditEntryOut]:
+        params = {"limit": str(limit)} | ({"actor": actor} if actor else {}) | ({"since": since} if since else {})
+        return [schemas.AuditEntryOut.model_validate(i) for i in (await self.request("GET", "/v2/audit", params=params))["items"]]
+
     # --- teams ----------------------------------------------------------------------
 
     async def list_secrets(self, team: str) -> list[schemas.SecretOut]:

@@ -45,6 +45,7 @@ class ServerConfig:
     # Folders local model sources may lie in, besides <data-dir>/models (os.pathsep-separated; the
     # agents check their own roots again): a model spec cannot name /etc/shadow.
     model_roots: str = field(default_factory=lambda: os.environ.get("MAAS_MODEL_ROOTS", ""))
+    audit_retention_days: int = 90  # audit log entries older than this are deleted
     # The cluster token for a server joining a database another server set up: the database holds only
     # its hash, so this server can hand the token out (banner, local agent) only when given it here or in
     # <data-dir>/token. From MAAS_CLUSTER_TOKEN, never a flag (a command line is readable by every user).
@@ -75,6 +76,7 @@ class ServerConfig:
             "higress_kubeconfig": os.environ.get("MAAS_HIGRESS_KUBECONFIG"),
             "higress_kube_context": os.environ.get("MAAS_HIGRESS_KUBE_CONTEXT"),
             "advertise_url": os.environ.get("MAAS_ADVERTISE_URL"),
+            "audit_retention_days": os.environ.get("MAAS_AUDIT_RETENTION_DAYS"),
             "cluster_token": os.environ.get("MAAS_CLUSTER_TOKEN"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}

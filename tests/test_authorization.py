@@ -255,6 +255,7 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "PATCH /v2/users/{name}": (ADMIN, _fresh_user_patch),
     "DELETE /v2/users/{name}": (ADMIN, _fresh_user_delete),
     "GET /v2/sessions": (ANY_USER, _fixed(Call("/v2/sessions"))),
+    "GET /v2/audit": (ADMIN, _fixed(Call("/v2/audit"))),
     "GET /v2/teams/{team}/secrets": (TEAM_READ, _fixed(Call("/v2/teams/red/secrets"))),
     "PUT /v2/teams/{team}/secrets/{name}": (TEAM_WRITE, _fixed(Call("/v2/teams/red/secrets/s", {"value": "v"}))),
     "DELETE /v2/teams/{team}/secrets/{name}": (TEAM_WRITE, _fresh_secret),

@@ -38,6 +38,8 @@ app.add_typer(backend_app, name="backend")
 from maas_tui.cli.team_cmds import secret_app, team_app  # noqa: E402
 app.add_typer(team_app, name="team")
 app.add_typer(secret_app, name="secret")
+from maas_tui.cli import audit_cmds  # noqa: E402
+audit_cmds.register(app)
 from maas_tui.cli import ssh_cmds  # noqa: E402
 ssh_cmds.register(app)
 from maas_tui.cli import context_cmds  # noqa: E402

@@ -7,8 +7,9 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 # Importing a handler module registers its routes in the route table.
-from server.api import (agent_api, backends, gateway_api, metrics, operations, resources,  # noqa: F401
+from server.api import (agent_api, audit, backends, gateway_api, metrics, operations, resources,  # noqa: F401
                         scheduling, secrets, teams, usage, users, watch)
+from server.api.audit import audit_middleware
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.inputs import BodyLimits, expect_handler, input_middleware
 from server.api.routing import EVENT_STREAM, PRINCIPAL_KEY, ROUTES, SERVER_KEY, Handler, openapi_document, route
@@ -144,7 +145,8 @@ def create_app(server: Any) -> web.Application:
     # Inputs before auth: an oversized or malformed request costs no credential check.
     # Inside auth: a stale answer is only ever given to the identity that got it fresh.
     stale_reads = stale_read_middleware(LastGoodReads())
-    middlewares = [error_middleware, input_middleware(limits, ROUTES), auth_middleware, stale_reads]
+    audit = audit_middleware(lambda: server.config.audit_retention_days)
+    middlewares = [error_middleware, input_middleware(limits, ROUTES), auth_middleware, audit, stale_reads]
     app = web.Application(middlewares=middlewares, client_max_size=limits.largest())
     app[SERVER_KEY] = server
     app[_OPENAPI_KEY] = openapi_document(server.version)

@@ -213,6 +213,21 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class AuditEntry(Base):
+    """One change made through /v2: who, from where, what (the request, secrets left out), how it ended."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(140), index=True)
+    address: Mapped[str] = mapped_column(String(100), default="")
+    method: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(String(500))
+    status: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[str] = mapped_column(Text, default="")
+
+
 class Setting(Base, Timestamps):
     """Cluster-wide values that must live in the database (several servers may share it)."""
 

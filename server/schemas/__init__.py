@@ -738,6 +738,17 @@ class InstanceSecrets(Schema):
     env: dict[str, str]
 
 
+class AuditEntryOut(Schema):
+    id: int
+    at: datetime
+    actor: str
+    address: str = ""
+    method: str
+    path: str
+    status: int
+    summary: str = ""
+
+
 class TeamCreate(Schema):
     name: str = Field(pattern=TEAM_NAME_PATTERN)
 
