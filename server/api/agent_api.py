@@ -88,11 +88,18 @@ def busy(code: str, message: str, status: int = 503) -> web.Response:
                              status=status, headers={"Retry-After": str(retry)})
 
 
-def _admission(request: web.Request) -> AgentAdmission:
+# Registrations have a smaller lane of their own: a whole cluster registering at once (a server
+# restart, a rack booting) must not starve heartbeats and status reports of the loop and the pool.
+MAX_REGISTERING = 4
+
+
+def _admission(request: web.Request, registering: bool = False) -> AgentAdmission:
     server = server_of(request)
-    admission = getattr(server, "agent_admission", None)
+    name = "agent_registration" if registering else "agent_admission"
+    admission = getattr(server, name, None)
     if admission is None:
-        admission = server.agent_admission = AgentAdmission()
+        admission = AgentAdmission(MAX_REGISTERING) if registering else AgentAdmission()
+        setattr(server, name, admission)
     return admission
 
 
@@ -105,7 +112,7 @@ def instance_workers(obj: dict[str, Any]) -> set[int]:
        body=schemas.WorkerRegister, response=schemas.WorkerRegistered, status=201)
 async def register(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, schemas.WorkerRegister)
-    return await _admission(request).run(lambda: _register(request, body))
+    return await _admission(request, registering=True).run(lambda: _register(request, body))
 
 
 async def _register(request: web.Request, body: schemas.WorkerRegister) -> web.Response:
