@@ -144,9 +144,11 @@ def test_kill_9_of_the_leader_process_hands_over(postgres_url, tiny_model: Path)
         for name in ("a", "b"):
             port = free_port()
             log = open(base / f"server-{name}.log", "wb")
+            # The database keeps only the cluster token's hash: the second server is given the token.
+            given = {"MAAS_CLUSTER_TOKEN": (base / "data-a" / "token").read_text().strip()} if name == "b" else {}
             process = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--database-url",
                                         plain_url, "--data-dir", str(base / f"data-{name}"), "--port", str(port)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                       stdout=log, stderr=subprocess.STDOUT, env=env | given, start_new_session=True)
             servers[name] = (process, port)
             wait_for(lambda: health(port), 60, f"server {name}")
         leader = wait_for(lambda: next((n for n, (_, p) in servers.items() if (health(p) or {}).get("leader")), None),
