@@ -164,6 +164,12 @@ async def _team_with_member(world: World, caller: str) -> Call:
     return Call(f"/v2/teams/{name}/members/mona")
 
 
+async def _fresh_team_quota(world: World, caller: str) -> Call:
+    name = world.unique("team")
+    await world.admin.create_team(name)
+    return Call(f"/v2/teams/{name}/quota", {"gpus": 4, "replicas": 8})
+
+
 async def _fresh_team_member_put(world: World, caller: str) -> Call:
     name = world.unique("team")
     await world.admin.create_team(name)
@@ -248,6 +254,7 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "POST /v2/teams": (ADMIN, lambda w, c: _new_team(w)),
     "DELETE /v2/teams/{name}": (ADMIN, _fresh_team),
     "PUT /v2/teams/{name}/members/{username}": (ADMIN, _fresh_team_member_put),
+    "PUT /v2/teams/{name}/quota": (ADMIN, _fresh_team_quota),
     "DELETE /v2/teams/{name}/members/{username}": (ADMIN, _team_with_member),
     "GET /v2/usage": (ANY_USER, _fixed(Call("/v2/usage"))),
     "GET /v2/users": (ADMIN, _fixed(Call("/v2/users"))),

@@ -1,19 +1,37 @@
-"""`maas team ...`: teams own models; users belong to them as members or viewers."""
+"""`maas team ...`: teams own models; users belong to them as members or viewers; a team's quota caps
+what its instances claim together (GPUs, GPU memory, host RAM, replicas)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich.table import Table, box
+from rich.text import Text
 
-from maas_tui.cli.output import Format, OutputOption, emit, fail
+from maas_tui.cli.output import Format, OutputOption, console, emit, fail, human_bytes
+from server import schemas
+from server.schemas import parse_size
 
-team_app = typer.Typer(help="Teams: who owns which models, and who may change or read them.", no_args_is_help=True)
+team_app = typer.Typer(help="Teams: who owns which models, who may change or read them, and their quotas.",
+                       no_args_is_help=True)
 secret_app = typer.Typer(help="Team secrets: values a model's env names as {secret: NAME}, encrypted at rest.",
                          no_args_is_help=True)
 
+# (TeamQuota field, header, how a value prints)
+_QUOTAS: list[tuple[str, str, Any]] = [("gpus", "GPUS", str), ("vram_bytes", "VRAM", human_bytes),
+                                       ("ram_bytes", "RAM", human_bytes), ("replicas", "REPLICAS", str)]
+
+
+def _used_of(team: schemas.TeamOut, field: str, show: Any) -> str:
+    """`used/limit`, or `used/-` without a limit."""
+    limit = getattr(team.quota, field)
+    return f"{show(getattr(team.usage, field))}/{'-' if limit is None else show(limit)}"
+
+
 _COLUMNS = [("NAME", lambda t: t.name),
-            ("MEMBERS", lambda t: ", ".join(f"{m.username}({m.role})" for m in t.members) or "-")]
+            ("MEMBERS", lambda t: ", ".join(f"{m.username}({m.role})" for m in t.members) or "-")] + [
+    (header, lambda t, field=field, show=show: _used_of(t, field, show)) for field, header, show in _QUOTAS]
 
 
 def _call(work):  # late import: main imports this module
@@ -54,6 +72,64 @@ def team_remove_member(team: str = typer.Argument(...), user: str = typer.Argume
                        output: Format = OutputOption) -> None:
     """Remove a user from a team (admin)."""
     emit(_call(lambda c: c.remove_team_member(team, user)), output, _COLUMNS)
+
+
+def _find(name: str) -> schemas.TeamOut:
+    team = next((t for t in _call(lambda c: c.list_teams()) if t.name == name), None)
+    if team is None:
+        fail(f"no team {name!r} (or not one of yours)")
+    return team
+
+
+@team_app.command("describe")
+def team_describe(name: str = typer.Argument(...), output: Format = OutputOption) -> None:
+    """A team's members, quota and what its instances claim now."""
+    team = _find(name)
+    if output in (Format.json, Format.yaml):
+        emit(team, output)
+        return
+    console.print(Text.assemble(("Team ", "bold"), team.name))
+    members = ", ".join(f"{m.username} ({m.role})" for m in team.members) or "none"
+    console.print(Text(f"Members: {members}"))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("QUOTA", "USED", "LIMIT", "LEFT"):
+        table.add_column(header)
+    for field, header, show in _QUOTAS:
+        used, limit = getattr(team.usage, field), getattr(team.quota, field)
+        table.add_row(header.lower(), show(used), "unlimited" if limit is None else show(limit),
+                      "-" if limit is None else show(max(0, limit - used)))
+    console.print(table)
+
+
+def _limit(option: str, value: str | None, size: bool) -> int | None:
+    """A limit as typed: a count (or a size like 80GiB); `unlimited` (or `none`) removes it."""
+    if value is None or value.strip().lower() in ("unlimited", "none"):
+        return None
+    number = parse_size(value) if size else (int(value) if value.strip().isdigit() else None)
+    if number is None:
+        what = "a size like 80GiB or 512MiB" if size else "a whole number"
+        fail(f"{option} {value!r}: give {what}, or 'unlimited'", code=2)
+    return number
+
+
+@team_app.command("quota")
+def team_quota(name: str = typer.Argument(...),
+               gpus: str | None = typer.Option(None, "--gpus", help="GPUs its instances may claim (or 'unlimited')"),
+               vram: str | None = typer.Option(None, "--vram", help="GPU memory they may claim, e.g. 80GiB"),
+               ram: str | None = typer.Option(None, "--ram", help="host RAM they may claim, e.g. 64GiB"),
+               replicas: str | None = typer.Option(None, "--replicas", help="instances that may hold a claim"),
+               clear: bool = typer.Option(False, "--clear", help="remove every limit not given here"),
+               output: Format = OutputOption) -> None:
+    """Set a team's quota (admin). Limits not given stay as they are (with --clear: unlimited). An instance
+    whose placement would take its team over a limit stays pending with the reason quota_exceeded."""
+    given = {"gpus": (gpus, "--gpus", False), "vram_bytes": (vram, "--vram", True),
+             "ram_bytes": (ram, "--ram", True), "replicas": (replicas, "--replicas", False)}
+    if not clear and all(value is None for value, _, _ in given.values()):
+        fail("give at least one of --gpus, --vram, --ram, --replicas, or --clear", code=2)
+    current = schemas.TeamQuota() if clear else _find(name).quota
+    changes = {field: _limit(option, value, size) for field, (value, option, size) in given.items() if value is not None}
+    quota = current.model_copy(update=changes)
+    emit(_call(lambda c: c.set_team_quota(name, quota)), output, _COLUMNS)
 
 
 def _team_of(team: str | None) -> str:

@@ -40,7 +40,7 @@ async def evaluate_model(request: web.Request) -> web.Response:
         return json_out(schemas.ModelEvaluation(name=body.name, replicas=replicas, pending_ahead=pending,
                                                 message=f"cannot estimate the memory: {exc}"))
     key = existing if existing is not None else f"evaluate:{body.name}"
-    placements = evaluate(Request(spec, memory, key), state.cluster, body.replicas)
+    placements = evaluate(Request(spec, memory, key, team=team), state.cluster, body.replicas)  # within its quota
     fit = sum(1 for p in placements if p.scheduled)
     message = f"{fit} of {body.replicas} replicas fit now"
     if existing is not None:

@@ -1,6 +1,7 @@
 """Teams own models; users belong to teams with a role in each (server/services/access.py).
 
-Admins create and delete teams and set who belongs to them; everyone else sees the teams they are in.
+Admins create and delete teams, set who belongs to them and their quotas; everyone else sees the teams
+they are in, with each team's quota and what its instances claim now (usage).
 A change of membership touches the user's row, so every server drops the cached credentials of
 that user through the change feed (like a revoked key).
 """
@@ -16,8 +17,12 @@ from server.api.errors import ApiError, conflict, not_found, read_json
 from server.api.permissions import require_admin
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
+from server.db.database import log_changes
 from server.db.tables import utcnow
 from server.events import record_event
+from server.scheduler.placement import Usage, claim_cost
+from server.scheduler.service import team_quota, team_wire
+from server.scheduler.snapshot import CLAIMING
 from server.services import access
 
 
@@ -28,12 +33,31 @@ async def _team(session, name: str) -> tables.Team:
     return team
 
 
-async def _team_out(session, team: tables.Team) -> schemas.TeamOut:
+async def team_usage(session, names: list[str]) -> dict[str, Usage]:
+    """What the instances of these teams that hold a claim claim now: the sum the scheduler's
+    snapshot counts against each team's quota (server/scheduler/snapshot.py)."""
+    usage: dict[str, Usage] = {name: Usage() for name in names}
+    rows = await session.execute(select(tables.ModelInstance.team, tables.ModelInstance.claim).where(
+        tables.ModelInstance.team.in_(names), tables.ModelInstance.state.in_([s.value for s in CLAIMING]),
+        tables.ModelInstance.worker_id.is_not(None), tables.ModelInstance.claim.is_not(None)))
+    for team, raw in rows:
+        try:
+            claim = schemas.ResourceClaim.model_validate(raw)
+        except ValueError:
+            continue  # the scheduler counts nothing for a claim it cannot read either
+        usage[team].add(claim_cost(claim))
+    return usage
+
+
+async def _team_out(session, team: tables.Team, usage: Usage | None = None) -> schemas.TeamOut:
     members = (await session.execute(
         select(tables.User.username, tables.TeamMember.role).join(tables.TeamMember)
         .where(tables.TeamMember.team_id == team.id).order_by(tables.User.username))).all()
+    if usage is None:
+        usage = (await team_usage(session, [team.name]))[team.name]
     return schemas.TeamOut(id=team.id, name=team.name, created_at=team.created_at,
-                           members=[schemas.TeamMemberOut(username=u, role=r) for u, r in members])
+                           members=[schemas.TeamMemberOut(username=u, role=r) for u, r in members],
+                           quota=team_quota(team), usage=usage.to_out())
 
 
 async def _user(session, username: str) -> tables.User:
@@ -55,7 +79,9 @@ async def list_teams(request: web.Request) -> web.Response:
     if (teams := access.visible_teams(principal_of(request))) is not None:
         query = query.where(tables.Team.name.in_(teams))
     async with server_of(request).db.session() as s:
-        return json_out([await _team_out(s, t) for t in (await s.execute(query)).scalars().all()])
+        teams = (await s.execute(query)).scalars().all()
+        usage = await team_usage(s, [t.name for t in teams])
+        return json_out([await _team_out(s, t, usage[t.name]) for t in teams])
 
 
 @route("POST", "/v2/teams", "Create a team (admin)", body=schemas.TeamCreate, response=schemas.TeamOut, status=201)
@@ -125,5 +151,26 @@ async def remove_member(request: web.Request) -> web.Response:
         await s.delete(member)
         _credentials_changed(request, user)
         record_event(s, "teams", team, "MemberRemoved", user.username, principal_of(request).name)
+        await s.commit()
+        return json_out(await _team_out(s, team))
+
+
+@route("PUT", "/v2/teams/{name}/quota", "Set a team's quota: GPUs, GPU memory, host RAM and replicas its instances "
+       "may claim together; a field left out or null is unlimited (admin)", body=schemas.TeamQuota,
+       response=schemas.TeamOut)
+async def set_quota(request: web.Request) -> web.Response:
+    require_admin(request, "set team quotas")
+    body = await read_json(request, schemas.TeamQuota)
+    async with server_of(request).db.session() as s:
+        team = await _team(s, request.match_info["name"])
+        before = team_quota(team)
+        for field in schemas.TeamQuota.model_fields:
+            setattr(team, f"quota_{field}", getattr(body, field))
+        if before != body:
+            limits = ", ".join(f"{k}={v}" for k, v in body.model_dump().items() if v is not None) or "unlimited"
+            record_event(s, "teams", team, "QuotaSet", limits, principal_of(request).name)
+            # Published for the scheduler of every server (kind `teams`; the watch does not offer it).
+            await log_changes(s, [{"kind": "teams", "action": "updated", "object": team_wire(team),
+                                   "created_at": utcnow()}])
         await s.commit()
         return json_out(await _team_out(s, team))
