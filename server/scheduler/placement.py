@@ -761,7 +761,7 @@ def quota_gate(request: Request, cluster: Cluster) -> list[schemas.Unschedulable
     return []
 
 
-_QUOTA_WORDS = {"gpus": "GPUs", "vram_bytes": "GPU memory", "ram_bytes": "host RAM", "replicas": "replicas"}
+_QUOTA_WORDS = {"gpus": "GPU", "vram_bytes": "GPU memory", "ram_bytes": "host RAM", "replicas": "replica"}
 
 
 def quota_reasons(team: str | None, cluster: Cluster, need: Usage) -> list[schemas.UnschedulableReason]:
@@ -779,7 +779,7 @@ def quota_reasons(team: str | None, cluster: Cluster, need: Usage) -> list[schem
         show = gib if name.endswith("_bytes") else str
         reasons.append(schemas.UnschedulableReason(
             reason="quota_exceeded", team=team, quota=name, need=wanted, used=held, limit=limit,
-            message=f"team {team}'s quota: this replica needs {show(wanted)} of {_QUOTA_WORDS[name]}, "
+            message=f"team {team}'s {_QUOTA_WORDS[name]} quota: this replica needs {show(wanted)}, "
                     f"its instances hold {show(held)} of {show(limit)}"))
     return reasons
 
