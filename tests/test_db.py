@@ -202,6 +202,9 @@ async def _seed_head(db: Database) -> None:
     await db.migrate()
     async with db.session() as s:  # rows in the newer tables too, some written through the ORM hooks
         s.add(tables.SshKey(user_id=1, name="me@laptop", fingerprint="SHA256:abc", public_key="ssh-ed25519 AAAA me"))
+        s.add(tables.Secret(team="default", name="hf", ciphertext="gAAAA-sealed"))
+        s.add(tables.AuditEntry(actor="admin", address="127.0.0.1", method="POST", path="/v2/models", status=201,
+                                summary='{"name":"tiny"}'))
         s.add(tables.Usage(day=T0.date(), api_key_id=1, api_key_name="k-api", user_id=1, model_name="tiny",
                            requests=5, prompt_tokens=100, completion_tokens=2**40))
         s.add(tables.Event(kind="model", object_id=1, object_name="tiny", reason="Scaled"))
