@@ -30,7 +30,7 @@ from agent.runtimes.process import AdoptedHandle
 from agent.sources import ModelCache, SourceError, env_model_roots
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.ndjson import watch_messages
-from server.schemas import BackendDefinition, InstanceOut, InstanceSecrets, WorkerRegistered
+from server.schemas import BackendDefinition, BackendKey, InstanceOut, InstanceSecrets, WorkerRegistered
 from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
 
 log = logging.getLogger(__name__)
@@ -528,7 +528,17 @@ class Agent:
         secrets = await self.fetch_secrets(instance) if any(
             not isinstance(value, str) for value in instance.spec.env.values()) else {}
         return LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
-                             python=dict(self.config.backend_python), custom=definition, secrets=secrets)
+                             python=dict(self.config.backend_python), custom=definition, secrets=secrets,
+                             api_key=await self.fetch_backend_key(instance) if name is None else None)
+
+    async def fetch_backend_key(self, instance: InstanceOut) -> str | None:
+        """The key the instance's backend is to require (the gateway presents it); None: the backend takes none."""
+        url = f"{self.config.server_url}/v2/agent/instances/{instance.id}/backend-key"
+        async with self._http.get(url, headers=self._headers()) as response:
+            if response.status != 200:
+                raise BackendError(f"the server did not give the instance's backend key ({response.status}: "
+                                   f"{(await response.text())[:300]})")
+            return BackendKey.model_validate(await response.json()).key
 
     async def fetch_secrets(self, instance: InstanceOut) -> dict[str, str]:
         """The values of the team secrets the instance's env names; kept in memory for its launch only."""
@@ -671,7 +681,7 @@ class Agent:
             samples.append(sample)
             if workload.state == "running" and workload.launch and workload.launch.metrics_path and workload.port:
                 url = f"http://{self.config.address}:{workload.port}{workload.launch.metrics_path}"
-                scrapes.append((sample, metrics.scrape(self._http, url)))
+                scrapes.append((sample, metrics.scrape(self._http, url, key=workload.launch.api_key)))
         for sample, text in zip([s for s, _ in scrapes], await asyncio.gather(*(c for _, c in scrapes))):
             sample.scraped = text
         gpus, host = await asyncio.to_thread(lambda: (self.gpus.read(), host_info()))

@@ -30,9 +30,11 @@ class InstanceSample:
     metrics: dict[str, str] | None = None  # backend sample name -> unified name
 
 
-async def scrape(http: aiohttp.ClientSession, url: str, timeout: float = 2.0) -> str | None:
+async def scrape(http: aiohttp.ClientSession, url: str, timeout: float = 2.0, key: str | None = None) -> str | None:
+    """A backend's exposition text (None when it does not answer); `key`: the instance's, where it has one."""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     try:
-        async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout), headers=headers) as response:
             if response.status != 200:
                 return None
             return await response.text()

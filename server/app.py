@@ -34,6 +34,7 @@ from server.leader import LeaderElection
 from server.liveness import Heartbeats
 from server.telemetry import TelemetryHub
 from server.scheduler.service import Scheduler
+from server.services.backend_keys import BackendKeys, load_secret
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class MaasServer:
         self.higress_status: list[Any] = []  # SyncStatus per Higress applier, set by HigressSync (the leader's)
         self.gateway_timeout = config.gateway_timeout  # seconds for one /v1 exchange (server/gateway/proxy.py)
         self.url = ""
+        self.backend_keys: BackendKeys | None = None  # what the gateway presents to backends (services/backend_keys.py)
         self.cluster_token: str | None = None  # the registration token agents join with (from <data-dir>/token)
         self.admin_password: str | None = None  # set on the first start only
         self._runner: web.AppRunner | None = None
@@ -241,6 +243,7 @@ class MaasServer:
                 write_secret(self.admin_password_file, self.admin_password)
                 s.add(tables.Team(name=schemas.DEFAULT_TEAM))  # where models go until there are more teams
             self.cluster_token = await self._cluster_token(s)
+            self.backend_keys = BackendKeys(await load_secret(s))
             await s.commit()
 
     async def _cluster_token(self, s) -> str | None:

@@ -212,6 +212,7 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
     "PUT /v2/agent/instances/{id}/ray": (WORKER, _fixed(Call("/v2/agent/instances/999999/ray",
                                                              {"address": "127.0.0.1:1"}))),
     "GET /v2/agent/instances/{id}/ray": (WORKER, _fixed(Call("/v2/agent/instances/999999/ray"))),
+    "GET /v2/agent/instances/{id}/backend-key": (WORKER, _fixed(Call("/v2/agent/instances/999999/backend-key"))),
     "POST /v2/agent/instances/{id}/events": (WORKER, _fixed(Call("/v2/agent/instances/999999/events",
                                                                  {"reason": "Probe", "message": "m"}))),
     "GET /v2/backends": (USER_OR_WORKER, _fixed(Call("/v2/backends"))),

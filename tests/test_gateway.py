@@ -33,9 +33,11 @@ async def _deploy(admin: MaasClient, name: str, tiny_model: Path, replicas: int)
     return await admin.list_instances(name)
 
 
-async def _predicted_tokens(port: int) -> float:
-    """Tokens this llama.cpp instance generated, from its own /metrics."""
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+async def _predicted_tokens(server: MaasServer, instance) -> float:
+    """Tokens this llama.cpp instance generated, from its own /metrics (with its key, as the gateway's)."""
+    key = {"Authorization": f"Bearer {server.backend_keys.key(instance.id)}"}
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{instance.port}/metrics", headers=key) as response:
         text = await response.text()
     match = re.search(r"^llamacpp:tokens_predicted_total (\S+)$", text, re.M)
     assert match, text
@@ -49,9 +51,38 @@ async def test_balancing_spreads_requests(server: MaasServer, admin: MaasClient,
         reply = await client.chat.completions.create(model="spread", messages=PROMPT, max_tokens=3)
         assert reply.usage.completion_tokens == 3
     await client.close()
-    per_instance = [await _predicted_tokens(i.port) for i in instances]
+    per_instance = [await _predicted_tokens(server, i) for i in instances]
     # One at a time, so nothing is outstanding: ties rotate, each instance gets half.
     assert per_instance == [30.0, 30.0], per_instance
+
+
+async def test_backends_answer_only_the_gateway(server: MaasServer, admin: MaasClient, api_key: str, agent,
+                                                tiny_model: Path):
+    """A llama.cpp instance requires its key (which only the gateway presents): reaching it on the worker's
+    address passes no API key, team rule or meter. The key is in no read of the instance."""
+    [instance] = await _deploy(admin, "keyed", tiny_model, 1)
+    key = server.backend_keys.key(instance.id)
+    direct = f"http://127.0.0.1:{instance.port}"
+    body = {"model": "keyed", "messages": PROMPT, "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": f"Bearer {api_key}"}, {"Authorization": "Bearer maasb_guess"}):
+            async with http.post(f"{direct}/v1/chat/completions", json=body, headers=headers) as response:
+                assert response.status == 401, await response.text()
+            async with http.get(f"{direct}/metrics", headers=headers) as response:
+                assert response.status == 401
+        async with http.get(f"{direct}/health") as response:
+            assert response.status == 200  # what the agent and the gateway's probes ask
+        async with http.post(f"{direct}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status == 200
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0)
+    assert (await client.chat.completions.create(model="keyed", messages=PROMPT, max_tokens=2)).usage
+    chunks = [c async for c in await client.chat.completions.create(model="keyed", messages=PROMPT, max_tokens=2,
+                                                                     stream=True)]
+    assert chunks
+    await client.close()
+    shown = (await admin.get_instance(instance.name)).model_dump_json() + str(await admin.list_events(limit=1000))
+    assert key not in shown
 
 
 async def test_failover_on_a_killed_instance_loses_no_request(server: MaasServer, admin: MaasClient, api_key: str,

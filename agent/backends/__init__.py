@@ -32,6 +32,7 @@ class LaunchSpec:
     # What must exist on the host for the process runtime: ("module", python, name) or ("executable", name).
     requires: tuple[str, ...] | None = None
     accelerator: str = "nvidia"  # what a claim's devices are: nvidia GPUs, or ascend NPUs (MindIE)
+    api_key: str | None = None  # what the backend requires of its callers (the gateway presents it)
 
 
 class BackendError(Exception):
@@ -50,6 +51,9 @@ class LaunchContext:
     custom: BackendDefinition | None = None  # the definition of a `custom:NAME` backend
     secrets: dict[str, str] = field(default_factory=dict)  # env name -> value, for env given as {secret: NAME}
     ray_address: str = ""  # the Ray head (host:port) of a multi-host placement, once it runs
+    # The instance's key (server/services/backend_keys.py): llama.cpp and vLLM then answer only callers
+    # that present it. In the environment, never argv (a command line is readable by every local user).
+    api_key: str | None = None
 
     def python_for(self, backend: str) -> str:
         return self.python.get(backend) or sys.executable
@@ -78,7 +82,9 @@ def llama_cpp(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
                  "--port", str(context.port), "--ctx-size", str(spec.context_length), "--metrics"]
     if claim and claim.device == "gpu":
         container += ["--n-gpu-layers", str(claim.gpu_layers if claim.gpu_layers is not None else 999)]
-    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
+    key = {"LLAMA_API_KEY": context.api_key} if context.api_key else {}  # our wrapper and llama-server read it
+    return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env, **key},
+                      api_key=context.api_key,
                       health_path="/health", metrics_path="/metrics", metrics=dict(LLAMACPP_METRICS),
                       image=f"ghcr.io/ggml-org/llama.cpp:{spec.backend_version or 'server-cuda'}",
                       container_command=container + list(spec.args),
@@ -121,7 +127,8 @@ def vllm(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(_kv_cache_gib(claim))
     if spec.max_model_len is not None:
         command += ["--max-model-len", str(spec.max_model_len)]
-    return LaunchSpec(command=command + list(spec.args), env={**env, **spec.env},
+    key = {"VLLM_API_KEY": context.api_key} if context.api_key else {}  # guards /v1; /health and /metrics stay open
+    return LaunchSpec(command=command + list(spec.args), env={**env, **spec.env, **key}, api_key=context.api_key,
                       health_path="/health", metrics_path="/metrics", metrics=dict(VLLM_METRICS),
                       image=f"vllm/vllm-openai:{spec.backend_version or 'latest'}",
                       container_command=command[3:] + list(spec.args),  # the image's entrypoint is the server

@@ -19,6 +19,10 @@ GIL during the load).  ``--port 0`` picks a free port; the printed line
 carries the real one.  If the model is missing or fails to load, one line
 ``llama.cpp server: error: ...`` goes to stderr and the exit status is 1.
 
+With ``LLAMA_API_KEY`` in the environment (the agent sets it: the instance's key, which the gateway
+presents) every endpoint but ``/health`` and ``/v1/models`` needs ``Authorization: Bearer KEY``; the
+key is not taken as a flag, as a command line is readable by every local user.
+
 llama.cpp's own log goes to stderr.  Endpoints: ``/health``, ``/v1/models``,
 ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (with
 ``--embeddings``) and ``/metrics`` (``llamacpp:*`` Prometheus lines).
@@ -111,6 +115,8 @@ def build_params(args: argparse.Namespace):
         # compatible").  Mean pooling makes the OpenAI endpoint work.
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     params.n_gpu_layers = args.n_gpu_layers
+    if key := os.environ.get("LLAMA_API_KEY"):
+        params.api_keys = [key]
     if args.threads is not None:
         params.cpuparams.n_threads = args.threads
         params.cpuparams_batch.n_threads = args.threads

@@ -25,7 +25,7 @@ from server.api.security import hash_secret, new_worker_token
 from server.db import tables
 from server.db.settings import put_setting
 from server.liveness import inventory
-from server.services import workers
+from server.services import backend_keys, workers
 from server.events import record_event
 from server.telemetry import reading_of
 
@@ -337,3 +337,17 @@ async def post_instance_event(request: web.Request) -> web.Response:
         record_event(s, "instances", instance, body.reason, body.message, principal_of(request).name)
         await s.commit()
     return web.json_response({"recorded": body.reason}, status=201)
+
+
+@route("GET", "/v2/agent/instances/{id}/backend-key", "The key an instance's backend requires of its callers "
+       "(the gateway presents it); null where the backend takes none (its main worker)", auth="worker",
+       response=schemas.BackendKey)
+async def get_backend_key(request: web.Request) -> web.Response:
+    server = server_of(request)
+    async with server.db.session() as s:
+        instance = await _instance_of_worker(s, request, main_only=True)
+        backend = (instance.spec or {}).get("backend")
+    # Higress reaches the backends itself and cannot present a key per instance: no key there.
+    via_higress = bool(server.config.higress_dir or server.config.higress_kubeconfig)
+    keyed = backend in backend_keys.KEYED_BACKENDS and not via_higress
+    return json_out(schemas.BackendKey(key=server.backend_keys.key(instance.id) if keyed else None))

@@ -142,6 +142,12 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
 
 
+def _key(server: Any, target: Target) -> bytes:
+    """The instance's key as a header line: llama.cpp and vLLM answer only the gateway (a backend without
+    a key ignores it)."""
+    return server.backend_keys.header(target.instance_id) if server.backend_keys is not None else b""
+
+
 async def _forward_plain(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
                          content_type: str, fresh: bool) -> web.Response:
     """A whole response: over the lean pooled client (server/gateway/upstream.py)."""
@@ -150,7 +156,7 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
         try:
             async with asyncio.timeout(server.gateway_timeout):
                 upstream = await server.routes.upstream.request(target.host, target.port, request.path, body,
-                                                                content_type, fresh)
+                                                                content_type, fresh, _key(server, target))
         except UpstreamError as exc:
             if exc.answered:  # the backend had begun to answer: it may have done the work, do not repeat it
                 server.usage.record(principal, name, None)
@@ -178,7 +184,7 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
         try:
             async with asyncio.timeout_at(deadline):
                 upstream = await server.routes.upstream.stream(target.host, target.port, request.path, body,
-                                                               content_type)
+                                                               content_type, _key(server, target))
         except UpstreamError as exc:
             raise _Upstream(str(exc)) from None
         except TimeoutError:

@@ -222,8 +222,9 @@ class UpstreamPool:
         self._prefix: dict[tuple[str, int, str], bytes] = {}
 
     async def request(self, host: str, port: int, path: str, body: bytes, content_type: str,
-                      fresh: bool = False) -> _Response:
-        """POST `body`; `fresh` never reuses a pooled connection (for the retry)."""
+                      fresh: bool = False, authorization: bytes = b"") -> _Response:
+        """POST `body`; `fresh` never reuses a pooled connection (for the retry). `authorization`: a
+        header line (the instance's key, server/services/backend_keys.py), or nothing."""
         key = (host, port)
         connection = None if fresh else self._take(key)
         if connection is None:
@@ -232,7 +233,8 @@ class UpstreamPool:
         if prefix is None:
             prefix = self._prefix[(host, port, path)] = (
                 f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: */*\r\nContent-Length: ").encode("latin-1")
-        head = prefix + b"%d\r\nContent-Type: %s\r\n\r\n" % (len(body), content_type.encode("latin-1"))
+        head = prefix + b"%d\r\nContent-Type: %s\r\n%s\r\n" % (len(body), content_type.encode("latin-1"),
+                                                              authorization)
         try:
             response = await connection.exchange(head + body)
         except UpstreamError as exc:
@@ -249,13 +251,15 @@ class UpstreamPool:
             connection.close()
         return response
 
-    async def stream(self, host: str, port: int, path: str, body: bytes, content_type: str) -> UpstreamStream:
+    async def stream(self, host: str, port: int, path: str, body: bytes, content_type: str,
+                     authorization: bytes = b"") -> UpstreamStream:
         """POST `body` on a new connection; returns once the response head is in."""
         exchange = await self._connect(host, port, stream=True)
         exchange.transport.write(  # type: ignore[union-attr]
             b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\nContent-Type: %s\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-                path.encode("latin-1"), host.encode("latin-1"), port, content_type.encode("latin-1"), len(body), body))
+            b"Content-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
+                path.encode("latin-1"), host.encode("latin-1"), port, content_type.encode("latin-1"), len(body),
+                authorization, body))
         try:
             await exchange.head
         except BaseException:

@@ -640,6 +640,13 @@ class InstanceStatusReport(Schema):
     download_progress: float | None = Field(default=None, ge=0, le=1, description="with downloading: 0..1")
 
 
+class BackendKey(Schema):
+    """The key the gateway presents to an instance's backend; null where the backend takes none (or where
+    Higress, which reaches backends directly, serves /v1)."""
+
+    key: str | None = None
+
+
 # Multi-host placements: what the main worker publishes of its Ray head, what subordinates report.
 
 
