@@ -62,8 +62,11 @@ class MaasApp(App[None]):
 
     def __init__(self, client: Any, *, state: ClusterState | None = None, clock: Callable[[], datetime] | None = None,
                  watch: bool = True, start: str = "dash", refresh_delay: float = 0.05, tick: float = 2.0,
-                 freeze_gc: bool = False, remote: bool = False) -> None:
+                 freeze_gc: bool = False, remote: bool = False, toast_seconds: float | None = None) -> None:
         super().__init__()
+        # Every notification's lifetime when set (the screenshots keep theirs until the shot, however slow
+        # the machine); otherwise each call's own.
+        self.toast_seconds = toast_seconds
         # Over SSH (the front door sets MAAS_TUI_REMOTE) the app runs on the server: nothing may write
         # files there for the client (log save, Textual's screenshot).
         self.remote = remote
@@ -84,6 +87,8 @@ class MaasApp(App[None]):
 
     def notify(self, message: str, *, markup: bool = False, **kwargs: Any) -> None:
         """Notifications show text as it is: messages often quote the server, which must not inject markup."""
+        if self.toast_seconds is not None:
+            kwargs["timeout"] = self.toast_seconds
         super().notify(message, markup=markup, **kwargs)
 
     def get_system_commands(self, screen: Any) -> Any:

@@ -123,7 +123,7 @@ def make_app(scenario: Scenario) -> MaasApp:
     if scenario.no_color:
         os.environ["NO_COLOR"] = "1"  # Textual reads (and removes) it when the app is created
     try:
-        return MaasApp(client, state=state, clock=fixed_clock, refresh_delay=0.0, tick=0)
+        return MaasApp(client, state=state, clock=fixed_clock, refresh_delay=0.0, tick=0, toast_seconds=600)
     finally:
         os.environ.pop("NO_COLOR", None)
 

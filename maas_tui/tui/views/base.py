@@ -232,6 +232,12 @@ class TableScreen(MaasScreen):
         self.refresh_body(None)
         label = "default order" if self.sort_column is None else \
             f"sorted by {self.columns()[self.sort_column][0]}"
+        # One sort toast at a time: pressing o five times shows where it ended, not five toasts. (Textual has
+        # no public way to withdraw one toast; without these internals the toasts just stack.)
+        withdraw = getattr(self.app, "_unnotify", None)
+        for toast in list(getattr(self.app, "_notifications", ())):
+            if withdraw is not None and toast.message.startswith(("sorted by", "default order")):
+                withdraw(toast)
         self.app.notify(f"{label}{' · wide' if self.wide else ''}", timeout=1.5)
 
     def main_widget(self) -> Any:
