@@ -261,7 +261,8 @@ async def test_hostile_files_urls_ports_and_markup(server, api_key: str, cli, tm
     assert result.exit_code == 1 and "larger than" in result.output, result.output
 
     for args in (("login", "--server", "notaurl", "--api-key", "k"), ("login", "--server", "http://host:99999", "--api-key", "k"),
-                 ("context", "add", "x", "--server", "ftp://host")):
+                 ("context", "add", "x", "--server", "ftp://host"), ("agent", "--server-url", "notaurl", "--token", "t"),
+                 ("start", "--advertise-url", "http://"), ("worker", "add", "root@h", "--token", "t", "--server-url", "h:1")):
         result = await cli(*args)
         assert result.exit_code == 2 and "server URL" in result.output, (args, result.output)
     result = await cli("model", "list", env={"MAAS_SERVER": "notaurl"})

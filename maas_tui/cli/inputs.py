@@ -125,6 +125,16 @@ def server_url(url: str) -> str:
     return url
 
 
+def url_callback(value: str | None) -> str | None:
+    """A Typer callback for URL options: a bad URL is a usage error (exit 2) naming the option."""
+    if value is None:
+        return None
+    try:
+        return server_url(value)
+    except InputProblem as exc:
+        raise typer.BadParameter(exc.message) from None
+
+
 def port_option(default: int | None, help: str, allow_zero: bool = False, flag: str | None = None) -> Any:
     """A TCP port option: 1-65535 (0 too where it means "any free port"); Click refuses others (exit 2)."""
     names = (flag,) if flag else ()

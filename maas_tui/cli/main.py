@@ -15,7 +15,7 @@ import typer
 from maas_tui import config as client_config
 from maas_tui.cli import ops_cmds
 from maas_tui.cli.gateway_cmds import gateway_app
-from maas_tui.cli.inputs import InputProblem, port_option, server_url
+from maas_tui.cli.inputs import InputProblem, port_option, server_url, url_callback
 from maas_tui.cli.output import Format, OutputOption, console, emit, err_console, fail, now, print_rows
 from maas_tui.client import ApiClientError, MaasClient
 from maas_tui.render import events as render_events
@@ -100,7 +100,8 @@ def start(
     simulate_gpus: Optional[str] = typer.Option(None, help="give the local agent simulated GPUs, e.g. 4xH100-80GB"),
     higress_dir: Optional[Path] = typer.Option(None, help="keep Higress objects in this folder (Higress standalone layout)"),
     higress_kubeconfig: Optional[Path] = typer.Option(None, help="apply Higress objects through the Kubernetes API of this kubeconfig, or in-cluster for the pod's service account (namespace higress-system)"),
-    advertise_url: Optional[str] = typer.Option(None, help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
+    advertise_url: Optional[str] = typer.Option(None, callback=url_callback,
+                                                help="how Higress reaches this server, e.g. http://10.0.0.1:8080"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssh_port: Optional[int] = port_option(None, "also serve the TUI over SSH on this port (public keys: maas user add-key)"),
     ssh_max_sessions: int = typer.Option(16, min=1, max=1024, help="with --ssh-port: concurrent TUI sessions at most"),
@@ -120,7 +121,7 @@ def start(
 
 @app.command()
 def agent(
-    server_url: str = typer.Option(..., help="the server, e.g. http://10.0.0.1:8080"),
+    server_url: str = typer.Option(..., callback=url_callback, help="the server, e.g. http://10.0.0.1:8080"),
     token: str = typer.Option(..., envvar="MAAS_TOKEN", help="the cluster token (<data-dir>/token on the server)"),
     name: Optional[str] = typer.Option(None, help="worker name (default: host name)"),
     address: str = typer.Option("127.0.0.1", help="address the server and gateway use to reach this worker"),

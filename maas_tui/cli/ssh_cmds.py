@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from maas_tui.cli.inputs import InputProblem, port_option, read_input_file, server_url as checked_url
+from maas_tui.cli.inputs import InputProblem, port_option, read_input_file, server_url as checked_url, url_callback
 from maas_tui.cli.output import Format, OutputOption, age, console, emit, print_error
 
 user_app = typer.Typer(help="Users and the SSH keys that let them into the TUI over SSH.", no_args_is_help=True)
@@ -187,7 +187,8 @@ def worker_add(target: str = typer.Argument(..., help="user@host or user@host:po
                port: int = port_option(22, "SSH port", flag="--port"),
                name: Optional[str] = typer.Option(None, help="worker name (default: the remote host name)"),
                address: Optional[str] = typer.Option(None, help="address the server uses to reach the worker (default: host)"),
-               server_url: Optional[str] = typer.Option(None, help="the server URL as the worker sees it (default: the context's)"),
+               server_url: Optional[str] = typer.Option(None, callback=url_callback,
+                                                        help="the server URL as the worker sees it (default: the context's)"),
                simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB"),
                labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable)"),
                remote_dir: str = typer.Option("~/.maas", help="where the agent lives on the remote host"),
