@@ -179,3 +179,16 @@ async def test_the_cli_sets_shows_and_clears_a_quota(server, admin: MaasClient, 
     assert out.exit_code == 1 and "nobody" in out.output
     out = await asyncio.to_thread(cli, "team", "quota", "red", "--gpus", "9999999999")
     assert out.exit_code == 1 and "gpus" in out.output  # refused by the server (422)
+
+
+async def test_a_team_made_again_under_a_deleted_name_starts_without_its_quota(server, admin: MaasClient):
+    scheduler = scheduler_of(server)
+    await admin.create_team("red")
+    await admin.set_team_quota("red", schemas.TeamQuota(replicas=1))
+    await eventually(lambda: _equals(_quota_of(scheduler, "red"), schemas.TeamQuota(replicas=1)), timeout=10,
+                     message="the scheduler has red's quota")
+    await admin.delete_team("red")
+    await eventually(lambda: _equals(_quota_of(scheduler, "red"), None), timeout=10,
+                     message="the scheduler forgot the deleted team's quota")
+    await admin.create_team("red")
+    assert (await team(admin, "red")).quota == schemas.TeamQuota()
