@@ -648,3 +648,18 @@ async def test_spec_change_is_a_new_generation(admin: MaasClient, tiny_model: Pa
     same = await admin.update_model("gen", {"context_length": 4096})
     assert same.generation == 2
     assert (await admin.get_model("gen")).generation == 2
+
+
+async def test_model_watch_events_carry_the_ready_count(server, admin: MaasClient, agent, tiny_model, http):
+    """REST, the snapshot and the watch's events agree on ready_replicas (events once said 0 always)."""
+    async with http.get(f"{server.url}/v2/watch", params={"kinds": "models"}, headers=bearer(admin.token)) as r:
+        await r.content.readline()  # the snapshot
+        await admin.create_model({"name": "counted", "source": str(tiny_model), "backend": "llama.cpp",
+                                  "replicas": 1})
+        seen = []
+        while not seen or seen[-1] != 1:
+            line = json.loads(await asyncio.wait_for(r.content.readline(), 60))
+            if line.get("type") == "event" and line["object"]["name"] == "counted":
+                seen.append(line["object"]["ready_replicas"])
+    assert seen[0] == 0 and seen[-1] == 1
+    assert (await admin.get_model("counted")).ready_replicas == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
-from sqlalchemy import event, insert, text
+from sqlalchemy import event, func, insert, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -78,16 +78,45 @@ class TrackedSession(Session):
     """Writes every change of a published row to the change log, in the same transaction."""
 
 
+def _ready_count(session: Session, model_id: int) -> int:
+    """Running instances of a model, as flushed (the connection, not the session: no autoflush here)."""
+    query = select(func.count()).select_from(tables.ModelInstance).where(
+        tables.ModelInstance.model_id == model_id, tables.ModelInstance.state == "running")
+    return session.connection().execute(query).scalar_one()
+
+
+def _model_wire(session: Session, model: tables.Model) -> dict[str, Any]:
+    """A model as REST shows it: with its ready count, which its row alone does not hold."""
+    wire = to_wire(model)
+    wire["ready_replicas"] = _ready_count(session, model.id)
+    return wire
+
+
 @event.listens_for(TrackedSession, "after_flush")
 def _collect_changes(session: Session, _flush_context: Any) -> None:
     pending: list[tuple[str, str, dict[str, Any]]] = session.info.setdefault("pending_changes", [])
+    published_models: set[int] = set()
+    running_moved: set[int] = set()  # models whose count of running instances may have changed
     for action, objects in (("created", session.new), ("updated", session.dirty), ("deleted", session.deleted)):
         for obj in objects:
             if type(obj) not in PUBLISHED:
                 continue
             if action == "updated" and not session.is_modified(obj, include_collections=False):
                 continue
+            if isinstance(obj, tables.Model) and action != "deleted":
+                published_models.add(obj.id)
+                pending.append(("models", action, _model_wire(session, obj)))
+                continue
+            if isinstance(obj, tables.ModelInstance):
+                state = inspect(obj).attrs.state.history
+                if obj.state == "running" or "running" in (state.deleted or ()):
+                    running_moved.add(obj.model_id)
             pending.append((PUBLISHED[type(obj)][0], action, to_wire(obj)))
+    with session.no_autoflush:
+        for model_id in running_moved - published_models:
+            model = session.get(tables.Model, model_id)
+            if model is not None and model not in session.deleted:
+                pending.append(("models", "updated", _model_wire(session, model)))
 
 
 @event.listens_for(TrackedSession, "after_flush_postexec")
