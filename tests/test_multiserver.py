@@ -174,6 +174,10 @@ def test_kill_9_of_the_leader_process_hands_over(postgres_url, tiny_model: Path)
              "--wait", "--timeout", "60")
         instances = json.loads(maas("instance", "list", "-o", "json"))["items"]
         assert [(i["model_name"], i["state"]) for i in instances] == [("after-kill", "running")]
+        # The new leader gave the worker a full timeout from its takeover: never marked not_ready.
+        workers = json.loads(maas("worker", "list", "-o", "json"))["items"]
+        assert [(w["name"], w["state"]) for w in workers] == [("worker-1", "ready")]
+        assert "NotReady" not in maas("events", "--limit", "500")
     finally:
         for process in [agent] + [p for p, _ in servers.values()]:
             if process is not None and process.poll() is None:
