@@ -122,7 +122,7 @@ class KeyedReconcileLoop(ReconcileLoop):
     the objects it concerns (`keys_of`), only those are reconciled (`reconcile_keys`), and a full
     `reconcile()` every `interval` seconds is the safety net for anything missed."""
 
-    spacing = 0.25  # seconds between two passes over the same object (WorkQueue.take)
+    spacing = 1.0  # seconds between two passes over the same object (WorkQueue.take)
 
     def __init__(self, server: Any, interval: float):
         super().__init__(server, interval)
