@@ -406,3 +406,40 @@ async def test_cordon_uncordon_drain_and_sort_wide(server: MaasServer, admin: Ma
         assert cell(app, "worker-1", "ADDRESS").startswith("127.0.0.1:")
         await pilot.press("ctrl+w")
         await until(pilot, lambda: "ADDRESS" not in app.screen.query_one(ResourceTable)._labels)
+
+
+async def test_deploy_form_takes_the_servers_backends_and_rules(server: MaasServer, admin: MaasClient,
+                                                                tiny_model: Path):
+    """The form lists what GET /v2/backends lists (custom ones too), checks with the server's own
+    ModelCreate (cpu_only with vLLM is fine, with SGLang not), and shows a refused spec under its field."""
+    from textual.widgets import Checkbox, Select
+
+    await admin.add_backend({"name": "tiny-llama", "command": ["server", "--port", "{port}"]})
+    app = MaasApp(MaasClient(server.url, admin.token))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.state.connected, what="the watch snapshot")
+        await command(pilot, "models")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, DeployForm), what="the deploy form")
+        form = app.screen
+        select = form.query_one("#backend", Select)
+        await until(pilot, lambda: "custom:tiny-llama" in [v for _, v in select._options], what="custom backends")
+
+        form.query_one("#name").value = "v"
+        form.query_one("#source").value = "Qwen/Qwen2.5-0.5B-Instruct"
+        form.query_one("#cpu_only", Checkbox).value = True
+        select.value = "vllm"
+        body, errors = form.validate_fields()
+        assert errors == {} and body["cpu_only"] is True  # the old form refused this; the server never did
+        select.value = "sglang"
+        body, errors = form.validate_fields()
+        assert body is None and "no CPU build" in errors["backend"]
+
+        select.value = "llama.cpp"
+        form.query_one("#cpu_only", Checkbox).value = False
+        form.query_one("#source").value = str(tiny_model)
+        form.query_one("#args").value = "--host 0.0.0.0"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: "--host is refused" in screen_text(app), what="the server's refusal under Args")
+        assert isinstance(app.screen, DeployForm) and await admin.list_models() == []

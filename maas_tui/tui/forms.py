@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -21,24 +22,45 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from maas_tui.client import ApiClientError
 from maas_tui.render.claims import claim_cell
 from server import schemas
+from server.schemas.backend_traits import BACKEND_TRAITS
 
 NAME_RE = re.compile(schemas.MODEL_NAME_PATTERN)
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def source_problem(source: str, backend: str) -> str | None:
-    """What the server would refuse in a source (the same rule: schemas.parse_model_source), or None."""
+    """What the server would refuse in a source's form (schemas.parse_model_source and the backend's
+    layout in the traits table), or None. Whether the file lies under a model root only the server knows."""
     try:
         parsed = schemas.parse_model_source(source)
     except schemas.SourceError as exc:
         return str(exc).split(": ", 1)[-1]
-    if backend != "llama.cpp":
-        return None
+    traits = BACKEND_TRAITS.get(backend)
+    if traits is None:
+        return None  # a custom backend may take a name of its own
+    gguf = traits.layout == "gguf"
     if parsed.kind == "local" and not source.startswith("/"):
-        return "llama.cpp needs an absolute path to a .gguf file on the worker"
-    if parsed.kind != "local" and not (parsed.filename or "").endswith(".gguf"):
-        return "llama.cpp serves one GGUF file: name it, e.g. hf://ORG/NAME/FILE.gguf"
+        return f"{backend} needs an absolute path on the worker" + (" to a .gguf file" if gguf else "")
+    if gguf and parsed.kind == "local" and not source.endswith(".gguf"):
+        return f"{backend} serves one .gguf file"
+    if gguf and parsed.kind != "local" and not (parsed.filename or "").endswith(".gguf"):
+        return f"{backend} serves one GGUF file: name it, e.g. hf://ORG/NAME/FILE.gguf"
     return None
+
+
+def field_errors(exc: Exception, fields: dict[str, str]) -> dict[str, str]:
+    """Errors of the wire models (pydantic, or the server's 4xx details) under the form's fields:
+    `fields` maps a wire field (its first part: `args[2]` -> `args`, `env.X` -> `env`) to a form field."""
+    found: dict[str, str] = {}
+    if isinstance(exc, ValidationError):
+        items = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+    else:
+        items = [(d.get("field", ""), d.get("message", "")) for d in getattr(exc, "details", None) or []
+                 if isinstance(d, dict)]
+    for wire, message in items:
+        key = re.split(r"[.\[]", wire or "", maxsplit=1)[0]
+        found.setdefault(fields.get(key, fields.get("", "name")), message)
+    return found
 
 
 def whole_number(text: str, low: int, high: int, what: str) -> tuple[int | None, str | None]:
@@ -131,8 +153,14 @@ class DeployForm(FormScreen):
 
     BINDINGS = [Binding("ctrl+r", "preview", "Preview", priority=True)]
 
+    # The wire fields the server and ModelCreate name -> the form's fields.
+    FIELDS = {"name": "name", "source": "source", "backend": "backend", "replicas": "replicas",
+              "context_length": "context", "cpu_only": "backend", "args": "args", "gpu_type": "gpu_type",
+              "placement_strategy": "backend", "env": "args",
+              "": "backend"}  # the spec's cross-field rules are about what fits the backend
+
     def compose(self) -> ComposeResult:
-        backends = [(b, b) for b in schemas.KNOWN_BACKENDS]
+        backends = [(b, b) for b in schemas.KNOWN_BACKENDS]  # custom ones join when the server answers
         with Vertical(classes="dialog form"):
             yield Static("Deploy a model", classes="dialog-title")
             with VerticalScroll(classes="form-body"):
@@ -164,6 +192,21 @@ class DeployForm(FormScreen):
 
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
+        if hasattr(self.app.client, "list_backends"):
+            self.run_worker(self._load_backends, group="backends")
+
+    async def _load_backends(self) -> None:
+        """Every backend the server knows, custom ones (custom:NAME) included."""
+        try:
+            listed = await self.app.client.list_backends()
+        except ApiClientError:
+            return  # the built-in ones stay offered; the server checks the choice anyway
+        names = [b.name if b.builtin else f"{schemas.CUSTOM_BACKEND_PREFIX}{b.name}" for b in listed]
+        select = self.query_one("#backend", Select)
+        current = select.value
+        select.set_options([(n, n) for n in names])
+        if current in names:
+            select.value = current
 
     def validate_fields(self) -> tuple[dict[str, Any] | None, dict[str, str]]:
         errors: dict[str, str] = {}
@@ -180,8 +223,6 @@ class DeployForm(FormScreen):
             errors["source"] = "not a usable path"
         elif problem := source_problem(source, backend):
             errors["source"] = problem
-        if backend not in schemas.KNOWN_BACKENDS:
-            errors["backend"] = f"choose one of {', '.join(schemas.KNOWN_BACKENDS)}"
         replicas, message = whole_number(self.query_one("#replicas", Input).value, 0, 1000, "replicas")
         if message:
             errors["replicas"] = message
@@ -198,21 +239,22 @@ class DeployForm(FormScreen):
         if len(gpu_type) > 100:
             errors["gpu_type"] = "at most 100 characters"
         cpu_only = self.query_one("#cpu_only", Checkbox).value
-        if cpu_only and gpu_type:
-            errors["gpu_type"] = "a CPU-only model claims no GPU: leave this empty"
-        if cpu_only and backend != "llama.cpp":
-            errors["backend"] = "only llama.cpp serves from host RAM (CPU only)"
-        for field in ("name", "source", "backend", "replicas", "context", "args") + (("gpu_type",) if HAS_GPU_TYPE
-                                                                                    else ()):
-            self.set_error(field, errors.get(field))
-        if errors:
-            return None, errors
         body: dict[str, Any] = {"name": name, "source": source, "backend": backend, "replicas": replicas,
                                 "context_length": context, "cpu_only": cpu_only, "args": args}
         if HAS_PLACEMENT:
             body["placement_strategy"] = str(self.query_one("#placement", Select).value)
         if gpu_type:
             body["gpu_type"] = gpu_type
+        if not errors:  # the rest of the rules are the server's own: the same ModelCreate
+            try:
+                schemas.ModelCreate.model_validate(body)
+            except ValidationError as exc:
+                errors = field_errors(exc, self.FIELDS)
+        for field in ("name", "source", "backend", "replicas", "context", "args") + (("gpu_type",) if HAS_GPU_TYPE
+                                                                                    else ()):
+            self.set_error(field, errors.get(field))
+        if errors:
+            return None, errors
         return body, errors
 
     @on(Button.Pressed, "#preview")
@@ -254,6 +296,10 @@ class DeployForm(FormScreen):
             return
 
         def server_error(exc: ApiClientError) -> bool:
+            if found := field_errors(exc, self.FIELDS):  # a 400 spec_refused or 422 names its fields
+                for field, message in found.items():
+                    self.set_error(field, message)
+                return True
             text = exc.message.lower()
             for field, words in (("name", ("model '", "name")), ("source", ("source", "model file", "path")),
                                  ("backend", ("backend",)), ("context", ("context",)), ("replicas", ("replicas",))):
