@@ -335,6 +335,7 @@ async def test_agent_reports_the_image_pull_as_downloading(server, admin, tmp_pa
     try:
         model_dir = tmp_path / "weights"
         model_dir.mkdir()
+        (model_dir / "config.json").write_text("{}")  # a Hugging Face folder, as vLLM's layout asks
         await admin.create_model({"name": "pulled", "source": str(model_dir), "backend": "vllm", "memory_bytes": 10**9})
 
         async def pulling() -> bool:

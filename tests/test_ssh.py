@@ -106,7 +106,7 @@ async def test_tui_over_ssh_session(server, admin: MaasClient, user_key, door: T
         mark = len(screen.raw)
         await asyncio.sleep(0.5)  # let the first screen settle before typing
         process.stdin.write(b"?")
-        await screen.wait_for("Navigation", after=mark)
+        await screen.wait_for("Everywhere", after=mark)  # the help page's first section
         # ctrl+q quits; the session ends with the TUI's exit status.
         process.stdin.write(b"\x11")
         result = await asyncio.wait_for(process.wait(), 20)

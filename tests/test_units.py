@@ -340,8 +340,7 @@ def test_routing_needs_an_address_and_port():
     assert table.serving_models() == []
 
 
-@pytest.mark.parametrize("state", ["error", "unreachable", "terminating", "pending", "scheduled", "downloading",
-                                   "starting"])
+@pytest.mark.parametrize("state", ["error", "terminating", "pending", "downloading", "starting"])
 def test_routing_non_running_instance_is_removed(state: str):
     table = RoutingTable()
     table.apply_model("created", {"name": "m"})
@@ -349,6 +348,19 @@ def test_routing_non_running_instance_is_removed(state: str):
     table.apply_instance("updated", inst(2))
     table.apply_instance("updated", inst(1, state=state))
     assert [t.instance_id for t in table.models["m"].ordered()] == [2]
+
+
+@pytest.mark.parametrize("state", ["unreachable", "scheduled"])
+def test_routing_keeps_a_target_whose_agent_is_away_or_readopting(state: str):
+    """The data plane does not follow the agent's heartbeat: an unreachable instance's backend may still
+    answer (the gateway probes it), and a known target is `scheduled` while its agent re-adopts it."""
+    table = RoutingTable()
+    table.apply_model("created", {"name": "m"})
+    table.apply_instance("updated", inst(1))
+    table.apply_instance("updated", inst(1, state=state))
+    assert [t.instance_id for t in table.models["m"].ordered()] == [1]
+    table.apply_instance("updated", inst(1, state="error"))
+    assert table.models["m"].ordered() == []
 
 
 def test_routing_deleted_instance_is_removed():

@@ -31,6 +31,7 @@ _CHANGES = ("POST", "PUT", "PATCH", "DELETE")
 _NOT_CHANGES = ("/v2/agent/heartbeat", "/v2/agent/instances/", "/v2/models/evaluate", "/v2/gateway/authorize")
 _HIDDEN_FIELDS = {"password", "value", "token", "key", "secret_hash"}
 _SUMMARY_CHARS = 2000
+_PARSED_BYTES = 64 * 1024  # bodies up to this size are summarised field by field
 _PURGE_INTERVAL = 3600.0  # seconds between two purges of old entries by one server (the first change purges)
 REDACTED = "<redacted>"
 
@@ -49,11 +50,14 @@ def _hide(value: Any, field: str = "") -> Any:
 
 def summary(raw: bytes, query: str) -> str:
     """The request as it can be kept: JSON with secrets left out, the query string, cut to a size."""
-    try:
-        body = json.loads(raw) if raw else None
-        text = json.dumps(_hide(body), separators=(",", ":"), ensure_ascii=False) if body is not None else ""
-    except (ValueError, RecursionError):
-        text = f"<{len(raw)} bytes, not JSON>"
+    if len(raw) > _PARSED_BYTES:  # not parsed again on the loop; the handler read what it needed
+        text = f"<{len(raw)} bytes>"
+    else:
+        try:
+            body = json.loads(raw) if raw else None
+            text = json.dumps(_hide(body), separators=(",", ":"), ensure_ascii=False) if body is not None else ""
+        except (ValueError, RecursionError):
+            text = f"<{len(raw)} bytes, not JSON>"
     if query:
         text = f"?{query} {text}".strip()
     return text[:_SUMMARY_CHARS]
@@ -105,7 +109,7 @@ def _login_name(raw: bytes, path: str) -> str:
         try:
             name = json.loads(raw).get("username")
             return f"{name} (login)" if isinstance(name, str) else "anonymous"
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             pass
     return "anonymous"
 
@@ -136,7 +140,9 @@ async def list_audit(request: web.Request) -> web.Response:
     if limit is None:
         raise bad_request("limit must be a whole number from 1 to 1000")
     query = select(tables.AuditEntry).order_by(tables.AuditEntry.id.desc()).limit(limit)
-    if actor := request.query.get("actor"):
+    if (actor := request.query.get("actor")) is not None:
+        if not actor:
+            raise bad_request("actor: a user name (not empty)")
         query = query.where(tables.AuditEntry.actor == actor)
     if since := request.query.get("since"):
         try:
