@@ -110,6 +110,7 @@ class Watchers:
     def __init__(self, url: str, token: str, count: int):
         self.url, self.token, self.count = url, token, count
         self.lags: list[float] = []
+        self.lags_by_state: dict[str, list[float]] = {}  # by the state the instance changed to
         self.not_ready: set[int] = set()
         self.errors = 0
         self.frames = 0
@@ -152,6 +153,7 @@ class Watchers:
                             if self.measuring:
                                 stamp = datetime.fromisoformat(obj["updated_at"]).timestamp()
                                 self.lags.append(received - stamp)
+                                self.lags_by_state.setdefault(obj["state"], []).append(received - stamp)
                             if index == 0:
                                 ids = self.running.setdefault(obj["model_id"], set())
                                 (ids.add if obj["state"] == "running" else ids.discard)(obj["id"])
@@ -307,6 +309,8 @@ async def main(args: argparse.Namespace) -> None:
         (f"{args.replicas} replicas running (reported)", f"{running_s:.2f} s" if running_s is not None else "not within 180 s"),
         ("watcher lag p50 / p99", f"{percentile(watchers.lags, 0.5) * 1000:.0f} / {lag_p99:.0f} ms "
                                   f"({len(watchers.lags)} lines, {args.watchers} watchers)"),
+        ("watcher lag p99 by new state", ", ".join(f"{state} {percentile(lags, 0.99) * 1000:.0f} ms"
+                                                   for state, lags in sorted(watchers.lags_by_state.items()))),
         ("telemetry frames (one watcher)", str(watchers.frames)),
         ("server RSS (max, steady window)", f"{rss:.0f} MB"),
     ]
