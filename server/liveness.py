@@ -11,7 +11,9 @@ a worker's heartbeat. The leader renews leases from the heartbeats it takes itse
 monotonic clock, exactly) and from the last-seen times the other servers flush to the database
 (at most FLUSH_SECONDS + one liveness tick late, far inside the timeout). A lease is never older
 than the moment the judge took over: a new leader, or a restarted server, gives every worker a
-full timeout of its own before it declares anything dead, whatever gap it had.
+full timeout of its own before it declares anything dead, whatever gap it had, and gets back the
+time of a stall of its own (Leases.excuse). Most of the cluster expiring in one tick is not believed
+(too_many_at_once): as in Kubernetes' full disruption, nothing is marked while it lasts.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def inventory(gpus: Iterable[dict[str, Any]], host: dict[str, Any]) -> tuple:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# More than this share of the ready workers expiring in one tick (and more than a handful) is taken
+# for a fault of the judge's own (overload, a partition), not of the workers: none is marked.
+DISRUPTION_SHARE = 0.5
+DISRUPTION_MIN = 10
+
+
+def too_many_at_once(expired: int, ready: int) -> bool:
+    return expired > DISRUPTION_MIN and expired > DISRUPTION_SHARE * ready
 
 
 class Leases:

@@ -192,3 +192,12 @@ def test_a_stalled_judge_excuses_the_workers():
     assert leases.expired([1], TIMEOUT, now=123.5) == [1]
     leases.excuse(60.0, now=124.0)  # never beyond now
     assert leases.last_heard(1) == 124.0
+
+
+def test_most_of_the_cluster_silent_at_once_is_not_believed():
+    from server.liveness import too_many_at_once
+
+    assert not too_many_at_once(1, 2)  # a small cluster losing a worker: marked
+    assert not too_many_at_once(10, 12)  # up to a handful, always
+    assert not too_many_at_once(400, 1000)  # a rack of 40 %: marked
+    assert too_many_at_once(501, 1000)  # most of the cluster at once: this server's fault, not theirs

@@ -8,6 +8,7 @@ this controller's first tick: a new leader, or a restarted server, gives every w
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -17,7 +18,9 @@ from server import schemas
 from server.controllers.loop import ReconcileLoop
 from server.db import tables
 from server.events import record_event
-from server.liveness import Leases
+from server.liveness import Leases, too_many_at_once
+
+log = logging.getLogger(__name__)
 
 S = schemas.InstanceState
 
@@ -35,6 +38,7 @@ class WorkerLivenessController(ReconcileLoop):
         self.leases: Leases | None = None
         self._planned: float | None = None  # when the next tick should come
         self.excused = 0.0
+        self.disruptions = 0  # ticks that found too many workers silent at once to believe it
 
     async def reconcile(self) -> None:
         now = time.monotonic()
@@ -62,6 +66,14 @@ class WorkerLivenessController(ReconcileLoop):
         ready = [worker_id for worker_id, _ in rows]
         self.leases.forget(ready)
         expired = self.leases.expired(ready, timeout, time.monotonic())
+        if too_many_at_once(len(expired), len(ready)):
+            # As Kubernetes' node controller in a full disruption: most of the cluster falling silent in
+            # the same tick says more about this server (overloaded, cut off) than about the workers.
+            self.disruptions += 1
+            log.warning("%d of %d ready workers unheard for %g s at once: not marking them not_ready (this "
+                        "server is probably overloaded or cut off from them); they are judged again next tick",
+                        len(expired), len(ready), timeout)
+            return
         if expired:
             await self._mark_not_ready(expired, timeout)
 
