@@ -3,7 +3,8 @@
 One agent serves on CPU ("worker-1"), one has simulated GPUs ("sim-worker", 4xH100-80GB). The
 flows are the ones an operator does: navigate every view, deploy through the form (bad input is
 refused and nothing is sent), watch the model become ready, scale it, describe and read the logs of
-an instance, delete with confirmation; create and revoke a key; filter; lose the server.
+an instance, delete with confirmation; create and revoke a key; filter; lose the server; read the teams'
+quotas and the audit log (refused to anyone but an admin).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from maas_tui.tui.views.events import EventsScreen
 from maas_tui.tui.views.gpus import GpusScreen
 from maas_tui.tui.views.instances import InstancesScreen
 from maas_tui.tui.views.keys import KeysScreen
+from maas_tui.tui.views.audit import AuditScreen
 from maas_tui.tui.views.models import ModelsScreen
+from maas_tui.tui.views.teams import TeamsScreen
 from maas_tui.tui.views.workers import WorkersScreen
 from maas_tui.tui.widgets import ClusterHeader, ResourceTable
+from server import schemas
 from server.app import MaasServer
 from server.config import ServerConfig
 
@@ -443,3 +447,62 @@ async def test_deploy_form_takes_the_servers_backends_and_rules(server: MaasServ
         await pilot.press("ctrl+s")
         await until(pilot, lambda: "--host is refused" in screen_text(app), what="the server's refusal under Args")
         assert isinstance(app.screen, DeployForm) and await admin.list_models() == []
+
+
+async def test_teams_and_audit_views_for_an_admin_and_a_member(server: MaasServer, admin: MaasClient):
+    GiB = 1024**3
+    await admin.create_team("red")
+    await admin.set_team_quota("red", schemas.TeamQuota(gpus=2, vram_bytes=80 * GiB))
+    app = MaasApp(MaasClient(server.url, admin.token))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.state.connected, what="connected")
+        await command(pilot, "teams")
+        await until(pilot, lambda: isinstance(app.screen, TeamsScreen) and "red" in rows(app), what="the team row")
+        assert (cell(app, "red", "GPUS"), cell(app, "red", "VRAM"), cell(app, "red", "RAM"),
+                cell(app, "red", "REPLICAS")) == ("0/2", "0 B/80.0 GiB", "0 B/-", "0/-")
+        # ctrl+r reads the teams again.
+        await admin.set_team_quota("red", schemas.TeamQuota(gpus=3, replicas=4))
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: cell(app, "red", "GPUS") == "0/3" and cell(app, "red", "REPLICAS") == "0/4",
+                    what="the reloaded quota")
+        # Enter: the team's page, with what is left of each quota.
+        app.screen.select_key("red")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DescribeScreen) and "QUOTA" in screen_text(app),
+                    what="the team's page")
+        page = screen_text(app)
+        assert "Describe team" in page and "unlimited" in page, page
+        gpus = next(line.split() for line in page.splitlines() if line.split()[:1] == ["gpus"])
+        assert gpus == ["gpus", "0", "3", "3"], page  # quota, used, limit, left
+        await pilot.press("escape")
+
+        # The audit log, newest first: the quota set just before is on top.
+        await command(pilot, "au")
+        await until(pilot, lambda: isinstance(app.screen, AuditScreen) and bool(rows(app)), what="the audit log")
+        newest = rows(app)[0]
+        assert cell(app, newest, "REQUEST") == "PUT /v2/teams/red/quota" and cell(app, newest, "STATUS") == "200"
+        assert cell(app, newest, "ACTOR") == "admin" and cell(app, newest, "FROM") == "127.0.0.1"
+        assert any(cell(app, key, "REQUEST") == "POST /v2/teams" for key in rows(app))
+        # Shown again, it reads the log again: a change made meanwhile is there.
+        await admin.create_team("blue")
+        await command(pilot, "teams")
+        await until(pilot, lambda: isinstance(app.screen, TeamsScreen) and "blue" in rows(app), what="blue on show")
+        await command(pilot, "audit")
+        await until(pilot, lambda: isinstance(app.screen, AuditScreen) and rows(app)[0] != newest, what="a new entry")
+        await pilot.press("ctrl+w")  # wide mode: WHAT, the request's summary
+        await until(pilot, lambda: "WHAT" in screen_text(app), what="the wide column")
+        assert '"blue"' in cell(app, rows(app)[0], "WHAT")
+        assert "only an admin" not in screen_text(app)
+
+    await admin.create_user("mona", "password-123", teams=["red"])
+    async with MaasClient(server.url) as anonymous:
+        token = (await anonymous.login("mona", "password-123")).token
+    app = MaasApp(MaasClient(server.url, token))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.state.connected, what="connected")
+        await command(pilot, "audit")
+        await until(pilot, lambda: "only an admin may read the audit log" in screen_text(app), what="the refusal")
+        assert isinstance(app.screen, AuditScreen) and rows(app) == []
+        await command(pilot, "teams")  # a member sees its own team only
+        await until(pilot, lambda: isinstance(app.screen, TeamsScreen) and rows(app) == ["red"], what="mona's team")
+        assert cell(app, "red", "MEMBERS") == "mona"

@@ -1,15 +1,15 @@
 """`maas team ...`: teams own models; users belong to them as members or viewers; a team's quota caps
-what its instances claim together (GPUs, GPU memory, host RAM, replicas)."""
+what its instances claim together (GPUs, GPU memory, host RAM, replicas). Tables and the describe page
+come from maas_tui/render/teams.py, as in the TUI's Teams view."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.table import Table, box
-from rich.text import Text
 
-from maas_tui.cli.output import Format, OutputOption, console, emit, fail, human_bytes
+from maas_tui.cli.output import Format, OutputOption, emit, fail, now, print_renderable, print_rows
+from maas_tui.render import teams as render
 from server import schemas
 from server.schemas import parse_size
 
@@ -18,21 +18,6 @@ team_app = typer.Typer(help="Teams: who owns which models, who may change or rea
 secret_app = typer.Typer(help="Team secrets: values a model's env names as {secret: NAME}, encrypted at rest.",
                          no_args_is_help=True)
 
-# (TeamQuota field, header, how a value prints)
-_QUOTAS: list[tuple[str, str, Any]] = [("gpus", "GPUS", str), ("vram_bytes", "VRAM", human_bytes),
-                                       ("ram_bytes", "RAM", human_bytes), ("replicas", "REPLICAS", str)]
-
-
-def _used_of(team: schemas.TeamOut, field: str, show: Any) -> str:
-    """`used/limit`, or `used/-` without a limit."""
-    limit = getattr(team.quota, field)
-    return f"{show(getattr(team.usage, field))}/{'-' if limit is None else show(limit)}"
-
-
-_COLUMNS = [("NAME", lambda t: t.name),
-            ("MEMBERS", lambda t: ", ".join(f"{m.username}({m.role})" for m in t.members) or "-")] + [
-    (header, lambda t, field=field, show=show: _used_of(t, field, show)) for field, header, show in _QUOTAS]
-
 
 def _call(work):  # late import: main imports this module
     from maas_tui.cli.main import call
@@ -40,16 +25,25 @@ def _call(work):  # late import: main imports this module
     return call(work)
 
 
+def _show(teams: schemas.TeamOut | list[schemas.TeamOut], output: Format) -> None:
+    """Teams as the TUI's Teams view shows them (table, wide), or the API objects (json, yaml)."""
+    if output in (Format.json, Format.yaml):
+        emit(teams, output)
+        return
+    print_rows(render.COLUMNS, render.WIDE_COLUMNS, render.rows(teams if isinstance(teams, list) else [teams], now(),
+                                                                truncate=False), output == Format.wide)
+
+
 @team_app.command("list")
 def team_list(output: Format = OutputOption) -> None:
     """Your teams (every team for admins and operators), with their members."""
-    emit(_call(lambda c: c.list_teams()), output, _COLUMNS)
+    _show(_call(lambda c: c.list_teams()), output)
 
 
 @team_app.command("create")
 def team_create(name: str = typer.Argument(..., help="lower-case team name"), output: Format = OutputOption) -> None:
     """Create a team (admin)."""
-    emit(_call(lambda c: c.create_team(name)), output, _COLUMNS)
+    _show(_call(lambda c: c.create_team(name)), output)
 
 
 @team_app.command("delete")
@@ -64,14 +58,14 @@ def team_add_member(team: str = typer.Argument(...), user: str = typer.Argument(
                     role: str = typer.Option("member", help="member (changes the team's models) or viewer (reads them)"),
                     output: Format = OutputOption) -> None:
     """Add a user to a team, or change their role in it (admin)."""
-    emit(_call(lambda c: c.set_team_member(team, user, role)), output, _COLUMNS)
+    _show(_call(lambda c: c.set_team_member(team, user, role)), output)
 
 
 @team_app.command("remove-member")
 def team_remove_member(team: str = typer.Argument(...), user: str = typer.Argument(...),
                        output: Format = OutputOption) -> None:
     """Remove a user from a team (admin)."""
-    emit(_call(lambda c: c.remove_team_member(team, user)), output, _COLUMNS)
+    _show(_call(lambda c: c.remove_team_member(team, user)), output)
 
 
 def _find(name: str) -> schemas.TeamOut:
@@ -88,17 +82,7 @@ def team_describe(name: str = typer.Argument(...), output: Format = OutputOption
     if output in (Format.json, Format.yaml):
         emit(team, output)
         return
-    console.print(Text.assemble(("Team ", "bold"), team.name))
-    members = ", ".join(f"{m.username} ({m.role})" for m in team.members) or "none"
-    console.print(Text(f"Members: {members}"))
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in ("QUOTA", "USED", "LIMIT", "LEFT"):
-        table.add_column(header)
-    for field, header, show in _QUOTAS:
-        used, limit = getattr(team.usage, field), getattr(team.quota, field)
-        table.add_row(header.lower(), show(used), "unlimited" if limit is None else show(limit),
-                      "-" if limit is None else show(max(0, limit - used)))
-    console.print(table)
+    print_renderable(render.describe(team, now=now()))
 
 
 def _limit(option: str, value: str | None, size: bool) -> int | None:
@@ -129,7 +113,7 @@ def team_quota(name: str = typer.Argument(...),
     current = schemas.TeamQuota() if clear else _find(name).quota
     changes = {field: _limit(option, value, size) for field, (value, option, size) in given.items() if value is not None}
     quota = current.model_copy(update=changes)
-    emit(_call(lambda c: c.set_team_quota(name, quota)), output, _COLUMNS)
+    _show(_call(lambda c: c.set_team_quota(name, quota)), output)
 
 
 def _team_of(team: str | None) -> str:

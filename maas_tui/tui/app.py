@@ -20,11 +20,14 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
 from maas_tui.client import ApiClientError, MaasClient
+from maas_tui.render import audit as audit_render
 from maas_tui.tui.forms import DeployForm, EditForm, KeyCreateForm, ScaleForm
 from maas_tui.tui.modals import ConfirmScreen, HelpScreen, HistoryScreen, SecretScreen
 from maas_tui.tui.views import VIEWS, DescribeScreen, LogsScreen, MaasScreen
-from maas_tui.tui.state import WATCH_KINDS, ClusterState
+from maas_tui.tui.state import POLLED_KINDS, WATCH_KINDS, ClusterState
 from server import schemas
+
+AUDIT_SHOWN = 500  # the newest audit entries the Audit view reads (the server gives at most 1000)
 
 
 class MaasCommands(Provider):
@@ -205,7 +208,7 @@ class MaasApp(App[None]):
         if not kinds:
             return
         if "clock" in kinds or "connection" in kinds:
-            kinds = set(WATCH_KINDS) | {"keys"}
+            kinds = set(WATCH_KINDS) | POLLED_KINDS
         self.refreshes += 1
         with self.batch_update():
             for screen in reversed(self.screen_stack):
@@ -413,20 +416,46 @@ class MaasApp(App[None]):
         self.push_screen(KeyCreateForm(), created)
 
     def load_keys(self) -> None:
+        self._load_list("keys", self.client.list_keys)
+
+    def load_teams(self) -> None:
+        self._load_list("teams", self.client.list_teams)
+
+    def _load_list(self, kind: str, call: Callable[[], Any]) -> None:
+        """Read a kind the watch does not carry (state.POLLED_KINDS) into the state; its view shows it on arrival."""
         async def run() -> None:
             try:
-                keys = await self.client.list_keys()
+                items = await call()
             except ApiClientError as exc:
                 if self.state.connected:
-                    self.notify(f"cannot list keys: {exc.message}", severity="warning")
+                    self.notify(f"cannot list {kind}: {exc.message}", severity="warning")
                 return
             except (aiohttp.ClientError, OSError, TimeoutError):
                 return
-            self.state.keys = keys
-            self.state.revision["keys"] += 1
-            self.mark_dirty({"keys"})
+            setattr(self.state, kind, items)
+            self.state.revision[kind] += 1
+            self.mark_dirty({kind})
 
-        self.run_worker(run, group="keys", exclusive=True)
+        self.run_worker(run, group=kind, exclusive=True)
+
+    def load_audit(self) -> None:
+        """The audit log, newest first; a refusal (only admins may read it) is kept for the view to say."""
+        async def run() -> None:
+            try:
+                entries = await self.client.audit(limit=AUDIT_SHOWN)
+            except ApiClientError as exc:
+                if exc.status == 403:
+                    self.state.audit, self.state.audit_error = [], audit_render.ADMIN_ONLY
+                else:
+                    self.state.audit_error = f"cannot read the audit log: {exc.message}"
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return
+            else:
+                self.state.audit, self.state.audit_error = entries, ""
+            self.state.revision["audit"] += 1
+            self.mark_dirty({"audit"})
+
+        self.run_worker(run, group="audit", exclusive=True)
 
 
 def run_tui(server_url: str, token: str, remote: bool = False) -> None:

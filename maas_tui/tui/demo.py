@@ -1,7 +1,7 @@
 """A SIMULATED cluster for the TUI: fixed, deterministic data for snapshots, screenshots and the bench.
 
 Nothing here talks to a server. `demo_state()` builds a `ClusterState` (simulated workers and
-GPUs, models, instances, events, keys, minutes of GPU history) at a fixed clock;
+GPUs, models, instances, events, keys, minutes of GPU history, teams, the audit log) at a fixed clock;
 `DemoClient` answers the app's client calls from memory. `python -m maas_tui.tui.demo` runs the
 TUI on it, with utilisation moving every second (`--static` keeps it still).
 """
@@ -158,8 +158,61 @@ def demo_state(history: int = 60) -> ClusterState:
                           expires_at=NOW + timedelta(days=28)),
     ]
     state.revision["keys"] += 1
+    state.teams = demo_teams()
+    state.revision["teams"] += 1
+    state.audit = demo_audit()
+    state.revision["audit"] += 1
     state.version = 1000
     return state
+
+
+GiB = 1024**3
+
+
+def demo_teams() -> list[schemas.TeamOut]:
+    """Three teams; usage as the demo instances would claim it (llama: default; qwen, mistral: research; tiny: apps)."""
+    def team(tid: int, name: str, members: list[tuple[str, str]], quota: schemas.TeamQuota,
+             usage: schemas.TeamUsage, days: int) -> schemas.TeamOut:
+        return schemas.TeamOut(id=tid, name=name, quota=quota, usage=usage, created_at=NOW - timedelta(days=days),
+                               members=[schemas.TeamMemberOut(username=u, role=r) for u, r in members])
+
+    return [
+        team(1, "default", [("admin", "member"), ("ops", "member")], schemas.TeamQuota(),
+             schemas.TeamUsage(gpus=2, vram_bytes=37 * GB, ram_bytes=4 * GB, replicas=2), 30),
+        team(2, "research", [("mona", "member"), ("li", "member"), ("sam", "viewer")],
+             schemas.TeamQuota(gpus=6, vram_bytes=80 * GiB, ram_bytes=64 * GiB, replicas=3),
+             schemas.TeamUsage(gpus=5, vram_bytes=64 * GB, ram_bytes=6 * GB, replicas=3), 12),
+        team(3, "apps", [("ops", "member")], schemas.TeamQuota(gpus=0, ram_bytes=8 * GiB, replicas=2),
+             schemas.TeamUsage(ram_bytes=int(1.2 * GB), replicas=1), 5),
+    ]
+
+
+def demo_audit() -> list[schemas.AuditEntryOut]:
+    """Changes made through the API, newest first (as GET /v2/audit gives them)."""
+    entries = [
+        ("admin", "10.0.0.5", "PUT", "/v2/teams/research/quota", 200,
+         '{"gpus":6,"vram_bytes":85899345920,"ram_bytes":68719476736,"replicas":3}', 1),
+        ("mona", "10.0.4.21", "PATCH", "/v2/models/qwen2.5-7b", 200, '{"context_length":4096}', 1),
+        ("mona", "10.0.4.21", "DELETE", "/v2/workers/gpu-a04", 403, "", 2),
+        ("mona", "10.0.4.21", "PATCH", "/v2/models/qwen2.5-7b", 200, '{"replicas":3}', 2),
+        ("admin", "10.0.0.5", "POST", "/v2/workers/gpu-b01/cordon", 200, "", 5),
+        ("ops", "10.0.0.7", "POST", "/v2/models", 201,
+         '{"name":"tiny","source":"/srv/models/tiny.gguf","backend":"llama.cpp","cpu_only":true,"team":"apps"}', 12),
+        ("ops (login)", "10.0.0.7", "POST", "/v2/auth/login", 200, '{"username":"ops","password":"<redacted>"}', 13),
+        ("mona", "10.0.4.21", "POST", "/v2/models", 201,
+         '{"name":"mistral-7b","source":"/models/mistral-7b-v0.3.gguf","backend":"llama.cpp","args":["--threads","8"]}',
+         40),
+        ("mona", "10.0.4.21", "PUT", "/v2/teams/research/secrets/HF_TOKEN", 200, '{"value":"<redacted>"}', 119),
+        ("admin", "10.0.0.5", "DELETE", "/v2/teams/research", 409, "", 122),
+        ("admin", "10.0.0.5", "PUT", "/v2/teams/research/members/mona", 200, '{"role":"member"}', 125),
+        ("mona (login)", "10.0.4.21", "POST", "/v2/auth/login", 401, '{"username":"mona","password":"<redacted>"}',
+         126),
+        ("admin", "10.0.0.5", "POST", "/v2/users", 201, '{"username":"mona","password":"<redacted>","role":"member"}',
+         130),
+    ]
+    return [schemas.AuditEntryOut(id=len(entries) - n, actor=actor, address=address, method=method, path=path,
+                                  status=status, summary=summary, at=NOW - timedelta(minutes=minutes, seconds=7))
+            for n, (actor, address, method, path, status, summary, minutes) in enumerate(entries)]
 
 
 def demo_log_lines(count: int) -> list[str]:
@@ -267,6 +320,13 @@ class DemoClient:
 
     async def delete_key(self, name: str) -> None:
         self.state.keys = [k for k in self.state.keys if k.name != name]
+
+    async def list_teams(self) -> list[schemas.TeamOut]:
+        return list(self.state.teams)
+
+    async def audit(self, limit: int = 100, actor: str | None = None,
+                    since: str | None = None) -> list[schemas.AuditEntryOut]:
+        return [e for e in self.state.audit if actor is None or e.actor == actor][:limit]
 
     async def create_model(self, body: dict[str, Any]) -> schemas.ModelOut:
         create = schemas.ModelCreate.model_validate(body)

@@ -16,6 +16,8 @@ from server.schemas.rollout import rollout_status
 from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
 WATCH_KINDS = ["workers", "models", "instances", "events"]
+# Read over REST when their view is shown or reloaded (app.load_<kind>), not watched.
+POLLED_KINDS = {"keys", "teams", "audit"}
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
 EVENTS_KEPT = 2000
 # An instance in one of these states holds its claim.
@@ -51,6 +53,9 @@ class ClusterState:
         self.instances: dict[int, schemas.InstanceOut] = {}
         self.events: deque[schemas.EventOut] = deque(maxlen=EVENTS_KEPT)
         self.keys: list[schemas.ApiKeyOut] = []
+        self.teams: list[schemas.TeamOut] = []
+        self.audit: list[schemas.AuditEntryOut] = []  # newest first
+        self.audit_error = ""  # why the audit log could not be read (a 403 for anyone but an admin)
         self.version: int | None = None
         # Per-GPU utilisation and memory history, keyed by (worker id, gpu index); host CPU per worker.
         self.gpu_util: dict[tuple[int, int], deque[float]] = {}

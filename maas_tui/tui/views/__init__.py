@@ -5,7 +5,8 @@ screen class, in the order they are listed here (the order of the help page and 
 
 from __future__ import annotations
 
-from maas_tui.tui.views import dash, workers, gpus, models, instances, keys, events, describe, logs  # noqa: F401
+from maas_tui.tui.views import dash, workers, gpus, models, instances, keys, teams, events, audit, describe, \
+    logs  # noqa: F401
 from maas_tui.tui.views.base import MaasScreen, TableScreen
 from maas_tui.tui.views.describe import DescribeScreen
 from maas_tui.tui.views.logs import LogsScreen

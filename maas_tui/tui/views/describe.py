@@ -1,4 +1,5 @@
-"""Describe: `maas ... describe` as a live screen (model, instance, worker or API key), pushed over a view."""
+"""Describe: `maas ... describe` as a live screen (model, instance, worker, API key, team or audit entry), pushed
+over a view."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from maas_tui.render import instances, keys, models, workers
+from maas_tui.render import audit, instances, keys, models, teams, workers
 from maas_tui.tui.views.base import MaasScreen
 from maas_tui.tui.views.registry import view
 from maas_tui.tui.widgets import PromptBar
@@ -78,10 +79,20 @@ class DescribeScreen(MaasScreen):
             return state.model_by_name(self.name_)
         if self.kind == "key":
             return next((k for k in state.keys if k.name == self.name_), None)
+        if self.kind == "team":
+            return next((t for t in state.teams if t.name == self.name_), None)
+        if self.kind == "audit":
+            return next((e for e in state.audit if str(e.id) == self.name_), None)
         return state.worker_by_name(self.name_)
 
     def describe_key(self, key: schemas.ApiKeyOut) -> RenderableType:
         return keys.describe(key, now=self.now)
+
+    def describe_team(self, team: schemas.TeamOut) -> RenderableType:
+        return teams.describe(team, now=self.now)
+
+    def describe_audit(self, entry: schemas.AuditEntryOut) -> RenderableType:
+        return audit.describe(entry)
 
     def describe_instance(self, inst: schemas.InstanceOut) -> RenderableType:
         return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now)
