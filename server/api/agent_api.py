@@ -111,11 +111,13 @@ def instance_workers(obj: dict[str, Any]) -> set[int]:
 @route("POST", "/v2/agent/register", "Register (or re-register) a worker with the cluster token", auth="registrar",
        body=schemas.WorkerRegister, response=schemas.WorkerRegistered, status=201)
 async def register(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request, schemas.WorkerRegister)
-    return await _admission(request, registering=True).run(lambda: _register(request, body))
+    # Admitted before the body is read: refusing a registration storm must cost next to nothing.
+    return await _admission(request, registering=True).run(
+        lambda: _register(request, read_json(request, schemas.WorkerRegister)))
 
 
-async def _register(request: web.Request, body: schemas.WorkerRegister) -> web.Response:
+async def _register(request: web.Request, reading: Awaitable[schemas.WorkerRegister]) -> web.Response:
+    body = await reading
     server = server_of(request)
     async with server.db.session() as s:
         worker = (await s.execute(select(tables.Worker).where(tables.Worker.name == body.name))).scalar_one_or_none()
@@ -237,11 +239,12 @@ _ALLOWED_FROM = {
 @route("PUT", "/v2/agent/instances/{id}/status", "Report an instance's state from its agent", auth="worker",
        body=schemas.InstanceStatusReport, response=schemas.InstanceOut)
 async def report_status(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request, schemas.InstanceStatusReport)
-    return await _admission(request).run(lambda: _report_status(request, body))
+    return await _admission(request).run(lambda: _report_status(request, read_json(request,
+                                                                                  schemas.InstanceStatusReport)))
 
 
-async def _report_status(request: web.Request, body: schemas.InstanceStatusReport) -> web.Response:
+async def _report_status(request: web.Request, reading: Awaitable[schemas.InstanceStatusReport]) -> web.Response:
+    body = await reading
     principal = principal_of(request)
     ref = request.match_info["id"]
     instance_id = parse_whole_number(ref, low=1)
