@@ -94,7 +94,7 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
             token = (await anonymous.login("admin", password)).token
         async with MaasClient(server.url, token) as admin, aiohttp.ClientSession() as http:
             headers = {"Authorization": f"Bearer {token}"}
-            key = (await admin.create_key("apps")).key
+            key = (await admin.create_key("apps", scopes=["management", "inference"])).key
             await admin.create_model({"name": "served", "source": str(tiny_model), "backend": "llama.cpp",
                                       "replicas": 1})
 
