@@ -294,6 +294,9 @@ async def test_maas_ssh_serve_against_a_running_server(server, admin: MaasClient
 
 @pytest.mark.postgres
 @pytest.mark.timeout(300)
+# The ≤ 5 s recovery is mostly `pg_ctl start`, which took 5.1-5.5 s at a load average of 8-10 (0.75-2.9 s
+# otherwise): on a loaded machine the test retries rather than fail on the machine's speed.
+@pytest.mark.flaky(reruns=1)
 async def test_16_sessions_with_logins_and_a_postgres_kill(traversable_tmp: Path) -> None:
     """`maas start --ssh-port` with its embedded PostgreSQL and 16 TUI sessions open (the cap): a 17th
     is turned away, logins are answered, and after a kill -9 of the postmaster the watchdog brings the
