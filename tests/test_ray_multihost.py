@@ -375,8 +375,10 @@ async def test_a_custom_backend_runs_a_ray_job_over_two_workers(tmp_path: Path):
             "command": [sys.executable, "{model_path}", "--ray-address", "{ray_address}", "--host", "{host}",
                         "--port", "{port}", "--model-name", "{model_name}"],
             "metrics_path": None})
+        probe = tmp_path / "ray_probe_server.py"  # under the model roots (/tmp in the tests), as any source must be
+        shutil.copy(HERE / "ray_probe_server.py", probe)
         await admin.create_model({
-            "name": "probe", "source": str(HERE / "ray_probe_server.py"), "backend": "custom:ray-probe",
+            "name": "probe", "source": str(probe), "backend": "custom:ray-probe",
             "distributed": True, "memory_bytes": 2**30,
             "gpu_selector": [{"worker": "ray-a", "gpu_indexes": [0]}, {"worker": "ray-b", "gpu_indexes": [0]}]})
 
