@@ -68,21 +68,26 @@ async def _owner(request: web.Request, session, username: str | None) -> int:
     return user_id
 
 
+async def _credentials(request: web.Request, what: str, *where) -> list:
+    """(key row, owner's name) of the caller's credentials; with ?all=1, every user's (admins only)."""
+    principal = principal_of(request)
+    query = (select(tables.ApiKey, tables.User.username).join(tables.User).where(*where)
+             .order_by(tables.User.username, tables.ApiKey.id))
+    if request.query.get("all") == "1":
+        if not access.is_admin(principal):
+            raise forbidden(f"only an admin may list every user's {what}")
+    else:
+        query = query.where(tables.ApiKey.user_id == principal.user_id)
+    async with server_of(request).db.session() as s:
+        return list((await s.execute(query)).all())
+
+
 @route("GET", "/v2/keys", "List your API keys (admins: ?all=1 lists everyone's, with their owner)",
        response=schemas.ApiKeyListed, response_list=True,
        query={"all": Query("1: every user's keys (admin)", one_of("0", "1"))})
 async def list_keys(request: web.Request) -> web.Response:
-    principal = principal_of(request)
-    query = (select(tables.ApiKey, tables.User.username).join(tables.User).where(tables.ApiKey.kind == "api")
-             .order_by(tables.User.username, tables.ApiKey.id))
-    if request.query.get("all") == "1":
-        if not access.is_admin(principal):
-            raise forbidden("only an admin may list every user's keys")
-    else:
-        query = query.where(tables.ApiKey.user_id == principal.user_id)
-    async with server_of(request).db.session() as s:
-        rows = (await s.execute(query)).all()
-        return json_out([schemas.ApiKeyListed(**schemas.ApiKeyOut.model_validate(key).model_dump(), owner=owner)
+    rows = await _credentials(request, "keys", tables.ApiKey.kind == "api")
+    return json_out([schemas.ApiKeyListed(**schemas.ApiKeyOut.model_validate(key).model_dump(), owner=owner)
                          for key, owner in rows])
 
 
@@ -136,17 +141,8 @@ def _session_kind(key: tables.ApiKey) -> str:
        response=schemas.SessionOut, response_list=True,
        query={"all": Query("1: every user's sessions (admin)", one_of("0", "1"))})
 async def list_sessions(request: web.Request) -> web.Response:
-    principal = principal_of(request)
-    query = (select(tables.ApiKey, tables.User.username).join(tables.User)
-             .where(tables.ApiKey.kind == "session", tables.ApiKey.expires_at >= datetime.now(UTC))
-             .order_by(tables.ApiKey.id))
-    if request.query.get("all") == "1":
-        if not access.is_admin(principal):
-            raise forbidden("only an admin may list every user's sessions")
-    else:
-        query = query.where(tables.ApiKey.user_id == principal.user_id)
-    async with server_of(request).db.session() as s:
-        rows = (await s.execute(query)).all()
+    rows = await _credentials(request, "sessions", tables.ApiKey.kind == "session",
+                              tables.ApiKey.expires_at >= datetime.now(UTC))
     return json_out([schemas.SessionOut(prefix=key.prefix, username=owner, kind=_session_kind(key),
                                         created_at=key.created_at, expires_at=key.expires_at,
                                         last_used_at=key.last_used_at) for key, owner in rows])
