@@ -282,3 +282,21 @@ class TableScreen(MaasScreen):
         pass
 
 
+class DetailTableScreen(TableScreen):
+    """A table with one line under it about the highlighted row (`row_detail`), kept current as the
+    cursor moves and the data changes."""
+
+    def compose_body(self) -> ComposeResult:
+        yield from super().compose_body()
+        yield Static(id="row-detail")
+
+    def refresh_body(self, kinds: set[str] | None = None) -> None:
+        super().refresh_body(kinds)
+        self.update_row_detail()
+
+    @on(ResourceTable.RowHighlighted)
+    def update_row_detail(self) -> None:
+        set_content(self.query_one("#row-detail", Static), self.row_detail(), layout=True)
+
+    def row_detail(self) -> Text:  # pragma: no cover - overridden
+        return Text()

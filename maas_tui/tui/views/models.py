@@ -5,21 +5,17 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from rich.text import Text
-from textual import on
-from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Static
 
 from maas_tui.render import models as render
-from maas_tui.tui.views.base import TableScreen
+from maas_tui.tui.views.base import DetailTableScreen
 from maas_tui.tui.views.registry import view
-from maas_tui.tui.widgets import ResourceTable, set_content
 from server import schemas
 
 
 @view("models", "Models", aliases=("model", "mo", "deploy", "deployments", "dp"),
       notes=("rollout bar: █ ready ▒ starting ░ not yet · ‖ paused ⚠ stalled",))
-class ModelsScreen(TableScreen):
+class ModelsScreen(DetailTableScreen):
     TITLE_TEXT = "Models"
     KINDS = {"models", "instances"}
     COLUMNS = render.COLUMNS
@@ -38,19 +34,10 @@ class ModelsScreen(TableScreen):
         Binding("ctrl+d", "delete", "Delete", tooltip="delete (asks first)"),
     ]
 
-    def compose_body(self) -> ComposeResult:
-        yield from super().compose_body()
-        yield Static(id="row-detail")
-
     def rows(self) -> Iterable[tuple[str, tuple[Any, ...]]]:
         return render.rows(self.state, self.now)
 
-    def refresh_body(self, kinds: set[str] | None = None) -> None:
-        super().refresh_body(kinds)
-        self.update_row_detail()
-
-    @on(ResourceTable.RowHighlighted)
-    def update_row_detail(self) -> None:
+    def row_detail(self) -> Text:
         """The highlighted model's rollout in words: new vs old generation, paused, why it stalled."""
         model = self._model()
         rollout = self.state.rollouts().get(model.id) if model else None
@@ -58,7 +45,7 @@ class ModelsScreen(TableScreen):
         if model is not None and rollout is not None:
             text.append(f" {model.name} ", style="bold")
             text.append_text(render.rollout_text(rollout))
-        set_content(self.query_one("#row-detail", Static), text, layout=True)
+        return text
 
     def describe(self, key: str) -> None:
         self.app.describe("model", key)
