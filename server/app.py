@@ -193,7 +193,7 @@ class MaasServer:
         if self.db is None:
             return {"database": "unavailable", "database_error": "not connected yet"}
         try:
-            async with asyncio.timeout(2):  # not wait_for: see controllers/loop.py
+            async with asyncio.timeout(2):  # not wait_for: see server/reconcile.py
                 async with self.db.engine.connect() as conn:
                     await conn.exec_driver_sql("SELECT 1")
         except Exception as exc:  # any failure to answer is "down" here; the reason goes along

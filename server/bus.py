@@ -229,7 +229,7 @@ class ChangeFeed:
         while True:
             await self._listen()
             try:
-                async with asyncio.timeout(self.POLL_SECONDS):  # not wait_for: see controllers/loop.py
+                async with asyncio.timeout(self.POLL_SECONDS):  # not wait_for: see server/reconcile.py
                     await self._wake.wait()
             except TimeoutError:
                 pass

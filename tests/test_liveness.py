@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 from server.bus import EventBus, Frame
-from server.controllers.loop import ALL, WorkQueue
+from server.reconcile import ALL, WorkQueue
 from server.controllers.models import ModelController
 from server.liveness import Heartbeats, Leases, inventory
 

@@ -72,7 +72,7 @@ class AgentAdmission:
         self.queued += 1
         try:
             async with self._slot:
-                async with asyncio.timeout(self.wait):  # not wait_for: see controllers/loop.py
+                async with asyncio.timeout(self.wait):  # not wait_for: see server/reconcile.py
                     await self._slot.wait_for(lambda: self.in_flight < self.limit)
             return True
         except TimeoutError:

@@ -157,7 +157,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
         await response.write(_line({"type": "heartbeat", "version": server.bus.version}))
         while True:
             try:
-                async with asyncio.timeout(server.config.watch_heartbeat):  # not wait_for: see controllers/loop.py
+                async with asyncio.timeout(server.config.watch_heartbeat):  # not wait_for: see server/reconcile.py
                     event = await subscription.get()
             except TimeoutError:
                 await response.write(_line({"type": "heartbeat", "version": server.bus.version}))

@@ -3,7 +3,7 @@ restarts failed instances with backoff, replaces those of lost workers, tears do
 deleted models.
 
 It reconciles the models that changed: a model's own change or one of its instances' queues that
-model (controllers/loop.py KeyedReconcileLoop); a worker change queues everything only when the
+model (server/reconcile.py KeyedReconcileLoop); a worker change queues everything only when the
 worker's state or draining flag moved (heartbeats are no events at all: server/liveness.py). A
 backoff or grace period queues the model again when it ends. A full pass every resync interval is
 the safety net.
@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from sqlalchemy import select
 
 from server import schemas
-from server.controllers.loop import ALL, KeyedReconcileLoop
+from server.reconcile import ALL, KeyedReconcileLoop
 from server.controllers.rollout import InstanceView, plan
 from server.db import tables
 from server.events import record_event

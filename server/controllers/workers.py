@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 
 from server import schemas
-from server.controllers.loop import ReconcileLoop
+from server.reconcile import ReconcileLoop
 from server.db import tables
 from server.events import record_event
 from server.liveness import Leases, too_many_at_once

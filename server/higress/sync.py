@@ -19,7 +19,7 @@ import yaml
 from sqlalchemy import select
 
 from server import schemas
-from server.controllers.loop import ReconcileLoop
+from server.reconcile import ReconcileLoop
 from server.db import tables
 from server.higress.kube import KubeApplier, KubeError
 from server.higress.objects import LABELS, PLURALS, Endpoint, build_objects

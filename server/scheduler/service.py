@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 
 from server import schemas
-from server.controllers.loop import ReconcileLoop
+from server.reconcile import ReconcileLoop
 from server.db import tables
 from server.db.database import log_changes, to_wire
 from server.db.settings import put_setting
@@ -109,7 +109,7 @@ class Scheduler(ReconcileLoop):
                     self._needs_resync = True
                     await asyncio.sleep(1)
                 try:
-                    async with asyncio.timeout(self.interval):  # not wait_for: see controllers/loop.py
+                    async with asyncio.timeout(self.interval):  # not wait_for: see server/reconcile.py
                         event = await subscription.get()
                 except TimeoutError:
                     self._dirty = self._dirty or bool(self.state.pending)

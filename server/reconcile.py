@@ -1,4 +1,5 @@
-"""A reconcile loop: run `reconcile()` after relevant bus events (batched) and on a timer."""
+"""Reconcile loops, neutral ground for the controllers, the scheduler and the Higress sync: run
+`reconcile()` after relevant bus events (batched) and on a timer, or per object with a work queue."""
 
 from __future__ import annotations
 
