@@ -227,9 +227,19 @@ class WorkerRegister(Schema):
         return value
 
 
+class InstanceUsage(Schema):
+    """What an instance's processes really use on its worker (agent/usage.py), sent with heartbeats and
+    compared with the claim by the server (server/memory_drift.py)."""
+
+    instance_id: int = Field(ge=1)
+    ram_bytes: int = Field(default=0, ge=0, description="resident memory of the process tree (host RSS)")
+    gpu_bytes: dict[int, int] = Field(default_factory=dict, description="GPU index -> bytes its processes use (NVML)")
+
+
 class WorkerHeartbeat(Schema):
     gpus: list[GPUDevice] = Field(default_factory=list)
     host: HostInfo = Field(default_factory=HostInfo)
+    usage: list[InstanceUsage] = Field(default_factory=list, max_length=4096)
 
 
 class WorkerOut(Schema):
