@@ -130,7 +130,8 @@ async def main() -> None:
             deploy = {"name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
                       "args": ["--parallel", "8"]}
             if args.backend == "fixed":
-                fixed = ROOT / "bench" / "backends" / "openai_fixed.py"
+                fixed = base / "openai_fixed.py"  # the source must lie under a model root (/tmp is one)
+                shutil.copy(ROOT / "bench" / "backends" / "openai_fixed.py", fixed)
                 async with http.post(f"{server_url}/v2/backends", headers=admin, json={
                         "name": "openai-fixed", "command": [sys.executable, str(fixed), "--host", "{host}",
                                                            "--port", "{port}"],
