@@ -14,7 +14,8 @@ import pytest
 
 from conftest import eventually
 from maas_tui.client import ApiClientError, MaasClient
-from maas_tui.ssh.server import HOST_KEY_NAME, ApiBackend, DatabaseBackend, SshConfig, TuiFrontDoor
+from maas_tui.ssh.server import HOST_KEY_NAME, ApiBackend, SshConfig, TuiFrontDoor
+from server.services.ssh_sessions import InProcessSshBackend
 
 ANSI = re.compile(rb"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]|\x1b\][^\x07]*\x07")
 
@@ -61,7 +62,7 @@ async def user_key(admin: MaasClient) -> asyncssh.SSHKey:
 
 @pytest.fixture
 async def door(server, tmp_path: Path):
-    front = TuiFrontDoor(DatabaseBackend(server), SshConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "ssh",
+    front = TuiFrontDoor(InProcessSshBackend(server), SshConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "ssh",
                                                              max_sessions=1))
     await front.start()
     try:
@@ -416,7 +417,7 @@ async def test_a_session_token_is_revoked_once_the_database_is_back(traversable_
     data = traversable_tmp / f"revoke-{os.getpid()}-{time.monotonic_ns()}"
     server = MaasServer(ServerConfig(data_dir=data, port=free_port()))
     await server.start()
-    door = TuiFrontDoor(DatabaseBackend(server), SshConfig(port=0, data_dir=data / "ssh"))
+    door = TuiFrontDoor(InProcessSshBackend(server), SshConfig(port=0, data_dir=data / "ssh"))
     try:
         token, prefix = await door.backend.open_session("admin", "SHA256:test", "127.0.0.1:1")
         async with MaasClient(server.url, token) as session_client:

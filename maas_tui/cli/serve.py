@@ -84,11 +84,12 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
         try:
             await server.start()
             if ssh_port is not None:
-                from maas_tui.ssh.server import DatabaseBackend, SshConfig, TuiFrontDoor
+                from maas_tui.ssh.server import SshConfig, TuiFrontDoor
+                from server.services.ssh_sessions import InProcessSshBackend
 
-                door = TuiFrontDoor(DatabaseBackend(server), SshConfig(host=config.host, port=ssh_port,
-                                                                       data_dir=config.data_dir,
-                                                                       max_sessions=ssh_max_sessions))
+                door = TuiFrontDoor(InProcessSshBackend(server), SshConfig(host=config.host, port=ssh_port,
+                                                                           data_dir=config.data_dir,
+                                                                           max_sessions=ssh_max_sessions))
                 await door.start()
             if not no_agent:
                 agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "",

@@ -11,8 +11,8 @@
   (the TUI's process group is hung up, then killed).
 - A cap on concurrent sessions.
 
-Where users, keys and tokens come from is a `Backend`: `DatabaseBackend` inside the
-server process, `ApiBackend` (an admin token over REST) when run on its own.
+Where users, keys and tokens come from is a `Backend`: server/services/ssh_sessions.py's
+`InProcessSshBackend` inside the server process, `ApiBackend` (an admin token over REST) when run on its own.
 """
 
 from __future__ import annotations
@@ -45,31 +45,6 @@ class Backend(Protocol):
     async def authorized_keys(self, username: str) -> list[str]: ...
     async def open_session(self, username: str, fingerprint: str, peer: str) -> tuple[str, str]: ...  # (token, prefix)
     async def close_session(self, username: str, prefix: str, reason: str) -> None: ...
-
-
-class DatabaseBackend:
-    """Inside the server process: straight to the database."""
-
-    def __init__(self, server: Any):
-        self.server = server
-        self.server_url = server.url
-
-    async def authorized_keys(self, username: str) -> list[str]:
-        from server.api.users import authorized_keys
-
-        return await authorized_keys(self.server.db, username)
-
-    async def open_session(self, username: str, fingerprint: str, peer: str) -> tuple[str, str]:
-        from server.api.users import mint_ssh_session
-
-        out = await mint_ssh_session(self.server.db, username, fingerprint, peer)
-        return out.token, out.prefix
-
-    async def close_session(self, username: str, prefix: str, reason: str) -> None:
-        from server.api.users import end_ssh_session
-
-        await end_ssh_session(self.server.db, username, prefix, reason)
-        self.server.auth.invalidate()
 
 
 class ApiBackend:

@@ -1,14 +1,14 @@
 """Users and their SSH public keys, and the short-lived sessions the SSH front door mints.
 
-The functions below the handlers are the whole logic; the SSH front door calls them
-directly when it runs inside the server process (`maas start --ssh-port`), and through
-these routes when it runs on its own (`maas ssh serve --server URL`).
+The SSH front door's logic (keys that may log in, session tokens) lives in
+server/services/ssh_sessions.py: the front door calls it directly inside the server process
+(`maas start --ssh-port`), and through the routes below when it runs on its own
+(`maas ssh serve --server URL`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 from sqlalchemy import delete, select
@@ -18,10 +18,10 @@ from server import schemas
 from server.api.errors import ApiError, bad_request, conflict, forbidden, not_found, read_json
 from server.api.permissions import require_admin
 from server.api.routing import Query, json_out, principal_of, route, server_of
-from server.api.security import hash_password, hash_secret, new_user_token
+from server.api.security import hash_password
 from server.db import tables
-from server.db.database import Database
 from server.events import record_event
+from server.services import ssh_sessions
 
 
 def parse_public_key(text: str) -> tuple[str, str, str]:
@@ -57,54 +57,6 @@ async def _user(session, username: str) -> tables.User:
     if user is None:
         raise not_found(f"user {username!r}")
     return user
-
-
-# --- logic shared with the in-process SSH front door ----------------------------
-
-
-async def authorized_keys(db: Database, username: str) -> list[str]:
-    """The public keys that may log in as `username` (empty for an unknown user)."""
-    async with db.session() as s:
-        rows = (await s.execute(select(tables.SshKey.public_key).join(tables.User).where(
-            tables.User.username == username).order_by(tables.SshKey.id))).scalars()
-        return list(rows)
-
-
-async def mint_ssh_session(db: Database, username: str, fingerprint: str = "", peer: str = "",
-                           ttl_seconds: int = 12 * 3600) -> schemas.SshSessionOut:
-    """A session token for `username`, recorded as an SSH login event."""
-    token, prefix = new_user_token()
-    expires = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
-    async with db.session() as s:
-        user = await _user(s, username)
-        s.add(tables.ApiKey(user_id=user.id, kind="session", name=f"ssh-{prefix}", prefix=prefix,
-                            secret_hash=hash_secret(token), expires_at=expires))
-        if fingerprint:
-            key = (await s.execute(select(tables.SshKey).where(
-                tables.SshKey.user_id == user.id, tables.SshKey.fingerprint == fingerprint))).scalar_one_or_none()
-            if key is not None:
-                key.last_used_at = datetime.now(UTC)
-        record_event(s, "users", user, "SshLogin",
-                     f"{username} logged in over SSH" + (f" from {peer}" if peer else "")
-                     + (f" with key {fingerprint}" if fingerprint else ""), username)
-        await s.commit()
-    return schemas.SshSessionOut(token=token, prefix=prefix, username=username, expires_at=expires)
-
-
-async def end_ssh_session(db: Database, username: str, prefix: str, reason: str = "") -> bool:
-    """Revoke the session token minted for one SSH session and record the logout."""
-    async with db.session() as s:
-        user = await _user(s, username)
-        key = (await s.execute(select(tables.ApiKey).where(
-            tables.ApiKey.user_id == user.id, tables.ApiKey.kind == "session",
-            tables.ApiKey.prefix == prefix))).scalar_one_or_none()
-        if key is None:
-            return False
-        await s.delete(key)
-        record_event(s, "users", user, "SshLogout", f"{username} left the SSH session" + (f": {reason}" if reason else ""),
-                     username)
-        await s.commit()
-    return True
 
 
 # --- users ------------------------------------------------------------------------
@@ -244,7 +196,8 @@ async def delete_ssh_key(request: web.Request) -> web.Response:
 @route("GET", "/v2/users/{name}/authorized-keys", "The public keys that may log in as a user (admin)")
 async def get_authorized_keys(request: web.Request) -> web.Response:
     _check_admin(request)
-    return web.json_response({"items": await authorized_keys(server_of(request).db, request.match_info["name"])})
+    return web.json_response({"items": await ssh_sessions.authorized_keys(server_of(request).db,
+                                                                      request.match_info["name"])})
 
 
 @route("POST", "/v2/users/{name}/sessions", "Mint a session token for a user logging in over SSH (admin)",
@@ -252,8 +205,12 @@ async def get_authorized_keys(request: web.Request) -> web.Response:
 async def create_ssh_session(request: web.Request) -> web.Response:
     _check_admin(request)
     body = await read_json(request, schemas.SshSessionCreate)
-    out = await mint_ssh_session(server_of(request).db, request.match_info["name"], body.fingerprint, body.peer,
-                                 body.ttl_seconds)
+    name = request.match_info["name"]
+    try:
+        out = await ssh_sessions.mint_ssh_session(server_of(request).db, name, body.fingerprint, body.peer,
+                                                  body.ttl_seconds)
+    except ssh_sessions.UnknownUser:
+        raise not_found(f"user {name!r}") from None
     return json_out(out, status=201)
 
 
@@ -262,10 +219,14 @@ async def create_ssh_session(request: web.Request) -> web.Response:
 async def delete_ssh_session(request: web.Request) -> web.Response:
     _check_admin(request)
     name, prefix = request.match_info["name"], request.match_info["prefix"]
-    if not await end_ssh_session(server_of(request).db, name, prefix, request.query.get("reason", "")):
+    try:
+        ended = await ssh_sessions.end_ssh_session(server_of(request).db, name, prefix, request.query.get("reason", ""))
+    except ssh_sessions.UnknownUser:
+        raise not_found(f"user {name!r}") from None
+    if not ended:
         raise not_found(f"session {prefix!r} of {name}")
     server_of(request).auth.invalidate()
     return web.json_response({"deleted": prefix})
 
 
-__all__ = ["ApiError", "authorized_keys", "end_ssh_session", "mint_ssh_session", "parse_public_key"]
+__all__ = ["ApiError", "parse_public_key"]
