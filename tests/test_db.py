@@ -503,9 +503,10 @@ async def test_every_store_keeps_names_times_and_json_alike(store_url: str):
             assert ("models", "created") in logged and ("instances", "created") in logged
 
         day = T0.date()
-        async with db.session() as s:  # the gateway's usage upsert adds up per (day, key, model)
-            await add_usage(s, {(day, None, "k", 1, "Tiny"): [1, 10, 20]})
-            await add_usage(s, {(day, None, "k", 1, "Tiny"): [2, 5, 5], (day, None, "k", 1, "tiny"): [1, 1, 1]})
+        async with db.session() as s:  # the gateway's usage upsert adds up per (day, hour, key, model, route)
+            await add_usage(s, {(day, 3, None, "k", 1, "Tiny", "", "red"): [1, 10, 20]})
+            await add_usage(s, {(day, 3, None, "k", 1, "Tiny", "", "red"): [2, 5, 5],
+                                (day, 3, None, "k", 1, "tiny", "", "red"): [1, 1, 1]})
             await s.commit()
             rows = (await s.execute(select(tables.Usage.model_name, tables.Usage.requests, tables.Usage.prompt_tokens,
                                            tables.Usage.completion_tokens).order_by(tables.Usage.id))).all()

@@ -161,6 +161,32 @@ class Model(Base, Timestamps):
     rollout_message: Mapped[str] = mapped_column(Text, default="")  # why a rollout is stuck, when it is
     # The owning team, by name (teams are not renamed): the wire keeps it without a join.
     team: Mapped[str | None] = mapped_column(ForeignKey("teams.name", name="fk_models_team"), index=True, default=None)
+    # The rollout bench gate (schemas.BenchGateSet as a dict; None: none) and the newest generation it judged:
+    # while a newer one waits for its verdict, the rollout holds after its first replica (controllers/rollout.py).
+    bench_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    bench_gate_generation: Mapped[int] = mapped_column(Integer, default=0)
+    # Autoscaling (server/controllers/autoscale.py): on when max_replicas is set; `replicas` is then the autoscaler's.
+    min_replicas: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_replicas: Mapped[int | None] = mapped_column(Integer, default=None)
+    target_concurrency: Mapped[int] = mapped_column(Integer, default=8, server_default="8")
+    scale_down_delay: Mapped[float] = mapped_column(Float, default=60.0, server_default="60")
+    idle_timeout: Mapped[float] = mapped_column(Float, default=900.0, server_default="900")
+    cold_start_timeout: Mapped[float] = mapped_column(Float, default=120.0, server_default="120")
+    priority: Mapped[str] = mapped_column(String(40), default="normal", server_default="normal")
+    scale_reason: Mapped[str] = mapped_column(Text, default="")  # the autoscaler's last decision and why
+    scaled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class GatewayLoad(Base):
+    """Each server's gateway load per model ({model: [in flight, held, requests]}), rewritten every second or
+    two by that server; the leader's autoscaler sums the fresh rows. Not published on the bus: it changes
+    too often to be a watched change."""
+
+    __tablename__ = "gateway_loads"
+    __table_args__ = MYSQL_TABLE
+    server_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    loads: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ModelRevision(Base):
@@ -238,17 +264,21 @@ class Setting(Base, Timestamps):
 
 
 class Usage(Base):
-    """Gateway usage per day, API key and model. Rows are upserted in batches by the gateway."""
+    """Gateway usage per hour, API key, model and route. Rows are upserted in batches by the gateway."""
 
     __tablename__ = "usage"
-    __table_args__ = (UniqueConstraint("day", "api_key_id", "model_name", name="uq_usage_day_key_model"), NO_ID_REUSE)
+    __table_args__ = (UniqueConstraint("day", "hour", "api_key_id", "model_name", "route",
+                                       name="uq_usage_hour_key_model_route"), NO_ID_REUSE)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     day: Mapped[date] = mapped_column(Date, index=True)
+    hour: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0-23, UTC
     # Kept when the key is revoked: the name and owner stay readable for billing.
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), default=None)
     api_key_name: Mapped[str] = mapped_column(String(100))
     user_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
-    model_name: Mapped[str] = mapped_column(String(100))
+    model_name: Mapped[str] = mapped_column(String(100))  # the model that served (a route's target)
+    route: Mapped[str] = mapped_column(String(100), default="", server_default="")  # the route called, "" for none
+    team: Mapped[str] = mapped_column(String(100), default="", server_default="")  # the model's team then
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -283,3 +313,100 @@ class SshKey(Base):
     public_key: Mapped[str] = mapped_column(Text)  # one authorized_keys line, without options
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ModelRoute(Base, Timestamps):
+    """An alias clients call like a model: weighted between target models, with fallbacks (server/services/routes.py)."""
+
+    __tablename__ = "model_routes"
+    __table_args__ = (UniqueConstraint("name", name="uq_model_routes_name"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    team: Mapped[str | None] = mapped_column(String(100), index=True, default=None)  # its targets' team
+    targets: Mapped[list[Any]] = mapped_column(default=list)  # [{"model": NAME, "weight": N}], weights > 0
+    fallbacks: Mapped[list[Any]] = mapped_column(default=list)  # model names tried after every target
+
+
+class ModelFile(Base, Timestamps):
+    """A model source in one worker's cache (issue 19; server/services/files.py): pulled on request or by a
+    launch, reported by the worker's agent with what it read of the files (for estimates without the hub)."""
+
+    __tablename__ = "model_files"
+    __table_args__ = (UniqueConstraint("worker_id", "source", name="uq_model_files_worker_source"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE", name="fk_model_files_worker"))
+    worker_name: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(500), index=True)  # schemas.file_key of the source
+    revision: Mapped[str | None] = mapped_column(String(100), default=None)
+    path: Mapped[str] = mapped_column(Text, default="")
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # schemas.FileState
+    progress: Mapped[float | None] = mapped_column(Float, default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    file_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # the agent's reading
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Alert(Base):
+    """An alert raised by a rule (server/alerts/rules.py) about one object; firing until its condition ends."""
+
+    __tablename__ = "alerts"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # firing | resolved
+    object_kind: Mapped[str] = mapped_column(String(32))
+    object_name: Mapped[str] = mapped_column(String(140))
+    team: Mapped[str | None] = mapped_column(String(100), default=None)  # the object's, for who may read it
+    message: Mapped[str] = mapped_column(Text, default="")
+    silenced: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AlertSilence(Base):
+    """While it lasts, alerts of its rule (about its object, or any) are not sent to webhooks."""
+
+    __tablename__ = "alert_silences"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    object_name: Mapped[str | None] = mapped_column(String(140), default=None)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(140))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ends_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class AlertWebhook(Base):
+    """Where alerts are POSTed; the signing secret encrypted like team secrets (server/services/secrets.py)."""
+
+    __tablename__ = "alert_webhooks"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret_ciphertext: Mapped[str | None] = mapped_column(Text, default=None)
+    created_by: Mapped[str] = mapped_column(String(140))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[str] = mapped_column(String(300), default="")
+    last_delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class BenchResult(Base):
+    """One benchmark of a model's generation: by `maas bench` (through the gateway) or by the rollout gate."""
+
+    __tablename__ = "bench_results"
+    __table_args__ = NO_ID_REUSE
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    generation: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))  # cli | gate
+    instance: Mapped[str | None] = mapped_column(String(140), default=None)
+    created_by: Mapped[str] = mapped_column(String(140))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    levels: Mapped[list[Any]] = mapped_column()  # schemas.bench.BenchLevel dicts

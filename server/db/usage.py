@@ -1,4 +1,4 @@
-"""Adding gateway usage: one upsert per (day, key, model), dialect by dialect."""
+"""Adding gateway usage: one upsert per (day, hour, key, model, route), dialect by dialect."""
 
 from __future__ import annotations
 
@@ -20,19 +20,20 @@ async def add_usage(session: AsyncSession, batch: dict[tuple, list[int]]) -> Non
     else:  # pragma: no cover - other stores come with their own upsert
         raise NotImplementedError(f"usage upsert for {dialect}")
     rows: list[dict[str, Any]] = [
-        {"day": day, "api_key_id": key_id, "api_key_name": key_name, "user_id": user_id, "model_name": model,
+        {"day": day, "hour": hour, "api_key_id": key_id, "api_key_name": key_name, "user_id": user_id,
+         "model_name": model, "route": route, "team": team,
          "requests": counts[0], "prompt_tokens": counts[1], "completion_tokens": counts[2]}
-        for (day, key_id, key_name, user_id, model), counts in batch.items()
+        for (day, hour, key_id, key_name, user_id, model, route, team), counts in batch.items()
     ]
     statement = insert(Usage).values(rows)
-    if dialect == "mysql":  # the unique key (day, key, model) is the conflict target
+    if dialect == "mysql":  # the unique key (day, hour, key, model, route) is the conflict target
         statement = statement.on_duplicate_key_update(
             {column: getattr(Usage, column) + getattr(statement.inserted, column)
              for column in ("requests", "prompt_tokens", "completion_tokens")})
         await session.execute(statement)
         return
     statement = statement.on_conflict_do_update(
-        index_elements=["day", "api_key_id", "model_name"],
+        index_elements=["day", "hour", "api_key_id", "model_name", "route"],
         set_={column: getattr(Usage, column) + getattr(statement.excluded, column)
               for column in ("requests", "prompt_tokens", "completion_tokens")},
     )

@@ -140,8 +140,12 @@ class UsageRow(Schema):
     """Gateway usage summed over whatever the query grouped by; absent groupings are None."""
 
     day: date | None = None
+    hour: int | None = None  # 0-23 UTC, with by=hour
     api_key: str | None = None
-    model: str | None = None
+    model: str | None = None  # the model that served (a route's target)
+    route: str | None = None  # the route called ("" for the model called by its own name)
+    team: str | None = None
+    user: str | None = None
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -315,6 +319,9 @@ class SecretRef(Schema):
     secret: str = Field(pattern=SECRET_NAME_PATTERN)
 
 
+PRIORITY_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
+
+
 class ModelSpec(Schema):
     """Everything that shapes an instance. A change to it is a new generation."""
 
@@ -420,20 +427,57 @@ class ModelCreate(ModelSpec):
     replicas: int = Field(default=1, ge=0, le=1000)
     max_surge: int = Field(default=1, ge=0, le=1000, description="rollouts: instances above replicas while replacing")
     max_unavailable: int = Field(default=0, ge=0, le=1000, description="rollouts: running instances that may be missing")
+    # Autoscaling and priority (server/controllers/autoscale.py): policy, not spec, so no new generation.
+    min_replicas: int | None = Field(default=None, ge=0, le=1000, description=(
+        "autoscaling: fewest replicas (0: scale to zero after idle_timeout); needs max_replicas"))
+    max_replicas: int | None = Field(default=None, ge=1, le=1000, description=(
+        "autoscaling: most replicas; setting it turns autoscaling on (replicas is then the autoscaler's)"))
+    target_concurrency: int = Field(default=8, ge=1, le=100_000, description=(
+        "autoscaling: requests in flight (or held) per replica the autoscaler aims at"))
+    scale_down_delay: float = Field(default=60.0, ge=0, le=86_400, description=(
+        "autoscaling: seconds the load must stay low before replicas are removed"))
+    idle_timeout: float = Field(default=900.0, ge=1, le=30 * 86_400, description=(
+        "autoscaling with min_replicas 0: seconds without a request before the model goes to zero replicas"))
+    cold_start_timeout: float = Field(default=120.0, ge=1, le=3600, description=(
+        "seconds the gateway holds a request while a replica starts, then 503 with Retry-After"))
+    priority: str = Field(default="normal", pattern=PRIORITY_PATTERN, description=(
+        "priority class (server config, default critical, high, normal, low): a pending instance may preempt "
+        "instances of strictly lower classes"))
 
     @model_validator(mode="after")
     def _rollout_can_progress(self) -> "ModelCreate":
         if self.max_surge == 0 and self.max_unavailable == 0:
             raise ValueError("max_surge and max_unavailable cannot both be 0: a rollout could never progress")
+        if (problem := scaling_range_problem(self.min_replicas, self.max_replicas)) is not None:
+            raise ValueError(problem)
         return self
 
 
+def scaling_range_problem(min_replicas: int | None, max_replicas: int | None) -> str | None:
+    """Why an autoscaling range is wrong, or None (one rule for create, edit and the TUI)."""
+    if min_replicas is not None and max_replicas is None:
+        return "min_replicas needs max_replicas: autoscaling is on when max_replicas is set"
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        return f"min_replicas ({min_replicas}) is above max_replicas ({max_replicas})"
+    return None
+
+
 # Fields of ModelCreate that are not part of the instance spec.
-MODEL_POLICY_FIELDS = frozenset({"name", "team", "replicas", "max_surge", "max_unavailable"})
+SCALING_FIELDS = frozenset({"min_replicas", "max_replicas", "target_concurrency", "scale_down_delay", "idle_timeout",
+                            "cold_start_timeout", "priority"})
+MODEL_POLICY_FIELDS = frozenset({"name", "team", "replicas", "max_surge", "max_unavailable"}) | SCALING_FIELDS
 
 
 class ModelUpdate(Schema):
-    replicas: int | None = Field(default=None, ge=0, le=1000)
+    replicas: int | None = Field(default=None, ge=0, le=1000, description=(
+        "manual scale; on an autoscaled model it turns autoscaling off unless max_replicas is given too"))
+    min_replicas: int | None = Field(default=None, ge=0, le=1000)
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    target_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    scale_down_delay: float | None = Field(default=None, ge=0, le=86_400)
+    idle_timeout: float | None = Field(default=None, ge=1, le=30 * 86_400)
+    cold_start_timeout: float | None = Field(default=None, ge=1, le=3600)
+    priority: str | None = Field(default=None, pattern=PRIORITY_PATTERN)
     max_surge: int | None = Field(default=None, ge=0, le=1000)
     max_unavailable: int | None = Field(default=None, ge=0, le=1000)
     source: str | None = Field(default=None, min_length=1, max_length=2000)
@@ -478,8 +522,21 @@ class ModelOut(Schema):
     max_unavailable: int = 0
     rollout_message: str = ""
     team: str | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_concurrency: int = 8
+    scale_down_delay: float = 60.0
+    idle_timeout: float = 900.0
+    cold_start_timeout: float = 120.0
+    priority: str = "normal"
+    scale_reason: str = Field(default="", description="the autoscaler's last decision and why")
+    scaled_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas is not None
 
 
 class ModelRevisionOut(Schema):
@@ -688,7 +745,7 @@ class EventOut(Schema):
     created_at: datetime
 
 
-WATCH_KINDS: tuple[str, ...] = ("workers", "models", "instances", "events")
+WATCH_KINDS: tuple[str, ...] = ("workers", "models", "instances", "events", "files")
 
 
 class WatchMessage(Schema):
@@ -875,3 +932,9 @@ from server.schemas.people import (AuditEntryOut, InstanceSecrets, SecretOut, Se
                                    SshKeyCreate, SshKeyOut, SshSessionCreate, SshSessionOut, TeamCreate,
                                    TeamMemberOut, TeamMemberSet, TeamOut, TeamQuota, TeamUsage, UserCreate,
                                    UserOut, UserUpdate)
+
+# Model routes (aliases, canaries, fallbacks): their own module, built on the base above.
+from server.schemas.routes import RouteCreate, RouteOut, RouteTarget, RouteUpdate  # noqa: E402
+# Model files in the workers' caches (issue 19).
+from server.schemas.files import (FILE_STATES, AgentFileEntry, AgentFileInventory, FilePull,  # noqa: E402
+                                  FileState, ModelFileOut, file_key)
