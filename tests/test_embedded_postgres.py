@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.db import embedded
+from server.db import embedded, pg_binaries
 from server.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_pg_bin_dir
 
 pytestmark = pytest.mark.postgres
@@ -266,8 +266,8 @@ def test_missing_binaries_says_how_to_install(data_dir, monkeypatch, tmp_path):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(embedded, "PG_BIN_GLOBS", [str(tmp_path / "nothing" / "*" / "bin")])
-    monkeypatch.setattr(embedded, "PG_BIN_DIRS", [str(tmp_path / "nothing-either")])
+    monkeypatch.setattr(pg_binaries, "PG_BIN_GLOBS", [str(tmp_path / "nothing" / "*" / "bin")])
+    monkeypatch.setattr(pg_binaries, "PG_BIN_DIRS", [str(tmp_path / "nothing-either")])
     with pytest.raises(EmbeddedPostgresError) as ei:
         EmbeddedPostgres(data_dir).start()
     msg = str(ei.value)

@@ -13,16 +13,18 @@ system user is ever created.
 All calls are synchronous (subprocesses); async callers run :meth:`start`, :meth:`stop` and
 :meth:`restart_after_crash` in a thread: ``await in_own_thread(pg.restart_after_crash)`` gives the
 call a thread of its own, so a busy default executor never delays bringing the database back.
+
+Why one module of ~680 lines: it is one object's life cycle (prepare directories, initdb, start, adopt a
+running postmaster, restart after a crash, stop), and most of its length is the user-facing message of
+each way that can fail; finding the binaries lives apart (server/db/pg_binaries.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
 import logging
 import os
 import pwd
-import re
 import secrets
 import shlex
 import shutil
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
+from server.db.pg_binaries import ALTERNATIVES, EmbeddedPostgresError, find_pg_bin_dir
+
 T = TypeVar("T")
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir", "in_own_thread"]
@@ -42,23 +46,9 @@ __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir", "in_o
 SUPERUSER = "maas"
 #: Unprivileged OS user that runs PostgreSQL when this process is root.
 POSTGRES_OS_USER = "postgres"
-#: Glob patterns searched (highest version first) when initdb/pg_ctl are not on PATH.
-PG_BIN_GLOBS: list[str] = ["/usr/lib/postgresql/*/bin"]
-#: Plain directories searched after the globs.
-PG_BIN_DIRS: list[str] = ["/usr/local/pgsql/bin"]
-
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _LOG_TAIL_LINES = 20
 _START_TIMEOUT_S = 60
 _logged_root = False  # the "runs as user postgres" notice is logged once per process
-_ALT = "pass --database-url sqlite:///PATH (a local SQLite file) or --database-url postgresql://USER:PASSWORD@HOST:PORT/DB (an external PostgreSQL server)"
-
-
-class EmbeddedPostgresError(Exception):
-    """The embedded PostgreSQL could not be set up or started.
-
-    The message is a user-facing paragraph that says what went wrong and how to fix it.
-    """
 
 
 async def in_own_thread(function: Callable[[], T]) -> T:
@@ -84,89 +74,6 @@ async def in_own_thread(function: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name=f"maas-{getattr(function, '__name__', 'call')}", daemon=True).start()
     return await future
-
-
-# --------------------------------------------------------------------------- binaries
-
-
-def _has_binaries(d: Path) -> bool:
-    return all(os.access(d / b, os.X_OK) and (d / b).is_file() for b in _REQUIRED_BINARIES)
-
-
-def _version_key(path: str) -> tuple:
-    # /usr/lib/postgresql/15/bin -> (15,); non-numeric versions sort last
-    parts = re.findall(r"\d+", Path(path).parent.name)
-    return tuple(int(p) for p in parts) if parts else (-1,)
-
-
-def _candidate_bin_dirs() -> list[Path]:
-    seen: list[Path] = []
-
-    def add(d: Path) -> None:
-        if d not in seen and _has_binaries(d):
-            seen.append(d)
-
-    for name in ("initdb", "pg_ctl"):
-        found = shutil.which(name)
-        if found:
-            add(Path(found).resolve().parent)
-    for pattern in PG_BIN_GLOBS:
-        for d in sorted(glob.glob(pattern), key=_version_key, reverse=True):
-            add(Path(d))
-    for d in PG_BIN_DIRS:
-        add(Path(d))
-    return seen
-
-
-def _major_version(bin_dir: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            [str(bin_dir / "pg_ctl"), "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"(\d+)(?:\.\d+)?", out)
-    if not m:
-        return None
-    major = int(m.group(1))
-    # before PostgreSQL 10 the major version was "9.6"; PG_VERSION files say so too
-    if major < 10:
-        m2 = re.search(r"(\d+\.\d+)", out)
-        return m2.group(1) if m2 else str(major)
-    return str(major)
-
-
-def find_pg_bin_dir(cluster_version: str | None = None) -> Path:
-    """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    PATH first, then the highest version under ``/usr/lib/postgresql/*/bin``, then
-    ``/usr/local/pgsql/bin``.  With ``cluster_version`` (the ``PG_VERSION`` of an
-    existing cluster) the first directory of that major version wins.
-    """
-    candidates = _candidate_bin_dirs()
-    if not candidates:
-        raise EmbeddedPostgresError(
-            "PostgreSQL server binaries were not found: MaaS-Base runs its own embedded "
-            "PostgreSQL by default and needs 'initdb', 'pg_ctl' and 'postgres' (looked on PATH, "
-            f"in {', '.join(PG_BIN_GLOBS + PG_BIN_DIRS)}). To fix it, install the PostgreSQL "
-            "server: 'apt-get install postgresql' on Debian/Ubuntu ('dnf install postgresql-server' "
-            f"on Fedora/RHEL, 'brew install postgresql' on macOS); or {_ALT}."
-        )
-    if cluster_version is None:
-        return candidates[0]
-    versions = {}
-    for d in candidates:
-        versions[d] = _major_version(d)
-        if versions[d] == cluster_version:
-            return d
-    found = ", ".join(f"{d} (version {versions[d] or 'unknown'})" for d in candidates)
-    raise EmbeddedPostgresError(
-        f"The embedded PostgreSQL cluster was created by PostgreSQL {cluster_version}, but only "
-        f"other versions of the server binaries were found: {found}. A cluster can only be "
-        f"started by its own major version. To fix it, install PostgreSQL {cluster_version} "
-        f"(e.g. 'apt-get install postgresql-{cluster_version}') next to the newer one, or "
-        f"upgrade the cluster with pg_upgrade, or start with a new --data-dir; or {_ALT}."
-    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -379,7 +286,7 @@ class EmbeddedPostgres:
                     f"itself). To fix it, create one (e.g. 'useradd --system --home-dir "
                     f"/var/lib/postgresql --shell /usr/sbin/nologin {POSTGRES_OS_USER}'; installing "
                     "the 'postgresql' package also creates it), or run MaaS-Base as a non-root "
-                    f"user; or {_ALT}."
+                    f"user; or {ALTERNATIVES}."
                 ) from None
         return self._pg_user
 
@@ -424,7 +331,7 @@ class EmbeddedPostgres:
                     f"{parent} is not traversable by it (mode "
                     f"{stat.filemode(parent.stat().st_mode)}; it needs o+x). To fix it, use a "
                     "data directory that other users can traverse, e.g. --data-dir /var/lib/maas, "
-                    f"or allow traversal with 'chmod o+x {parent}'; or {_ALT}."
+                    f"or allow traversal with 'chmod o+x {parent}'; or {ALTERNATIVES}."
                 )
         if not self.cluster_dir.exists():
             self.cluster_dir.mkdir(mode=0o700)
@@ -499,12 +406,12 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(
                 f"The command {shlex.join(argv)} did not finish within {timeout:.0f} s while "
                 f"setting up the embedded PostgreSQL in {self.cluster_dir}. Check the machine's "
-                f"load and disk, then try again; or {_ALT}.\n{self._log_tail()}"
+                f"load and disk, then try again; or {ALTERNATIVES}.\n{self._log_tail()}"
             ) from e
         except OSError as e:
             raise EmbeddedPostgresError(
                 f"Could not run {argv[0]} for the embedded PostgreSQL: {e}. "
-                f"Check the PostgreSQL installation; or {_ALT}."
+                f"Check the PostgreSQL installation; or {ALTERNATIVES}."
             ) from e
 
     def _log_tail(self) -> str:
@@ -527,7 +434,7 @@ class EmbeddedPostgres:
                 f"The embedded PostgreSQL cluster in {self.cluster_dir} exists, but its password "
                 f"file {self.password_file} is missing or empty, so MaaS-Base cannot log in. To fix "
                 "it, restore that file (one line: the password of the 'maas' database user), or "
-                f"move {self.cluster_dir} away to start with a new, empty database; or {_ALT}."
+                f"move {self.cluster_dir} away to start with a new, empty database; or {ALTERNATIVES}."
             )
         return pw
 
@@ -558,7 +465,7 @@ class EmbeddedPostgres:
                 f"The directory {self.cluster_dir} is not empty but holds no PostgreSQL cluster "
                 "(no PG_VERSION file), so the embedded PostgreSQL cannot create its cluster there. "
                 f"To fix it, move that directory away or empty it, or choose another --data-dir; "
-                f"or {_ALT}."
+                f"or {ALTERNATIVES}."
             )
         password = secrets.token_urlsafe(32)
         # written first: a cluster must never exist without its password on disk
@@ -595,7 +502,7 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(
                 f"Creating the embedded PostgreSQL cluster in {self.cluster_dir} failed (initdb "
                 f"exit status {res.returncode}). Check that the disk has space and that the "
-                f"directory is writable by the user running PostgreSQL, then try again; or {_ALT}.\n"
+                f"directory is writable by the user running PostgreSQL, then try again; or {ALTERNATIVES}.\n"
                 f"initdb output:\n{_tail(res.stdout)}"
             )
         self.log.info("created PostgreSQL cluster in %s (%.2f s)", self.cluster_dir,
@@ -646,7 +553,7 @@ class EmbeddedPostgres:
                     f"A PostgreSQL server (PID {pid}) is running on {self.cluster_dir} but did not "
                     f"become ready on 127.0.0.1 within {_START_TIMEOUT_S} s (state "
                     f"'{state or 'unknown'}'). Stop it with 'pg_ctl stop -D {self.cluster_dir} -m "
-                    f"fast' (as the owner of that directory) and start MaaS-Base again; or {_ALT}.\n"
+                    f"fast' (as the owner of that directory) and start MaaS-Base again; or {ALTERNATIVES}.\n"
                     f"{self._log_tail()}"
                 )
             time.sleep(0.2)
@@ -698,7 +605,7 @@ class EmbeddedPostgres:
                 f"{res.returncode}). The most common causes are a full disk, a cluster directory "
                 "that was copied or has the wrong owner, or another PostgreSQL already using this "
                 f"directory. See the log below and {self.log_file}; fix the cause and start again, "
-                f"or choose another --data-dir; or {_ALT}.\n"
+                f"or choose another --data-dir; or {ALTERNATIVES}.\n"
                 f"pg_ctl output:\n{_tail(res.stdout, 5)}\n{self._log_tail()}"
             )
 
@@ -730,7 +637,7 @@ class EmbeddedPostgres:
             f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
             f"'{self.database}' could not be checked or created: {_tail(res.stdout, 3)}. If the "
             f"password in {self.password_file} no longer matches the cluster, restore it or move "
-            f"{self.cluster_dir} away to start afresh; or {_ALT}.\n{self._log_tail()}"
+            f"{self.cluster_dir} away to start afresh; or {ALTERNATIVES}.\n{self._log_tail()}"
         )
 
     def _ensure_database_asyncpg(self, port: int, password: str) -> None:
@@ -767,5 +674,5 @@ class EmbeddedPostgres:
                 f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
                 f"'{self.database}' could not be checked or created: {errors[0]}. If the password "
                 f"in {self.password_file} no longer matches the cluster, restore it or move "
-                f"{self.cluster_dir} away to start afresh; or {_ALT}."
+                f"{self.cluster_dir} away to start afresh; or {ALTERNATIVES}."
             ) from errors[0]
