@@ -109,7 +109,7 @@ class EventBus:
         self._ring.append(event)
         for sub in list(self._subscribers):
             sub.offer(event)
-        if self._by_worker and kind == "instances":
+        if self._by_worker and kind in ("instances", "files"):
             for worker_id in set(self.workers_of(obj)):
                 for sub in list(self._by_worker.get(worker_id, ())):
                     sub.offer(event)

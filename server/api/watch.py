@@ -23,7 +23,8 @@ from server.bus import BusEvent, Frame
 from server.db import tables
 from server.services import access
 
-_TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance}
+_TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance,
+           "files": tables.ModelFile}
 _SNAPSHOT_EVENTS = 200
 _PAGE_BYTES = 256 * 1024  # one snapshot line holds about this much (one object more when alone larger)
 
@@ -67,9 +68,11 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None, caller
                 continue
             table = _TABLES[kind]
             query = select(table).order_by(table.id)
-            if worker_id is not None:
+            if worker_id is not None and kind == "files":  # an agent: its own cache's rows
+                query = query.where(table.worker_id == worker_id)
+            elif worker_id is not None:
                 query = query.where(await _instances_of_worker(s, worker_id))
-            elif teams is not None and kind != "workers":  # a team's models and instances: its own
+            elif teams is not None and kind not in ("workers", "files"):  # a team's models and instances: its own
                 query = query.where(table.team.in_(teams))
             rows = (await s.execute(query)).scalars().all()
             if kind == "models":
@@ -78,6 +81,8 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None, caller
             elif kind == "instances":
                 items[kind] = [(instance_out(r, caller) if worker_id is None else schemas.InstanceOut.model_validate(r))
                                .model_dump(mode="json") for r in rows]
+            elif kind == "files":
+                items[kind] = [schemas.ModelFileOut.model_validate(r).model_dump(mode="json") for r in rows]
             else:
                 items[kind] = [schemas.WorkerOut.model_validate(r).model_dump(mode="json") for r in rows]
     return items
@@ -129,8 +134,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
         raise bad_request(f"unknown kinds {unknown}; choose from {', '.join(schemas.WATCH_KINDS)}")
     worker_id = None
     if principal.kind == "worker":
-        if kinds != ["instances"]:
-            raise forbidden("a worker may watch only its instances (kinds=instances)")
+        if kinds not in (["instances"], ["files"]):
+            raise forbidden("a worker may watch only its instances (kinds=instances) or its files (kinds=files)")
         worker_id = principal.worker_id
     since_text = request.query.get("since")
     since = parse_whole_number(since_text) if since_text is not None else None

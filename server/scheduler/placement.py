@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from server import schemas
+from server.scheduler import locality
 from server.scheduler.estimate import MemoryEstimate
 
 GiB = 1024**3
@@ -128,6 +129,7 @@ class WorkerSnapshot:
 class Placement:
     worker: WorkerSnapshot
     claim: schemas.ResourceClaim
+    note: str = ""  # why this worker besides fitting (server/scheduler/locality.py: the model's files)
 
 
 # --- team quotas -------------------------------------------------------------------------
@@ -188,6 +190,7 @@ class Request:
     describe_estimate: bool = True  # put the estimate into claims
     team: str | None = None  # whose quota the placement counts against
     room: Room | None = field(default=None, repr=False)  # set by plan(): what the team may still claim
+    holders: frozenset[int] = frozenset()  # workers whose cache holds the model's files (preferred)
     _estimate_out: schemas.MemoryEstimateOut | None = field(default=None, repr=False)
     # Caches valid while the cluster's structure (workers, GPUs, labels, states) stays the same.
     _structure: tuple[int, int] | None = field(default=None, repr=False)
@@ -476,15 +479,18 @@ def _best_fit(w: WorkerSnapshot, usable: frozenset[int], need: int, k: int) -> l
     return [i for _, i in fitting[:k]]
 
 
-def _binpack_gpus(request: Request, cluster: Cluster, need: int, k: int) -> Placement | None:
+def _binpack_gpus(request: Request, cluster: Cluster, need: int, k: int,
+                  only: frozenset[int] | None = None) -> Placement | None:
     """Walk GPUs from the tightest fit up; the first worker with k usable fitting GPUs wins.
 
-    That worker has the smallest k-th best-fitting GPU: the minimax best fit.
+    That worker has the smallest k-th best-fitting GPU: the minimax best fit (among `only`, when given).
     """
     spec, gpus = request.spec, cluster._gpus
     seen: dict[int, list[int]] = {}
     for position in range(bisect_left(gpus, (need, -1, -1)), len(gpus)):
         _free, worker_id, index = gpus[position]
+        if only is not None and worker_id not in only:
+            continue
         w = cluster.workers[worker_id]
         usable = cluster.usable(spec, w, request.fkey)
         if not usable or index not in usable:
@@ -500,14 +506,14 @@ def _binpack_gpus(request: Request, cluster: Cluster, need: int, k: int) -> Plac
 
 def _spread_gpus(request: Request, cluster: Cluster, need: int, k: int) -> Placement | None:
     """Least-loaded first; stop at the first worker without a replica of this model."""
-    spec, key = request.spec, request.model_key
+    spec = request.spec
     best: tuple[int, WorkerSnapshot, list[int]] | None = None
     max_free = cluster._max_free
     for _load, worker_id in cluster._loads:
         if max_free[worker_id] < need:
             continue
         w = cluster.workers[worker_id]
-        count = w.replicas.get(key, 0) if key is not None else 0
+        count = locality.spread_rank(request, w)
         if best is not None and count >= best[0]:
             continue
         usable = cluster.usable(spec, w, request.fkey)
@@ -539,7 +545,8 @@ def _on_gpus(request: Request, cluster: Cluster) -> Placement | None:
         need = est.per_gpu(k)
         if not _affordable(request, gpus=k, vram_bytes=need * k):
             continue
-        found = _binpack_gpus(request, cluster, need, k) if binpack else _spread_gpus(request, cluster, need, k)
+        found = (binpack and request.holders and _binpack_gpus(request, cluster, need, k, request.holders)) or (
+            _binpack_gpus(request, cluster, need, k) if binpack else _spread_gpus(request, cluster, need, k))
         if found is not None:
             return found
     return None
@@ -560,9 +567,9 @@ def _partial_offload(request: Request, cluster: Cluster) -> Placement | None:
             layers, vram, ram = split
             if ram > w.ram_free() or not _affordable(request, gpus=1, vram_bytes=vram, ram_bytes=ram):
                 continue
-            count = w.replicas.get(request.model_key, 0) if request.model_key is not None else 0
+            count = locality.spread_rank(request, w)
             key = (-layers, count, w.load(), w.id, index) if spec.placement_strategy == "spread" \
-                else (-layers, w.gpu_free(index), w.id, index)
+                else (-layers, count % 2, w.gpu_free(index), w.id, index)
             if best is None or key < best[0]:
                 claim = schemas.ResourceClaim(device="gpu", gpu_indexes=[index], vram_bytes_per_gpu=vram,
                                               ram_bytes=ram, gpu_layers=layers, estimate=request.estimate_out())
@@ -583,11 +590,8 @@ def _on_cpu(request: Request, cluster: Cluster, only_without_gpus: bool) -> Plac
         free = w.ram_free()
         if free < need:
             continue
-        if spec.placement_strategy == "binpack":
-            key: tuple = (free, w.id)
-        else:
-            count = w.replicas.get(request.model_key, 0) if request.model_key is not None else 0
-            key = (count, w.load(), w.id)
+        rank = locality.spread_rank(request, w)
+        key: tuple = (rank % 2, free, w.id) if spec.placement_strategy == "binpack" else (rank, w.load(), w.id)
         if best is None or key < best[0]:
             best = (key, w)
     return cpu_placement(request, best[1], need) if best else None
@@ -616,8 +620,7 @@ def _distributed(request: Request, cluster: Cluster) -> Placement | None:
             if spec.placement_strategy == "binpack":
                 key: tuple = (max(w.gpu_free(i) for i in chosen), w.id)
             else:
-                count = w.replicas.get(request.model_key, 0) if request.model_key is not None else 0
-                key = (count, w.load(), w.id)
+                key = (locality.spread_rank(request, w), w.load(), w.id)
             fits.append((key, w, chosen))
         if len(fits) >= pp:
             fits.sort(key=lambda f: f[0])
@@ -689,6 +692,7 @@ def plan(request: Request, cluster: Cluster) -> Decision:
         cost = claim_cost(found.claim)
         if request.room is not None and not request.room.allows(cost.gpus, cost.vram_bytes, cost.ram_bytes):
             return quota_reasons(request.team, cluster, cost)  # a gpu_selector names exactly what it takes
+        found.note = locality.note(request.holders, found.worker.id)
         return found
     if found is None and request.room is not None:
         # Nothing within the team's quota: would anything fit without it? Then the quota is the reason.
@@ -699,7 +703,7 @@ def plan(request: Request, cluster: Cluster) -> Decision:
             request.room = room
         if isinstance(unlimited, Placement):
             return quota_reasons(request.team, cluster, claim_cost(unlimited.claim)) or unlimited
-    return found if found is not None else explain(request, cluster)
+    return found if found is not None else locality.mark_holders(explain(request, cluster), request.holders, cluster)
 
 
 def _search(request: Request, cluster: Cluster) -> Decision | None:

@@ -64,7 +64,8 @@ async def load_state(session: Any, reserves: Reserves) -> ClusterState:
     instances = [{"id": r[0], "name": r[1], "model_id": r[2], "generation": r[3], "state": r[4], "worker_id": r[5],
                   "claim": r[6], "spec": r[7], "schedule_reasons": r[8], "team": r[9]} for r in rows]
     teams = [team_wire(t) for t in (await session.execute(select(tables.Team))).scalars()]
-    state.load(workers, instances, teams)
+    files = [to_wire(f) for f in (await session.execute(select(tables.ModelFile))).scalars()]
+    state.load(workers, instances, teams, files)
     return state
 
 
@@ -74,7 +75,7 @@ def _reason_signature(reasons: list[Any]) -> list[tuple[Any, Any]]:
 
 class Scheduler(ReconcileLoop):
     name = "scheduler"
-    kinds = ("instances", "workers", "teams")
+    kinds = ("instances", "workers", "teams", "files")
     write_batch = 1000
     full_resync_every = 300.0
     estimate_ttl = 15.0
@@ -269,6 +270,7 @@ class Scheduler(ReconcileLoop):
                     request = requests.get(key)
                     if request is None:
                         request = requests[key] = Request(specs[key], estimates[key])  # type: ignore[arg-type]
+                        request.holders = state.files.holders(specs[key].source)
                     request.model_key = record.model_id
                     request.team = record.team
                     result = plan(request, cluster)
@@ -348,7 +350,8 @@ class Scheduler(ReconcileLoop):
                         skipped.append((record, outcome))
                         continue
                     claim_raw = outcome.claim.model_dump(mode="json")
-                    message = describe_claim(outcome.worker.name, outcome.claim)
+                    message = describe_claim(outcome.worker.name, outcome.claim) + (
+                        f"; {outcome.note}" if outcome.note else "")
                     values = {"state": S.scheduled.value, "worker_id": outcome.worker.id,
                               "worker_name": outcome.worker.name, "address": outcome.worker.address,
                               "claim": claim_raw, "schedule_reasons": [], "state_message": message, "updated_at": now}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from server import schemas
+from server.scheduler.locality import FileIndex
 from server.scheduler.placement import Cluster, WorkerSnapshot
 from server.schemas import parse_size
 
@@ -121,11 +122,14 @@ class ClusterState:
         self.instances: dict[int, InstanceRecord] = {}
         self.pending: dict[int, InstanceRecord] = {}
         self._statics: dict[int, tuple] = {}
+        self.files = FileIndex()  # which workers hold which model files (server/scheduler/locality.py)
 
     # loading
     def load(self, workers: list[dict[str, Any]], instances: list[dict[str, Any]],
-             teams: Iterable[dict[str, Any]] = ()) -> None:
+             teams: Iterable[dict[str, Any]] = (), files: list[dict[str, Any]] | None = None) -> None:
         self.cluster = Cluster()
+        if files is not None:
+            self.files.load(files)
         for obj in teams:
             self.cluster.set_quota(str(obj["name"]), quota_from_wire(obj))
         self.instances.clear()
@@ -147,6 +151,8 @@ class ClusterState:
             return self.apply_instance(action, obj)
         if kind == "teams":
             return self.cluster.set_quota(str(obj["name"]), None if action == "deleted" else quota_from_wire(obj))
+        if kind == "files":
+            return self.files.apply(action, obj)
         return False
 
     def apply_worker(self, action: str, obj: dict[str, Any]) -> bool:
