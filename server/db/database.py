@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from server import schemas
 from server.db import tables
+from server.schemas.limits import LimitsOut
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ PUBLISHED: dict[type, tuple[str, type[BaseModel]]] = {
     tables.Event: ("events", schemas.EventOut),
     tables.ApiKey: ("api_keys", schemas.ApiKeyOut),  # internal: caches listen, the watch refuses it
     tables.User: ("users", schemas.UserOut),  # internal: a role or team change drops cached credentials
-    tables.ModelFile: ("files", schemas.ModelFileOut),  # agents watch their own rows (pull, remove)
     tables.ModelRoute: ("routes", schemas.RouteOut),  # internal: the gateway's routes follow it
+    tables.GatewayLimit: ("limits", LimitsOut),  # internal: the gateways' limiters follow it
 }
 
 

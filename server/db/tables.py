@@ -430,3 +430,42 @@ class ModelFile(Base, Timestamps):
     message: Mapped[str] = mapped_column(Text, default="")
     file_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # the agent's reading
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class GatewayLimit(Base, Timestamps):
+    """Limits on an API key, a team or a model (schemas.Limits; server/gateway/limits.py enforces them).
+    Exactly one of api_key_id, team, model is set, as `scope` says; each goes with what it limits."""
+
+    __tablename__ = "gateway_limits"
+    __table_args__ = (UniqueConstraint("api_key_id", name="uq_gateway_limits_api_key_id"),
+                      UniqueConstraint("team", name="uq_gateway_limits_team"),
+                      UniqueConstraint("model", name="uq_gateway_limits_model"), NO_ID_REUSE)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))  # schemas.LimitScope
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE", name="fk_gateway_limits_api_key"), default=None)
+    team: Mapped[str | None] = mapped_column(
+        ForeignKey("teams.name", ondelete="CASCADE", name="fk_gateway_limits_team"), default=None)
+    model: Mapped[str | None] = mapped_column(
+        ForeignKey("models.name", ondelete="CASCADE", name="fk_gateway_limits_model"), default=None)
+    rpm: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    tpm: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    max_concurrency: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    budget_day: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    budget_month: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class GatewayLimitCounter(Base):
+    """One server's count for one limited key, team or model in the current minute window, and its requests
+    in flight: how the servers sharing a PostgreSQL see the cluster's total (server/gateway/limits.py)."""
+
+    __tablename__ = "gateway_limit_counters"
+    __table_args__ = MYSQL_TABLE
+    server_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(100), primary_key=True)
+    window_index: Mapped[int] = mapped_column(BigInteger)  # the window's index: seconds since the epoch // its length
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
