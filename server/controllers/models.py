@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from server import schemas
 from server.reconcile import ALL, KeyedReconcileLoop
-from server.controllers.rollout import InstanceView, plan
+from server.controllers.rollout import InstanceView, gate_pending, plan
 from server.db import tables
 from server.events import record_event
 
@@ -167,7 +167,8 @@ class ModelController(KeyedReconcileLoop):
         # Outdated: an older generation, or on a draining worker. Both move with the rollout rules.
         views = [InstanceView(i.id, i.state, outdated=i.generation < model.generation or i.worker_id in draining)
                  for i in own]
-        decision = plan(model.replicas, views, model.max_surge, model.max_unavailable, model.paused)
+        decision = plan(model.replicas, views, model.max_surge, model.max_unavailable, model.paused,
+                        hold_new=gate_pending(model.bench_gate, model.bench_gate_generation, model.generation))
         self._note_stall(s, model, own)
         for _ in range(decision.create):
             instance = tables.ModelInstance(
