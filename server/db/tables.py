@@ -412,25 +412,6 @@ class BenchResult(Base):
     levels: Mapped[list[Any]] = mapped_column()  # schemas.bench.BenchLevel dicts
 
 
-class ModelFile(Base, Timestamps):
-    """A model source in one worker's cache (issue 19; server/services/files.py): pulled on request or by a
-    launch, reported by the worker's agent with what it read of the files (for estimates without the hub)."""
-
-    __tablename__ = "model_files"
-    __table_args__ = (UniqueConstraint("worker_id", "source", name="uq_model_files_worker_source"), NO_ID_REUSE)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE", name="fk_model_files_worker"))
-    worker_name: Mapped[str] = mapped_column(String(100))
-    source: Mapped[str] = mapped_column(String(500), index=True)  # schemas.file_key of the source
-    revision: Mapped[str | None] = mapped_column(String(100), default=None)
-    path: Mapped[str] = mapped_column(Text, default="")
-    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # schemas.FileState
-    progress: Mapped[float | None] = mapped_column(Float, default=None)
-    message: Mapped[str] = mapped_column(Text, default="")
-    file_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # the agent's reading
-    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
-
 
 class GatewayLimit(Base, Timestamps):
     """Limits on an API key, a team or a model (schemas.Limits; server/gateway/limits.py enforces them).
