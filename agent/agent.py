@@ -19,13 +19,14 @@ import aiohttp
 from aiohttp import web
 
 from agent import backoff, identity, metrics
-from agent.backends import (BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
-                            missing_requirement, python_overrides)
+from agent.backends import (GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
+                            image_overrides, missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
 from agent.logs import tail_lines, tail_text
 from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range, validate_ray_port_range
 from agent.runtimes import ProcessRuntime
-from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_answers
+from agent.runtimes.choice import RuntimeChooser
+from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_problem
 from agent.runtimes.process import AdoptedHandle
 from agent.sources import ModelCache, SourceError, env_model_roots
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
@@ -64,8 +65,12 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     # Python interpreter per backend (MAAS_VLLM_PYTHON, MAAS_SGLANG_PYTHON, MAAS_LLAMACPP_PYTHON).
     backend_python: dict[str, str] = field(default_factory=python_overrides)
-    # process, docker, or auto (docker when an engine answers, else process). The CLI passes auto.
+    # process, docker, or auto (per instance: docker when the backend's image for this host is on the
+    # engine or pullable, else process where the backend runs natively; agent/runtimes/choice.py).
+    # The CLI passes auto.
     runtime: str = "process"
+    # backend -> image instead of the upstream one (MAAS_LLAMACPP_IMAGE, MAAS_VLLM_IMAGE, ...).
+    backend_images: dict[str, str] = field(default_factory=image_overrides)
     docker_shm_size: str = "16g"
     model_cache: Path | None = None  # hub downloads (agent/sources.py); default <data_dir>/models
     # Folders local model sources may lie in, besides the model cache (a spec cannot name /etc/shadow).
@@ -82,6 +87,7 @@ class AgentConfig:
 class Workload:
     instance: InstanceOut
     handle: Any = None  # ProcessHandle or ContainerHandle
+    runtime: Any = None  # the ProcessRuntime or DockerRuntime that runs it (agent/runtimes/choice.py)
     port: int | None = None
     task: asyncio.Task[None] | None = None
     exited: bool = False
@@ -97,10 +103,12 @@ class ServerRejected(Exception):
 
 
 class Agent:
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, docker_client: Any = None):
         self.config = config
         self.gpus = GPUInventory(config.simulate_gpus)
-        self.runtime = make_runtime(config)
+        self.runtimes = make_runtimes(config, docker_client)
+        # The runtime this agent mainly uses (Docker where an engine is used); each workload has its own.
+        self.runtime = self.runtimes.docker or self.runtimes.processes
         # A clear PortRangeError now rather than workloads losing their ports to outgoing connections later.
         ephemeral = ephemeral_range()
         self.ports = PortAllocator(config.address, *validate_port_range(*config.port_range, ephemeral))
@@ -120,7 +128,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
         self.registered = asyncio.Event()
-        self._leftovers: dict[str, dict[str, Any]] = {}  # process runtime: key -> pidfile record
+        # What a previous agent left running: (instance id, runtime, record: a pidfile's, a container's labels).
+        self._leftovers: list[tuple[str, Any, dict[str, Any]]] = []
         self._snapshot_seen = False
 
     # --- lifecycle ---------------------------------------------------------------
@@ -128,13 +137,12 @@ class Agent:
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await self.ray.find_leftovers()
-        if isinstance(self.runtime, ProcessRuntime):
-            # Adopted (or stopped) once the first snapshot says what is wanted.
-            self._leftovers = await asyncio.to_thread(self.runtime.leftovers)
-        else:
-            left = await asyncio.to_thread(self.runtime.clean_up_leftovers)
-            if left:
-                log.info("removed %d containers left by a previous agent", left)
+        # Adopted (or stopped) once the first snapshot says what is wanted.
+        processes, docker = self.runtimes.processes, self.runtimes.docker
+        self._leftovers = [(key, processes, record)
+                           for key, record in (await asyncio.to_thread(processes.leftovers)).items()]
+        if docker is not None:
+            self._leftovers += [(key, docker, record) for key, record in await asyncio.to_thread(docker.leftovers)]
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=5))
         await self._serve_http()
         self.main_task = asyncio.create_task(self._main(), name="agent-main")
@@ -388,7 +396,10 @@ class Agent:
             workload.port = self.ports.allocate()
             context = await self.launch_context(instance, workload.port)  # one fetch of a custom definition
             spec = build_launch(instance, context)
-            if self.runtime.name != "docker":  # before any download: a backend missing here fails at once
+            choice = await self.runtimes.choose(instance.spec.backend, spec, is_multi_host(instance))
+            workload.runtime = runtime = choice.runtime
+            await self._event(instance.id, "RuntimeChosen", f"{runtime.name}: {choice.reason}")
+            if runtime.name != "docker":  # before any download: a backend missing here fails at once
                 missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
                 if missing:
                     raise BackendError(missing)
@@ -402,15 +413,17 @@ class Agent:
                     spec = build_launch(instance, replace(context, ray_address=ray_env["RAY_ADDRESS"]))
                     workload.launch = spec
                 spec.env.update(ray_env)
-            if self.runtime.name == "docker":
+            if runtime.name == "docker":
                 if spec.image:
-                    await self.runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
-                workload.handle = await self.runtime.start(str(instance.id), await self.container_for(instance, spec),
-                                                           path)
+                    await runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
+                container = await self.container_for(instance, spec, workload.port)
+                workload.handle = await runtime.start(str(instance.id), container, path)
+                started = f"container {container['name']} (image {container['image']}), port {workload.port}"
             else:
                 meta = {"port": workload.port, "restart_count": instance.restart_count,
                         "generation": instance.generation}
-                workload.handle = await self.runtime.start(str(instance.id), spec.command, spec.env, path, meta=meta)
+                workload.handle = await runtime.start(str(instance.id), spec.command, spec.env, path, meta=meta)
+                started = f"pid {workload.handle.pid}, port {workload.port}"
         except (BackendError, OSError, RuntimeError, aiohttp.ClientError, TimeoutError, DockerError) as exc:
             workload.exited = True
             self.ports.release(workload.port)
@@ -418,7 +431,7 @@ class Agent:
             await self._set_state(workload, "error", f"could not start: {exc}")
             return
         handle = workload.handle
-        await self._set_state(workload, "starting", f"pid {handle.pid}, port {workload.port}",
+        await self._set_state(workload, "starting", f"{started}; {runtime.name} runtime: {choice.reason}",
                               port=workload.port, pid=handle.pid)
         await self._supervise(workload, spec.health_path, path)
 
@@ -433,7 +446,7 @@ class Agent:
         return self.config.backend_python.get(instance.spec.backend) or sys.executable
 
     async def _start_ray_head(self, workload: Workload, instance: InstanceOut) -> dict[str, str]:
-        if self.runtime.name == "docker":
+        if workload.runtime is not None and workload.runtime.name == "docker":
             raise BackendError("a multi-host placement needs the process runtime on its workers for now "
                                "(the Ray nodes run from the backend's Python environment)")
 
@@ -466,7 +479,7 @@ class Agent:
     async def _supervise(self, workload: Workload, health_path: str, path: Path, adopted: bool = False) -> None:
         """Probe until healthy, report running, then wait for the exit and report it unless asked to stop."""
         handle = workload.handle
-        exit_wait = asyncio.create_task(self.runtime.wait(handle))
+        exit_wait = asyncio.create_task(workload.runtime.wait(handle))
         healthy = await self._probe_until_healthy(workload.port, health_path, exit_wait)
         if healthy:
             how = "adopted after an agent restart; " if adopted else ""
@@ -481,24 +494,26 @@ class Agent:
                                   f"process {why} (exit code {'unknown' if code is None else code}); "
                                   f"log tail:\n{tail_text(path, 30)}")
 
-    # --- adopting what a previous agent left running (process runtime) ------------------
+    # --- adopting what a previous agent left running (processes by pidfile, containers by label) ----------
 
     def _settle_leftovers(self) -> None:
-        """After the first snapshot: adopt the left-over processes still wanted as they are, stop the rest."""
-        leftovers, self._leftovers = self._leftovers, {}
-        for key, record in leftovers.items():
+        """After the first snapshot: adopt the left-over workloads still wanted as they are, stop the rest
+        (those of deleted instances, of older generations or restarts, containers that no longer run)."""
+        leftovers, self._leftovers = self._leftovers, []
+        for key, runtime, record in leftovers:
             instance = self.desired.get(int(key)) if key.isdigit() else None
             wanted = (instance is not None and instance.state in _RUNNABLE and instance.id not in self.workloads
                       and record.get("restart_count") == instance.restart_count and record.get("port")
-                      and record.get("generation") == instance.generation)
+                      and record.get("generation") == instance.generation and record.get("running", True))
             if wanted:
-                self._adopt(instance, key, record)
+                self._adopt(instance, key, runtime, record)
             else:
                 log.info("stopping workload %s left by a previous agent: no longer wanted", key)
-                asyncio.create_task(asyncio.to_thread(self.runtime.stop_leftover, key, record))
+                asyncio.create_task(asyncio.to_thread(runtime.stop_leftover, key, record))
 
-    def _adopt(self, instance: InstanceOut, key: str, record: dict[str, Any]) -> None:
-        workload = Workload(instance=instance, port=int(record["port"]), handle=self.runtime.adopt(key, record))
+    def _adopt(self, instance: InstanceOut, key: str, runtime: Any, record: dict[str, Any]) -> None:
+        workload = Workload(instance=instance, port=int(record["port"]), handle=runtime.adopt(key, record),
+                            runtime=runtime)
         self.ports.reserve(workload.port)
         self.workloads[instance.id] = workload
         log.info("adopted instance %s (pid %s, port %s) left running by a previous agent", instance.name,
@@ -529,7 +544,27 @@ class Agent:
             not isinstance(value, str) for value in instance.spec.env.values()) else {}
         return LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
                              python=dict(self.config.backend_python), custom=definition, secrets=secrets,
+                             gpu_kind=await self._gpu_kind(instance), images=dict(self.config.backend_images),
                              api_key=await self.fetch_backend_key(instance) if name is None else None)
+
+    async def _gpu_kind(self, instance: InstanceOut) -> str:
+        """What the GPUs of the instance's claim are (cuda, rocm, ascend): its image follows them."""
+        claim = instance.claim
+        if claim is None or claim.device != "gpu" or not claim.gpu_indexes:
+            return "cuda"  # not used: a claim without GPUs takes the cpu image
+        vendors = {g.index: g.vendor for g in await asyncio.to_thread(self.gpus.read)}
+        return GPU_KINDS.get(vendors.get(claim.gpu_indexes[0], "nvidia"), "cuda")
+
+    async def _event(self, instance_id: int, reason: str, message: str) -> None:
+        """An event on the instance (its describe lists them); best effort: a lost one is only logged."""
+        url = f"{self.config.server_url}/v2/agent/instances/{instance_id}/events"
+        try:
+            async with self._http.post(url, json={"reason": reason, "message": message[:4000]},
+                                       headers=self._headers()) as response:
+                if response.status >= 300:
+                    log.info("event %s on instance %s refused (%s)", reason, instance_id, response.status)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("event %s on instance %s not recorded: %s", reason, instance_id, exc)
 
     async def fetch_backend_key(self, instance: InstanceOut) -> str | None:
         """The key the instance's backend is to require (the gateway presents it); None: the backend takes none."""
@@ -549,13 +584,16 @@ class Agent:
                                    f"{(await response.text())[:300]})")
             return InstanceSecrets.model_validate(await response.json()).env
 
-    async def container_for(self, instance: InstanceOut, spec: LaunchSpec) -> dict[str, Any]:
-        """The container specification of `instance` for the docker runtime."""
+    async def container_for(self, instance: InstanceOut, spec: LaunchSpec, port: int | None = None) -> dict[str, Any]:
+        """The container specification of `instance` for the docker runtime. Its labels also carry what a
+        later agent needs to adopt it: the port and the log file."""
         if not spec.image:
-            raise BackendError(f"backend {instance.spec.backend} has no container image; "
-                               "add `image` to its definition or run this worker with --runtime process")
+            raise BackendError(f"backend {instance.spec.backend} has no container image for this host's devices; "
+                               "add `image` to its definition (a custom backend), set MAAS_<BACKEND>_IMAGE, "
+                               "or run this worker with --runtime process")
+        adoption = {"maas.port": str(port), "maas.log-path": str(self.log_path(instance.id))} if port else {}
         options = ContainerOptions(worker=self.config.name, model_cache=self.models.root,
-                                   shm_size=self.config.docker_shm_size)
+                                   shm_size=self.config.docker_shm_size, extra_labels=adoption)
         gpus = await asyncio.to_thread(self.gpus.read)
         return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options,
                               accelerator=spec.accelerator)
@@ -598,7 +636,7 @@ class Agent:
     async def _stop_workload(self, workload: Workload) -> None:
         workload.stopping = True
         if workload.handle is not None:
-            await self.runtime.stop(workload.handle)
+            await workload.runtime.stop(workload.handle)
         elif workload.task is not None:
             workload.task.cancel()  # still downloading: nothing runs yet, stop waiting for the download
         if workload.task is not None:
@@ -689,13 +727,18 @@ class Agent:
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
-def make_runtime(config: AgentConfig) -> Any:
-    """--runtime process|docker|auto: auto takes Docker when an engine answers here, else processes."""
+def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChooser:
+    """--runtime process|docker|auto: the runtimes this agent may use, and the rule that picks one per
+    instance. docker without an engine raises DockerException (the CLI says so); auto without one runs
+    processes only. `docker_client`: a client to use instead of the engine DOCKER_HOST names."""
     if config.runtime not in ("auto", "docker", "process"):
         raise ValueError(f"runtime must be auto, docker or process, not {config.runtime!r}")
-    if config.runtime == "docker" or (config.runtime == "auto" and engine_answers()):
-        return DockerRuntime(worker=config.name)
-    return ProcessRuntime(config.data_dir / "run")
+    processes = ProcessRuntime(config.data_dir / "run")
+    if config.runtime == "process":
+        return RuntimeChooser("process", processes, None, "the agent runs with --runtime process")
+    problem = None if config.runtime == "docker" or docker_client is not None else engine_problem()
+    docker = DockerRuntime(worker=config.name, client=docker_client) if problem is None else None
+    return RuntimeChooser(config.runtime, processes, docker, problem or "")
 
 
 async def _ok(_request: web.Request) -> web.Response:

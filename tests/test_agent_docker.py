@@ -1,5 +1,10 @@
-"""The docker runtime as data: the exact container specification per backend, runtime selection, and
-the thin engine calls against a fake docker client (no engine on this machine)."""
+"""The docker runtime as data: the exact container specification per backend, the image per device kind,
+the runtime choice of `--runtime auto`, and the thin engine calls against a stand-in docker client.
+
+Nothing here needs or asks a Docker engine (the suite gives the same result with one or without); the real
+engine, registry and containers are tests/test_docker_engine.py (`make test-docker`). GPU device requests
+(NVIDIA `DeviceRequest`s, Ascend device nodes) cannot run on a machine without GPUs and a GPU container
+runtime: they are checked here as data only."""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from agent.agent import Agent, AgentConfig, make_runtime
-from agent.backends import BackendDefinition, LaunchContext, build_launch
+from agent.agent import Agent, AgentConfig, make_runtimes
+from agent.backends import BackendDefinition, BackendError, LaunchContext, build_launch, image_for, with_tag
 from agent.runtimes import ProcessRuntime
+from agent.runtimes.choice import RuntimeChooser
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, PullProgress, container_spec, split_image
 from server.schemas import GPUDevice, ResourceClaim
 from test_backends import instance
@@ -64,14 +70,47 @@ def test_sglang_container_command_and_index_fallback():
 
 def test_llama_cpp_container_on_cpu_and_gpu():
     cpu = spec_for(instance("llama.cpp", ResourceClaim(device="cpu", ram_bytes=1), context_length=4096))
-    assert cpu["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    assert cpu["image"] == "ghcr.io/ggml-org/llama.cpp:server"  # the CPU image for a claim without GPUs
     assert cpu["command"] == ["--model", "/models/m.gguf", "--alias", "m", "--host", "10.0.0.5", "--port", "20001",
                               "--ctx-size", "4096", "--metrics"]
     assert cpu["device_requests"] == []
     assert cpu["volumes"]["/models/m.gguf"]["mode"] == "ro"
     gpu = spec_for(instance("llama.cpp", ResourceClaim(device="gpu", gpu_indexes=[0], gpu_layers=12)))
+    assert gpu["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda"
     assert gpu["command"][-2:] == ["--n-gpu-layers", "12"]
     assert gpu["device_requests"][0]["DeviceIDs"] == ["GPU-0"]
+
+
+@pytest.mark.parametrize("backend, kind, version, image", [
+    ("llama.cpp", "cpu", None, "ghcr.io/ggml-org/llama.cpp:server"),
+    ("llama.cpp", "cuda", None, "ghcr.io/ggml-org/llama.cpp:server-cuda"),
+    ("llama.cpp", "rocm", "server-rocm-b6000", "ghcr.io/ggml-org/llama.cpp:server-rocm-b6000"),
+    ("llama.cpp", "ascend", None, None),  # no published CANN image: natively, or MAAS_LLAMACPP_IMAGE
+    ("vllm", "cpu", "v0.11.0", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.11.0"),
+    ("vllm", "cuda", None, "vllm/vllm-openai:latest"),
+    ("vllm", "rocm", None, "rocm/vllm:latest"),
+    ("vllm", "ascend", None, "quay.io/ascend/vllm-ascend:latest"),
+    ("sglang", "cpu", None, None),
+])
+def test_the_image_follows_the_devices(backend: str, kind: str, version: str | None, image: str | None):
+    assert image_for(backend, kind, version, CTX) == image
+
+
+def test_an_agents_image_override_keeps_the_specs_tag():
+    context = LaunchContext(host="127.0.0.1", port=20001, images={"llama.cpp": "127.0.0.1:5000/maas/llama:cpu"})
+    assert image_for("llama.cpp", "cuda", None, context) == "127.0.0.1:5000/maas/llama:cpu"
+    assert image_for("llama.cpp", "cpu", "b6000", context) == "127.0.0.1:5000/maas/llama:b6000"
+    assert with_tag("registry.local:5000/team/img", "2") == "registry.local:5000/team/img:2"
+    assert with_tag("img@sha256:abcd", "3") == "img:3"
+
+
+async def test_the_gpu_kind_comes_from_the_claimed_gpus(tmp_path: Path):
+    agent = Agent(AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, simulate_gpus="1xL4-24GB"))
+    assert await agent._gpu_kind(instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[0]))) == "cuda"
+    agent.gpus.simulated[0] = agent.gpus.simulated[0].model_copy(update={"vendor": "amd"})
+    inst = instance("llama.cpp", ResourceClaim(device="gpu", gpu_indexes=[0]))
+    context = LaunchContext(host="127.0.0.1", port=20001, gpu_kind=await agent._gpu_kind(inst))
+    assert build_launch(inst, context).image == "ghcr.io/ggml-org/llama.cpp:server-rocm"
 
 
 def test_custom_backend_container():
@@ -84,17 +123,91 @@ def test_custom_backend_container():
     assert spec["device_requests"][0]["DeviceIDs"] == ["GPU-0", "GPU-1"]
 
 
-def test_runtime_selection(tmp_path: Path):
+def test_runtime_selection_without_an_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """'No engine' made explicit: DOCKER_HOST names a socket nothing listens on (whatever runs on this machine)."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     config = AgentConfig(server_url="http://x", token="t", data_dir=tmp_path)
-    assert isinstance(make_runtime(config), ProcessRuntime)  # the default for in-process agents
+    chooser = make_runtimes(config)  # the default for in-process agents: processes only
+    assert chooser.mode == "process" and chooser.docker is None
     config.runtime = "auto"
-    assert isinstance(make_runtime(config), ProcessRuntime)  # no engine answers on this machine
+    chooser = make_runtimes(config)
+    assert chooser.docker is None and f"no Docker engine answers at unix://{tmp_path}/no-engine.sock" in chooser.no_docker
     config.runtime = "docker"
     with pytest.raises(docker.errors.DockerException):
-        make_runtime(config)
+        make_runtimes(config)
     config.runtime = "containers"
     with pytest.raises(ValueError, match="auto, docker or process"):
-        make_runtime(config)
+        make_runtimes(config)
+
+
+class ChoiceEngine:
+    """A stand-in engine for the choice: which images it holds, which its registries would serve."""
+
+    name = "docker"
+
+    def __init__(self, here: set[str], pullable: set[str]):
+        self.here, self.pullable, self.asked = here, pullable, []
+
+    def image_here(self, image: str) -> bool:
+        return image in self.here
+
+    def pull_problem(self, image: str) -> str | None:
+        self.asked.append(image)
+        return None if image in self.pullable else f"Get \"https://{image.split('/')[0]}/v2/\": no such host"
+
+
+async def test_auto_takes_docker_only_with_an_image_for_this_host(tmp_path: Path):
+    processes = ProcessRuntime(tmp_path / "run")
+    engine = ChoiceEngine(here={"ghcr.io/ggml-org/llama.cpp:server"}, pullable={"vllm/vllm-openai:latest"})
+    chooser = RuntimeChooser("auto", processes, engine)
+    cpu_llama = build_launch(instance("llama.cpp", ResourceClaim(device="cpu", ram_bytes=1)), CTX)
+    choice = await chooser.choose("llama.cpp", cpu_llama)
+    assert choice.runtime is engine and choice.reason == "image ghcr.io/ggml-org/llama.cpp:server is on this worker's Docker engine"
+    assert engine.asked == []  # present: no registry asked
+    gpu_vllm = build_launch(instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[0])), CTX)
+    choice = await chooser.choose("vllm", gpu_vllm)
+    assert choice.runtime is engine and choice.reason == "image vllm/vllm-openai:latest can be pulled from its registry"
+
+    # The CUDA image of llama.cpp is neither here nor pullable: llama.cpp runs natively (xllamacpp is installed).
+    gpu_llama = build_launch(instance("llama.cpp", ResourceClaim(device="gpu", gpu_indexes=[0])),
+                             LaunchContext(host="127.0.0.1", port=20001))
+    choice = await chooser.choose("llama.cpp", gpu_llama)
+    assert choice.runtime is processes
+    assert choice.reason.startswith("image ghcr.io/ggml-org/llama.cpp:server-cuda is not on this worker's engine "
+                                    "and cannot be pulled (Get \"https://ghcr.io/v2/\": no such host)")
+    assert choice.reason.endswith("; llama.cpp runs natively here")
+    await chooser.choose("llama.cpp", gpu_llama)
+    assert engine.asked.count("ghcr.io/ggml-org/llama.cpp:server-cuda") == 1  # the registry's answer holds a while
+
+    # vLLM on CPU: no image anywhere and no vLLM in this Python: one message naming both ways.
+    cpu_vllm = build_launch(instance("vllm", ResourceClaim(device="cpu", ram_bytes=1)),
+                            LaunchContext(host="127.0.0.1", port=20001, python={"vllm": str(tmp_path / "nope")}))
+    with pytest.raises(BackendError) as refused:
+        await chooser.choose("vllm", cpu_vllm)
+    message = str(refused.value)
+    assert message.startswith("backend vllm cannot run on this worker: not in a container (image "
+                              "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:latest is not on this worker's engine")
+    assert "MAAS_VLLM_IMAGE" in message and f"the Python interpreter {tmp_path}/nope does not exist" in message
+    assert message.endswith("`maas agent --runtime docker|process` forces one")
+
+
+async def test_auto_without_an_engine_and_the_forced_modes(tmp_path: Path):
+    processes = ProcessRuntime(tmp_path / "run")
+    llama = build_launch(instance("llama.cpp", ResourceClaim(device="cpu", ram_bytes=1)), CTX)
+    choice = await RuntimeChooser("auto", processes, None, "no Docker engine answers at unix:///x.sock").choose(
+        "llama.cpp", llama)
+    assert choice.runtime is processes
+    assert choice.reason == "no Docker engine answers at unix:///x.sock; llama.cpp runs natively here"
+    sglang = build_launch(instance("sglang", ResourceClaim(device="cpu", ram_bytes=1)), CTX)
+    engine = ChoiceEngine(set(), set())
+    with pytest.raises(BackendError, match="not in a container \\(backend sglang has no container image for this "
+                                           "host's devices: .* and not as a process"):
+        await RuntimeChooser("auto", processes, engine).choose("sglang", sglang)
+    assert (await RuntimeChooser("docker", processes, engine).choose("sglang", sglang)).runtime is engine
+    forced = await RuntimeChooser("process", processes, None).choose("sglang", sglang)
+    assert forced.runtime is processes and forced.reason == "this agent runs with --runtime process"
+    multi = await RuntimeChooser("auto", processes, engine).choose("vllm", llama, multi_host=True)
+    assert multi.runtime is processes and "Ray nodes" in multi.reason
 
 
 async def test_agent_builds_the_container_from_its_inventory(tmp_path: Path):
@@ -328,8 +441,8 @@ async def test_agent_reports_the_image_pull_as_downloading(server, admin, tmp_pa
     client = FakeClient()
     client.images, client.api = FakeImages(set()), PausingApi([])
     agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=tmp_path / "agent",
-                              name="docker-1", simulate_gpus="1xL4-24GB", heartbeat_interval=1.0, health_timeout=1.0))
-    agent.runtime = DockerRuntime(worker="docker-1", client=client)
+                              name="docker-1", simulate_gpus="1xL4-24GB", heartbeat_interval=1.0, health_timeout=1.0,
+                              runtime="docker"), docker_client=client)
     agent.runtime.progress_interval = 0.05
     await agent.start()
     try:

@@ -54,9 +54,60 @@ class LaunchContext:
     # The instance's key (server/services/backend_keys.py): llama.cpp and vLLM then answer only callers
     # that present it. In the environment, never argv (a command line is readable by every local user).
     api_key: str | None = None
+    # What this host's GPUs are, for the image of a claim on them (IMAGES): cuda, rocm or ascend.
+    gpu_kind: str = "cuda"
+    # backend -> the image this agent runs it from instead of IMAGES' (MAAS_LLAMACPP_IMAGE, ...: a mirror,
+    # a local build); the spec's backend_version still picks the tag.
+    images: dict[str, str] = field(default_factory=dict)
 
     def python_for(self, backend: str) -> str:
         return self.python.get(backend) or sys.executable
+
+
+# --- container images: the image follows the devices ------------------------------------
+
+# Each backend's upstream images by the kind of device a claim runs on; a kind missing here has no
+# published image (the docker runtime then needs MAAS_<BACKEND>_IMAGE, or the backend runs natively).
+IMAGES: dict[str, dict[str, str]] = {
+    "llama.cpp": {"cpu": "ghcr.io/ggml-org/llama.cpp:server", "cuda": "ghcr.io/ggml-org/llama.cpp:server-cuda",
+                  "rocm": "ghcr.io/ggml-org/llama.cpp:server-rocm"},
+    "vllm": {"cpu": "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:latest", "cuda": "vllm/vllm-openai:latest",
+             "rocm": "rocm/vllm:latest", "ascend": "quay.io/ascend/vllm-ascend:latest"},
+    "sglang": {"cuda": "lmsysorg/sglang:latest"},
+    "vox-box": {"cpu": "gpustack/vox-box:latest", "cuda": "gpustack/vox-box:latest"},  # one image, --device picks
+    "mindie": {"ascend": "ascendhub.huawei.com/public-ascendhub/mindie:2.0.RC1-800I-A2-py311-openeuler24.03-lts"},
+}
+# GPUDevice.vendor -> the kind of image its claims need (simulated GPUs stand in for NVIDIA ones).
+GPU_KINDS = {"nvidia": "cuda", "simulated": "cuda", "amd": "rocm", "ascend": "ascend", "huawei": "ascend"}
+IMAGE_VARIABLES = {"llama.cpp": "MAAS_LLAMACPP_IMAGE", "vllm": "MAAS_VLLM_IMAGE", "sglang": "MAAS_SGLANG_IMAGE",
+                   "vox-box": "MAAS_VOXBOX_IMAGE", "mindie": "MAAS_MINDIE_IMAGE"}
+
+
+def device_kind(instance: InstanceOut, context: LaunchContext) -> str:
+    """cpu for a claim without GPUs, else the kind of this host's GPUs."""
+    claim = instance.claim
+    return context.gpu_kind if claim is not None and claim.device == "gpu" and claim.gpu_indexes else "cpu"
+
+
+def with_tag(image: str, tag: str) -> str:
+    """`repo[:old]` -> `repo:tag` (a colon before the last slash is a registry port, not a tag)."""
+    repository = image.split("@", 1)[0]
+    if repository.rfind(":") > repository.rfind("/"):
+        repository = repository[:repository.rfind(":")]
+    return f"{repository}:{tag}"
+
+
+def image_for(backend: str, kind: str, version: str | None, context: LaunchContext) -> str | None:
+    """The image of `backend` for a claim on `kind` devices: this agent's override, else the upstream one;
+    None where neither exists. The spec's backend_version is its tag."""
+    image = context.images.get(backend) or IMAGES.get(backend, {}).get(kind)
+    return with_tag(image, version) if image and version else image
+
+
+def image_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """MAAS_LLAMACPP_IMAGE, MAAS_VLLM_IMAGE, ... -> {backend: image}."""
+    environ = os.environ if environ is None else environ
+    return {backend: environ[variable] for backend, variable in IMAGE_VARIABLES.items() if environ.get(variable)}
 
 
 # --- the builders -------------------------------------------------------------------
@@ -77,7 +128,7 @@ def llama_cpp(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     if claim and claim.device == "gpu" and context.real_gpus:
         layers = claim.gpu_layers if claim.gpu_layers is not None else 999  # 999: every layer
         command += ["--n-gpu-layers", str(layers)]
-    # The official image's entrypoint is llama-server itself, which takes the same flags.
+    # The official image's entrypoint is llama-server itself, which takes the same flags (our wrapper too).
     container = ["--model", spec.source, "--alias", instance.model_name, "--host", context.host,
                  "--port", str(context.port), "--ctx-size", str(spec.context_length), "--metrics"]
     if claim and claim.device == "gpu":
@@ -86,7 +137,7 @@ def llama_cpp(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env, **key},
                       api_key=context.api_key,
                       health_path="/health", metrics_path="/metrics", metrics=dict(LLAMACPP_METRICS),
-                      image=f"ghcr.io/ggml-org/llama.cpp:{spec.backend_version or 'server-cuda'}",
+                      image=image_for("llama.cpp", device_kind(instance, context), spec.backend_version, context),
                       container_command=container + list(spec.args),
                       requires=("module", context.python_for("llama.cpp"), "xllamacpp"))
 
@@ -130,7 +181,7 @@ def vllm(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     key = {"VLLM_API_KEY": context.api_key} if context.api_key else {}  # guards /v1; /health and /metrics stay open
     return LaunchSpec(command=command + list(spec.args), env={**env, **spec.env, **key}, api_key=context.api_key,
                       health_path="/health", metrics_path="/metrics", metrics=dict(VLLM_METRICS),
-                      image=f"vllm/vllm-openai:{spec.backend_version or 'latest'}",
+                      image=image_for("vllm", device_kind(instance, context), spec.backend_version, context),
                       container_command=command[3:] + list(spec.args),  # the image's entrypoint is the server
                       requires=("module", python, "vllm"))
 
@@ -152,7 +203,7 @@ def sglang(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
         command += ["--context-length", str(spec.max_model_len)]
     return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
                       health_path="/health", metrics_path="/metrics", metrics=dict(SGLANG_METRICS),
-                      image=f"lmsysorg/sglang:{spec.backend_version or 'latest'}",
+                      image=image_for("sglang", device_kind(instance, context), spec.backend_version, context),
                       container_command=["python3", *command[1:], *spec.args],
                       requires=("module", python, "sglang"))
 
@@ -193,7 +244,7 @@ def voxbox(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
                "--device", device]
     return LaunchSpec(command=command + list(spec.args), env={**_gpu_env(instance, context), **spec.env},
                       health_path="/health", metrics_path=None, metrics={},
-                      image=f"gpustack/vox-box:{spec.backend_version or 'latest'}",
+                      image=image_for("vox-box", device_kind(instance, context), spec.backend_version, context),
                       container_command=command + list(spec.args), requires=("executable", "vox-box"))
 
 
@@ -237,7 +288,7 @@ def mindie(instance: InstanceOut, context: LaunchContext) -> LaunchSpec:
     command = ["/bin/sh", "-c", script, MINDIE_DAEMON, *spec.args]
     return LaunchSpec(command=command, env={**env, **spec.env}, health_path="/v1/models", metrics_path="/metrics",
                       metrics=dict(MINDIE_METRICS),
-                      image=f"ascendhub.huawei.com/public-ascendhub/mindie:{spec.backend_version or '2.0.RC1-800I-A2-py311-openeuler24.03-lts'}",
+                      image=image_for("mindie", "ascend", spec.backend_version, context),
                       container_command=command, requires=("executable", MINDIE_DAEMON), accelerator="ascend")
 
 

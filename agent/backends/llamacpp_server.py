@@ -73,6 +73,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="CPU threads for generation and batch processing (default: llama.cpp's choice)")
     ap.add_argument("--embeddings", action="store_true", help="enable the /v1/embeddings endpoint")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (default 0: CPU only)")
+    # llama-server's flag, taken so that this wrapper runs with the official image's arguments (as the
+    # entrypoint of the Docker tier's image): /metrics is always served here.
+    ap.add_argument("--metrics", action="store_true", help="accepted for llama-server compatibility (always on)")
     return ap
 
 

@@ -2,8 +2,10 @@
 
 `container_spec()` builds the exact container specification (the keyword arguments of the
 docker SDK's `containers.run`) as plain data, so it is tested without an engine. The
-`DockerRuntime` keeps the engine calls thin: run, wait, stop, follow logs into the instance log
-file, and find the containers a previous agent left (labels identify instance and generation).
+`DockerRuntime` keeps the engine calls thin: pull, run, wait, stop, follow logs into the instance log
+file, and find the containers a previous agent left (labels identify instance, generation, restart and
+port), to adopt those still wanted and remove the rest. tests/test_docker_engine.py runs it against a
+real engine (`make test-docker`).
 """
 
 from __future__ import annotations
@@ -164,18 +166,25 @@ def split_image(image: str) -> tuple[str, str]:
     return image, "latest"
 
 
-def engine_answers() -> bool:
-    """True when a Docker engine answers here (for --runtime auto)."""
+def engine_problem() -> str | None:
+    """None when a Docker engine answers here (DOCKER_HOST, else /var/run/docker.sock), else why not."""
     try:
         import docker
 
         client = docker.from_env(timeout=3)
         try:
-            return bool(client.ping())
+            client.ping()
+            return None
         finally:
             client.close()
-    except Exception:  # DockerException without a socket; anything else: no usable engine
-        return False
+    except Exception as exc:  # DockerException without a socket; anything else: no usable engine
+        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return f"no Docker engine answers at {where} ({type(exc).__name__})"
+
+
+def engine_answers() -> bool:
+    """True when a Docker engine answers here."""
+    return engine_problem() is None
 
 
 @dataclass
@@ -207,19 +216,35 @@ class DockerRuntime:
         self.client = client
         self.stop_grace = stop_grace
 
+    def image_here(self, image: str) -> bool:
+        """True when the engine holds `image` (blocking)."""
+        import docker
+
+        try:
+            self.client.images.get(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    def pull_problem(self, image: str) -> str | None:
+        """None when the engine can pull `image` (its registry answers with the manifest; nothing is
+        pulled), else the engine's reason (blocking)."""
+        import docker
+
+        try:
+            self.client.api.inspect_distribution(image)
+            return None
+        except docker.errors.APIError as exc:
+            return str(exc.explanation or exc)[:300]
+        except Exception as exc:  # the engine's connection itself: a read timeout, a reset
+            return f"{type(exc).__name__}: {exc}"[:300]
+
     async def pull(self, image: str, on_progress: Any = None) -> bool:
         """Pull `image` unless the engine has it; `on_progress(fraction)` (a coroutine function) follows the
         pull. False when it was already here. Raises RuntimeError with the engine's reason."""
         import docker
 
-        def present() -> bool:
-            try:
-                self.client.images.get(image)
-                return True
-            except docker.errors.ImageNotFound:
-                return False
-
-        if await asyncio.to_thread(present):
+        if await asyncio.to_thread(self.image_here, image):
             return False
         progress = PullProgress()
         repository, tag = split_image(image)
@@ -258,11 +283,12 @@ class DockerRuntime:
         self._follow_logs(handle)
         return handle
 
-    def _follow_logs(self, handle: ContainerHandle) -> None:
+    def _follow_logs(self, handle: ContainerHandle, since: float | None = None) -> None:
         def follow() -> None:
             try:
                 with open(handle.log_path, "ab", buffering=0) as out:
-                    for chunk in handle.container.logs(stream=True, follow=True):
+                    extra = {"since": since} if since is not None else {}
+                    for chunk in handle.container.logs(stream=True, follow=True, **extra):
                         out.write(chunk)
             except Exception as exc:  # the container went away
                 log.debug("log follow of %s ended: %s", handle.key, exc)
@@ -305,6 +331,45 @@ class DockerRuntime:
 
         await asyncio.to_thread(stop)
         return handle.returncode
+
+    # --- what a previous agent of this worker left (it was killed, or restarted) ---------------
+
+    def leftovers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(instance id, record) for each container a previous agent started, as the process runtime's
+        pidfile records: port, restart_count, generation (from the labels), whether it still runs."""
+        found = []
+        for container in self.managed():
+            tags = container.labels or {}
+            try:
+                record = {"port": int(tags.get("maas.port", 0)) or None,
+                          "restart_count": int(tags.get("maas.restart-count", -1)),
+                          "generation": int(tags.get("maas.generation", -1)),
+                          "log_path": tags.get("maas.log-path", ""), "container": container,
+                          "running": container.status == "running"}
+            except ValueError:  # labels written by hand: not ours to adopt
+                record = {"container": container, "running": False}
+            found.append((tags.get("maas.instance-id", container.name), record))
+        return found
+
+    def adopt(self, key: str, record: dict[str, Any]) -> ContainerHandle:
+        """Take over a running container: wait on it and follow its log from where the last agent's
+        follower stopped (the log file's last write)."""
+        log_path = Path(record.get("log_path") or "/dev/null")
+        handle = ContainerHandle(key, record["container"], log_path)
+        since = log_path.stat().st_mtime if log_path.is_file() else None
+        self._follow_logs(handle, since=since)
+        return handle
+
+    def stop_leftover(self, key: str, record: dict[str, Any]) -> None:
+        """Remove a left-over container nobody wants any more (blocking)."""
+        container = record["container"]
+        try:
+            if container.status == "running":
+                container.stop(timeout=int(self.stop_grace))
+            container.remove(force=True)
+            log.info("removed container %s (instance %s) left by a previous agent", container.name, key)
+        except Exception as exc:  # gone meanwhile
+            log.info("removing leftover container %s: %s", getattr(container, "name", "?"), exc)
 
     def managed(self) -> list[Any]:
         """Containers this worker's agent started (adopt or remove them after a restart)."""
