@@ -21,12 +21,14 @@ from server.api.security import Authenticator, LoginThrottle, hash_password, has
 from server.bus import ChangeFeed, EventBus
 from server.config import ServerConfig
 from server.data_lock import DataDirLock
+from server.controllers.autoscale import Autoscaler, LoadMeter
 from server.controllers.models import ModelController
 from server.controllers.workers import WorkerLivenessController
 from server.db import tables
 from server.db.database import Database, to_wire
 from server.db.embedded import EmbeddedPostgres, in_own_thread
 from server.db.errors import first_line
+from server.gateway.cold_start import ColdStart
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
 from server.higress.sync import HigressSync
@@ -64,6 +66,9 @@ class MaasServer:
         self.heartbeats: Heartbeats | None = None  # leases heard here; last-seen times flushed in batches
         self.agent_admission = AgentAdmission()
         self.routes = RoutingTable()
+        # Autoscaling: requests held while a replica starts, and this gateway's load (server/controllers/autoscale.py).
+        self.cold_start = ColdStart(self.routes, config.max_held_requests)
+        self.load_meter = LoadMeter(self, secrets.token_hex(8))
         self.embedded: EmbeddedPostgres | None = None
         self.db: Database | None = None
         self.auth: Authenticator | None = None
@@ -126,6 +131,7 @@ class MaasServer:
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
         # The gateway probes backends whose worker went silent: serving never waits on an agent.
         self._tasks.append(asyncio.create_task(self.routes.probe_loop(), name="gateway-probes"))
+        self._tasks.append(asyncio.create_task(self.load_meter.run(), name="gateway-load"))
         self.heartbeats.start()
         self.telemetry.start()
         if self.embedded is not None:
@@ -151,6 +157,7 @@ class MaasServer:
             ModelController(self, self.config.resync_interval),
             Scheduler(self, self.config.resync_interval),
             WorkerLivenessController(self, max(0.5, min(3.0, self.config.worker_timeout / 5))),
+            Autoscaler(self, self.config.autoscale_interval),
         ]
         if self.config.higress_dir or self.config.higress_kubeconfig:
             self._loops.append(HigressSync(

@@ -50,6 +50,17 @@ class ServerConfig:
     # its hash, so this server can hand the token out (banner, local agent) only when given it here or in
     # <data-dir>/token. From MAAS_CLUSTER_TOKEN, never a flag (a command line is readable by every user).
     cluster_token: str | None = field(default=None, repr=False)
+    # Autoscaling, scale to zero and priorities (server/controllers/autoscale.py, server/gateway/cold_start.py,
+    # server/scheduler/preemption.py).
+    priority_classes: str = "critical,high,normal,low"  # comma-separated, highest first
+    preempt_below_min_replicas: int = 0  # 1: preemption may take a model below its min_replicas
+    autoscale_interval: float = 1.0  # seconds between the autoscaler's decisions (and load reports)
+    max_held_requests: int = 64  # per model and server: requests held during a cold start; beyond, 503 at once
+
+    def priority_ranks(self) -> dict[str, int]:
+        """Class name -> rank (higher preempts lower)."""
+        names = [n.strip() for n in self.priority_classes.split(",") if n.strip()]
+        return {name: len(names) - i for i, name in enumerate(names)}
 
     def local_model_roots(self) -> list[str]:
         extra = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots.split(os.pathsep) if r.strip()]
@@ -78,6 +89,10 @@ class ServerConfig:
             "advertise_url": os.environ.get("MAAS_ADVERTISE_URL"),
             "audit_retention_days": os.environ.get("MAAS_AUDIT_RETENTION_DAYS"),
             "cluster_token": os.environ.get("MAAS_CLUSTER_TOKEN"),
+            "priority_classes": os.environ.get("MAAS_PRIORITY_CLASSES"),
+            "preempt_below_min_replicas": os.environ.get("MAAS_PREEMPT_BELOW_MIN_REPLICAS"),
+            "autoscale_interval": os.environ.get("MAAS_AUTOSCALE_INTERVAL"),
+            "max_held_requests": os.environ.get("MAAS_MAX_HELD_REQUESTS"),
         }
         values: dict[str, object] = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -265,14 +265,15 @@ async def create_model(request: web.Request) -> web.Response:
             raise conflict(f"model {body.name!r} {what}")
         model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1,
                              max_surge=body.max_surge, max_unavailable=body.max_unavailable, team=team)
+        model_specs.scaling_changes(model, body, server_of(request).config.priority_ranks())
         s.add(model)
         try:
             await s.flush()
         except IntegrityError:
             raise conflict(f"model {body.name!r} already exists") from None
         s.add(tables.ModelRevision(model_id=model.id, revision=1, spec=model.spec, change="created"))
-        record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas",
-                     principal.name)
+        record_event(s, "models", model, "Created", f"{body.backend} from {body.source}, {body.replicas} replicas; "
+                     + model_specs.scaling_summary(model), principal.name)
         await s.commit()
     return json_out(model_out(model, {}, principal), status=201)
 
@@ -309,6 +310,9 @@ async def update_model(request: web.Request) -> web.Response:
         if body.replicas is not None and body.replicas != model.replicas:
             record_event(s, "models", model, "Scaled", f"{model.replicas} -> {body.replicas} replicas", principal.name)
             model.replicas = body.replicas
+        if scaled := model_specs.scaling_changes(model, body, server_of(request).config.priority_ranks()):
+            record_event(s, "models", model, "ScalingChanged", "; ".join(scaled) + " (" + model_specs.scaling_summary(model)
+                         + ")", principal.name)
         await s.commit()
         return json_out(model_out(model, await ready_counts(s, [model.id]), principal))
 

@@ -46,7 +46,7 @@ async def list_models(request: web.Request) -> web.Response:
     table = server_of(request).routes
     principal = principal_of(request)
     data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas",
-             "categories": sorted(table.models[name].categories)}
+             "categories": sorted(table.models[name].categories), "state": table.state_of(name)}
             for name in table.serving_models() if principal.may_use_model(name, table.models[name].team)]
     return web.json_response({"object": "list", "data": data})
 
@@ -102,8 +102,8 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         raise ApiError(400, "model_not_supported", f"the model {name!r} does not serve {request.path}: it serves "
                        f"{served}; {request.path} needs a model deployed with category {category}")
     targets = routes.ordered()
-    if not targets:
-        raise ApiError(503, "no_running_instance", f"the model {name!r} has no running instance yet")
+    if not targets:  # an autoscaled model is held while a replica starts (a manual one: 503 at once)
+        targets = await server.cold_start.hold(name, routes)
 
     client_wants_usage = True
     if payload is not None and payload.get("stream") is True and request.path in _USAGE_IN_STREAM:

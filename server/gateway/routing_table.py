@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from server.gateway.stats import GatewayStats
 from server.gateway.upstream import UpstreamPool
@@ -56,6 +56,8 @@ class ModelRoutes:
     targets: dict[int, Target] = field(default_factory=dict)
     categories: frozenset[str] = frozenset({"llm"})  # what the model serves: gates the /v1 endpoints
     team: str | None = None  # who may call it (server/services/access.py)
+    autoscaled: bool = False  # max_replicas set: a request finding no target is held (server/gateway/cold_start.py)
+    cold_start_timeout: float = 120.0
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def ordered(self) -> list[Target]:
@@ -76,6 +78,7 @@ class RoutingTable:
         self.stats = GatewayStats()  # latency by model and status: the gateway's own, lives with its table
         self.upstream = UpstreamPool()  # keep-alive connections to the targets (plain requests)
         self._targets: dict[int, Target] = {}  # by instance id, across models
+        self.on_serving: Callable[[str], None] | None = None  # a model gained a target (wakes held requests)
 
     def apply_model(self, action: str, model: dict[str, Any]) -> None:
         name = model["name"]
@@ -92,6 +95,8 @@ class RoutingTable:
         routes.categories = frozenset(derive_categories(spec.get("backend", ""), spec.get("args") or (),
                                                         spec.get("categories")))
         routes.team = model.get("team")
+        routes.autoscaled = model.get("max_replicas") is not None
+        routes.cold_start_timeout = float(model.get("cold_start_timeout") or 120.0)
         self.created.setdefault(name, _epoch(model.get("created_at")))
 
     def apply_instance(self, action: str, instance: dict[str, Any]) -> None:
@@ -111,6 +116,8 @@ class RoutingTable:
                 # One first seen already unreachable (a server that just started) waits for a probe.
                 current = routes.targets[instance["id"]] = Target(instance["id"], host, port, healthy=not away)
                 self._targets[instance["id"]] = current
+                if self.on_serving is not None:
+                    self.on_serving(instance["model_name"])
             current.worker_away = away
         elif (routes := self.models.get(instance["model_name"])) is not None:
             gone = routes.targets.pop(instance["id"], None)
@@ -180,7 +187,13 @@ class RoutingTable:
             target.healthy = False
 
     def serving_models(self) -> list[str]:
-        return sorted(name for name, routes in self.models.items() if routes.targets)
+        """Models a client may call now: those with a target, and autoscaled ones (a request starts a replica)."""
+        return sorted(name for name, routes in self.models.items() if routes.targets or routes.autoscaled)
+
+    def state_of(self, name: str) -> str:
+        """`running`, or `scaled_to_zero` for an autoscaled model without a running replica (it starts on request)."""
+        routes = self.models.get(name)
+        return "running" if routes is not None and routes.targets else "scaled_to_zero"
 
 
 async def probe(host: str, port: int, path: str = PROBE_PATH, timeout: float = PROBE_TIMEOUT) -> bool:
