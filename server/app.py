@@ -23,6 +23,8 @@ from server.config import ServerConfig
 from server.data_lock import DataDirLock
 from server.controllers.autoscale import Autoscaler, LoadMeter
 from server.controllers.models import ModelController
+from server.alerts.evaluator import AlertEvaluator
+from server.controllers.bench_gate import BenchGate
 from server.controllers.workers import WorkerLivenessController
 from server.db import tables
 from server.db.database import Database, to_wire
@@ -157,6 +159,8 @@ class MaasServer:
             ModelController(self, self.config.resync_interval),
             Scheduler(self, self.config.resync_interval),
             WorkerLivenessController(self, max(0.5, min(3.0, self.config.worker_timeout / 5))),
+            AlertEvaluator(self),  # alert rules and webhooks (server/alerts/)
+            BenchGate(self, self.config.resync_interval),  # rollouts gated on a benchmark
             Autoscaler(self, self.config.autoscale_interval),
         ]
         if self.config.higress_dir or self.config.higress_kubeconfig:

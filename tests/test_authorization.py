@@ -295,6 +295,22 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
                                                              headers={"x-higress-llm-model": "red-model"}))),
     "POST /v2/gateway/authorize": (AUTHORIZE_RED, _fixed(Call("/v2/gateway/authorize",
                                                               headers={"x-higress-llm-model": "red-model"}))),
+    # Alerts: everyone reads (filtered by team), admins and operators manage silences and webhooks.
+    "GET /v2/alerts": (ANY_USER, _fixed(Call("/v2/alerts"))),
+    "GET /v2/alerts/silences": (ANY_USER, _fixed(Call("/v2/alerts/silences"))),
+    "POST /v2/alerts/silences": (CLUSTER, _fixed(Call("/v2/alerts/silences", {"rule": "WorkerNotReady",
+                                                                              "duration_seconds": 3600}))),
+    "DELETE /v2/alerts/silences/{id}": (CLUSTER, lambda w, c: _fresh_silence(w)),
+    "GET /v2/alerts/webhooks": (CLUSTER, _fixed(Call("/v2/alerts/webhooks"))),
+    "POST /v2/alerts/webhooks": (CLUSTER, _fixed(Call("/v2/alerts/webhooks", {"url": "http://127.0.0.1:9/hook"}))),
+    "DELETE /v2/alerts/webhooks/{id}": (CLUSTER, lambda w, c: _fresh_webhook(w)),
+    # Benchmarks and the rollout bench gate: the model's team.
+    "GET /v2/models/{name}/bench": (TEAM_READ, _red_model_call("/bench")),
+    "POST /v2/models/{name}/bench": (TEAM_WRITE, _red_model_call("/bench", body={
+        "prompt_tokens": 8, "max_tokens": 8, "levels": [{"concurrency": 1, "requests": 1}]})),
+    "PUT /v2/models/{name}/bench/gate": (TEAM_WRITE, _red_model_call("/bench/gate", body={
+        "expression": "ttft_p95 <= 1.1 * previous"}, fresh=True)),
+    "DELETE /v2/models/{name}/bench/gate": (TEAM_WRITE, lambda w, c: _gated_red_model(w)),
 }
 
 
@@ -394,3 +410,20 @@ async def test_the_authorization_matrix(server, world: World):
                     failures.append(f"{key} as {caller}: {status}, expected {expected[caller]}")
     assert not failures, f"{len(failures)} of {checked} cells differ:\n" + "\n".join(failures)
     assert checked == len(ENTRIES) * len(CALLERS)
+
+
+async def _fresh_silence(world: World) -> Call:
+    made = await world.admin.request("POST", "/v2/alerts/silences", json_body={"rule": "GpuTemperature",
+                                                                              "duration_seconds": 600})
+    return Call(f"/v2/alerts/silences/{made['id']}")
+
+
+async def _fresh_webhook(world: World) -> Call:
+    made = await world.admin.request("POST", "/v2/alerts/webhooks", json_body={"url": "http://127.0.0.1:9/x"})
+    return Call(f"/v2/alerts/webhooks/{made['id']}")
+
+
+async def _gated_red_model(world: World) -> Call:
+    name = await world.red_model()
+    await world.admin.request("PUT", f"/v2/models/{name}/bench/gate", json_body={"expression": "ttft_p95 <= 500"})
+    return Call(f"/v2/models/{name}/bench/gate")

@@ -16,12 +16,14 @@ from sqlalchemy import or_, select
 
 from server import schemas
 from server.api.agent_api import subordinate_ids
+from server.api.alerts import alerts_snapshot
 from server.api.errors import bad_request, forbidden, parse_whole_number
 from server.api.resources import instance_out, model_out, ready_counts
 from server.api.routing import NDJSON, Query, comma_list, integer, principal_of, route, server_of
 from server.bus import BusEvent, Frame
 from server.db import tables
 from server.services import access
+from server.services.alerts import sees_alert
 
 _TABLES = {"workers": tables.Worker, "models": tables.Model, "instances": tables.ModelInstance,
            "files": tables.ModelFile}
@@ -66,6 +68,9 @@ async def _snapshot(server: Any, kinds: list[str], worker_id: int | None, caller
                 rows = (await s.execute(query)).scalars().all()
                 items[kind] = [schemas.EventOut.model_validate(r).model_dump(mode="json") for r in reversed(rows)]
                 continue
+            if kind == "alerts":  # the newest, firing ones first (server/api/alerts.py)
+                items[kind] = await alerts_snapshot(s, caller)
+                continue
             table = _TABLES[kind]
             query = select(table).order_by(table.id)
             if worker_id is not None and kind == "files":  # an agent: its own cache's rows
@@ -105,6 +110,8 @@ def _visible(event: BusEvent, worker_id: int | None, caller: Any) -> bool:
         obj = event.object
         return access.sees_event(caller, obj.get("kind", ""), obj.get("team"), obj.get("object_name", ""),
                                  obj.get("actor", ""))
+    if event.kind == "alerts":
+        return sees_alert(caller, event.object.get("object_kind", ""), event.object.get("team"))
     if event.kind in ("models", "instances"):
         return access.team_access(caller, event.object.get("team")) is not None
     return True

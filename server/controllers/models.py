@@ -200,7 +200,7 @@ class ModelController(KeyedReconcileLoop):
             why = first.state_message.splitlines()[0] if first.state_message else "error"
             message = (f"rollout to generation {model.generation} stalled: {first.name} keeps failing ({why}); "
                        f"older instances keep serving; 'maas model rollout undo {model.name}' goes back")
-        if message != model.rollout_message:
+        if message != model.rollout_message and not (model.paused and model.rollout_message):  # a pause keeps its reason
             model.rollout_message = message
             if message:
                 record_event(s, "models", model, "RolloutStalled", message, self.name)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from server import schemas
 from server.db import tables
 from server.schemas.limits import LimitsOut
+from server.schemas.alerts import AlertOut
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ PUBLISHED: dict[type, tuple[str, type[BaseModel]]] = {
     tables.User: ("users", schemas.UserOut),  # internal: a role or team change drops cached credentials
     tables.ModelRoute: ("routes", schemas.RouteOut),  # internal: the gateway's routes follow it
     tables.GatewayLimit: ("limits", LimitsOut),  # internal: the gateways' limiters follow it
+    tables.Alert: ("alerts", AlertOut),  # firing and resolved alerts (server/alerts/)
 }
 
 

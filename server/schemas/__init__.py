@@ -745,7 +745,7 @@ class EventOut(Schema):
     created_at: datetime
 
 
-WATCH_KINDS: tuple[str, ...] = ("workers", "models", "instances", "events", "files")
+WATCH_KINDS: tuple[str, ...] = ("workers", "models", "instances", "events", "files", "alerts")
 
 
 class WatchMessage(Schema):
