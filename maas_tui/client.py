@@ -10,6 +10,8 @@ import aiohttp
 
 from server import schemas
 from server.ndjson import json_lines, watch_messages
+from server.schemas.alerts import AlertOut, SilenceOut, WebhookOut
+from server.schemas.bench import BenchGateOut, BenchHistory, BenchResultCreate, BenchResultOut
 
 
 class ApiClientError(Exception):
@@ -337,6 +339,57 @@ class MaasClient:
 
     async def close_ssh_session(self, username: str, prefix: str, reason: str = "") -> None:
         await self.request("DELETE", f"/v2/users/{_seg(username)}/sessions/{_seg(prefix)}", params={"reason": reason})
+
+    # --- alerts, silences, webhooks; benchmarks and the rollout bench gate (issue 20) ----------------
+
+    async def list_alerts(self, state: str = "all", limit: int = 200) -> list[AlertOut]:
+        data = await self.request("GET", "/v2/alerts", params={"state": state, "limit": str(limit)})
+        return [AlertOut.model_validate(i) for i in data["items"]]
+
+    async def list_silences(self) -> list[SilenceOut]:
+        return [SilenceOut.model_validate(i) for i in (await self.request("GET", "/v2/alerts/silences"))["items"]]
+
+    async def silence(self, rule: str, duration_seconds: int, object_name: str | None = None,
+                      comment: str = "") -> SilenceOut:
+        body = {"rule": rule, "duration_seconds": duration_seconds, "object_name": object_name, "comment": comment}
+        return SilenceOut.model_validate(await self.request("POST", "/v2/alerts/silences", json_body=body))
+
+    async def expire_silence(self, silence_id: int) -> SilenceOut:
+        return SilenceOut.model_validate(await self.request("DELETE", f"/v2/alerts/silences/{silence_id}"))
+
+    async def list_webhooks(self) -> list[WebhookOut]:
+        return [WebhookOut.model_validate(i) for i in (await self.request("GET", "/v2/alerts/webhooks"))["items"]]
+
+    async def add_webhook(self, url: str, secret: str | None = None) -> WebhookOut:
+        body = {"url": url} | ({"secret": secret} if secret is not None else {})
+        return WebhookOut.model_validate(await self.request("POST", "/v2/alerts/webhooks", json_body=body))
+
+    async def delete_webhook(self, hook_id: int) -> None:
+        await self.request("DELETE", f"/v2/alerts/webhooks/{hook_id}")
+
+    async def bench_history(self, model: str) -> BenchHistory:
+        return BenchHistory.model_validate(await self.request("GET", f"/v2/models/{_seg(model)}/bench"))
+
+    async def store_bench(self, model: str, result: BenchResultCreate) -> BenchResultOut:
+        data = await self.request("POST", f"/v2/models/{_seg(model)}/bench", json_body=result.model_dump(mode="json"))
+        return BenchResultOut.model_validate(data)
+
+    async def set_bench_gate(self, model: str, expression: str, requests: int = 4, max_tokens: int = 16) -> BenchGateOut:
+        body = {"expression": expression, "requests": requests, "max_tokens": max_tokens}
+        return BenchGateOut.model_validate(await self.request("PUT", f"/v2/models/{_seg(model)}/bench/gate",
+                                                              json_body=body))
+
+    async def delete_bench_gate(self, model: str) -> None:
+        await self.request("DELETE", f"/v2/models/{_seg(model)}/bench/gate")
+
+    async def stream_completion(self, body: dict[str, Any]) -> AsyncIterator[str]:
+        """POST a streamed chat completion through the gateway; yield each server-sent event's data as it
+        arrives (what server/schemas/bench.py measures). An HTTP error raises ApiClientError."""
+        async with self._stream("POST", "/v1/chat/completions", 300, json=body) as response:
+            async for raw in json_lines(response.content.iter_any()):
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("data:"):
+                    yield line[5:].strip()
 
 
 async def _json_or_text(response: aiohttp.ClientResponse) -> Any:
