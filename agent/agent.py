@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent import backoff, identity, metrics
+from agent import backoff, doctor, identity, metrics, usage
 from agent.backends import (GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
                             image_overrides, missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
@@ -33,6 +33,7 @@ from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_
 from server.ndjson import watch_messages
 from server.schemas import BackendDefinition, BackendKey, InstanceOut, InstanceSecrets, WorkerRegistered
 from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
+from server.schemas.telemetry import DoctorReport, DoctorRequest
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,9 @@ class Agent:
     async def heartbeat(self) -> float:
         """One heartbeat; returns the wait before the next (longer when the server is busy)."""
         interval = self.config.heartbeat_interval
-        body = {"gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
-                "host": host_info().model_dump(mode="json")}
+        gpus = self.gpus.read()
+        body = {"gpus": [g.model_dump(mode="json") for g in gpus], "host": host_info().model_dump(mode="json"),
+                "usage": usage.workloads_usage(list(self.workloads.values()), gpus)}  # claimed vs actual
         try:
             async with self._http.post(f"{self.config.server_url}/v2/agent/heartbeat", json=body,
                                        headers=self._headers()) as response:
@@ -651,6 +653,7 @@ class Agent:
         app.router.add_get("/healthz", _ok)
         app.router.add_get("/instances/{id}/logs", self._handle_logs)
         app.router.add_get("/metrics", self._handle_metrics)
+        app.router.add_post("/doctor", self._handle_doctor)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.address, self.config.port)
@@ -726,6 +729,16 @@ class Agent:
         body = metrics.render(metrics.families(host, gpus, samples, self.config.name, self.gpus.power_watts))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
+    async def _handle_doctor(self, request: web.Request) -> web.Response:
+        """`maas doctor`: this host's checks (agent/doctor.py), for the server that asks with our secret."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            asked = DoctorRequest.model_validate(await request.json())
+        except ValueError as exc:
+            return web.json_response({"error": {"code": "bad_request", "message": str(exc)[:300]}}, status=400)
+        checks = await doctor.run_checks(self, asked.server_time, asked.peers)
+        return web.json_response(DoctorReport(worker=self.config.name, checks=checks).model_dump(mode="json"))
 
 def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChooser:
     """--runtime process|docker|auto: the runtimes this agent may use, and the rule that picks one per

@@ -340,6 +340,23 @@ class MaasClient:
     async def close_ssh_session(self, username: str, prefix: str, reason: str = "") -> None:
         await self.request("DELETE", f"/v2/users/{_seg(username)}/sessions/{_seg(prefix)}", params={"reason": reason})
 
+    # --- telemetry history and maas doctor (server/api/telemetry.py) ---
+
+    async def telemetry(self, worker: str | None = None, instance: str | None = None, model: str | None = None,
+                        since: str | None = None) -> "TelemetryHistory":
+        from server.schemas.telemetry import TelemetryHistory
+
+        params = {k: v for k, v in (("worker", worker), ("instance", instance), ("model", model),
+                                    ("since", since)) if v is not None}
+        return TelemetryHistory.model_validate(await self.request("GET", "/v2/telemetry", params=params))
+
+    async def doctor(self, worker: str | None = None) -> list["DoctorReport"]:
+        from server.schemas.telemetry import DoctorReport
+
+        if worker is not None:
+            return [DoctorReport.model_validate(await self.request("GET", f"/v2/workers/{_seg(worker)}/doctor"))]
+        return [DoctorReport.model_validate(i) for i in (await self.request("GET", "/v2/doctor"))["items"]]
+
     # --- alerts, silences, webhooks; benchmarks and the rollout bench gate (issue 20) ----------------
 
     async def list_alerts(self, state: str = "all", limit: int = 200) -> list[AlertOut]:

@@ -135,7 +135,7 @@ class MaasServer:
         self._tasks.append(asyncio.create_task(self.routes.probe_loop(), name="gateway-probes"))
         self._tasks.append(asyncio.create_task(self.load_meter.run(), name="gateway-load"))
         self.heartbeats.start()
-        self.telemetry.start()
+        self.telemetry.start(self.db)  # the db: the memory drift check reads claims
         if self.embedded is not None:
             self._tasks.append(asyncio.create_task(self._watch_embedded(), name="embedded-postgres-watchdog"))
         await self.leadership.start()

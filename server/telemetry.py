@@ -4,6 +4,10 @@ A heartbeat replaces its worker's reading here (server/api/agent_api.py); nothin
 database or the change log. Once a second the frame of the readings that changed is encoded once
 and offered to every watch that takes telemetry (server/bus.py publish_frame); a new watch gets a
 full frame first. The wire shape is server/schemas/telemetry.py.
+
+The hub also keeps the bounded history of those readings (server/telemetry_history.py, for
+GET /v2/telemetry, the TUI's graphs and `maas top`) and the instances' real memory use against their
+claims (server/memory_drift.py), both from the same heartbeats and equally without database writes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from datetime import datetime
 from typing import Any
 
 from server.schemas import WorkerHeartbeat
+from server.memory_drift import MemoryDrift
 from server.schemas.telemetry import TELEMETRY_KIND
+from server.telemetry_history import TelemetryHistory
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,16 @@ class TelemetryHub:
         self.readings: dict[int, dict[str, Any]] = {}  # worker id -> WorkerReading wire dict
         self._changed: set[int] = set()
         self._task: asyncio.Task[None] | None = None
+        self._drift_task: asyncio.Task[None] | None = None
         self.frames = 0
+        self.history = TelemetryHistory()
+        self.drift = MemoryDrift()
+
+    def observe_heartbeat(self, worker_id: int, body: WorkerHeartbeat) -> None:
+        """The history's and the drift check's share of a heartbeat (memory only)."""
+        self.history.observe_worker(worker_id, body.gpus, body.usage)
+        if body.usage:
+            self.drift.report(body.usage)
 
     def update(self, worker_id: int, reading: dict[str, Any]) -> None:
         self.readings[worker_id] = reading
@@ -62,13 +77,16 @@ class TelemetryHub:
         self.bus.publish_frame(delta, lambda: self._line(self.readings, full=True))
         self.frames += 1
 
-    def start(self) -> None:
+    def start(self, db: Any = None) -> None:
         self._task = asyncio.create_task(self._run(), name="telemetry-frames")
+        if db is not None:
+            self._drift_task = asyncio.create_task(self.drift.run(db), name="memory-drift")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._drift_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:

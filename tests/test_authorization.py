@@ -295,6 +295,10 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
                                                              headers={"x-higress-llm-model": "red-model"}))),
     "POST /v2/gateway/authorize": (AUTHORIZE_RED, _fixed(Call("/v2/gateway/authorize",
                                                               headers={"x-higress-llm-model": "red-model"}))),
+    # Telemetry history: asked about a red instance, a team read (GPUs alone: any user, as workers).
+    "GET /v2/telemetry": (TEAM_READ, lambda w, c: _red_instance_telemetry(w)),
+    "GET /v2/workers/{name}/doctor": (CLUSTER, _worker_call("/doctor")),
+    "GET /v2/doctor": (CLUSTER, _fixed(Call("/v2/doctor"))),
     # Alerts: everyone reads (filtered by team), admins and operators manage silences and webhooks.
     "GET /v2/alerts": (ANY_USER, _fixed(Call("/v2/alerts"))),
     "GET /v2/alerts/silences": (ANY_USER, _fixed(Call("/v2/alerts/silences"))),
@@ -427,3 +431,7 @@ async def _gated_red_model(world: World) -> Call:
     name = await world.red_model()
     await world.admin.request("PUT", f"/v2/models/{name}/bench/gate", json_body={"expression": "ttft_p95 <= 500"})
     return Call(f"/v2/models/{name}/bench/gate")
+
+
+async def _red_instance_telemetry(world: World) -> Call:
+    return Call("/v2/telemetry", params={"instance": world.shared_instance})  # type: ignore[attr-defined]

@@ -59,16 +59,19 @@ def _show_instances(items: list[schemas.InstanceOut], output: Format) -> None:
 @instance_app.command("describe")
 def instance_describe(ref: str = typer.Argument(..., help="instance id or name"), output: Format = OutputOption) -> None:
     """Show an instance: its placement and claim, why it waits if it does, and its events."""
-    async def work(client: MaasClient) -> tuple[schemas.InstanceOut, list[schemas.EventOut]]:
+    async def work(client: MaasClient) -> tuple[schemas.InstanceOut, list[schemas.EventOut], Any]:
         instance = await client.get_instance(ref)
-        return instance, await client.list_events(limit=50, name=instance.name)
+        history = await client.telemetry(instance=str(instance.id), since="15m")  # claimed vs actual, traffic
+        return (instance, await client.list_events(limit=50, name=instance.name),
+                history.instances[0] if history.instances else None)
 
-    instance, instance_events = call(work)
+    instance, instance_events, activity = call(work)
     if output in (Format.json, Format.yaml):
-        emit({"instance": instance.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in instance_events]},
-             output)
+        emit({"instance": instance.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in instance_events],
+              "memory": activity.memory.model_dump(mode="json") if activity and activity.memory else None}, output)
         return
-    print_renderable(instances.describe(instance, events=list(reversed(instance_events)), now=now()))
+    print_renderable(instances.describe(instance, events=list(reversed(instance_events)), now=now(),
+                                        activity=activity))
 
 
 @instance_app.command("delete")

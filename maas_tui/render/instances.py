@@ -60,9 +60,12 @@ def reasons_table(reasons: list[schemas.UnschedulableReason]) -> Table:
     return table
 
 
-def describe(inst: schemas.InstanceOut, *, events: Iterable[schemas.EventOut], now: datetime) -> RenderableType:
-    """`maas instance describe` and the TUI's describe screen."""
+def describe(inst: schemas.InstanceOut, *, events: Iterable[schemas.EventOut], now: datetime,
+             activity: Any = None) -> RenderableType:
+    """`maas instance describe` and the TUI's describe screen; `activity`: its InstanceHistory from
+    GET /v2/telemetry (claimed vs actual memory, traffic), where the caller fetched it."""
     from maas_tui.render.models import estimate_lines
+    from maas_tui.render import telemetry
 
     fields = grid()
     fields.add_row("Name", Text(inst.name))
@@ -77,6 +80,9 @@ def describe(inst: schemas.InstanceOut, *, events: Iterable[schemas.EventOut], n
     fields.add_row("Claim", Text(claim_text(inst.claim)))
     for number, line in enumerate(estimate_lines(inst.claim.estimate if inst.claim else None)):
         fields.add_row("Memory" if number == 0 else "", line)
+    if activity is not None:
+        fields.add_row("Actual", telemetry.memory_line(activity.memory))
+        fields.add_row("Traffic", telemetry.instance_activity(activity, width=20))
     fields.add_row("Restarts", str(inst.restart_count))
     fields.add_row("Backend", Text(f"{inst.spec.backend} · ctx {inst.spec.context_length}"
                                    f"{' · cpu only' if inst.spec.cpu_only else ''}"))

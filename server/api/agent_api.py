@@ -184,6 +184,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     seen = server.heartbeats.heard_from(worker_id)
     server.telemetry.update(worker_id, reading_of(body, seen))
+    server.telemetry.observe_heartbeat(worker_id, body)  # history and memory drift, in memory
     gpus = [g.__dict__ for g in body.gpus]  # the fields as given; only the durable ones are compared
     stored = server.heartbeats.current(worker_id, gpus, body.host.__dict__, seen)
     if stored is not None:  # ready, same hardware: the lease and telemetry were all there was to do

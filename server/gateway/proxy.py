@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = {502, 503}
 _MODEL_KEY: web.RequestKey[str] = web.RequestKey("maas.gateway.model", str)  # for the latency labels
+# For the telemetry history (server/telemetry_history.py): which instance answered, and its tokens.
+_ANSWERED_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.answered_by", int)
+_TOKENS_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.completion_tokens", int)
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
@@ -71,6 +74,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         server.routes.stats.observe(model, status, perf_counter() - started)
+        server.telemetry.history.observe_request(request.get(_ANSWERED_KEY), perf_counter() - started,
+                                                 request.get(_TOKENS_KEY))
 
 
 async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
@@ -137,6 +142,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
             log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
             continue
         server.routes.answered(target)
+        request[_ANSWERED_KEY] = target.instance_id
         return response
     server.usage.record(principal, name, None)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
@@ -169,6 +175,7 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
         kind = upstream.headers.get("content-type", "application/json")
         usage = _usage_of(upstream.body) if upstream.status < 400 and kind.startswith("application/json") else None
         server.usage.record(principal, name, usage)
+        _note_tokens(request, usage)
         return web.Response(body=upstream.body, status=upstream.status, headers={"Content-Type": kind})
     finally:
         target.outstanding -= 1
@@ -204,6 +211,7 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
                 raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
             usage = _usage_of(data) if upstream.status < 400 and kind.startswith("application/json") else None
             server.usage.record(principal, name, usage)
+            _note_tokens(request, usage)
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": kind})
         finally:
             upstream.close()
@@ -246,7 +254,14 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
         log.warning("instance of %s failed in the middle of a stream: %s", name, exc)
     finally:
         server.usage.record(principal, name, usage)
+        _note_tokens(request, usage)
     return response
+
+
+def _note_tokens(request: web.Request, usage: dict[str, Any] | None) -> None:
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+        request[_TOKENS_KEY] = tokens
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:

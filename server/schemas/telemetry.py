@@ -40,3 +40,76 @@ class WorkerReading(Schema):
 class TelemetryFrame(Schema):
     full: bool = False
     workers: dict[int, WorkerReading] = Field(default_factory=dict)
+
+
+# --- history: GET /v2/telemetry (server/telemetry_history.py) ----------------------------------
+# Columnar series: `t` holds unix seconds (the start of each bucket), every other list one value per
+# `t` (null where nothing was reported in that bucket, e.g. power on a GPU without a power sensor).
+
+
+class GPUHistory(Schema):
+    worker_id: int
+    worker: str
+    gpu: int
+    t: list[float] = Field(default_factory=list)
+    utilization: list[float | None] = Field(default_factory=list, description="percent")
+    memory_used: list[float | None] = Field(default_factory=list, description="bytes")
+    power_watts: list[float | None] = Field(default_factory=list)
+    temperature: list[float | None] = Field(default_factory=list, description="Celsius")
+
+
+class InstanceMemory(Schema):
+    """Claimed vs actual memory of an instance (server/memory_drift.py)."""
+
+    device: str = Field(description="gpu: claim and use per GPU; cpu: host RAM")
+    claimed_bytes: int = Field(description="the placement claim (per GPU summed, or RAM)")
+    used_bytes: int = Field(description="what its processes use: NVML per GPU, host RSS for CPU backends")
+    per_gpu: dict[int, list[int]] = Field(default_factory=dict, description="GPU index -> [claimed, used]")
+    ratio: float | None = Field(default=None, description="used / claimed")
+    drift: str | None = Field(default=None, description="over, under, or null when within the thresholds")
+    suggested_memory: str | None = Field(default=None, description="a --memory value that fits what it uses")
+    reported_at: float = Field(description="unix seconds of the agent's report")
+
+
+class InstanceHistory(Schema):
+    instance_id: int
+    instance: str
+    model: str
+    t: list[float] = Field(default_factory=list)
+    requests_per_s: list[float | None] = Field(default_factory=list)
+    tokens_per_s: list[float | None] = Field(default_factory=list, description="completion tokens the gateway metered")
+    latency_s: list[float | None] = Field(default_factory=list, description="mean gateway latency")
+    memory_used: list[float | None] = Field(default_factory=list, description="bytes its processes use")
+    memory: InstanceMemory | None = None
+
+
+class TelemetryHistory(Schema):
+    """This server's history: each server keeps what its own heartbeats and gateway saw."""
+
+    server: str
+    step_seconds: float = Field(description="bucket width of the finest points returned")
+    gpus: list[GPUHistory] = Field(default_factory=list)
+    instances: list[InstanceHistory] = Field(default_factory=list)
+
+
+# --- maas doctor (agent/doctor.py) -------------------------------------------------------------
+
+
+class DoctorCheck(Schema):
+    name: str
+    status: str = Field(pattern=r"^(ok|warn|fail|skip)$")
+    detail: str = ""
+    fix: str = Field(default="", description="one line: what to do about a warn or fail")
+
+
+class DoctorReport(Schema):
+    worker: str
+    checks: list[DoctorCheck] = Field(default_factory=list)
+    error: str | None = Field(default=None, description="set when the agent could not be asked")
+
+
+class DoctorRequest(Schema):
+    """What the server tells an agent when it asks for a doctor report."""
+
+    server_time: float = Field(description="the server's unix time when it asked (clock skew)")
+    peers: list[str] = Field(default_factory=list, max_length=1000, description="host:port of other workers to reach")
