@@ -48,6 +48,9 @@ from maas_tui.cli.db_cmds import db_app  # noqa: E402
 app.add_typer(db_app, name="db")
 from maas_tui.cli import simulate_cmds  # noqa: E402
 simulate_cmds.register(app)
+from maas_tui.cli import alert_cmds, bench_cmds  # noqa: E402
+alert_cmds.register(app)
+bench_cmds.register(app)
 from maas_tui.cli import top_cmds  # noqa: E402
 top_cmds.register(app)
 
