@@ -340,6 +340,25 @@ class MaasClient:
     async def close_ssh_session(self, username: str, prefix: str, reason: str = "") -> None:
         await self.request("DELETE", f"/v2/users/{_seg(username)}/sessions/{_seg(prefix)}", params={"reason": reason})
 
+    # --- model routes (aliases weighted between models, with fallbacks) ---
+
+    async def list_routes(self) -> list[schemas.RouteOut]:
+        return [schemas.RouteOut.model_validate(i) for i in (await self.request("GET", "/v2/routes"))["items"]]
+
+    async def get_route(self, name: str) -> schemas.RouteOut:
+        return schemas.RouteOut.model_validate(await self.request("GET", f"/v2/routes/{_seg(name)}"))
+
+    async def create_route(self, body: schemas.RouteCreate) -> schemas.RouteOut:
+        return schemas.RouteOut.model_validate(await self.request(
+            "POST", "/v2/routes", json_body=body.model_dump(mode="json", exclude_none=True)))
+
+    async def update_route(self, name: str, body: schemas.RouteUpdate) -> schemas.RouteOut:
+        return schemas.RouteOut.model_validate(await self.request(
+            "PATCH", f"/v2/routes/{_seg(name)}", json_body=body.model_dump(mode="json", exclude_none=True)))
+
+    async def delete_route(self, name: str) -> None:
+        await self.request("DELETE", f"/v2/routes/{_seg(name)}")
+
     # --- telemetry history and maas doctor (server/api/telemetry.py) ---
 
     async def telemetry(self, worker: str | None = None, instance: str | None = None, model: str | None = None,

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_TOKEN_SETTING = "cluster_token_hash"
 CLUSTER_TOKEN = "cluster_token"
-_FOLLOWED = ("models", "instances", "api_keys", "users", "workers")  # what the gateway table and key cache follow
+_FOLLOWED = ("models", "instances", "api_keys", "users", "workers", "routes")  # what the gateway table and key cache follow
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -292,7 +292,9 @@ class MaasServer:
         async with self.db.session() as s:
             models = (await s.execute(select(tables.Model))).scalars().all()
             instances = (await s.execute(select(tables.ModelInstance))).scalars().all()
-            self.routes.load([to_wire(m) for m in models], [to_wire(i) for i in instances])
+            aliases = (await s.execute(select(tables.ModelRoute))).scalars().all()
+            self.routes.load([to_wire(m) for m in models], [to_wire(i) for i in instances],
+                             [to_wire(r) for r in aliases])
 
     async def _follow_bus(self, subscription: Any) -> None:
         """Keep the gateway's table and the credential cache current."""
@@ -309,6 +311,8 @@ class MaasServer:
                     self.routes.apply_model(event.action, event.object)
                 elif event.kind == "instances":
                     self.routes.apply_instance(event.action, event.object)
+                elif event.kind == "routes":
+                    self.routes.apply_route(event.action, event.object)
                 elif event.kind in ("api_keys", "users"):  # a revoked key, a changed role or team
                     self.auth.invalidate()
                 elif event.kind == "workers":

@@ -318,6 +318,42 @@ ENTRIES: dict[str, tuple[dict[str, str], Callable[[World, str], Awaitable[Call]]
 }
 
 
+# Model routes: like models, the red team's (their targets are red models).
+async def _red_route(world: World, caller: str, fresh: bool = False) -> str:
+    from maas_tui.client import ApiClientError
+
+    name = world.unique("red-route") if fresh else "red-route"
+    try:
+        await world.admin.request("POST", "/v2/routes", json_body={"name": name, "team": "red",
+                                                                   "targets": [{"model": "red-model", "weight": 1}]})
+    except ApiClientError as exc:
+        assert exc.status == 409 and not fresh, exc  # made for an earlier caller
+    return name
+
+
+def _route_call(method_body: dict | None = None, fresh: bool = False):
+    async def build(world: World, caller: str) -> Call:
+        return Call(f"/v2/routes/{await _red_route(world, caller, fresh)}", method_body)
+    return build
+
+
+async def _new_route(world: World, caller: str) -> Call:
+    return Call("/v2/routes", {"name": world.unique("new-route"), "team": "red",
+                               "targets": [{"model": "red-model", "weight": 1}]})
+
+
+ENTRIES.update({
+    "GET /v2/routes": (ANY_USER, _fixed(Call("/v2/routes"))),
+    "POST /v2/routes": (TEAM_WRITE, _new_route),
+    "GET /v2/routes/{name}": (TEAM_READ, _route_call()),
+    "PATCH /v2/routes/{name}": (TEAM_WRITE, _route_call({"targets": [{"model": "red-model", "weight": 3}]}, fresh=True)),
+    "DELETE /v2/routes/{name}": (TEAM_WRITE, _route_call(fresh=True)),
+    "POST /v1/responses": (INFERENCE_OF_RED, _fixed(Call("/v1/responses", {"model": "red-model", "input": "hi"}))),
+    "POST /v1/messages": (INFERENCE_OF_RED, _fixed(Call("/v1/messages", {
+        "model": "red-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}))),
+})
+
+
 async def _worker_register(world: World) -> Call:
     return Call("/v2/agent/register", {"name": world.unique("reg"), "address": "127.0.0.1", "agent_port": 1})
 

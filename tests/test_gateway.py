@@ -133,8 +133,9 @@ async def test_usage_is_exact_for_plain_and_streamed(server: MaasServer, admin: 
     await client.close()
 
     rows = (await admin.request("GET", "/v2/usage", params={"by": "key,model"}))["items"]
-    assert rows == [{"day": None, "api_key": "tests", "model": "metered", "requests": 7,
-                     "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}]
+    assert rows == [{"day": None, "hour": None, "api_key": "tests", "model": "metered", "route": None, "team": None,
+                     "user": None, "requests": 7, "prompt_tokens": prompt_tokens,
+                     "completion_tokens": completion_tokens}]
     by_model = (await admin.request("GET", "/v2/usage", params={"by": "model"}))["items"]
     assert [(r["model"], r["requests"]) for r in by_model] == [("metered", 7)]
 

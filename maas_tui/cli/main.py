@@ -48,6 +48,10 @@ from maas_tui.cli.db_cmds import db_app  # noqa: E402
 app.add_typer(db_app, name="db")
 from maas_tui.cli import simulate_cmds  # noqa: E402
 simulate_cmds.register(app)
+from maas_tui.cli.route_cmds import route_app  # noqa: E402
+app.add_typer(route_app, name="route")
+from maas_tui.cli import usage_cmds  # noqa: E402
+usage_cmds.register(app)  # maas usage
 from maas_tui.cli import alert_cmds, bench_cmds  # noqa: E402
 alert_cmds.register(app)
 bench_cmds.register(app)
@@ -209,21 +213,6 @@ def events(limit: int = typer.Option(50, min=1, max=1000),
         return
     print_rows(render_events.COLUMNS, render_events.WIDE_COLUMNS, render_events.rows(found, now(), truncate=False),
                output == Format.wide)
-
-
-@app.command()
-def usage(by: str = typer.Option("day,key,model", "--by", help="group by any of day, key, model (comma-separated)"),
-          since: Optional[str] = typer.Option(None, help="first day, YYYY-MM-DD"),
-          until: Optional[str] = typer.Option(None, help="last day, YYYY-MM-DD"),
-          output: Format = OutputOption) -> None:
-    """Gateway usage: requests and tokens per day, API key and model."""
-    groups = [g for g in by.split(",") if g]
-    columns = [(header, get) for group, header, get in (
-        ("day", "DAY", lambda r: r.day), ("key", "KEY", lambda r: r.api_key), ("model", "MODEL", lambda r: r.model))
-        if group in groups]
-    columns += [("REQUESTS", lambda r: r.requests), ("PROMPT TOKENS", lambda r: r.prompt_tokens),
-                ("COMPLETION TOKENS", lambda r: r.completion_tokens)]
-    emit(call(lambda c: c.usage(by, since, until)), output, columns)
 
 
 @app.command()

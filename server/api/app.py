@@ -9,6 +9,7 @@ from aiohttp import web
 # Importing a handler module registers its routes in the route table.
 from server.api import (agent_api, audit, backends, gateway_api, metrics, operations, resources,  # noqa: F401
                         scheduling, secrets, teams, usage, users, watch)
+from server.api import routes_api  # noqa: F401  (model routes: /v2/routes)
 from server.api import telemetry  # noqa: F401  (telemetry history, maas doctor)
 from server.api import alerts, bench  # noqa: F401  (alerts, silences, webhooks; benchmarks and the rollout gate)
 from server.api.audit import audit_middleware
@@ -102,7 +103,7 @@ def _document_routes_registered_elsewhere() -> None:
     describe("GET", "/v1/models", proxy.list_models, "OpenAI: the models this key may call that serve now",
              auth="inference", response=OPENAI_MODELS)
     for path in proxy.JSON_ENDPOINTS:
-        streams = path in ("/v1/chat/completions", "/v1/completions")
+        streams = path in proxy.STREAMING_ENDPOINTS
         answer: dict[str, Any] = {"application/json": ANY_OBJECT}
         if streams:
             answer[EVENT_STREAM] = None  # "stream": true: server-sent events, relayed as they come

@@ -20,7 +20,7 @@ from server.api.security import (SESSION_LIFETIME, Principal, hash_secret, new_u
 from server.db import tables
 from server.events import record_event
 from server.schemas.backend_traits import describe
-from server.services import access
+from server.services import access, routes
 from server.services import models as model_specs
 
 # --- login and keys -------------------------------------------------------------
@@ -263,6 +263,8 @@ async def create_model(request: web.Request) -> web.Response:
         if existing is not None:
             what = "is being deleted" if existing.state == schemas.ModelState.deleting else "already exists"
             raise conflict(f"model {body.name!r} {what}")
+        if await routes.name_taken_by_route(s, body.name):  # clients send either name as `model`
+            raise conflict(f"{body.name!r} is a model route: a model needs a name no route has")
         model = tables.Model(name=body.name, spec=spec.model_dump(mode="json"), replicas=body.replicas, generation=1,
                              max_surge=body.max_surge, max_unavailable=body.max_unavailable, team=team)
         model_specs.scaling_changes(model, body, server_of(request).config.priority_ranks())

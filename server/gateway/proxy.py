@@ -1,8 +1,13 @@
-"""The OpenAI-compatible `/v1` proxy.
+"""The OpenAI-compatible `/v1` proxy (and Anthropic's `/v1/messages`).
 
-Per request: authenticate (cached), pick the running instance with the fewest requests in
-flight, pass the body through, stream responses back chunk by chunk, meter usage. No
-database work happens here; the routing table and keys are kept current by the bus.
+Per request: authenticate (cached), resolve the name (a model, or a model route drawn between its
+targets), pick the running instance with the fewest requests in flight, pass the body through,
+stream responses back chunk by chunk, meter usage. No database work happens here; the routing
+table, the routes and keys are kept current by the bus.
+
+A model route tries its drawn target first, then its other targets, then its fallbacks: a model
+without a running instance is skipped, and one that fails or answers 5xx before any byte reached
+the client hands the request to the next.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from aiohttp import web
 from server.api.errors import ApiError, bad_request, forbidden
 from server.api.inputs import form_field, parse_json_body
 from server.api.routing import principal_of, server_of
-from server.gateway.routing_table import Target
+from server.gateway.routing_table import Alias, Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
+from server.schemas.backend_traits import OPTIONAL_APIS
 from server.services import access
 
 log = logging.getLogger(__name__)
@@ -32,17 +38,31 @@ _TOKENS_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.completion_token
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
+_USAGE_MARK = b'"usage"'
 # Endpoint -> the model category that serves it (ModelSpec.categories).
 CATEGORY_OF = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "embedding",
                "/v1/rerank": "reranker", "/v1/audio/transcriptions": "speech_to_text",
-               "/v1/audio/speech": "text_to_speech", "/v1/images/generations": "image"}
+               "/v1/audio/speech": "text_to_speech", "/v1/images/generations": "image",
+               "/v1/responses": "llm", "/v1/messages": "llm"}
 JSON_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
-                  "/v1/audio/speech", "/v1/images/generations")
+                  "/v1/audio/speech", "/v1/images/generations", "/v1/responses", "/v1/messages")
 MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions",)
+STREAMING_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
 
 class _Upstream(Exception):
     """The upstream failed before anything reached the client: another instance may try."""
+
+
+class _Call:
+    """What one request is about, passed down instead of eight arguments: who asks, through which
+    route (or ""), and the model and team that serve it now."""
+
+    __slots__ = ("principal", "route", "model", "team", "fallback_on_5xx")
+
+    def __init__(self, principal: Any, route: str, model: str, team: str | None, fallback_on_5xx: bool):
+        self.principal, self.route, self.model, self.team = principal, route, model, team
+        self.fallback_on_5xx = fallback_on_5xx  # a route has somewhere else to go when the model fails
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -51,6 +71,12 @@ async def list_models(request: web.Request) -> web.Response:
     data = [{"id": name, "object": "model", "created": table.created.get(name, 0), "owned_by": "maas",
              "categories": sorted(table.models[name].categories), "state": table.state_of(name)}
             for name in table.serving_models() if principal.may_use_model(name, table.models[name].team)]
+    for alias in table.serving_aliases():
+        if principal.may_use_model(alias.name, alias.team):
+            served = [table.models[m] for m in alias.models + alias.fallbacks if m in table.models]
+            data.append({"id": alias.name, "object": "model", "created": 0, "owned_by": "maas",
+                         "categories": sorted(set().union(*(m.categories for m in served))),
+                         "route": {"targets": list(alias.models), "fallbacks": list(alias.fallbacks)}})
     return web.json_response({"object": "list", "data": data})
 
 
@@ -78,12 +104,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                                                  request.get(_TOKENS_KEY))
 
 
+def _not_found(name: str) -> ApiError:
+    return ApiError(404, "model_not_found", f"the model {name!r} does not exist")
+
+
 async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     principal = principal_of(request)
+    path = request.path
     body = await request.read()
     payload: dict[str, Any] | None = None
     expected = "a JSON object with a 'model' string"
-    if request.path in MULTIPART_ENDPOINTS:
+    if path in MULTIPART_ENDPOINTS:
         content_type = request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/form-data"):
             raise bad_request("send multipart/form-data with a 'model' field")
@@ -93,59 +124,104 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     else:
         payload = await parse_json_body(body, expected)  # bounded, and off the loop when large
         name = payload.get("model")
-        if not isinstance(name, str) or not name:
+        if name.__class__ is not str or not name:
             raise bad_request(f"the body must be {expected}")
-    routes = server.routes.models.get(name)
-    if routes is None or access.team_access(principal, routes.team) is None:  # other teams' models do not show
-        raise ApiError(404, "model_not_found", f"the model {name!r} does not exist")
-    if not principal.may_use_model(name, routes.team):
-        raise forbidden(f"this API key may not use the model {name!r}")
-    request[_MODEL_KEY] = name
-    category = CATEGORY_OF[request.path]
-    if category not in routes.categories:
-        served = ", ".join(sorted(routes.categories))
-        raise ApiError(400, "model_not_supported", f"the model {name!r} does not serve {request.path}: it serves "
-                       f"{served}; {request.path} needs a model deployed with category {category}")
-    targets = routes.ordered()
-    if not targets:  # an autoscaled model is held while a replica starts (a manual one: 503 at once)
-        targets = await server.cold_start.hold(name, routes)
+    table = server.routes
+    alias: Alias | None = table.aliases.get(name) if table.aliases else None
+    if alias is not None:
+        if access.team_access(principal, alias.team) is None:  # other teams' routes do not show
+            raise _not_found(name)
+        if not principal.may_use_model(name, alias.team):
+            raise forbidden(f"this API key may not use the model {name!r}")
+        candidates = alias.candidates(table.rng)
+    else:
+        candidates = (name,)
 
+    streamed = payload is not None and payload.get("stream") is True
     client_wants_usage = True
-    if payload is not None and payload.get("stream") is True and request.path in _USAGE_IN_STREAM:
-        options = payload.get("stream_options")
+    if streamed and path in _USAGE_IN_STREAM:
+        options = payload.get("stream_options")  # type: ignore[union-attr]
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:  # ask for it so usage is always known; the extra chunk is not relayed
-            if "stream_options" not in payload and body.rstrip().endswith(b"}"):
+            if alias is None and "stream_options" not in payload and body.rstrip().endswith(b"}"):  # type: ignore[operator]
                 # Spliced in rather than re-serialized: the body is a JSON object without that key.
                 body = body[:body.rindex(b"}")] + _INCLUDE_USAGE
             else:
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                body = json.dumps(payload).encode()
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}),  # type: ignore[index]
+                                             "include_usage": True}
+                body = b""  # encoded below
 
-    # The least loaded instance over a pooled connection; on failure before any byte reached
-    # the client, once more on another instance (the same one if it is alone) over a fresh
-    # connection, since backends close pooled keep-alive connections at will.
-    second = targets[1 % len(targets)]
-    failure = ""
+    category = CATEGORY_OF[path]
     content_type = request.headers.get("Content-Type", "application/json")
-    streamed = payload is not None and payload.get("stream") is True
-    for target, fresh in ((targets[0], False), (second, True)):
-        try:
-            if streamed:  # a connection of its own each time
-                response = await _forward_stream(request, server, principal, name, target, body, content_type,
-                                                 client_wants_usage)
-            else:
-                response = await _forward_plain(request, server, principal, name, target, body, content_type, fresh)
-        except _Upstream as exc:
-            failure = str(exc)
-            server.routes.failed(target)  # passive health: enough failures in a row take it out
-            log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, name, exc)
+    failure = ""
+    call: _Call | None = None
+    for model in candidates:
+        routes = table.models.get(model)
+        if alias is None:
+            if routes is None or access.team_access(principal, routes.team) is None:  # other teams' models do not show
+                raise _not_found(name)
+            if not principal.may_use_model(name, routes.team):
+                raise forbidden(f"this API key may not use the model {name!r}")
+        elif routes is None:  # a target deleted since the route was written
+            failure = failure or f"{model!r} does not exist"
             continue
-        server.routes.answered(target)
-        request[_ANSWERED_KEY] = target.instance_id
-        return response
-    server.usage.record(principal, name, None)
+        request[_MODEL_KEY] = model
+        problem = _unsupported(model, routes, path, category)
+        if problem is not None:
+            if alias is None:
+                raise problem
+            failure = failure or problem.message
+            continue
+        targets = routes.ordered()
+        if not targets:
+            if alias is None:  # an autoscaled model is held while a replica starts (a manual one: 503 at once)
+                targets = await server.cold_start.hold(name, routes)
+            else:
+                failure = failure or f"{model!r} has no running instance"
+                continue
+        if alias is not None or not body:  # the target's own name goes to the backend (vLLM checks it)
+            if payload is None:
+                pass  # a form is relayed as sent: its model field names the route
+            else:
+                payload["model"] = model
+                body = json.dumps(payload, ensure_ascii=False).encode()
+        call = _Call(principal, alias.name if alias is not None else "", model, routes.team, alias is not None)
+
+        # The least loaded instance over a pooled connection; on failure before any byte reached
+        # the client, once more on another instance (the same one if it is alone) over a fresh
+        # connection, since backends close pooled keep-alive connections at will.
+        for target, fresh in ((targets[0], False), (targets[1 % len(targets)], True)):
+            try:
+                if streamed:  # a connection of its own each time
+                    response = await _forward_stream(request, server, call, target, body, content_type,
+                                                     client_wants_usage)
+                else:
+                    response = await _forward_plain(request, server, call, target, body, content_type, fresh)
+            except _Upstream as exc:
+                failure = f"{model!r}: {exc}" if alias is not None else str(exc)
+                table.failed(target)  # passive health: enough failures in a row take it out
+                log.info("instance %s of %s failed before answering (%s); trying another", target.instance_id, model,
+                         exc)
+                continue
+            table.answered(target)
+            request[_ANSWERED_KEY] = target.instance_id
+            return response
+    if call is None:  # no model of the route could take the request
+        raise ApiError(503, "no_running_instance", f"no model of the route {name!r} can serve it now: {failure}")
+    server.usage.record(principal, call.model, None, call.route, call.team)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
+
+
+def _unsupported(model: str, routes: Any, path: str, category: str) -> ApiError | None:
+    """A 400 when the model does not serve this endpoint: its category, or its backend's APIs."""
+    if category not in routes.categories:
+        served = ", ".join(sorted(routes.categories))
+        return ApiError(400, "model_not_supported", f"the model {model!r} does not serve {path}: it serves {served}; "
+                        f"{path} needs a model deployed with category {category}")
+    if path in OPTIONAL_APIS and path not in routes.apis:
+        return ApiError(400, "model_not_supported", f"the model {model!r} does not serve {path}: its backend does not "
+                        "answer that API")
+    return None
 
 
 def _key(server: Any, target: Target) -> bytes:
@@ -154,7 +230,7 @@ def _key(server: Any, target: Target) -> bytes:
     return server.backend_keys.header(target.instance_id) if server.backend_keys is not None else b""
 
 
-async def _forward_plain(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
+async def _forward_plain(request: web.Request, server: Any, call: _Call, target: Target, body: bytes,
                          content_type: str, fresh: bool) -> web.Response:
     """A whole response: over the lean pooled client (server/gateway/upstream.py)."""
     target.outstanding += 1
@@ -165,23 +241,23 @@ async def _forward_plain(request: web.Request, server: Any, principal: Any, name
                                                                 content_type, fresh, _key(server, target))
         except UpstreamError as exc:
             if exc.answered:  # the backend had begun to answer: it may have done the work, do not repeat it
-                server.usage.record(principal, name, None)
-                raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
+                server.usage.record(call.principal, call.model, None, call.route, call.team)
+                raise ApiError(502, "upstream_failed", f"the instance of {call.model!r} failed while answering: {exc}")
             raise _Upstream(str(exc)) from None
         except TimeoutError:
             raise _Upstream(f"no answer within {server.gateway_timeout:g} s") from None
-        if upstream.status in _RETRY_STATUSES:
+        if upstream.status in _RETRY_STATUSES or (call.fallback_on_5xx and upstream.status >= 500):
             raise _Upstream(f"HTTP {upstream.status}")
         kind = upstream.headers.get("content-type", "application/json")
         usage = _usage_of(upstream.body) if upstream.status < 400 and kind.startswith("application/json") else None
-        server.usage.record(principal, name, usage)
+        server.usage.record(call.principal, call.model, usage, call.route, call.team)
         _note_tokens(request, usage)
         return web.Response(body=upstream.body, status=upstream.status, headers={"Content-Type": kind})
     finally:
         target.outstanding -= 1
 
 
-async def _forward_stream(request: web.Request, server: Any, principal: Any, name: str, target: Target, body: bytes,
+async def _forward_stream(request: web.Request, server: Any, call: _Call, target: Target, body: bytes,
                           content_type: str, client_wants_usage: bool) -> web.StreamResponse:
     """A streamed response, relayed as it comes, over a connection of its own. The gateway timeout
     bounds the whole exchange (head and body together), as it did with aiohttp's total timeout."""
@@ -197,20 +273,19 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
         except TimeoutError:
             raise _Upstream(f"no answer within {server.gateway_timeout:g} s") from None
         try:
-            if upstream.status in _RETRY_STATUSES:
+            if upstream.status in _RETRY_STATUSES or (call.fallback_on_5xx and upstream.status >= 500):
                 raise _Upstream(f"HTTP {upstream.status}")
             kind = upstream.headers.get("content-type", "application/json")
             if kind.startswith("text/event-stream"):
-                return await _relay_stream(request, server, principal, name, upstream, kind, client_wants_usage,
-                                           deadline)
+                return await _relay_stream(request, server, call, upstream, kind, client_wants_usage, deadline)
             try:  # an error or a whole answer after all
                 async with asyncio.timeout_at(deadline):
                     data = b"".join([chunk async for chunk in upstream.body()])
             except (UpstreamError, TimeoutError) as exc:
-                server.usage.record(principal, name, None)
-                raise ApiError(502, "upstream_failed", f"the instance of {name!r} failed while answering: {exc}")
+                server.usage.record(call.principal, call.model, None, call.route, call.team)
+                raise ApiError(502, "upstream_failed", f"the instance of {call.model!r} failed while answering: {exc}")
             usage = _usage_of(data) if upstream.status < 400 and kind.startswith("application/json") else None
-            server.usage.record(principal, name, usage)
+            server.usage.record(call.principal, call.model, usage, call.route, call.team)
             _note_tokens(request, usage)
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": kind})
         finally:
@@ -219,7 +294,7 @@ async def _forward_stream(request: web.Request, server: Any, principal: Any, nam
         target.outstanding -= 1
 
 
-async def _relay_stream(request: web.Request, server: Any, principal: Any, name: str, upstream: UpstreamStream,
+async def _relay_stream(request: web.Request, server: Any, call: _Call, upstream: UpstreamStream,
                         content_type: str, client_wants_usage: bool, deadline: float) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status,
                                   headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
@@ -229,7 +304,7 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
     try:
         async with asyncio.timeout_at(deadline):
             async for chunk in upstream.body():
-                if not pending and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+                if not pending and chunk.endswith(b"\n\n") and _USAGE_MARK not in chunk:
                     await response.write(chunk)  # whole events without usage: the common case, as they come
                     continue
                 pending += chunk
@@ -237,9 +312,10 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
                 *events, pending = pending.split(b"\n\n")
                 out = []
                 for event in events:
-                    if b'"usage"' in event:
+                    if _USAGE_MARK in event:
                         found, usage_only = _stream_usage(event)
-                        usage = found or usage
+                        if found is not None:  # Anthropic's counts come in two events: the later ones win
+                            usage = found if usage is None else {**usage, **found}
                         if usage_only and not client_wants_usage:
                             continue
                     out.append(event + b"\n\n")
@@ -249,11 +325,11 @@ async def _relay_stream(request: web.Request, server: Any, principal: Any, name:
                 await response.write(pending)
         await response.write_eof()
     except ConnectionResetError:  # the client went away: stop reading upstream too
-        log.debug("client left during a stream of %s", name)
+        log.debug("client left during a stream of %s", call.model)
     except (UpstreamError, TimeoutError) as exc:  # bytes already went out: all we can do is end it
-        log.warning("instance of %s failed in the middle of a stream: %s", name, exc)
+        log.warning("instance of %s failed in the middle of a stream: %s", call.model, exc)
     finally:
-        server.usage.record(principal, name, usage)
+        server.usage.record(call.principal, call.model, usage, call.route, call.team)
         _note_tokens(request, usage)
     return response
 
@@ -265,23 +341,36 @@ def _note_tokens(request: web.Request, usage: dict[str, Any] | None) -> None:
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:
+    """The top-level `usage` of a whole JSON answer (OpenAI's prompt/completion_tokens, the Responses
+    and Messages APIs' input/output_tokens); an answer without the key is not parsed."""
+    if _USAGE_MARK not in data:
+        return None
     try:
         document = json.loads(data)
     except ValueError:
         return None
-    return document.get("usage") if isinstance(document, dict) else None
+    usage = document.get("usage") if isinstance(document, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 def _stream_usage(event: bytes) -> tuple[dict[str, Any] | None, bool]:
-    """(usage, whether the event is a usage-only chunk) for one server-sent event."""
+    """(usage, whether the event is a usage-only chunk) for one server-sent event: OpenAI's usage chunk,
+    the Responses API's response.completed (response.usage), Anthropic's message_start (message.usage)
+    and message_delta (usage)."""
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             try:
                 data = json.loads(line[5:])
             except ValueError:
                 return None, False
-            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+            if not isinstance(data, dict):
+                return None, False
+            if isinstance(data.get("usage"), dict):
                 return data["usage"], not data.get("choices")
+            for holder in ("response", "message"):
+                inner = data.get(holder)
+                if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                    return inner["usage"], False
     return None, False
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from server.gateway.stats import GatewayStats
 from server.gateway.upstream import UpstreamPool
 from server.schemas import derive_categories
+from server.schemas.backend_traits import served_apis
 
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class Target:
 @dataclass
 class ModelRoutes:
     targets: dict[int, Target] = field(default_factory=dict)
+    apis: frozenset[str] = frozenset()  # the optional endpoints its backend serves (backend_traits.OPTIONAL_APIS)
     categories: frozenset[str] = frozenset({"llm"})  # what the model serves: gates the /v1 endpoints
     team: str | None = None  # who may call it (server/services/access.py)
     autoscaled: bool = False  # max_replicas set: a request finding no target is held (server/gateway/cold_start.py)
@@ -71,8 +75,35 @@ class ModelRoutes:
         return sorted(rotated, key=lambda t: t.outstanding)  # stable: the rotation breaks ties
 
 
+@dataclass(frozen=True)
+class Alias:
+    """A model route (server/services/routes.py): the name clients call, weighted between target models,
+    then fallbacks. Which models it tries, in order, is drawn per request (`candidates`)."""
+
+    name: str
+    team: str | None
+    models: tuple[str, ...]  # the targets
+    cumulative: tuple[int, ...]  # running sums of their weights: a draw is one bisect
+    fallbacks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> "Alias":
+        targets = [(str(t["model"]), int(t["weight"])) for t in row.get("targets") or () if int(t["weight"]) > 0]
+        return cls(row["name"], row.get("team"), tuple(m for m, _ in targets),
+                   tuple(itertools.accumulate(w for _, w in targets)), tuple(row.get("fallbacks") or ()))
+
+    def candidates(self, rng: random.Random) -> tuple[str, ...]:
+        """The models to try: one target drawn by weight, the other targets, then the fallbacks."""
+        if len(self.models) < 2:
+            return self.models + self.fallbacks
+        chosen = bisect_right(self.cumulative, rng.random() * self.cumulative[-1])
+        return (self.models[chosen],) + self.models[:chosen] + self.models[chosen + 1:] + self.fallbacks
+
+
 class RoutingTable:
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.aliases: dict[str, Alias] = {}  # model routes by name (their names are no model's)
+        self.rng = random.Random(seed)  # draws the route targets: seeded, a test can check the weights
         self.models: dict[str, ModelRoutes] = {}  # every model that exists, with its running targets
         self.created: dict[str, int] = {}
         self.stats = GatewayStats()  # latency by model and status: the gateway's own, lives with its table
@@ -92,6 +123,7 @@ class RoutingTable:
             return
         routes = self.models.setdefault(name, ModelRoutes())
         spec = model.get("spec") or {}
+        routes.apis = served_apis(spec.get("backend", ""))
         routes.categories = frozenset(derive_categories(spec.get("backend", ""), spec.get("args") or (),
                                                         spec.get("categories")))
         routes.team = model.get("team")
@@ -125,7 +157,21 @@ class RoutingTable:
                 self._targets.pop(instance["id"], None)
                 self.upstream.forget(gone.host, gone.port)
 
-    def load(self, models: list[dict[str, Any]], instances: list[dict[str, Any]]) -> None:
+    def apply_route(self, action: str, row: dict[str, Any]) -> None:
+        if action == "deleted":
+            self.aliases.pop(row["name"], None)
+        else:
+            self.aliases[row["name"]] = Alias.of(row)
+
+    def serving_aliases(self) -> list[Alias]:
+        """Routes with a model that serves now (or that a request would start), by name."""
+        serving = set(self.serving_models())
+        return [self.aliases[name] for name in sorted(self.aliases)
+                if any(m in serving for m in self.aliases[name].models + self.aliases[name].fallbacks)]
+
+    def load(self, models: list[dict[str, Any]], instances: list[dict[str, Any]],
+             routes: list[dict[str, Any]] | None = None) -> None:
+        self.aliases = {row["name"]: Alias.of(row) for row in routes or ()}
         previous = self._targets
         self.models.clear()
         self.created.clear()

