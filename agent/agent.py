@@ -28,7 +28,9 @@ from agent.runtimes import ProcessRuntime
 from agent.runtimes.choice import RuntimeChooser
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, container_spec, engine_problem
 from agent.runtimes.process import AdoptedHandle
+from agent.cache import FileCache
 from agent.sources import ModelCache, SourceError, env_model_roots
+from server.schemas.files import key_or_none
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
 from server.ndjson import watch_messages
 from server.schemas import BackendDefinition, BackendKey, InstanceOut, InstanceSecrets, WorkerRegistered
@@ -78,6 +80,8 @@ class AgentConfig:
     model_roots: list[str] = field(default_factory=env_model_roots)
     # A download that moves no byte for this long fails the instance (network gone, hub stuck).
     download_stall_timeout: float = 300.0
+    # The model cache's size limit (bytes; None: none): least recently used files no instance uses go.
+    cache_limit: int | None = None
     # The agent's /metrics answers the server's credential only, and this bearer token when given
     # (Prometheus). From MAAS_METRICS_TOKEN, never a flag (a command line is readable by every user).
     metrics_token: str | None = field(default_factory=lambda: os.environ.get("MAAS_METRICS_TOKEN") or None,
@@ -116,6 +120,8 @@ class Agent:
         validate_ray_port_range(*config.ray_port_range, config.port_range, ephemeral)
         self.models = ModelCache(config.model_cache or config.data_dir / "models",
                                  stall_timeout=config.download_stall_timeout)
+        self.files = FileCache(self.models, config.cache_limit, self._files_in_use)  # agent/cache.py
+        self.files.load()
         self.logs_dir = config.data_dir / "logs"
         self.ray = RayManager(self, config.ray_port_range)
         self.desired: dict[int, InstanceOut] = {}
@@ -161,7 +167,7 @@ class Agent:
 
     async def _main(self) -> None:
         await self._register_until_accepted()
-        loops = [self._heartbeat_loop(), self._watch_loop(), self._reconcile_loop()]
+        loops = [self._heartbeat_loop(), self._watch_loop(), self._reconcile_loop(), self.files.run(self)]
         await asyncio.gather(*loops)
 
     # --- talking to the server ------------------------------------------------------
@@ -457,6 +463,11 @@ class Agent:
 
         return await self.ray.start_head(instance, self._ray_python(instance), starting)
 
+    def _files_in_use(self) -> set[str]:
+        """Model file keys of the workloads here (agent/cache.py never evicts or removes them)."""
+        return {key for w in list(self.workloads.values()) if not w.exited
+                if (key := key_or_none(w.instance.spec.source)) is not None}
+
     async def _fetch_model(self, workload: Workload) -> InstanceOut:
         """Download a hub source into the model cache (state `downloading` with progress); local paths pass."""
         instance = workload.instance
@@ -469,10 +480,11 @@ class Agent:
                 if problem := await asyncio.to_thread(source_problem, path, roots, traits.layout if traits else "any",
                                                       must_exist=True):
                     raise SourceError(f"model source refused: {problem}")
+                await self.files.note_local(path)  # listed with what it holds (estimates without a copy)
             return instance  # a custom backend may take a name of its own (not a path) as its source
         what = f"downloading {source} into {self.models.root}"
         await self._downloading(workload, what, 0.0)
-        path = await self.models.resolve(source, lambda f: self._downloading(workload, what, f))
+        path = await self.files.fetch(source, lambda f: self._downloading(workload, what, f))
         return instance.model_copy(update={"spec": instance.spec.model_copy(update={"source": path})})
 
     async def _downloading(self, workload: Workload, message: str, fraction: float) -> None:

@@ -305,6 +305,21 @@ class MaasClient:
     async def delete_team(self, name: str) -> None:
         await self.request("DELETE", f"/v2/teams/{name}")
 
+    # model files in the workers' caches (issue 19)
+    async def list_files(self, worker: str | None = None, source: str | None = None) -> list[schemas.ModelFileOut]:
+        params = {k: v for k, v in (("worker", worker), ("source", source)) if v}
+        return [schemas.ModelFileOut.model_validate(i)
+                for i in (await self.request("GET", "/v2/files", params=params or None))["items"]]
+
+    async def pull_files(self, source: str, workers: list[str] | None = None,
+                         labels: dict[str, str] | None = None) -> list[schemas.ModelFileOut]:
+        body = {"source": source, "workers": list(workers or []), "labels": dict(labels or {})}
+        return [schemas.ModelFileOut.model_validate(i)
+                for i in (await self.request("POST", "/v2/files", json_body=body))["items"]]
+
+    async def remove_file(self, file_id: int) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v2/files/{file_id}")
+
     async def set_team_quota(self, name: str, quota: schemas.TeamQuota) -> schemas.TeamOut:
         """Replace a team's quota (a field left None is unlimited)."""
         return schemas.TeamOut.model_validate(await self.request(

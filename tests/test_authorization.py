@@ -471,3 +471,17 @@ async def _gated_red_model(world: World) -> Call:
 
 async def _red_instance_telemetry(world: World) -> Call:
     return Call("/v2/telemetry", params={"instance": world.shared_instance})  # type: ignore[attr-defined]
+
+
+# Model files in the workers' caches (issue 19): operators and admins pull and remove, every user lists.
+async def _fresh_file(world: World, caller: str) -> Call:
+    [row] = await world.admin.pull_files(f"hf://acme/{world.unique('files')}", workers=["matrix-worker"])
+    return Call(f"/v2/files/{row.id}")
+
+
+ENTRIES.update({
+    "GET /v2/files": (ANY_USER, _fixed(Call("/v2/files"))),
+    "POST /v2/files": (CLUSTER, _fixed(Call("/v2/files", {"source": "hf://acme/tiny", "workers": ["matrix-worker"]}))),
+    "DELETE /v2/files/{id}": (CLUSTER, _fresh_file),
+    "PUT /v2/agent/files": (WORKER, _fixed(Call("/v2/agent/files", {"files": []}))),
+})

@@ -48,6 +48,8 @@ from maas_tui.cli.db_cmds import db_app  # noqa: E402
 app.add_typer(db_app, name="db")
 from maas_tui.cli import simulate_cmds  # noqa: E402
 simulate_cmds.register(app)
+from maas_tui.cli.file_cmds import file_app  # noqa: E402
+app.add_typer(file_app, name="file")  # maas file list|pull|rm
 from maas_tui.cli.route_cmds import route_app  # noqa: E402
 app.add_typer(route_app, name="route")
 from maas_tui.cli import usage_cmds  # noqa: E402
@@ -149,6 +151,8 @@ def agent(
         "where Hugging Face and ModelScope downloads are kept (default: <data-dir>/models)")),
     model_root: list[Path] = typer.Option([], "--model-root", help=(
         "a folder local model sources may lie in (repeatable; besides the model cache) [env: MAAS_MODEL_ROOTS]")),
+    cache_limit: Optional[str] = typer.Option(None, envvar="MAAS_CACHE_LIMIT", help=(
+        "the model cache's size limit, e.g. 50G: least recently used files no instance uses are evicted")),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run an agent that joins this host to a cluster."""
@@ -157,7 +161,7 @@ def agent(
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
               simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
               labels=labels, port_range=port_range, ray_port_range=ray_port_range, model_cache=model_cache,
-              model_roots=[str(p.absolute()) for p in model_root])
+              model_roots=[str(p.absolute()) for p in model_root], cache_limit=cache_limit)
 
 
 @app.command()

@@ -171,7 +171,8 @@ def _banner(server, with_agent: bool) -> None:
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
               simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0,
               labels: list[str] | None = None, port_range: str | None = None, model_cache: Path | None = None,
-              ray_port_range: str | None = None, model_roots: list[str] | None = None) -> None:
+              ray_port_range: str | None = None, model_roots: list[str] | None = None,
+              cache_limit: str | None = None) -> None:
     import platformdirs
 
     from agent.agent import Agent, AgentConfig, ServerRejected
@@ -205,6 +206,12 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     except PortRangeError as exc:
         print_error(f"--ray-port-range: {exc}")
         raise typer.Exit(2) from None
+    from agent.cache import parse_limit
+    try:
+        cache_bytes = parse_limit(cache_limit)
+    except ValueError as exc:
+        print_error(f"--cache-limit: {exc}")
+        raise typer.Exit(2) from None
     worker_name = name or socket.gethostname()
     folder = data_dir or Path(platformdirs.user_data_dir("maas")) / f"agent-{worker_name}"
     try:
@@ -212,7 +219,8 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
                              address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
                              runtime=runtime, labels=worker_labels, port_range=ports, ray_port_range=ray_ports,
                              model_cache=model_cache.absolute() if model_cache else None,
-                             model_roots=list(model_roots) if model_roots else env_model_roots())
+                             model_roots=list(model_roots) if model_roots else env_model_roots(),
+                             cache_limit=cache_bytes)
         agent = Agent(config)
     except DeviceSpecError as exc:
         print_error(f"--simulate-gpus: {exc}")

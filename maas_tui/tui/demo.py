@@ -162,6 +162,8 @@ def demo_state(history: int = 60) -> ClusterState:
     state.revision["teams"] += 1
     state.audit = demo_audit()
     state.revision["audit"] += 1
+    for row in demo_files():
+        state.apply_event("files", "created", row.model_dump(mode="json"))
     state.version = 1000
     return state
 
@@ -424,3 +426,31 @@ if __name__ == "__main__":  # pragma: no cover - interactive
     import sys
 
     demo_app(live="--static" not in sys.argv).run()
+
+
+def demo_files() -> list[schemas.ModelFileOut]:
+    """Model files in the SIMULATED workers' caches: ready, pulling, failed, being removed."""
+    qwen = schemas.file_key(QWEN_SOURCE)
+    commit = "9f1c2e7d4b5a69c0e3f1d2b8a7c6e5f4d3c2b1a0"
+
+    def row(fid: int, source: str, worker: tuple[int, str], state: str, size: float = 0, used_min: int | None = None,
+            progress: float | None = None, message: str = "", path: str = "", revision: str | None = None):
+        return schemas.ModelFileOut(id=fid, worker_id=worker[0], worker_name=worker[1], source=source,
+                                    revision=revision, path=path, size_bytes=int(size * GB), state=state,
+                                    progress=progress, message=message,
+                                    last_used_at=NOW - timedelta(minutes=used_min) if used_min is not None else None,
+                                    created_at=NOW - timedelta(hours=3), updated_at=NOW)
+
+    cached = f"/var/lib/maas/models/huggingface/hub/models--Qwen--Qwen2.5-7B-Instruct-GGUF/snapshots/{commit}"
+    return [
+        row(1, qwen, (1, "gpu-a01"), "ready", 5.4, 110, path=f"{cached}/qwen2.5-7b-instruct-q5_k_m.gguf",
+            revision=commit),
+        row(2, qwen, (3, "gpu-a03"), "pulling", progress=0.42, message="downloading into /var/lib/maas/models"),
+        row(3, "/models/llama-3.1-8b-q4.gguf", (1, "gpu-a01"), "ready", 4.9, 290, path="/models/llama-3.1-8b-q4.gguf"),
+        row(4, "/models/llama-3.1-8b-q4.gguf", (2, "gpu-a02"), "ready", 4.9, 288, path="/models/llama-3.1-8b-q4.gguf"),
+        row(5, "hf://meta-llama/Llama-3.1-70B-Instruct@main", (2, "gpu-a02"), "error",
+            message="Hugging Face repository meta-llama/Llama-3.1-70B-Instruct was not found at https://huggingface.co, "
+                    "or it is private or gated and needs a token (HF_TOKEN in the agent's environment)"),
+        row(6, "hf://mistralai/Mistral-7B-v0.3@main", (5, "gpu-b01"), "removing", 14.5, 1440,
+            message="waiting for the worker's agent to delete the files"),
+    ]

@@ -107,6 +107,8 @@ SCENARIOS: list[Scenario] = [
              ["colon", *type_keys("team"), "enter", "down", "down", "enter"], _screen_is("DescribeScreen")),
     Scenario("audit", ":audit: every change made through the API, newest first (admins only)",
              ["colon", *type_keys("au"), "enter"], _screen_is("AuditScreen")),
+    Scenario("files", ":files: model files in the workers' caches (pulling, ready, error), the error highlighted",
+             ["colon", *type_keys("files"), "enter", "down", "down", "down", "down"], _screen_is("FilesScreen")),
     Scenario("events", ":events: the live event stream", ["colon", *type_keys("ev"), "enter"],
              _screen_is("EventsScreen")),
     Scenario("filter", "/!qwen on models: a negated filter", ["colon", *type_keys("mo"), "enter", "slash",

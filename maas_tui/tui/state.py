@@ -15,7 +15,7 @@ from server import schemas
 from server.schemas.rollout import rollout_status
 from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
-WATCH_KINDS = ["workers", "models", "instances", "events"]
+WATCH_KINDS = ["workers", "models", "instances", "events", "files"]
 # Read over REST when their view is shown or reloaded (app.load_<kind>), not watched.
 POLLED_KINDS = {"keys", "teams", "audit"}
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
@@ -56,6 +56,7 @@ class ClusterState:
         self.teams: list[schemas.TeamOut] = []
         self.audit: list[schemas.AuditEntryOut] = []  # newest first
         self.audit_error = ""  # why the audit log could not be read (a 403 for anyone but an admin)
+        self.files: dict[int, schemas.ModelFileOut] = {}  # model files in the workers' caches (watched)
         self.version: int | None = None
         # Per-GPU utilisation and memory history, keyed by (worker id, gpu index); host CPU per worker.
         self.gpu_util: dict[tuple[int, int], deque[float]] = {}
@@ -115,6 +116,9 @@ class ClusterState:
         if "instances" in items:
             self.instances = {i.id: i for i in (schemas.InstanceOut.model_validate(o) for o in items["instances"])}
             changed.add("instances")
+        if "files" in items:
+            self.files = {f.id: f for f in (schemas.ModelFileOut.model_validate(o) for o in items["files"])}
+            changed.add("files")
         if "events" in items:
             self.events.clear()
             self.events.extend(schemas.EventOut.model_validate(o) for o in items["events"])
@@ -130,6 +134,8 @@ class ClusterState:
             self._upsert(self.models, schemas.ModelOut, action, obj)
         elif kind == "instances":
             self._upsert(self.instances, schemas.InstanceOut, action, obj)
+        elif kind == "files":
+            self._upsert(self.files, schemas.ModelFileOut, action, obj)
         elif kind == "events":
             if action == "created":
                 self.events.append(schemas.EventOut.model_validate(obj))

@@ -9,6 +9,7 @@ from aiohttp import web
 # Importing a handler module registers its routes in the route table.
 from server.api import (agent_api, audit, backends, gateway_api, metrics, operations, resources,  # noqa: F401
                         scheduling, secrets, teams, usage, users, watch)
+from server.api import files  # noqa: F401  (model files in the workers' caches: /v2/files)
 from server.api import routes_api  # noqa: F401  (model routes: /v2/routes)
 from server.api import telemetry  # noqa: F401  (telemetry history, maas doctor)
 from server.api import alerts, bench  # noqa: F401  (alerts, silences, webhooks; benchmarks and the rollout gate)

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from server import schemas
-from server.scheduler import hf, hub
+from server.scheduler import hf, hub, locality
 from server.scheduler.hub import GGUFShape
 
 MiB = 1024**2
@@ -366,6 +366,8 @@ def _estimate_hub(spec: schemas.ModelSpec, ref: hub.HubRef) -> MemoryEstimate:
     try:
         record = hub.CACHE.get(ref)
     except hub.HubError as exc:
+        if (reported := locality.REPORTED.get(ref.key)) is not None:  # a worker's copy answers instead
+            return estimate_reported(spec, *reported, why=f"{ref.hub} metadata unavailable: {exc}", ref=ref)
         if exc.transient or spec.backend in schemas.HF_BACKENDS:
             hint = "; give memory_bytes to deploy without it"
             if ref.kind == "huggingface" and not spec.source.startswith(tuple(schemas.HUBS)):
@@ -396,9 +398,33 @@ def estimate(spec: schemas.ModelSpec) -> MemoryEstimate:
     ref = hub_ref(spec)
     if ref is not None:
         return _estimate_hub(spec, ref)
+    if not os.path.exists(spec.source) and (reported := locality.REPORTED.get(spec.source)) is not None:
+        return estimate_reported(spec, *reported, why=f"{spec.source} is not on this server")
     if spec.backend in schemas.HF_BACKENDS:
         return _estimate_hf(spec)
     return _estimate_gguf(spec)
+
+
+def estimate_reported(spec: schemas.ModelSpec, record: dict, worker: str, why: str,
+                      ref: hub.HubRef | None = None) -> MemoryEstimate:
+    """The estimate from what a worker's agent read of its copy (server/scheduler/locality.py)."""
+    note = f"{why}; read by worker {worker} from its copy of the files"
+    if ref is not None:
+        found = _estimate_hub_hf(spec, ref, record) if spec.backend in schemas.HF_BACKENDS \
+            else _estimate_hub_files(spec, ref, record)
+        return replace(found, notes=(note, *(n for n in found.notes if not n.startswith("metadata from "))))
+    files: dict[str, int] = record.get("files") or {}
+    if spec.backend in schemas.HF_BACKENDS:
+        try:
+            shape = hf.parse_shape(record.get("config") or {})
+        except hf.HFError as exc:
+            raise EstimateError(f"{spec.source} (as worker {worker} reads it): {exc}") from None
+        shards = record.get("shards") or {}
+        weights = (hf.weights_from_sums([(int(t), int(f), frozenset(d)) for t, f, d in shards.values()]) if shards
+                   else hf.weights_from_index(record.get("index") or {}, shape) or hf.weights_from_shape(shape))
+        return _hf_estimate(spec, shape, weights, (note,))
+    shape = record.get("gguf")
+    return _gguf_estimate(spec, sum(files.values()), GGUFShape(**shape) if isinstance(shape, dict) else None, (note,))
 
 
 def estimate_bytes(spec: schemas.ModelSpec) -> int:

@@ -58,7 +58,8 @@ class ModelFileOut(Schema):
     progress: float | None = Field(default=None, ge=0, le=1, description="while pulling: the fraction fetched")
     message: str = ""
     last_used_at: datetime | None = None
-    metadata: dict[str, Any] | None = Field(default=None, validation_alias=AliasChoices("metadata", "file_metadata"),
+    # A row's column is read first: an ORM object's own `metadata` is SQLAlchemy's MetaData.
+    metadata: dict[str, Any] | None = Field(default=None, validation_alias=AliasChoices("file_metadata", "metadata"),
                                             description="what the agent read of the files (AgentFileEntry.metadata)")
     created_at: datetime
     updated_at: datetime

@@ -13,6 +13,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from maas_tui.render import audit, instances, keys, models, teams, workers
+from maas_tui.render import files as files_render
 from maas_tui.tui.views.base import MaasScreen
 from maas_tui.tui.views.registry import view
 from maas_tui.tui.widgets import PromptBar
@@ -83,6 +84,8 @@ class DescribeScreen(MaasScreen):
             return next((t for t in state.teams if t.name == self.name_), None)
         if self.kind == "audit":
             return next((e for e in state.audit if str(e.id) == self.name_), None)
+        if self.kind == "file":
+            return state.files.get(int(self.name_)) if self.name_.isdigit() else None
         return state.worker_by_name(self.name_)
 
     def describe_key(self, key: schemas.ApiKeyOut) -> RenderableType:
@@ -93,6 +96,9 @@ class DescribeScreen(MaasScreen):
 
     def describe_audit(self, entry: schemas.AuditEntryOut) -> RenderableType:
         return audit.describe(entry)
+
+    def describe_file(self, row: schemas.ModelFileOut) -> RenderableType:
+        return files_render.describe(row, now=self.now)
 
     def describe_instance(self, inst: schemas.InstanceOut) -> RenderableType:
         return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now)
