@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 from server import schemas
 from maas_tui.client import ApiClientError
 from maas_tui.tui.state import ClusterState
+from server.schemas.alerts import AlertOut
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 GB = 1000**3
@@ -189,6 +190,31 @@ def demo_teams() -> list[schemas.TeamOut]:
     ]
 
 
+def demo_alerts() -> list[AlertOut]:
+    """Alerts as GET /v2/alerts gives them (newest first): what the demo cluster's troubles would raise. Not in
+    the demo state itself: the Alerts view reads them, so the other screens' header stays as it was."""
+    rows = [  # id, rule, severity, state, kind, object, team, message, minutes since it started, resolved after
+        (6, "InstanceFailing", "critical", "firing", "models", "mistral-7b", "research",
+         "1 instance(s) failing; mistral-7b-9b31f0 (error, 2 restarts): exited with code 1: CUDA error: out of memory",
+         3, None),
+        (5, "WorkerNotReady", "critical", "firing", "workers", "gpu-a04", None,
+         "worker gpu-a04 is not ready: no heartbeat for 15 s", 9, None),
+        (4, "LimitNearlyReached", "warning", "firing", "teams", "research", "research",
+         "team research uses 5 of its 6 GPUs (83%)", 12, None),
+        (3, "MemoryDrift", "warning", "firing", "instances", "qwen2.5-7b-5e7d21", "research",
+         "uses 17.9 GB of its 12 GB claim; suggested --memory 20GiB", 25, None),
+        (2, "GpuTemperature", "warning", "resolved", "gpus", "gpu-b01/gpu3", None,
+         "GPU gpu-b01/gpu3 at 88 °C (threshold 85 °C)", 50, 35),
+        (1, "RolloutStalled", "warning", "resolved", "models", "llama-3.1-8b", "default",
+         "rollout to generation 3 made no progress for 600 s (1/2 ready, 1 outdated)", 130, 110),
+    ]
+    return [AlertOut(id=aid, rule=rule, severity=severity, state=state, object_kind=kind, object_name=name, team=team,
+                     message=message, silenced=rule == "MemoryDrift", started_at=NOW - timedelta(minutes=started),
+                     updated_at=NOW - timedelta(minutes=started if resolved is None else resolved),
+                     resolved_at=None if resolved is None else NOW - timedelta(minutes=resolved))
+            for aid, rule, severity, state, kind, name, team, message, started, resolved in rows]
+
+
 def demo_audit() -> list[schemas.AuditEntryOut]:
     """Changes made through the API, newest first (as GET /v2/audit gives them)."""
     entries = [
@@ -325,6 +351,9 @@ class DemoClient:
 
     async def list_teams(self) -> list[schemas.TeamOut]:
         return list(self.state.teams)
+
+    async def list_alerts(self, state: str = "all", limit: int = 200) -> list[AlertOut]:
+        return [a for a in demo_alerts() if state in ("all", a.state)][:limit]
 
     async def audit(self, limit: int = 100, actor: str | None = None,
                     since: str | None = None) -> list[schemas.AuditEntryOut]:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import schemas
+from server.schemas.alerts import AlertOut
 from server.schemas.rollout import rollout_status
 from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
-WATCH_KINDS = ["workers", "models", "instances", "events", "files"]
+WATCH_KINDS = ["workers", "models", "instances", "events", "alerts", "files"]
 # Read over REST when their view is shown or reloaded (app.load_<kind>), not watched.
 POLLED_KINDS = {"keys", "teams", "audit"}
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
@@ -39,6 +40,7 @@ class Summary:
     instances_unreachable: int = 0
     instances_pending: int = 0
     workers_not_ready: int = 0
+    alerts_firing: int = 0  # firing alerts no silence covers
 
     @property
     def alerts(self) -> int:
@@ -56,6 +58,7 @@ class ClusterState:
         self.teams: list[schemas.TeamOut] = []
         self.audit: list[schemas.AuditEntryOut] = []  # newest first
         self.audit_error = ""  # why the audit log could not be read (a 403 for anyone but an admin)
+        self.alerts: dict[int, AlertOut] = {}  # firing and recent resolved alerts (watched; the Alerts view reloads)
         self.files: dict[int, schemas.ModelFileOut] = {}  # model files in the workers' caches (watched)
         self.version: int | None = None
         # Per-GPU utilisation and memory history, keyed by (worker id, gpu index); host CPU per worker.
@@ -119,6 +122,9 @@ class ClusterState:
         if "files" in items:
             self.files = {f.id: f for f in (schemas.ModelFileOut.model_validate(o) for o in items["files"])}
             changed.add("files")
+        if "alerts" in items:
+            self.alerts = {a.id: a for a in (AlertOut.model_validate(o) for o in items["alerts"])}
+            changed.add("alerts")
         if "events" in items:
             self.events.clear()
             self.events.extend(schemas.EventOut.model_validate(o) for o in items["events"])
@@ -136,6 +142,8 @@ class ClusterState:
             self._upsert(self.instances, schemas.InstanceOut, action, obj)
         elif kind == "files":
             self._upsert(self.files, schemas.ModelFileOut, action, obj)
+        elif kind == "alerts":
+            self._upsert(self.alerts, AlertOut, action, obj)
         elif kind == "events":
             if action == "created":
                 self.events.append(schemas.EventOut.model_validate(obj))
@@ -249,8 +257,9 @@ class ClusterState:
                 instances_unreachable=states["unreachable"],
                 instances_pending=states["pending"],
                 workers_not_ready=sum(1 for w in self.workers.values() if w.state != "ready"),
+                alerts_firing=sum(1 for a in self.alerts.values() if a.state == "firing" and not a.silenced),
             )
-        return self._cached("summary", ("workers", "models", "instances"), build)
+        return self._cached("summary", ("workers", "models", "instances", "alerts"), build)
 
     def sorted_workers(self) -> list[schemas.WorkerOut]:
         return self._cached("workers", ("workers",), lambda: sorted(self.workers.values(), key=lambda w: w.name))

@@ -65,7 +65,7 @@ class ClusterHeader(Static):
             line.append("✖ disconnected — reconnecting", style="bold red")
         else:
             line.append("… connecting", style="yellow")
-        alerts: list[str] = []
+        alerts: list[str] = [f"{s.alerts_firing} alerts"] if s.alerts_firing else []
         if s.instances_error:
             alerts.append(f"{s.instances_error} error")
         if s.instances_unreachable:
