@@ -14,6 +14,7 @@ from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
 from server.scheduler.estimate import EstimateError, estimate
 from server.scheduler.placement import Request, evaluate
+from server.scheduler.priorities import dry_run_preemption, load_policies
 from server.scheduler.service import load_state
 from server.scheduler.snapshot import Reserves
 
@@ -30,6 +31,7 @@ async def evaluate_model(request: web.Request) -> web.Response:
         team = await team_for_new_model(request, s, body.team)  # may the caller deploy there at all?
         await check_spec(request, s, spec, team)
         state = await load_state(s, Reserves.from_env())
+        policies = await load_policies(s, server.config)
         existing = (await s.execute(select(tables.Model.id).where(tables.Model.name == body.name))).scalar_one_or_none()
     pending = len(state.pending)
     try:
@@ -40,9 +42,13 @@ async def evaluate_model(request: web.Request) -> web.Response:
         return json_out(schemas.ModelEvaluation(name=body.name, replicas=replicas, pending_ahead=pending,
                                                 message=f"cannot estimate the memory: {exc}"))
     key = existing if existing is not None else f"evaluate:{body.name}"
-    placements = evaluate(Request(spec, memory, key, team=team), state.cluster, body.replicas)  # within its quota
+    request = Request(spec, memory, key, team=team)
+    placements = evaluate(request, state.cluster, body.replicas)  # within its quota
     fit = sum(1 for p in placements if p.scheduled)
     message = f"{fit} of {body.replicas} replicas fit now"
+    if fit < body.replicas and (would := dry_run_preemption(placements, state, policies, request, body.name,
+                                                             body.priority, server.config)):
+        message += f"; {would} more by preempting lower-priority instances"
     if existing is not None:
         message += f"; model {body.name!r} exists, so these would be extra replicas next to its own"
     if pending:

@@ -23,6 +23,7 @@ from server.reconcile import ALL, KeyedReconcileLoop
 from server.controllers.rollout import InstanceView, gate_pending, plan
 from server.db import tables
 from server.events import record_event
+from server.scheduler.preemption import PREEMPTED_BY
 
 S = schemas.InstanceState
 
@@ -170,10 +171,16 @@ class ModelController(KeyedReconcileLoop):
         decision = plan(model.replicas, views, model.max_surge, model.max_unavailable, model.paused,
                         hold_new=gate_pending(model.bench_gate, model.bench_gate_generation, model.generation))
         self._note_stall(s, model, own)
-        for _ in range(decision.create):
+        # A replacement for a preempted instance says so while it waits (server/scheduler/preemption.py).
+        preempted = [i.state_message for i in own if i.state == S.terminating
+                     and (i.state_message or "").startswith(PREEMPTED_BY)]
+        for n in range(decision.create):
             instance = tables.ModelInstance(
                 name=f"{model.name}-{secrets.token_hex(3)}", model_id=model.id, model_name=model.name,
                 team=model.team, generation=model.generation, spec=model.spec, state=S.pending)
+            if n < len(preempted):
+                instance.state_message = preempted[n]
+                instance.schedule_reasons = [{"reason": PREEMPTED_BY, "message": preempted[n].replace("_", " ", 1)}]
             s.add(instance)
             record_event(s, "instances", instance, "Created", f"replica of {model.name} (generation {model.generation})",
                          self.name)

@@ -35,6 +35,8 @@ from server.db.tables import utcnow
 from server.scheduler import hub
 from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate, needs_fetch
 from server.scheduler.placement import QUOTA_FIELDS, Placement, Request, failure_message, plan, summarize
+from server.scheduler.preemption import PREEMPTING, PreemptionPass, keep_preempted_by
+from server.scheduler.priorities import apply_policy, load_policies, write_preemptions
 from server.scheduler.snapshot import ClusterState, InstanceRecord, Reserves
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def _reason_signature(reasons: list[Any]) -> list[tuple[Any, Any]]:
 
 class Scheduler(ReconcileLoop):
     name = "scheduler"
-    kinds = ("instances", "workers", "teams", "files")
+    kinds = ("instances", "workers", "teams", "files", "models")  # models: priorities (scheduler/preemption.py)
     write_batch = 1000
     full_resync_every = 300.0
     estimate_ttl = 15.0
@@ -90,6 +92,7 @@ class Scheduler(ReconcileLoop):
         self._estimates: dict[str, tuple[float, MemoryEstimate | EstimateError]] = {}
         self._hub_fetches: dict[str, asyncio.Task[None]] = {}  # hub metadata fetched in the background
         self._hub_loaded = False
+        self.policies: dict[int, Any] = {}  # model id -> ModelPolicy (priority rank, min_replicas)
         self.stats: dict[str, float] = {"passes": 0, "placed": 0, "unschedulable": 0, "resyncs": 0,
                                         "estimate_s": 0.0, "plan_s": 0.0, "write_s": 0.0}
 
@@ -132,6 +135,9 @@ class Scheduler(ReconcileLoop):
     def apply_events(self, events: list[Any]) -> None:
         for event in events:
             try:
+                if event.kind == "models":
+                    self._dirty = apply_policy(self.policies, event.action, event.object, self.server.config) or self._dirty
+                    continue
                 if self.state.apply(event.kind, event.action, event.object):
                     self._dirty = True
             except Exception:
@@ -147,6 +153,7 @@ class Scheduler(ReconcileLoop):
                 hub.CACHE.load(list(rows.scalars()))
                 self._hub_loaded = True
             state = await load_state(s, self.state.reserves)
+            self.policies = await load_policies(s, self.server.config)
         self.state = state
         self._synced_at = time.monotonic()
         self._needs_resync = False
@@ -235,7 +242,8 @@ class Scheduler(ReconcileLoop):
         if not state.pending:
             return
         started = time.perf_counter()
-        records = sorted(state.pending.values(), key=lambda r: r.id)
+        preemption = PreemptionPass(state, self.policies, bool(self.server.config.preempt_below_min_replicas))
+        records = sorted(state.pending.values(), key=lambda r: (-preemption.rank(r.model_id), r.id))  # priority first
         specs: dict[str, schemas.ModelSpec] = {}
         invalid: dict[str, str] = {}
         for record in records:
@@ -279,10 +287,13 @@ class Scheduler(ReconcileLoop):
                         placed.append((record, result))
                         continue
                     reasons = summarize(result)
+                    if (waiting := preemption.place(record, request)) is not None:
+                        reasons = waiting
                 # Within a pass capacity (and a team's room) only shrinks: the same spec of the same team fails
-                # the same way.
-                failed[(key, record.team)] = reasons
-            dumped = [r.model_dump(mode="json") for r in reasons]
+                # the same way (but a preempting instance took its own victims: the next one looks for others).
+                if not reasons or reasons[0].reason != PREEMPTING:
+                    failed[(key, record.team)] = reasons
+            dumped = keep_preempted_by(record.schedule_reasons, [r.model_dump(mode="json") for r in reasons])
             if dumped != record.schedule_reasons:
                 unschedulable.append((record, dumped, failure_message(reasons)))
             if n % 2000 == 1999:
@@ -290,6 +301,7 @@ class Scheduler(ReconcileLoop):
         written = time.perf_counter()
         self.stats["plan_s"] += written - planned
         await self._write(placed, unschedulable)
+        await write_preemptions(self.server.db, preemption.victims, self.name)
         self.stats["write_s"] += time.perf_counter() - written
         self.stats["passes"] += 1
 
