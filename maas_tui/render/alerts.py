@@ -13,9 +13,9 @@ from maas_tui.render import format as fmt
 from maas_tui.render.common import Column, Row, grid
 from server.schemas.alerts import AlertOut, SilenceOut, WebhookOut
 
-COLUMNS: list[Column] = [("STATE", None), ("SEVERITY", None), ("RULE", None), ("OBJECT", 24), ("AGE", None),
-                         ("MESSAGE", None)]
-WIDE_COLUMNS: list[Column] = [("TEAM", None), ("RESOLVED", None)]
+# The severity shows in the state's colour (critical red, warning yellow): 80 columns keep room for the message.
+COLUMNS: list[Column] = [("STATE", None), ("RULE", None), ("OBJECT", 22), ("AGE", None), ("MESSAGE", None)]
+WIDE_COLUMNS: list[Column] = [("SEVERITY", None), ("TEAM", None), ("RESOLVED", None)]
 SILENCE_COLUMNS: list[Column] = [("ID", None), ("RULE", None), ("OBJECT", None), ("ENDS", None), ("ACTIVE", None),
                                  ("BY", None), ("COMMENT", None)]
 WEBHOOK_COLUMNS: list[Column] = [("ID", None), ("URL", None), ("SIGNED", None), ("BY", None), ("LAST DELIVERY", None)]
@@ -47,9 +47,9 @@ def rows(alerts: Iterable[AlertOut], now: datetime, truncate: bool = True) -> It
     cut = fmt.truncate if truncate else (lambda text, _width: text)
     for a in ordered(alerts):
         resolved = fmt.age(a.resolved_at, now) + " ago" if a.resolved_at else "-"
-        yield str(a.id), (state_text(a), severity_text(a.severity), a.rule, cut(f"{a.object_kind.rstrip('s')}/"
-                          f"{a.object_name}", 24), fmt.age(a.started_at, now), cut(" ".join(a.message.split()), 160),
-                          a.team or "-", resolved)
+        yield str(a.id), (state_text(a), a.rule, cut(f"{a.object_kind.rstrip('s')}/{a.object_name}", 22),
+                          fmt.age(a.started_at, now), cut(" ".join(a.message.split()), 160),
+                          severity_text(a.severity), a.team or "-", resolved)
 
 
 def describe(alert: AlertOut, now: datetime) -> RenderableType:

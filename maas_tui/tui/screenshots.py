@@ -107,7 +107,7 @@ SCENARIOS: list[Scenario] = [
              ["colon", *type_keys("team"), "enter", "down", "down", "enter"], _screen_is("DescribeScreen")),
     Scenario("audit", ":audit: every change made through the API, newest first (admins only)",
              ["colon", *type_keys("au"), "enter"], _screen_is("AuditScreen")),
-    Scenario("alerts", ":alerts: firing first (critical red, warning yellow, silenced dim), then resolved; the header counts the firing ones",
+    Scenario("alerts", ":alerts: firing first (critical red, warning yellow, silenced dim), then resolved",
              ["colon", *type_keys("alerts"), "enter"],
              lambda app: type(app.screen).__name__ == "AlertsScreen" and bool(app.state.alerts)),
     Scenario("files", ":files: model files in the workers' caches (pulling, ready, error), the error highlighted",
