@@ -28,6 +28,7 @@ PUBLISHED: dict[type, tuple[str, type[BaseModel]]] = {
     tables.Event: ("events", schemas.EventOut),
     tables.ApiKey: ("api_keys", schemas.ApiKeyOut),  # internal: caches listen, the watch refuses it
     tables.User: ("users", schemas.UserOut),  # internal: a role or team change drops cached credentials
+    tables.ModelFile: ("files", schemas.ModelFileOut),  # agents watch their own rows (pull, remove)
     tables.ModelRoute: ("routes", schemas.RouteOut),  # internal: the gateway's routes follow it
     tables.GatewayLimit: ("limits", LimitsOut),  # internal: the gateways' limiters follow it
     tables.Alert: ("alerts", AlertOut),  # firing and resolved alerts (server/alerts/)
