@@ -28,7 +28,7 @@ from maas_tui.tui.modals import ConfirmScreen, SecretScreen
 from maas_tui.tui.views import DescribeScreen, LogsScreen
 from maas_tui.tui.views.dash import DashboardScreen
 from maas_tui.tui.views.events import EventsScreen
-from maas_tui.tui.views.gpus import GpusScreen
+from maas_tui.tui.views.gpus import GpuHistoryScreen, GpusScreen
 from maas_tui.tui.views.instances import InstancesScreen
 from maas_tui.tui.views.keys import KeysScreen
 from maas_tui.tui.views.audit import AuditScreen
@@ -112,6 +112,12 @@ async def test_navigate_deploy_scale_logs_delete(server: MaasServer, admin: Maas
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen), what="esc goes back")
         await command(pilot, "gpus")
         await until(pilot, lambda: rows(app) == [f"sim-worker/{i}" for i in range(4)], what="4 simulated GPUs")
+        await pilot.press("enter")  # the GPU's last hour from GET /v2/telemetry (the sim agent's heartbeats)
+        await until(pilot, lambda: isinstance(app.screen, GpuHistoryScreen) and app.screen.history is not None,
+                    what="the GPU's history")
+        assert "utilisation" in screen_text(app) and "memory used" in screen_text(app)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, GpusScreen), what="esc back to the GPUs")
 
         # Deploy through the form: bad input is flagged in the fields and nothing is sent.
         await command(pilot, "models")

@@ -187,3 +187,38 @@ def top_frame(workers: Iterable[schemas.WorkerOut], instances: Iterable[schemas.
                       Text(sparkline(h.requests_per_s, spark) if h else "", style="cyan"))
     out.extend([Text(""), table])
     return Group(*out)
+
+
+def model_activity(history: TelemetryHistory | None, spark: int = 12) -> RenderableType:
+    """A model's instances on the describe page: requests/s (history and now), tokens/s, latency and
+    memory used against the claim, with a suggested --memory where it drifts."""
+    title = Text("Traffic and memory", style="bold")
+    if history is None:
+        return Group(title, Text("loading…", style="dim"))
+    if not history.instances:
+        return Group(title, Text("no running instance has history on this server yet", style="dim"))
+    title.append(f"  (this server, {_span(history.instances[0].t) if history.instances[0].t else 'no points'})",
+                 style="dim")
+    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
+    for column in ("INSTANCE", "REQ/S", "TOK/S", "LATENCY", "MEM/CLAIM"):
+        table.add_column(column, no_wrap=True)
+    hints = []
+    for h in history.instances:
+        rate, tokens, latency = last(h.requests_per_s), last(h.tokens_per_s), last(h.latency_s)
+        rate_cell = Text(sparkline(h.requests_per_s, spark), style="cyan")
+        rate_cell.append(f" {rate:.1f}" if rate is not None else " -")
+        memory = h.memory
+        if memory is None:
+            mem_cell = Text("-", style="dim")
+        else:
+            mem_cell = Text(f"{fmt.human_bytes(memory.used_bytes)}/{fmt.human_bytes(memory.claimed_bytes)}")
+            if memory.ratio is not None:
+                mem_cell.append(f" {memory.ratio * 100:.0f}%", style="bold red" if memory.drift == "over" else
+                                "yellow" if memory.drift == "under" else "green")
+            if memory.drift:
+                hints.append(Text(f"{h.instance}: {memory.drift} its claim; deploy with --memory "
+                                  f"{memory.suggested_memory}", style="red" if memory.drift == "over" else "yellow"))
+        table.add_row(Text(fmt.truncate(h.instance, 22)), rate_cell,
+                      f"{tokens:.0f}" if tokens is not None else "-",
+                      f"{latency * 1000:.0f}ms" if latency is not None else "-", mem_cell)
+    return Group(title, table, *hints)

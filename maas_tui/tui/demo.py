@@ -443,6 +443,11 @@ class DemoClient:
         if worker is not None:
             self.state.apply_event("workers", "deleted", worker.model_dump(mode="json"))
 
+    async def telemetry(self, worker: str | None = None, instance: str | None = None, model: str | None = None,
+                        since: str | None = None) -> Any:
+        """A SIMULATED hour of history (GET /v2/telemetry's shape), deterministic like the rest of the demo."""
+        return demo_telemetry(self.state, worker, instance, model)
+
 
 def demo_app(live: bool = False, **kwargs: Any):
     from maas_tui.tui.app import MaasApp
@@ -483,3 +488,39 @@ def demo_files() -> list[schemas.ModelFileOut]:
         row(6, "hf://mistralai/Mistral-7B-v0.3@main", (5, "gpu-b01"), "removing", 14.5, 1440,
             message="waiting for the worker's agent to delete the files"),
     ]
+
+
+def demo_telemetry(state: ClusterState, worker: str | None = None, instance: str | None = None,
+                   model: str | None = None, points: int = 180) -> Any:
+    """GPU and instance history for the demo cluster: `points` buckets of 5 s ending at NOW (SIMULATED)."""
+    from server.schemas.telemetry import GPUHistory, InstanceHistory, InstanceMemory, TelemetryHistory
+
+    end = NOW.timestamp()
+    t = [end - 5 * (points - 1 - i) for i in range(points)]
+    out = TelemetryHistory(server="demo://simulated", step_seconds=5)
+    if instance is None and model is None:
+        for w in state.sorted_workers():
+            if worker is not None and w.name != worker:
+                continue
+            for g in w.gpus:
+                util = [utilisation(w.id, g.index, i / 3) for i in range(points)]
+                out.gpus.append(GPUHistory(
+                    worker_id=w.id, worker=w.name, gpu=g.index, t=t, utilization=util,
+                    memory_used=[g.memory_total * min(0.95, u / 110 + 0.05) for u in util],
+                    power_watts=[None] * points, temperature=[round(35 + u * 0.45) for u in util]))
+    for inst in sorted(state.instances.values(), key=lambda i: i.name):
+        if inst.state != "running" or (instance is not None and inst.name != instance)                 or (model is not None and inst.model_name != model) or (worker is not None and inst.worker_name != worker):
+            continue
+        rate = [max(0.0, 2 + 1.5 * math.sin(i / 9 + inst.id)) for i in range(points)]
+        claimed = (inst.claim.vram_bytes_per_gpu * max(1, len(inst.claim.gpu_indexes)) or inst.claim.ram_bytes)             if inst.claim else 0
+        used = int(claimed * (0.42 if inst.id % 2 else 0.81))
+        memory = InstanceMemory(device=inst.claim.device if inst.claim else "cpu", claimed_bytes=claimed,
+                                used_bytes=used, ratio=used / claimed if claimed else None, reported_at=end,
+                                drift="under" if inst.id % 2 and claimed else None,
+                                suggested_memory=f"{max(64, int(used * 1.2 / 2**20) // 64 * 64 + 64)}MiB"
+                                if inst.id % 2 and claimed else None)
+        out.instances.append(InstanceHistory(
+            instance_id=inst.id, instance=inst.name, model=inst.model_name, t=t, requests_per_s=rate,
+            tokens_per_s=[r * 38 for r in rate], latency_s=[0.35 + 0.1 * math.sin(i / 5) for i in range(points)],
+            memory_used=[used] * points, memory=memory))
+    return out

@@ -66,6 +66,13 @@ SCENARIOS: list[Scenario] = [
              _screen_is("GpusScreen")),
     Scenario("models", ":models: ready/desired replicas", ["colon", *type_keys("mo"), "enter"],
              _screen_is("ModelsScreen")),
+    Scenario("gpu-history", "enter on a GPU: its last hour on this server (braille graphs from GET /v2/telemetry)",
+             ["colon", *type_keys("gpu"), "enter", "down", "enter"],
+             lambda app: getattr(app.screen, "history", None) is not None),
+    Scenario("model-describe", "enter on a model: requests/s history, tokens/s, latency and memory used against the "
+             "claim (a suggested --memory where it drifts), then the spec, instances and events",
+             ["colon", *type_keys("mo"), "enter", "enter"],
+             lambda app: getattr(app.screen, "activity", None) is not None),
     Scenario("deploy-form-invalid", "the deploy form refusing bad input (nothing is sent)",
              ["colon", *type_keys("mo"), "enter", "n", *type_keys("bad name!"), "tab", *type_keys("model.gguf"),
               "ctrl+s"], _screen_is("DeployForm")),
@@ -93,7 +100,7 @@ SCENARIOS: list[Scenario] = [
              ["colon", *type_keys("in"), "enter", "down", "down", "down"], _screen_is("InstancesScreen")),
     Scenario("instance-describe", "enter on an instance: placement, claim, port, reasons, events",
              ["colon", *type_keys("in"), "enter", "down", "down", "down", "enter"],
-             _screen_is("DescribeScreen")),
+             lambda app: getattr(app.screen, "activity", None) is not None),  # its history fetched
     Scenario("logs", "l on an instance: follow, search highlight",
              ["colon", *type_keys("in"), "enter", "l", "slash", *type_keys("slot 2"), "enter"], _logs_loaded),
     Scenario("logs-timestamps", "T in the logs: the time each line arrived (·· for the tail fetched on opening)",

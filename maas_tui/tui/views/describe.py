@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from maas_tui.render import audit, instances, keys, models, teams, workers
+from maas_tui.client import ApiClientError
+from maas_tui.render import audit, instances, keys, models, teams, telemetry, workers
 from maas_tui.render import files as files_render
 from maas_tui.tui.views.base import MaasScreen
 from maas_tui.tui.views.registry import view
@@ -38,6 +39,7 @@ class DescribeScreen(MaasScreen):
         self.kind = kind
         self.name_ = name
         self._last: Any = None
+        self.activity: Any = None  # GET /v2/telemetry for a model or an instance (not on the watch)
 
     def header_label(self) -> str:
         return f"{self.kind} {self.name_}"
@@ -48,6 +50,22 @@ class DescribeScreen(MaasScreen):
 
     def main_widget(self) -> Any:
         return self.query_one("#describe-scroll")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        if self.kind in ("model", "instance"):
+            self.fetch_activity()
+            self.set_interval(5.0, self.fetch_activity)
+
+    def fetch_activity(self) -> None:
+        async def run() -> None:
+            try:
+                self.activity = await self.app.client.telemetry(since="15m", **{self.kind: self.name_})
+            except ApiClientError:  # the history is an extra: the page stands without it
+                return
+            self.refresh_body()
+
+        self.run_worker(run, group="activity", exclusive=True)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "logs":
@@ -101,14 +119,17 @@ class DescribeScreen(MaasScreen):
         return files_render.describe(row, now=self.now)
 
     def describe_instance(self, inst: schemas.InstanceOut) -> RenderableType:
-        return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now)
+        activity = self.activity.instances[0] if self.activity is not None and self.activity.instances else None
+        return instances.describe(inst, events=self.state.events_about({inst.name}, limit=12), now=self.now,
+                                  activity=activity)
 
     def describe_model(self, model: schemas.ModelOut) -> RenderableType:
         owned = self.state.instances_of(model.id)
         names = {model.name} | {i.name for i in owned}
-        return models.describe(model, instances=owned, events=self.state.events_about(names, limit=12),
+        page = models.describe(model, instances=owned, events=self.state.events_about(names, limit=12),
                                rollout=self.state.rollouts().get(model.id), now=self.now,
                                ready=self.state.ready_counts()[model.id])
+        return Group(telemetry.model_activity(self.activity), Text(""), page)
 
     def describe_worker(self, worker: schemas.WorkerOut) -> RenderableType:
         return workers.describe(worker, state=self.state, events=self.state.events_about({worker.name}, limit=12),
