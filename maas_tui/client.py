@@ -443,6 +443,25 @@ class MaasClient:
                     yield line[5:].strip()
 
 
+    # --- gateway limits (rpm, tpm, concurrency, token budgets per key, team and model) ---
+
+    async def list_limits(self, scope: str | None = None) -> list["LimitsListed"]:
+        from server.schemas.limits import LimitsListed
+
+        params = {"scope": scope} if scope else None
+        return [LimitsListed.model_validate(i) for i in (await self.request("GET", "/v2/limits", params=params))["items"]]
+
+    async def set_limits(self, scope: str, name: str, changes: dict[str, int | None],
+                         user: str | None = None) -> "LimitsListed":
+        """Change the limits of a key (`user`: another user's, admin), a team or a model: the fields given
+        (None removes one); the others stay."""
+        from server.schemas.limits import LimitsListed
+
+        plural = {"key": "keys", "team": "teams", "model": "models"}[scope]
+        return LimitsListed.model_validate(await self.request(
+            "PATCH", f"/v2/{plural}/{_seg(name)}/limits", json_body=changes, params={"user": user} if user else None))
+
+
 async def _json_or_text(response: aiohttp.ClientResponse) -> Any:
     text = await response.text()
     try:

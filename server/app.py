@@ -31,6 +31,7 @@ from server.db.database import Database, to_wire
 from server.db.embedded import EmbeddedPostgres, in_own_thread
 from server.db.errors import first_line
 from server.gateway.cold_start import ColdStart
+from server.gateway.limits import GatewayLimits
 from server.gateway.routing_table import RoutingTable
 from server.gateway.usage import UsageMeter
 from server.higress.sync import HigressSync
@@ -78,6 +79,7 @@ class MaasServer:
         self.secret_box: Any = None  # team secrets' key (server/services/secrets.py), opened on first use
         self.http: aiohttp.ClientSession | None = None
         self.usage: UsageMeter | None = None
+        self.limits = GatewayLimits()  # rate limits and token budgets of /v1 (server/gateway/limits.py)
         self.feed: ChangeFeed | None = None
         self.leadership: LeaderElection | None = None
         self.higress_status: list[Any] = []  # SyncStatus per Higress applier, set by HigressSync (the leader's)
@@ -130,6 +132,7 @@ class MaasServer:
         subscription = self.bus.subscribe(_FOLLOWED)  # before the feed starts and the table loads: nothing lost
         await self.feed.start()
         await self._load_routes()
+        await self.limits.start(self.db, self.bus, self.usage)
         self._tasks.append(asyncio.create_task(self._follow_bus(subscription), name="bus-follower"))
         # The gateway probes backends whose worker went silent: serving never waits on an agent.
         self._tasks.append(asyncio.create_task(self.routes.probe_loop(), name="gateway-probes"))
@@ -232,6 +235,7 @@ class MaasServer:
         await self.telemetry.stop()
         if self.heartbeats:
             await self.heartbeats.stop()
+        await self.limits.stop()
         if self.usage:
             await self.usage.stop()
         if self.feed:

@@ -485,3 +485,13 @@ ENTRIES.update({
     "DELETE /v2/files/{id}": (CLUSTER, _fresh_file),
     "PUT /v2/agent/files": (WORKER, _fixed(Call("/v2/agent/files", {"files": []}))),
 })
+
+
+# Gateway limits (server/services/limits.py): your own key's, a team's (admin), a model's (admins, operators).
+ENTRIES.update({
+    "GET /v2/limits": (ANY_USER, _fixed(Call("/v2/limits"))),
+    "PATCH /v2/keys/{name}/limits": (ANY_USER, _fixed(Call("/v2/keys/matrix-own/limits", {"rpm": 100000}))),
+    "PATCH /v2/teams/{name}/limits": (ADMIN, _fixed(Call("/v2/teams/red/limits", {"rpm": 100000}))),
+    "PATCH /v2/models/{name}/limits": (policy(viewer="403", member="403", other="404", operator=OK, admin=OK),
+                                       _fixed(Call("/v2/models/red-model/limits", {"rpm": 100000}))),
+})

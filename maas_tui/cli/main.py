@@ -52,6 +52,8 @@ from maas_tui.cli.file_cmds import file_app  # noqa: E402
 app.add_typer(file_app, name="file")  # maas file list|pull|rm
 from maas_tui.cli.route_cmds import route_app  # noqa: E402
 app.add_typer(route_app, name="route")
+from maas_tui.cli.limits_cmds import limits_app  # noqa: E402  (also maas model limits)
+app.add_typer(limits_app, name="limits")  # maas limits list; keys: maas key create|update, teams: maas team limits
 from maas_tui.cli import usage_cmds  # noqa: E402
 usage_cmds.register(app)  # maas usage
 from maas_tui.cli import alert_cmds, bench_cmds  # noqa: E402

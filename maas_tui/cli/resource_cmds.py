@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from maas_tui.cli import limits_cmds
 from maas_tui.cli.output import Format, OutputOption, console, emit, emit_document, fail, now, print_renderable, \
     print_rows
 from maas_tui.client import MaasClient
@@ -178,9 +179,19 @@ def worker_remove(name: str,
 def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, help="days until it stops working"),
                scope: list[str] = typer.Option([], "--scope", help="management and/or inference (default inference; repeatable)"),
                allow_model: list[str] = typer.Option([], "--allow-model", help="only these models through /v1 (repeatable)"),
+               rpm: Optional[str] = limits_cmds.RPM, tpm: Optional[str] = limits_cmds.TPM,
+               max_concurrency: Optional[str] = limits_cmds.MAX_CONCURRENCY,
+               budget_day: Optional[str] = limits_cmds.BUDGET_DAY, budget_month: Optional[str] = limits_cmds.BUDGET_MONTH,
                output: Format = OutputOption) -> None:
-    """Create an API key. The secret is shown once."""
-    key = call(lambda c: c.create_key(name, expires_in_days, scope, allow_model))
+    """Create an API key, with gateway limits if given. The secret is shown once."""
+    given = limits_cmds.changes(rpm, tpm, max_concurrency, budget_day, budget_month)  # checked before anything is made
+
+    async def create(c: MaasClient) -> schemas.ApiKeyCreated:
+        created = await c.create_key(name, expires_in_days, scope, allow_model)
+        if given:
+            await c.set_limits("key", name, given)
+        return created
+    key = call(create)
     if output in (Format.json, Format.yaml):
         emit(key, output)
         return
@@ -188,20 +199,40 @@ def key_create(name: str, expires_in_days: Optional[int] = typer.Option(None, he
     print(key.key)
 
 
+@key_app.command("update")
+def key_update(name: str, user: Optional[str] = typer.Option(None, "--user", help="another user's key (admin)"),
+               rpm: Optional[str] = limits_cmds.RPM, tpm: Optional[str] = limits_cmds.TPM,
+               max_concurrency: Optional[str] = limits_cmds.MAX_CONCURRENCY,
+               budget_day: Optional[str] = limits_cmds.BUDGET_DAY, budget_month: Optional[str] = limits_cmds.BUDGET_MONTH,
+               output: Format = OutputOption) -> None:
+    """Set an API key's gateway limits (limits not given stay as they are; 'none' removes one). Your keys'
+    limits narrow your own use; your team's and the model's limits hold as well."""
+    given = limits_cmds.changes(rpm, tpm, max_concurrency, budget_day, budget_month)
+    if not given:
+        fail("give at least one of --rpm, --tpm, --max-concurrency, --budget-day, --budget-month", code=2)
+    limits_cmds.show(call(lambda c: c.set_limits("key", name, given, user)), output)
+
+
+async def _keys_and_limits(c: MaasClient, all_users: bool) -> tuple[list[schemas.ApiKeyListed], dict[int, Any]]:
+    listed = await c.list_keys(all_users)
+    return listed, {item.api_key_id: item for item in await c.list_limits("key")}
+
+
 @key_app.command("list")
 def key_list(all_users: bool = typer.Option(False, "--all", help="every user's keys, with their owner (admin)"),
              output: Format = OutputOption) -> None:
-    """List your API keys (never their secrets)."""
-    items = call(lambda c: c.list_keys(all_users))
+    """List your API keys (never their secrets), with their gateway limits."""
     if output in (Format.json, Format.yaml):
-        emit(items, output)
+        emit(call(lambda c: c.list_keys(all_users)), output)
         return
+    items, limits = call(lambda c: _keys_and_limits(c, all_users))
+    columns = keys.COLUMNS + [keys.LIMITS_COLUMN]
     if not all_users:
-        print_rows(keys.COLUMNS, keys.WIDE_COLUMNS, keys.rows(items, now()), output == Format.wide)
+        print_rows(columns, keys.WIDE_COLUMNS, keys.rows(items, now(), limits), output == Format.wide)
         return
     for owner in sorted({k.owner for k in items}):  # one table per owner: names repeat across users
         console.print(f"{owner}:")
-        print_rows(keys.COLUMNS, keys.WIDE_COLUMNS, keys.rows([k for k in items if k.owner == owner], now()),
+        print_rows(columns, keys.WIDE_COLUMNS, keys.rows([k for k in items if k.owner == owner], now(), limits),
                    output == Format.wide)
 
 
@@ -224,12 +255,13 @@ def key_get(name: str, output: Format = OutputOption) -> None:
 
 @key_app.command("describe")
 def key_describe(name: str, output: Format = OutputOption) -> None:
-    """Show an API key: scopes, models, expiry, last use (never its secret)."""
+    """Show an API key: scopes, models, expiry, last use, gateway limits (never its secret)."""
     key = _key(name)
     if output in (Format.json, Format.yaml):
         emit(key, output)
         return
-    print_renderable(keys.describe(key, now=now()))
+    limits = next((item for item in call(lambda c: c.list_limits("key")) if item.api_key_id == key.id), None)
+    print_renderable(keys.describe(key, now=now(), limits=limits))
 
 
 @key_app.command("delete")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from maas_tui.cli import limits_cmds
 from maas_tui.cli.output import Format, OutputOption, emit, fail, now, print_renderable, print_rows
 from maas_tui.render import teams as render
 from server import schemas
@@ -114,6 +115,17 @@ def team_quota(name: str = typer.Argument(...),
     changes = {field: _limit(option, value, size) for field, (value, option, size) in given.items() if value is not None}
     quota = current.model_copy(update=changes)
     _show(_call(lambda c: c.set_team_quota(name, quota)), output)
+
+
+@team_app.command("limits")
+def team_limits(name: str = typer.Argument(...), rpm: Optional[str] = limits_cmds.RPM,
+                tpm: Optional[str] = limits_cmds.TPM, max_concurrency: Optional[str] = limits_cmds.MAX_CONCURRENCY,
+                budget_day: Optional[str] = limits_cmds.BUDGET_DAY,
+                budget_month: Optional[str] = limits_cmds.BUDGET_MONTH, output: Format = OutputOption) -> None:
+    """Show or set a team's gateway limits (admins set them): they hold for the requests to the team's models,
+    whichever member's key sends them. Limits not given stay as they are ('none' removes one)."""
+    limits_cmds.set_or_show("team", name, limits_cmds.changes(rpm, tpm, max_concurrency, budget_day, budget_month),
+                            output)
 
 
 def _team_of(team: str | None) -> str:

@@ -13,6 +13,7 @@ from server.api import files  # noqa: F401  (model files in the workers' caches:
 from server.api import routes_api  # noqa: F401  (model routes: /v2/routes)
 from server.api import telemetry  # noqa: F401  (telemetry history, maas doctor)
 from server.api import alerts, bench  # noqa: F401  (alerts, silences, webhooks; benchmarks and the rollout gate)
+from server.api import limits  # noqa: F401  (gateway limits: /v2/limits, /v2/{keys,teams,models}/NAME/limits)
 from server.api.audit import audit_middleware
 from server.api.errors import error_middleware, forbidden, unauthorized
 from server.api.inputs import BodyLimits, expect_handler, input_middleware

@@ -23,6 +23,7 @@ from aiohttp import web
 from server.api.errors import ApiError, bad_request, forbidden
 from server.api.inputs import form_field, parse_json_body
 from server.api.routing import principal_of, server_of
+from server.gateway.limits import add_limit_headers
 from server.gateway.routing_table import Alias, Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
 from server.schemas.backend_traits import OPTIONAL_APIS
@@ -87,6 +88,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     status = 500
     try:
         response = await _proxy(request, server)
+        server.limits.stamp(request, response)  # x-ratelimit-* headers
         status = response.status
         model = request.get(_MODEL_KEY, "")
         return response
@@ -99,6 +101,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         model = request.get(_MODEL_KEY, "")
         raise
     finally:
+        server.limits.release(request)
         server.routes.stats.observe(model, status, perf_counter() - started)
         server.telemetry.history.observe_request(request.get(_ANSWERED_KEY), perf_counter() - started,
                                                  request.get(_TOKENS_KEY))
@@ -172,6 +175,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
                 raise problem
             failure = failure or problem.message
             continue
+        server.limits.admit(request, principal, model, routes.team)  # or a 429 naming the limit
         targets = routes.ordered()
         if not targets:
             if alias is None:  # an autoscaled model is held while a replica starts (a manual one: 503 at once)
@@ -382,6 +386,7 @@ async def _close_upstream(app: web.Application) -> None:
 
 def add_gateway_routes(app: web.Application) -> None:
     app.on_cleanup.append(_close_upstream)
+    app.on_response_prepare.append(add_limit_headers)  # x-ratelimit-* in every head, streams too
     for handler in (list_models, proxy):
         handler.__maas_auth__ = "inference"  # type: ignore[attr-defined]
     app.router.add_get("/v1/models", list_models)

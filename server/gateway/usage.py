@@ -11,7 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Callable
 
 from server.db.usage import add_usage
 
@@ -33,6 +33,7 @@ class UsageMeter:
         self._task: asyncio.Task[None] | None = None
         self._hour_ends = 0.0  # the current hour, computed once an hour rather than per request
         self._hour: tuple[date, int] = (date.min, 0)
+        self.tokens_listener: Callable[[int], None] | None = None  # told each answer's tokens
 
     def _now(self) -> tuple[date, int]:
         now = time.time()
@@ -50,8 +51,12 @@ class UsageMeter:
         counts = self._pending[key]
         counts[0] += 1
         if usage.__class__ is dict:
-            counts[1] += _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-            counts[2] += _count(usage.get("completion_tokens", usage.get("output_tokens")))
+            prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+            completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+            counts[1] += prompt
+            counts[2] += completion
+            if self.tokens_listener is not None:  # the gateway's limits (server/gateway/limits.py)
+                self.tokens_listener(prompt + completion)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-meter")

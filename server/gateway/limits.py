@@ -1,0 +1,546 @@
+"""Gateway limits: requests and tokens per minute, requests in flight and token budgets per day and
+month, on an API key, a team and a model (schemas.Limits; rows in `gateway_limits`).
+
+A request passes every limit that applies to it: its key's, the team's that owns the model, and
+the model's. Everything on the request path is in memory: the rules follow the bus (kind `limits`,
+and model deletions), the counts are kept here. Over a limit: 429 `rate_limit_exceeded` (or
+`budget_exceeded`) naming the limit, with Retry-After; answers under a limit carry OpenAI's
+`x-ratelimit-*` headers (of the tightest limit), streamed ones in their head.
+
+Windows. A minute is a fixed window aligned to the epoch (`window` seconds, 60; tests scale it
+down with the limits): at most `rpm` requests and `tpm` tokens start in each window (a client can
+use a window's allowance at its end and the next one's at its start). Tokens are known once an
+answer is complete, so the admission looks at the tokens counted so far: `tpm` can be passed by the
+tokens of the requests in flight when it is reached. Budgets are per UTC day and calendar month.
+
+Several servers (PostgreSQL). Each server keeps its own counts and, every `sync_seconds` (1 s),
+writes them to `gateway_limit_counters` (one row per limited subject it served this window, plus
+one liveness row) and reads the others'. From the cluster's total it takes a share of what is left:
+remaining x (its count + 1) / (the sum of every live server's count + 1), which it may use before
+the next exchange; the shares add up to what is left, so the servers together stay within the limit.
+Worst-case overshoot: one request per server (a share is used up to its last whole request), and,
+while a server does not know of another (the first `sync_seconds` after one starts, or while the
+store is unreachable), up to servers x sync interval x the rate they admit. The same holds for
+requests in flight. Budgets are summed from the usage table (which every server writes every 2 s)
+every `budget_seconds` (5 s): they can be passed by what the other servers served in between.
+SQLite and MySQL/MariaDB serve one server (server/leader.py), whose counts are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import math
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+from aiohttp import web
+from sqlalchemy import case, delete, func, select
+
+from server.api.errors import ApiError
+from server.schemas.limits import LIMIT_FIELDS, LimitsOut, LimitUsage
+
+log = logging.getLogger(__name__)
+
+NEARLY_REACHED = 0.9  # a budget this far used records LimitNearlyReached, once per period
+_SCOPE_WORDS = {"key": "API key", "team": "team", "model": "model"}
+
+
+class Rule:
+    """One limited key, team or model: its limits, and what it used."""
+
+    __slots__ = ("scope", "subject", "rpm", "tpm", "max_concurrency", "budget_day", "budget_month",
+                 "window", "requests", "tokens", "in_flight", "published",
+                 "remote_window", "remote_requests", "remote_tokens", "remote_in_flight", "peers",
+                 "share_requests", "share_tokens", "cap_in_flight", "fraction", "synced_requests", "synced_tokens",
+                 "day_base", "day_since", "month_base", "month_since", "notified")
+
+    def __init__(self, scope: str, subject: Any):
+        self.scope, self.subject = scope, subject
+        self.rpm = self.tpm = self.max_concurrency = self.budget_day = self.budget_month = None
+        self.window = -1
+        self.requests = self.tokens = self.in_flight = 0
+        self.published = False  # a counter row of ours exists for it
+        # The other servers', as of the last exchange (server.gateway.limits docstring).
+        self.remote_window = -1
+        self.remote_requests = self.remote_tokens = self.remote_in_flight = 0
+        self.peers = 0
+        self.share_requests = self.share_tokens = self.cap_in_flight = 0.0
+        self.fraction = 1.0  # this server's weight at the last exchange: its share when a window begins
+        self.synced_requests = self.synced_tokens = 0
+        self.day_base = self.day_since = self.month_base = self.month_since = 0
+        self.notified: set[tuple[str, date]] = set()
+
+    def set_limits(self, row: dict[str, Any]) -> None:
+        for name in LIMIT_FIELDS:
+            setattr(self, name, row.get(name))
+
+    @property
+    def rated(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.max_concurrency is not None
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget_day is not None or self.budget_month is not None
+
+    def roll(self, window: int) -> None:
+        if window != self.window:
+            self.window = window
+            self.requests = self.tokens = self.synced_requests = self.synced_tokens = 0
+            # Until the next exchange, the share of a fresh window is this server's last weight.
+            self.share_requests = (self.rpm or 0) * self.fraction
+            self.share_tokens = (self.tpm or 0) * self.fraction
+
+    def cluster_requests(self) -> int:
+        return self.requests + (self.remote_requests if self.remote_window == self.window else 0)
+
+    def cluster_tokens(self) -> int:
+        return self.tokens + (self.remote_tokens if self.remote_window == self.window else 0)
+
+    def used_day(self) -> int:
+        return self.day_base + self.day_since
+
+    def used_month(self) -> int:
+        return self.month_base + self.month_since
+
+    def named(self, key_name: str) -> str:
+        name = key_name if self.scope == "key" else self.subject
+        return f"{_SCOPE_WORDS[self.scope]} {name!r}"
+
+
+class Ticket:
+    """What an admitted request holds: the rules it counts against, and the tokens its answer used."""
+
+    __slots__ = ("limits", "rules", "tokens")
+
+    def __init__(self, limits: "GatewayLimits", rules: list[Rule]):
+        self.limits = limits
+        self.rules = rules
+        self.tokens = 0
+
+
+_TICKET: web.RequestKey[Ticket] = web.RequestKey("maas.gateway.limits", Ticket)
+# The request being answered, for the usage meter's report of its tokens (same task, same context).
+_CURRENT: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("maas_gateway_limit_ticket", default=None)
+
+
+def _duration(seconds: float) -> str:
+    """As OpenAI writes its reset headers: 20ms, 1s, 6m0s."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+class GatewayLimits:
+    def __init__(self, window: float = 60.0, sync_seconds: float = 1.0, budget_seconds: float = 5.0):
+        self.window = window
+        self.sync_seconds = sync_seconds
+        self.budget_seconds = budget_seconds
+        self.clock = time.time
+        self.server_id = uuid.uuid4().hex
+        self.rules: dict[tuple[str, Any], Rule] = {}
+        self.db: Any = None
+        self.usage: Any = None
+        self.cluster = False  # several servers may share the store (PostgreSQL)
+        self._day_ends = 0.0
+        self._month_ends = 0.0
+        self._day = date.min
+        self._budgets_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self, db: Any, bus: Any, usage: Any) -> None:
+        self.db, self.usage = db, usage
+        self.cluster = db.engine.dialect.name == "postgresql"
+        usage.tokens_listener = self.tokens_metered
+        subscription = bus.subscribe(("limits", "models"))  # before the load: nothing lost
+        await self.load()
+        await self.refresh_budgets()
+        self._tasks = [asyncio.create_task(self._follow(bus, subscription), name="limits-follower"),
+                       asyncio.create_task(self._budget_loop(), name="limits-budgets")]
+        if self.cluster:
+            await self._exchange()
+            self._tasks.append(asyncio.create_task(self._exchange_loop(), name="limits-exchange"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.cluster:
+            try:
+                async with self.db.session() as s:
+                    await s.execute(delete(_counters()).where(_counters().server_id == self.server_id))
+                    await s.commit()
+            except Exception as exc:  # the rows age out anyway
+                log.debug("could not remove this server's limit counters: %s", exc)
+
+    async def load(self) -> None:
+        from server.db import tables
+        from server.db.database import to_wire
+
+        async with self.db.session() as s:
+            rows = [to_wire(row) for row in (await s.execute(select(tables.GatewayLimit))).scalars()]
+        seen = set()
+        for row in rows:
+            seen.add(self.apply("created", row))
+        for key in set(self.rules) - seen:
+            del self.rules[key]
+
+    def apply(self, action: str, row: dict[str, Any]) -> tuple[str, Any]:
+        limits = LimitsOut.model_validate(row)
+        subject = {"key": limits.api_key_id, "team": limits.team, "model": limits.model}[limits.scope]
+        key = (limits.scope, subject)
+        if action == "deleted" or not limits.any():
+            self.rules.pop(key, None)
+            return key
+        rule = self.rules.get(key)
+        if rule is None:
+            rule = self.rules[key] = Rule(limits.scope, subject)
+        had_budget = (rule.budget_day, rule.budget_month)
+        rule.set_limits(row)
+        if (rule.budget_day, rule.budget_month) != had_budget:
+            self._budgets_changed.set()  # its usage so far is read at once
+        return key
+
+    async def _follow(self, bus: Any, subscription: Any) -> None:
+        try:
+            while True:
+                event = await subscription.get()
+                if event is None:  # fell behind: read everything again
+                    subscription = bus.subscribe(("limits", "models"))
+                    await self.load()
+                elif event.kind == "limits":
+                    self.apply(event.action, event.object)
+                elif event.action == "deleted":  # its limits went with it (ON DELETE CASCADE)
+                    self.rules.pop(("model", event.object.get("name")), None)
+        finally:
+            subscription.close()
+
+    # --- the request path --------------------------------------------------------
+
+    def admit(self, request: web.Request, principal: Any, model: str, team: str | None) -> None:
+        """Count the request against every limit that applies, or raise a 429 naming the one it is over.
+        Once per request: a route's fallback to another model is not counted again."""
+        if not self.rules or _TICKET in request:
+            return
+        rules = [rule for rule in (self.rules.get(("key", principal.api_key_id)), self.rules.get(("team", team)),
+                                   self.rules.get(("model", model))) if rule is not None]
+        if not rules:
+            return
+        now = self.clock()
+        if now >= self._day_ends:
+            self._new_day(now)
+        window = int(now // self.window)
+        key_name = principal.api_key_name or principal.name
+        for rule in rules:
+            rule.roll(window)
+            self._check(rule, rules, now, key_name)
+        for rule in rules:
+            rule.requests += 1
+            rule.in_flight += 1
+        ticket = Ticket(self, rules)
+        request[_TICKET] = ticket
+        _CURRENT.set(ticket)
+
+    def _check(self, rule: Rule, rules: list[Rule], now: float, key_name: str) -> None:
+        alone = not rule.peers
+        if rule.budget_day is not None and rule.used_day() >= rule.budget_day:
+            self._refuse(rules, now, "budget_exceeded", f"the daily token budget of the {rule.named(key_name)} is used "
+                         f"up ({rule.used_day()} of {rule.budget_day} tokens today, UTC)", self._day_ends - now)
+        if rule.budget_month is not None and rule.used_month() >= rule.budget_month:
+            self._refuse(rules, now, "budget_exceeded", f"the monthly token budget of the {rule.named(key_name)} is "
+                         f"used up ({rule.used_month()} of {rule.budget_month} tokens this month, UTC)",
+                         self._month_ends - now)
+        if rule.max_concurrency is not None and (
+                rule.in_flight >= rule.max_concurrency if alone else rule.in_flight >= rule.cap_in_flight):
+            self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} has "
+                         f"{rule.in_flight if alone else 'its share of'} requests in flight: its limit is "
+                         f"{rule.max_concurrency} at once (max_concurrency)", self.sync_seconds)
+        window_left = (rule.window + 1) * self.window - now
+        if rule.rpm is not None:
+            full = rule.cluster_requests() >= rule.rpm
+            if full or (not alone and rule.requests - rule.synced_requests >= rule.share_requests):
+                self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
+                             f"{rule.rpm} requests per minute (rpm)", window_left if full else self.sync_seconds)
+        if rule.tpm is not None:
+            full = rule.cluster_tokens() >= rule.tpm
+            if full or (not alone and rule.tokens - rule.synced_tokens >= rule.share_tokens):
+                self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
+                             f"{rule.tpm} tokens per minute (tpm)", window_left if full else self.sync_seconds)
+
+    def _refuse(self, rules: list[Rule], now: float, code: str, message: str, wait: float) -> None:
+        retry = max(1, math.ceil(wait))
+        headers = self.headers(rules, now)
+        headers["Retry-After"] = str(retry)
+        raise ApiError(429, code, f"{message}; retry in {retry} s", headers=headers)
+
+    def tokens_metered(self, tokens: int) -> None:
+        """The usage meter's report of the answer's tokens (prompt + completion)."""
+        ticket = _CURRENT.get()
+        if ticket is not None:
+            ticket.tokens = tokens  # a request has one usage, however many times it is reported
+
+    def release(self, request: web.Request) -> None:
+        """The request is over: out of flight, its tokens counted."""
+        ticket = request.get(_TICKET)
+        if ticket is None:
+            return
+        _CURRENT.set(None)
+        now = self.clock()
+        window = int(now // self.window)
+        if now >= self._day_ends:
+            self._new_day(now)
+        for rule in ticket.rules:
+            rule.in_flight -= 1
+            if ticket.tokens:
+                rule.roll(window)
+                rule.tokens += ticket.tokens
+                rule.day_since += ticket.tokens
+                rule.month_since += ticket.tokens
+                if rule.budgeted and self._nearly_due(rule):
+                    self._budgets_changed.set()  # LimitNearlyReached is recorded soon
+
+    def stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The x-ratelimit-* headers on a whole response, before it goes out (streamed ones get them when they
+        start: add_limit_headers)."""
+        ticket = request.get(_TICKET)
+        if ticket is not None and not response.prepared:
+            response.headers.update(self.headers(ticket.rules, self.clock()))
+
+    def headers(self, rules: Iterable[Rule], now: float) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers of the tightest request and token limits among `rules`."""
+        headers: dict[str, str] = {}
+        requests = [(rule.rpm - rule.cluster_requests(), rule) for rule in rules if rule.rpm is not None]
+        tokens = [(rule.tpm - rule.cluster_tokens(), rule) for rule in rules if rule.tpm is not None]
+        if requests:
+            left, rule = min(requests, key=lambda pair: pair[0])
+            headers["x-ratelimit-limit-requests"] = str(rule.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, left))
+            headers["x-ratelimit-reset-requests"] = _duration((rule.window + 1) * self.window - now)
+        if tokens:
+            left, rule = min(tokens, key=lambda pair: pair[0])
+            headers["x-ratelimit-limit-tokens"] = str(rule.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
+            headers["x-ratelimit-reset-tokens"] = _duration((rule.window + 1) * self.window - now)
+        return headers
+
+    # --- budgets -------------------------------------------------------------------
+
+    def _new_day(self, now: float) -> None:
+        moment = datetime.fromtimestamp(now, UTC)
+        today = moment.date()
+        midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        self._day_ends = (midnight + timedelta(days=1)).timestamp()
+        first = today.replace(day=1)
+        following = (first + timedelta(days=32)).replace(day=1)
+        self._month_ends = datetime(following.year, following.month, 1, tzinfo=UTC).timestamp()
+        new_month = self._day == date.min or today.replace(day=1) != self._day.replace(day=1)
+        self._day = today
+        for rule in self.rules.values():
+            rule.day_base = rule.day_since = 0
+            if new_month:
+                rule.month_base = rule.month_since = 0
+
+    def _nearly_due(self, rule: Rule) -> bool:
+        return any(budget and used >= NEARLY_REACHED * budget and (period, start) not in rule.notified
+                   for period, start, budget, used in self._periods(rule))
+
+    def _periods(self, rule: Rule) -> tuple[tuple[str, date, int | None, int], ...]:
+        return (("day", self._day, rule.budget_day, rule.used_day()),
+                ("month", self._day.replace(day=1), rule.budget_month, rule.used_month()))
+
+    async def refresh_budgets(self) -> None:
+        """The budgets' usage from the usage table (every server's, durable), plus what this server counted
+        since. Then LimitNearlyReached for a key, team or model past 90% of a budget, once per period."""
+        from server.db import tables
+
+        rules = [rule for rule in self.rules.values() if rule.budgeted]
+        if not rules:
+            return
+        now = self.clock()
+        if now >= self._day_ends:
+            self._new_day(now)
+        today = self._day
+        for rule in rules:  # what is counted from here on is added to what the table says
+            rule.day_base += rule.day_since
+            rule.month_base += rule.month_since
+            rule.day_since = rule.month_since = 0
+        await self.usage.flush()  # this server's own usage so far is in the table
+        usage = tables.Usage
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        # A row's team is the model's team then; rows written before usage had a team: the model's now.
+        team = case((usage.team != "", usage.team), else_=tables.Model.team)
+        columns = {"key": usage.api_key_id, "team": team, "model": usage.model_name}
+        found: dict[tuple[str, Any], tuple[int, int]] = {}
+        async with self.db.session() as s:
+            for scope, column in columns.items():
+                subjects = [rule.subject for rule in rules if rule.scope == scope]
+                if not subjects:
+                    continue
+                query = (select(column, func.sum(tokens), func.sum(case((usage.day == today, tokens), else_=0)))
+                         .select_from(usage).where(usage.day >= today.replace(day=1), column.in_(subjects))
+                         .group_by(column))
+                if scope == "team":
+                    query = query.outerjoin(tables.Model, tables.Model.name == usage.model_name)
+                for subject, month, day in (await s.execute(query)).all():
+                    found[(scope, subject)] = (int(day or 0), int(month or 0))
+        for rule in rules:
+            if self._day != today:
+                break  # the day ended meanwhile: the counts start again from zero
+            rule.day_base, rule.month_base = found.get((rule.scope, rule.subject), (0, 0))
+        await self._nearly_reached(rules)
+
+    async def _nearly_reached(self, rules: list[Rule]) -> None:
+        from server.db import tables
+        from server.events import record_event
+
+        due = [(rule, period, start, budget, used) for rule in rules
+               for period, start, budget, used in self._periods(rule)
+               if budget and used >= NEARLY_REACHED * budget and (period, start) not in rule.notified]
+        if not due:
+            return
+        async with self.db.session() as s:
+            for rule, period, start, budget, used in due:
+                rule.notified.add((period, start))
+                kind, obj = await self._event_object(s, rule)
+                since = datetime(start.year, start.month, start.day, tzinfo=UTC)
+                message = (f"{_SCOPE_WORDS[rule.scope]} {obj.name} used {used} of its {budget} tokens this "
+                           f"{period} (UTC)")
+                already = await s.scalar(select(tables.Event.id).where(  # another server may have recorded it
+                    tables.Event.reason == "LimitNearlyReached", tables.Event.kind == kind,
+                    tables.Event.object_name == obj.name, tables.Event.created_at >= since,
+                    tables.Event.message.like(f"%this {period} (UTC)")).limit(1))
+                if already is None:
+                    record_event(s, kind, obj, "LimitNearlyReached", message, "gateway")
+            await s.commit()
+
+    async def _event_object(self, s: Any, rule: Rule) -> tuple[str, Any]:
+        from server.db import tables
+
+        if rule.scope == "key":
+            key = await s.get(tables.ApiKey, rule.subject)
+            return "api_keys", SimpleNamespace(id=rule.subject, name=key.name if key else str(rule.subject), team=None)
+        if rule.scope == "team":
+            return "teams", SimpleNamespace(id=None, name=rule.subject, team=rule.subject)
+        team = await s.scalar(select(tables.Model.team).where(tables.Model.name == rule.subject))
+        return "models", SimpleNamespace(id=None, name=rule.subject, team=team)
+
+    async def _budget_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.budget_seconds):
+                    await self._budgets_changed.wait()
+                await asyncio.sleep(0.2)  # a burst of changes makes one refresh
+            except TimeoutError:
+                pass
+            self._budgets_changed.clear()
+            try:
+                await self.refresh_budgets()
+            except Exception as exc:  # the store is away: the counts here go on, exact for this server
+                log.warning("could not read the budgets' usage: %s", exc)
+
+    # --- the cluster -----------------------------------------------------------------
+
+    async def _exchange_loop(self) -> None:
+        cleaned = 0.0
+        while True:
+            await asyncio.sleep(self.sync_seconds)
+            try:
+                await self._exchange()
+                if self.clock() - cleaned > 600:
+                    cleaned = self.clock()
+                    async with self.db.session() as s:  # rows of servers long gone
+                        await s.execute(delete(_counters()).where(
+                            _counters().updated_at < datetime.now(UTC) - timedelta(hours=1)))
+                        await s.commit()
+            except Exception as exc:  # the store is away: each server goes on with its last view
+                log.warning("could not exchange limit counters with the other servers: %s", exc)
+
+    async def _exchange(self) -> None:
+        """Write this server's counts, read the others', and take this server's shares (module docstring)."""
+        from sqlalchemy.dialects.postgresql import insert
+
+        counters = _counters()
+        now = self.clock()
+        window = int(now // self.window)
+        stamp = datetime.now(UTC)
+        rated = [rule for rule in self.rules.values() if rule.rated]
+        rows = [{"server_id": self.server_id, "scope": "server", "subject": "", "window_index": window, "requests": 0,
+                 "tokens": 0, "in_flight": 0, "updated_at": stamp}]
+        for rule in rated:
+            rule.roll(window)
+            busy = bool(rule.requests or rule.tokens or rule.in_flight)
+            if busy or rule.published:
+                rows.append({"server_id": self.server_id, "scope": rule.scope, "subject": str(rule.subject),
+                             "window_index": window, "requests": rule.requests, "tokens": rule.tokens,
+                             "in_flight": rule.in_flight, "updated_at": stamp})
+            rule.published = busy
+        statement = insert(counters).values(rows)
+        statement = statement.on_conflict_do_update(
+            index_elements=["server_id", "scope", "subject"],
+            set_={name: statement.excluded[name] for name in ("window_index", "requests", "tokens", "in_flight",
+                                                               "updated_at")})
+        async with self.db.session() as s:
+            await s.execute(statement)
+            await s.commit()
+            others = (await s.execute(select(counters).where(
+                counters.server_id != self.server_id, counters.updated_at >= stamp - timedelta(seconds=10)))).scalars().all()
+        live = {row.server_id for row in others if row.scope == "server"}
+        by_subject: dict[tuple[str, str], list[Any]] = {}
+        for row in others:
+            if row.scope != "server" and row.server_id in live:
+                by_subject.setdefault((row.scope, row.subject), []).append(row)
+        peers = len(live)
+        for rule in rated:
+            rows_of = by_subject.get((rule.scope, str(rule.subject)), [])
+            current = [row for row in rows_of if row.window_index == rule.window]
+            rule.peers = peers
+            rule.remote_window = rule.window
+            rule.remote_requests = sum(row.requests for row in current)
+            rule.remote_tokens = sum(row.tokens for row in current)
+            rule.remote_in_flight = sum(row.in_flight for row in rows_of)
+            rule.synced_requests, rule.synced_tokens = rule.requests, rule.tokens
+            # Weights: each live server's count + 1 (an idle server keeps a little).
+            weight = rule.requests + 1
+            rule.fraction = weight / (rule.cluster_requests() + peers + 1)
+            if rule.rpm is not None:
+                rule.share_requests = max(0, rule.rpm - rule.cluster_requests()) * rule.fraction
+            if rule.tpm is not None:
+                token_fraction = (rule.tokens + 1) / (rule.cluster_tokens() + peers + 1)
+                rule.share_tokens = max(0, rule.tpm - rule.cluster_tokens()) * token_fraction
+            if rule.max_concurrency is not None:
+                flying = rule.in_flight + rule.remote_in_flight
+                rule.cap_in_flight = rule.in_flight + max(0, rule.max_concurrency - flying) * (
+                    (rule.in_flight + 1) / (flying + peers + 1))
+
+    # --- what the API shows -----------------------------------------------------------
+
+    def usage_of(self, scope: str, subject: Any) -> LimitUsage:
+        rule = self.rules.get((scope, subject))
+        if rule is None:
+            return LimitUsage()
+        rule.roll(int(self.clock() // self.window))
+        return LimitUsage(requests=rule.cluster_requests(), tokens=rule.cluster_tokens(),
+                          in_flight=rule.in_flight + rule.remote_in_flight, tokens_today=rule.used_day(),
+                          tokens_this_month=rule.used_month())
+
+
+async def add_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's on_response_prepare: the x-ratelimit-* headers go out with a streamed response's head (a whole
+    response is prepared with the request as it came, not the handler's clone of it: GatewayLimits.stamp)."""
+    ticket = request.get(_TICKET)
+    if ticket is not None:
+        response.headers.update(ticket.limits.headers(ticket.rules, ticket.limits.clock()))
+
+
+def _counters() -> Any:
+    from server.db import tables
+
+    return tables.GatewayLimitCounter
