@@ -99,7 +99,19 @@ async def test_load_scales_up_idle_scales_to_zero_and_held_requests_are_served(
     assert {"ScaledUp", "ScaledDown", "ScaledToZero"} <= reasons, reasons
 
     # The first requests after zero are held while one replica starts; one beyond the bound gets 503 at once.
+    # The worker is cordoned meanwhile, so the replica waits for the checks (a tiny model starts in a blink).
     server.cold_start.max_held = 2
+    await admin.worker_action(agent.config.name, "cordon")
+    # Held longer than cold_start_timeout: 503 with Retry-After.
+    await admin.update_model(name, {"cold_start_timeout": 1})
+    await eventually(lambda: _timeout_is(server, name, 1), timeout=10, message="the gateway sees the new timeout")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                             json={"model": name, "messages": PROMPT, "max_tokens": 2}) as late:
+            assert late.status == 503 and int(late.headers["Retry-After"]) >= 1
+            assert (await late.json())["error"]["code"] == "cold_start_timeout"
+    await admin.update_model(name, {"cold_start_timeout": 60})
+    await eventually(lambda: _timeout_is(server, name, 60), timeout=10, message="the gateway sees the new timeout")
     plain = asyncio.create_task(client.chat.completions.create(model=name, messages=PROMPT, max_tokens=4))
 
     async def streamed() -> int:
@@ -108,12 +120,18 @@ async def test_load_scales_up_idle_scales_to_zero_and_held_requests_are_served(
 
     stream_task = asyncio.create_task(streamed())
     await eventually(lambda: _held(server, name, 2), timeout=10, message="two requests held")
+    await eventually(lambda: _desired(admin, name, 1), timeout=10, message="the held requests ask for a replica")
     async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/metrics") as scraped:
+            metrics = await scraped.text()
+        assert f'maas_gateway_held_requests{{model="{name}"}} 2.0' in metrics
+        assert f'maas_model_replicas_desired{{model="{name}"}} 1.0' in metrics  # the held requests asked for one
         async with http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                              json={"model": name, "messages": PROMPT, "max_tokens": 2}) as refused:
             assert refused.status == 503
             assert int(refused.headers["Retry-After"]) >= 1
             assert (await refused.json())["error"]["code"] == "cold_start_busy"
+    await admin.worker_action(agent.config.name, "uncordon")
     reply = await plain
     assert reply.usage.completion_tokens == 4
     assert await stream_task >= 4  # a chunk per token (and the final one)
@@ -132,3 +150,11 @@ async def _no_instances(admin: MaasClient, name: str) -> bool:
 
 async def _held(server: MaasServer, name: str, count: int) -> bool:
     return server.cold_start.held.get(name, 0) == count
+
+
+async def _desired(admin: MaasClient, name: str, count: int) -> bool:
+    return (await admin.get_model(name)).replicas == count
+
+
+async def _timeout_is(server: MaasServer, name: str, seconds: float) -> bool:
+    return server.routes.models[name].cold_start_timeout == seconds

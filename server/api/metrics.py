@@ -93,6 +93,7 @@ async def collect(server: Any) -> list[Metric]:
         latency.add_metric([model, str(status)], buckets, total)
         answered.add_metric([model, str(status)], float(count))
     out += [latency, answered]
+    out += _autoscaling_metrics(server)
 
     out += _telemetry_metrics(server)
 
@@ -116,6 +117,21 @@ async def collect(server: Any) -> list[Metric]:
             conflicts.add_metric(labels, float(status.conflicts))
         out += [up, failures, conflicts]
     return out
+
+
+def _autoscaling_metrics(server: Any) -> list[Metric]:
+    """Requests this server's gateway holds for a cold start; on the leader, the load each autoscaled model had at
+    the autoscaler's last decision (desired and running replicas are maas_model_replicas_desired/_running)."""
+    held = GaugeMetricFamily("maas_gateway_held_requests", "Requests this server holds while a replica starts",
+                             labels=["model"])
+    for name in sorted(server.routes.models):
+        held.add_metric([name], float(server.cold_start.held.get(name, 0)))
+    load = GaugeMetricFamily("maas_model_autoscale_load", "Requests in flight plus held, all servers, at the "
+                             "autoscaler's last decision (leader only)", labels=["model"])
+    autoscaler = next((loop for loop in getattr(server, "_loops", []) if loop.__class__.__name__ == "Autoscaler"), None)
+    for name, seen in sorted(autoscaler.load.items()) if autoscaler is not None else ():
+        load.add_metric([name], seen.in_flight + seen.held)
+    return [held, load]
 
 
 def _telemetry_metrics(server: Any) -> list[Metric]:
