@@ -6,8 +6,11 @@ Starts `maas start` (SQLite, local agent) in its own process, deploys one replic
 backend (llama: the tiny llama.cpp model; fixed: bench/backends/openai_fixed.py, a fast
 OpenAI-compatible fixed-answer server registered as a custom backend, for when llama.cpp is
 the bottleneck), then drives the backend directly and through `/v1` with the same
-concurrent clients, plain and streamed, alternating rounds. Prints a table and, last,
-`RESULT added_p50_ms=<n> throughput_ratio=<n> ...` (the first two from the plain requests).
+concurrent clients, plain and streamed, alternating rounds. Then the same through a model route
+(`tiny-canary`: tiny=99, and 1% drawn first to a model with no instance, which falls through to
+tiny): what a route adds. Prints a table and, last, `RESULT added_p50_ms=<n> throughput_ratio=<n> ...`
+(the first two from the plain requests; `gateway_cpu_us_per_req` and `stream_cpu_us_per_req` are the
+gateway's own CPU per plain and streamed request, `route_*` the same through the route).
 """
 
 from __future__ import annotations
@@ -149,6 +152,14 @@ async def main() -> None:
             await wait_for(running)
             async with http.get(f"{server_url}/v2/instances", headers=admin) as r:
                 instance = (await r.json())["items"][0]
+            # The route run: a canary-shaped route whose 1% share has no running instance.
+            async with http.post(f"{server_url}/v2/models", headers=admin,
+                                 json={**deploy, "name": "tiny-idle", "replicas": 0}) as r:
+                assert r.status == 201, await r.text()
+            async with http.post(f"{server_url}/v2/routes", headers=admin, json={
+                    "name": "tiny-canary", "targets": [{"model": "tiny", "weight": 99},
+                                                       {"model": "tiny-idle", "weight": 1}]}) as r:
+                assert r.status == 201, await r.text()
         direct_url = f"http://{instance['address']}:{instance['port']}/v1/chat/completions"
         gateway_url = f"{server_url}/v1/chat/completions"
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": args.max_tokens}
@@ -164,6 +175,8 @@ async def main() -> None:
                 for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
                     results.setdefault((mode, path), []).append(
                         await drive(url, headers, body, args.clients, args.requests, stream, process))
+                results.setdefault((mode, "route"), []).append(await drive(
+                    gateway_url, key, {**body, "model": "tiny-canary"}, args.clients, args.requests, stream, process))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -193,17 +206,28 @@ async def main() -> None:
             summary[(mode, path)] = m
             print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
                   f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
+    for mode in ("plain", "stream"):
+        m = summary[(mode, "route")] = merged(mode, "route")
+        print(f"{mode:<10}{'route':<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
+              f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("1 client", "plain", "stream"):
         d, g = summary[(mode, "direct")], summary[(mode, "gateway")]
         print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}, "
               f"gateway CPU {g['cpu_us'] - d['cpu_us']:.0f} us/req")
+    for mode in ("plain", "stream"):
+        d, r = summary[(mode, "direct")], summary[(mode, "route")]
+        print(f"{mode} through a route: gateway CPU {r['cpu_us'] - d['cpu_us']:.0f} us/req "
+              f"({r['cpu_us'] - summary[(mode, 'gateway')]['cpu_us']:+.0f} us against the model's own name)")
+    r_p, r_s = summary[("plain", "route")], summary[("stream", "route")]
     d, g = summary[("plain", "direct")], summary[("plain", "gateway")]
     s_d, s_g = summary[("stream", "direct")], summary[("stream", "gateway")]
     u_d, u_g = summary[("1 client", "direct")], summary[("1 client", "gateway")]
     print(f"RESULT added_p50_ms={g['p50_ms'] - d['p50_ms']:.2f} throughput_ratio={g['rps'] / d['rps']:.2f} "
           f"unloaded_added_p50_ms={u_g['p50_ms'] - u_d['p50_ms']:.2f} "
           f"stream_added_p50_ms={s_g['p50_ms'] - s_d['p50_ms']:.2f} stream_throughput_ratio={s_g['rps'] / s_d['rps']:.2f} "
-          f"gateway_cpu_us_per_req={g['cpu_us'] - d['cpu_us']:.0f}")
+          f"gateway_cpu_us_per_req={g['cpu_us'] - d['cpu_us']:.0f} stream_cpu_us_per_req={s_g['cpu_us'] - s_d['cpu_us']:.0f} "
+          f"route_cpu_us_per_req={r_p['cpu_us'] - d['cpu_us']:.0f} "
+          f"route_stream_cpu_us_per_req={r_s['cpu_us'] - s_d['cpu_us']:.0f}")
 
 
 if __name__ == "__main__":
