@@ -7,6 +7,9 @@ deletes its row, as the server does on that report.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -16,7 +19,7 @@ from conftest import eventually
 from maas_tui.client import ApiClientError, MaasClient
 from server.db import tables
 from server.scheduler.preemption import Candidate, choose_victims
-from test_scheduler_api import GB, LLAMA_8B, add_worker, written
+from test_scheduler_api import GB, LLAMA_8B, add_worker, run_cli, written
 
 # --- the maths ---------------------------------------------------------------------------------------------
 
@@ -89,7 +92,7 @@ async def _agent_stops_terminating(server) -> None:
         await s.commit()
 
 
-async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClient):
+async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClient, api_key: str, tmp_path: Path):
     await add_worker(server, "gpu-1", 1)
     await admin.create_model(_body("batch", "low"))
     await eventually(lambda: _states_are(server, "batch", ["scheduled"]), timeout=15, message="batch placed")
@@ -144,6 +147,19 @@ async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClie
     async with server.db.session() as s:
         preempted = await s.scalar(select(func.count()).select_from(tables.Event).where(tables.Event.reason == "Preempted"))
     assert preempted == 1
+    # The CLI: autoscale, and the columns and describe lines for it.
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "autoscale", "batch", "--min", "0",
+                                  "--max", "2", "--target-concurrency", "4", "--idle-timeout", "600")
+    assert out.exit_code == 0 and "0-2 replicas, 4 in flight per replica" in out.output, out.output
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "list", "-o", "wide")
+    assert "auto 0-2 @4" in out.output and "low" in out.output and "manual" in out.output, out.output
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "describe", "batch")
+    assert "Autoscaling" in out.output and "to zero after 10 min idle" in out.output and "Priority" in out.output
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "get", "batch", "-o", "yaml")
+    assert "max_replicas: 2" in out.output and "priority: low" in out.output, out.output
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "autoscale", "batch", "--off")
+    assert out.exit_code == 0 and "manual" in out.output, out.output
+    assert (await admin.get_model("batch")).max_replicas is None
     with pytest.raises(ApiClientError) as unknown:  # classes come from the server config
         await admin.create_model(_body("odd", "urgent"))
     assert unknown.value.status == 400 and "critical, high, normal, low" in unknown.value.message

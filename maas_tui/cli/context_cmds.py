@@ -127,7 +127,7 @@ def context_delete(name: str) -> None:
 
 # --- apply ------------------------------------------------------------------------------
 
-POLICY = ("replicas", "max_surge", "max_unavailable")
+POLICY = ("replicas", "max_surge", "max_unavailable", *sorted(schemas.SCALING_FIELDS))
 
 
 # Keys of a kubectl-style document besides metadata and spec: what `get -o yaml` prints and apply ignores.
@@ -189,6 +189,8 @@ def _diff(current: schemas.ModelOut, desired: schemas.ModelCreate) -> dict[str, 
     """What PATCH would change: spec fields and POLICY (a model's team is fixed; plan() checks it)."""
     now = current.spec.model_dump(mode="json") | {k: getattr(current, k) for k in POLICY}
     want = desired.model_dump(mode="json", exclude={"name", "team"})
+    if desired.max_replicas is not None:
+        want.pop("replicas", None)  # autoscaled: replicas is the autoscaler's, a file does not reset it
     return {k: (now.get(k), v) for k, v in want.items() if now.get(k) != v}
 
 

@@ -1,4 +1,4 @@
-"""`maas model ...`: deploy, list, get, describe, scale, delete (rollouts and history: ops_cmds.py).
+"""`maas model ...`: deploy, list, get, describe, scale, autoscale, delete (rollouts and history: ops_cmds.py).
 
 Tables and describe pages come from maas_tui/render/models.py, as in the TUI's Models view.
 """
@@ -65,6 +65,13 @@ def model_deploy(
     category: list[str] = typer.Option([], "--category", help=f"what the model serves (repeatable): {', '.join(schemas.MODEL_CATEGORIES)}; gates the /v1 endpoints [default: llm]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show where each replica would go (or why not); deploy nothing. Exit code 1 when some replica does not fit"),
     team: Optional[str] = typer.Option(None, help="the owning team (default: your only team; default for admins and operators)"),
+    min_replicas: Optional[int] = typer.Option(None, min=0, help="autoscaling: fewest replicas (0: scale to zero when idle); needs --max-replicas"),
+    max_replicas: Optional[int] = typer.Option(None, min=1, help="autoscaling: most replicas (turns autoscaling on)"),
+    target_concurrency: Optional[int] = typer.Option(None, min=1, help="autoscaling: requests in flight per replica aimed at [default: 8]"),
+    scale_down_delay: Optional[float] = typer.Option(None, min=0, help="autoscaling: seconds the load stays low before replicas go [default: 60]"),
+    idle_timeout: Optional[float] = typer.Option(None, min=1, help="with --min-replicas 0: seconds without a request before zero replicas [default: 900]"),
+    cold_start_timeout: Optional[float] = typer.Option(None, min=1, help="seconds a request is held while a replica starts, then 503 [default: 120]"),
+    priority: Optional[str] = typer.Option(None, help="priority class (default classes: critical, high, normal, low); may preempt lower ones [default: normal]"),
     output: Format = OutputOption,
 ) -> None:
     """Deploy a model."""
@@ -87,6 +94,8 @@ def model_deploy(
         body["team"] = team
     body.update(_scheduling_fields(max_model_len, concurrency, memory, selector, gpu_type, gpu_vendor, gpus, strategy,
                                    distributed, partial_offload))
+    body.update(_scaling_fields(min_replicas, max_replicas, target_concurrency, scale_down_delay, idle_timeout,
+                                cold_start_timeout, priority))
     if dry_run:
         evaluation = call(lambda c: c.evaluate_model(body))
         if output in (Format.json, Format.yaml):
@@ -225,6 +234,49 @@ def model_scale(name: str, replicas: int = typer.Argument(..., min=0), wait: boo
     if wait:
         model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
     _show_one(model, output)
+
+
+def _scaling_fields(min_replicas: int | None, max_replicas: int | None, target_concurrency: int | None,
+                    scale_down_delay: float | None, idle_timeout: float | None, cold_start_timeout: float | None,
+                    priority: str | None) -> dict[str, Any]:
+    """The autoscaling and priority flags, as model fields (only those given)."""
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_concurrency": target_concurrency,
+             "scale_down_delay": scale_down_delay, "idle_timeout": idle_timeout,
+             "cold_start_timeout": cold_start_timeout, "priority": priority}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@model_app.command("autoscale")
+def model_autoscale(
+    name: str,
+    min_replicas: Optional[int] = typer.Option(None, "--min", min=0, help="fewest replicas (0: scale to zero when idle) [default: 1, or as before]"),
+    max_replicas: Optional[int] = typer.Option(None, "--max", min=1, help="most replicas (turns autoscaling on)"),
+    target_concurrency: Optional[int] = typer.Option(None, "--target-concurrency", min=1, help="requests in flight per replica aimed at"),
+    scale_down_delay: Optional[float] = typer.Option(None, "--scale-down-delay", min=0, help="seconds the load stays low before replicas go"),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=1, help="with --min 0: seconds without a request before zero replicas"),
+    cold_start_timeout: Optional[float] = typer.Option(None, "--cold-start-timeout", min=1, help="seconds a request is held while a replica starts"),
+    priority: Optional[str] = typer.Option(None, "--priority", help="priority class"),
+    off: bool = typer.Option(False, "--off", help="back to the manual mode, keeping the replicas running now"),
+    output: Format = OutputOption,
+) -> None:
+    """Autoscale a model on its load: e.g. --min 0 --max 4 --target-concurrency 8 (or --off)."""
+    changes = _scaling_fields(min_replicas, max_replicas, target_concurrency, scale_down_delay, idle_timeout,
+                              cold_start_timeout, priority)
+    if off and (min_replicas is not None or max_replicas is not None):
+        fail("--off turns autoscaling off: give it without --min and --max", code=2)
+
+    async def work(client: MaasClient) -> schemas.ModelOut:
+        if off:  # setting replicas (to what runs now) is the manual mode
+            changes["replicas"] = (await client.get_model(name)).replicas
+        return await client.update_model(name, changes)
+
+    if not changes and not off:
+        fail("nothing to change: give --max (and --min, --target-concurrency, ...) or --off", code=2)
+    model = call(work)
+    if output in (Format.json, Format.yaml):
+        emit(model, output)
+        return
+    console.print(render.scaling_text(model, now()))
 
 
 @model_app.command("delete")

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 KIND = "Model"
 COLUMNS: list[Column] = [("NAME", None), ("READY", None), ("STATE", None), ("GEN", None), ("ROLLOUT", None),
                          ("SOURCE", 20), ("AGE", None)]
-WIDE_COLUMNS: list[Column] = [("BACKEND", None), ("CTX", None), ("SURGE/UNAV", None), ("ARGS", 40)]
+WIDE_COLUMNS: list[Column] = [("BACKEND", None), ("CTX", None), ("SURGE/UNAV", None), ("SCALING", None),
+                               ("PRIORITY", None), ("ARGS", 40)]
 
 
 def ready_text(ready: int, replicas: int) -> Text:
@@ -35,7 +36,43 @@ def rows(state: "ClusterState", now: datetime) -> Iterable[Row]:
         yield m.name, (m.name, ready_text(ready[m.id], m.replicas), fmt.state_text(m.state), str(m.generation),
                        rollout_cell(rollouts.get(m.id)), fmt.middle_truncate(m.spec.source, 20),
                        fmt.age(m.created_at, now), m.spec.backend, str(m.spec.context_length),
-                       f"{m.max_surge}/{m.max_unavailable}", " ".join(m.spec.args) or "-")
+                       f"{m.max_surge}/{m.max_unavailable}", scaling_cell(m), m.priority,
+                       " ".join(m.spec.args) or "-")
+
+
+def scaling_cell(model: schemas.ModelOut) -> Text:
+    """The SCALING column: `manual`, or `auto 0-4 @8` (min-max replicas, target in flight per replica)."""
+    if model.max_replicas is None:
+        return Text("manual", style="dim")
+    return Text(f"auto {model.min_replicas}-{model.max_replicas} @{model.target_concurrency}")
+
+
+def scaling_text(model: schemas.ModelOut, now: datetime, ready: int | None = None) -> Text:
+    """Autoscaling in words: the range and timings, desired vs current, and the last decision with its reason."""
+    text = Text()
+    if model.max_replicas is None:
+        text.append("manual (maas model autoscale NAME --max N turns autoscaling on)", style="dim")
+        return text
+    ready = model.ready_replicas if ready is None else ready
+    text.append(f"{model.min_replicas}-{model.max_replicas} replicas, {model.target_concurrency} in flight per replica; "
+                f"desired {model.replicas}, running {ready}")
+    text.append(f" · down after {fmt_seconds(model.scale_down_delay)}", style="dim")
+    if model.min_replicas == 0:
+        text.append(f", to zero after {fmt_seconds(model.idle_timeout)} idle", style="dim")
+    text.append(f", requests held up to {fmt_seconds(model.cold_start_timeout)} while a replica starts", style="dim")
+    if model.scale_reason:
+        when = f" ({fmt.age(model.scaled_at, now)} ago)" if model.scaled_at else ""
+        text.append(f"\nlast: {model.scale_reason}{when}")
+    return text
+
+
+def fmt_seconds(seconds: float) -> str:
+    """90 -> `90 s`, 900 -> `15 min`, 7200 -> `2 h`."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 def rollout_cell(rollout: schemas.RolloutStatus | None) -> Text:
@@ -116,6 +153,10 @@ def describe(model: schemas.ModelOut, *, instances: list[schemas.InstanceOut], e
                                  f"{model.max_unavailable})")
     if rollout is not None:
         fields.add_row("Rollout", rollout_text(rollout))
+    if model.max_replicas is not None:  # manual models: the Replicas line says it all
+        fields.add_row("Autoscaling", scaling_text(model, now, ready))
+    if model.priority != "normal":
+        fields.add_row("Priority", Text(model.priority))
     fields.add_row("Backend", Text(spec.backend + (f" {spec.backend_version}" if spec.backend_version else "")))
     fields.add_row("Source", Text(spec.source))
     fields.add_row("Context", str(spec.context_length))
@@ -143,7 +184,11 @@ def document_of(model: schemas.ModelOut) -> dict[str, Any]:
     """`maas model get NAME -o yaml|json`: what `maas apply -f` takes back unchanged (it ignores status)."""
     spec = model.spec.model_dump(mode="json", exclude_none=True) | {
         "replicas": model.replicas, "max_surge": model.max_surge, "max_unavailable": model.max_unavailable}
+    spec |= model.model_dump(mode="json", include=set(schemas.SCALING_FIELDS), exclude_none=True)
     status = {"state": str(model.state), "generation": model.generation, "ready_replicas": model.ready_replicas,
               "paused": model.paused, "rollout_message": model.rollout_message}
+    if model.max_replicas is not None:
+        status |= {"desired_replicas": model.replicas, "scale_reason": model.scale_reason,
+                   "scaled_at": model.scaled_at.isoformat() if model.scaled_at else None}
     metadata = ("team", "id", "created_at", "updated_at") if model.team is not None else ("id", "created_at", "updated_at")
     return document(KIND, model, spec, status, metadata)

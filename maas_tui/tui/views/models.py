@@ -45,6 +45,9 @@ class ModelsScreen(DetailTableScreen):
         if model is not None and rollout is not None:
             text.append(f" {model.name} ", style="bold")
             text.append_text(render.rollout_text(rollout))
+        if model is not None and model.max_replicas is not None:  # autoscaled: desired, running, the last decision
+            text.append("\n autoscaling ", style="bold")
+            text.append_text(render.scaling_text(model, self.now, self.state.ready_counts()[model.id]))
         return text
 
     def describe(self, key: str) -> None:
