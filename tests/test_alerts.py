@@ -9,19 +9,24 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
+from typer.testing import CliRunner
 
 from agent.agent import Agent, AgentConfig
 from conftest import eventually, free_port
 from maas_tui.cli.alert_cmds import parse_duration
+from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
 from server.alerts.rules import RULES
 from server.alerts.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, verify
 from server.app import MaasServer
 from server.config import ServerConfig
+from server.events import record_event
 from server.schemas.alerts import RULE_NAMES, webhook_url_problem
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,7 +51,10 @@ def bench_model(name: str, source: Path, args: list[str], replicas: int = 1) -> 
 async def server(tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MaasServer]:
     monkeypatch.setenv("MAAS_ALERT_INTERVAL", "0.3")
     monkeypatch.setenv("MAAS_ALERT_WEBHOOK_BACKOFF", "0.05")
-    config = ServerConfig(data_dir=tmp_path / "data", port=free_port(), database_url=store_url, resync_interval=2.0)
+    monkeypatch.setenv("MAAS_ALERT_EVENT_QUIET_SECONDS", "2")
+    monkeypatch.setenv("MAAS_ALERT_GPU_TEMPERATURE", "90")
+    config = ServerConfig(data_dir=tmp_path / "data", port=free_port(), database_url=store_url, resync_interval=2.0,
+                          worker_timeout=2.0)
     srv = MaasServer(config)
     await srv.start()
     try:
@@ -164,6 +172,61 @@ async def test_a_crash_loop_fires_is_delivered_signed_after_retries_silenced_and
 
     expired = await admin.expire_silence(silence.id)
     assert not expired.active
+
+
+async def test_state_and_event_rules_fire_and_resolve(server: MaasServer, admin: MaasClient, tmp_path: Path):
+    # A worker that registers and never sends a heartbeat: not ready after worker_timeout.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/v2/agent/register", json={"name": "silent", "address": "127.0.0.1",
+                                                                      "agent_port": 1},
+                             headers={"Authorization": f"Bearer {server.cluster_token}"}) as response:
+            worker_id = (await response.json())["worker"]["id"]
+    # Its GPU 0 reported at 95 °C (what a heartbeat puts in the live telemetry), GPU 1 at 60 °C.
+    server.telemetry.update(worker_id, {"gpus": [{"index": 0, "temperature": 95.0}, {"index": 1, "temperature": 60.0}]})
+    # Another helper's drift check and the gateway's limits record these events; here one of each.
+    async with server.db.session() as s:
+        record_event(s, "instances", SimpleNamespace(id=None, name="chat-abc123", team="default"), "MemoryDrift",
+                     "uses 2.1 GB of its 1.0 GB claim; suggested --memory 3GiB", "telemetry")
+        record_event(s, "teams", SimpleNamespace(id=None, name="default", team="default"), "LimitNearlyReached",
+                     "team default used 91% of its daily token budget", "gateway")
+        await s.commit()
+
+    async def raised() -> set[tuple[str, str]]:  # the event rules may have resolved again already (2 s)
+        return {(a.rule, a.object_name) for a in await admin.list_alerts("all")}
+    expected = {("WorkerNotReady", "silent"), ("GpuTemperature", "silent/gpu0"), ("MemoryDrift", "chat-abc123"),
+                ("LimitNearlyReached", "default")}
+    await eventually(lambda: _contains(raised(), expected), timeout=20, message="every rule raised")
+    assert ("GpuTemperature", "silent/gpu1") not in await raised()
+    drift = next(a for a in await admin.list_alerts() if a.rule == "MemoryDrift")
+    assert drift.team == "default" and "suggested --memory 3GiB" in drift.message and drift.object_kind == "instances"
+
+    listed = await asyncio.to_thread(cli, server, admin.token, tmp_path, "alert", "list", "--state", "firing")
+    assert listed.exit_code == 0 and "WorkerNotReady" in listed.output and "silent/gpu0" in listed.output
+    silenced = await asyncio.to_thread(cli, server, admin.token, tmp_path, "alert", "silence", "GpuTemperature",
+                                       "--object", "silent/gpu0", "--for", "2h")
+    assert silenced.exit_code == 0, silenced.output
+    shown = await asyncio.to_thread(cli, server, admin.token, tmp_path, "alert", "silence", "list")
+    assert "GpuTemperature" in shown.output and "silent/gpu0" in shown.output
+    bad = await asyncio.to_thread(cli, server, admin.token, tmp_path, "alert", "webhook", "add", "file:///etc/passwd")
+    assert bad.exit_code == 2 and "http" in bad.output
+
+    # Cooled down and deleted; the event rules resolve after their quiet time (2 s here).
+    server.telemetry.update(worker_id, {"gpus": [{"index": 0, "temperature": 70.0}]})
+    await admin.delete_worker("silent")
+
+    async def resolved() -> set[tuple[str, str]]:
+        return {(a.rule, a.object_name) for a in await admin.list_alerts("resolved")}
+    await eventually(lambda: _contains(resolved(), expected), timeout=20, message="every alert resolved")
+
+
+async def _contains(found, expected: set) -> bool:
+    return expected <= await found
+
+
+def cli(server, token: str, tmp_path: Path, *args: str):
+    env = {"MAAS_SERVER": server.url, "MAAS_API_KEY": token, "MAAS_CONFIG": str(tmp_path / "cli.json"),
+           "COLUMNS": "250"}
+    return CliRunner().invoke(cli_app, list(args), env=env)
 
 
 async def _async(value: bool) -> bool:
