@@ -61,3 +61,12 @@ test-ray: $(VENV)/.installed
 	@sh scripts/ensure-vllm.sh $(VLLM_VENV)
 	MAAS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m ray --durations=3 -s \
 		tests/test_ray_multihost.py $(PYTEST_ARGS)
+
+# Opt-in: the Docker runtime for real (root): a dockerd of its own on a private socket (never
+# /var/run/docker.sock; --iptables=false, so the Ray tier is unaffected), Debian's docker-registry on
+# 127.0.0.1, a llama.cpp image built here with `docker import`, and the real agent with --runtime docker.
+# scripts/ensure-docker.sh installs docker.io and docker-registry (about 20 s, once); the tier about 1.5 minutes.
+.PHONY: test-docker
+test-docker: $(VENV)/.installed
+	@sh scripts/ensure-docker.sh
+	MAAS_TEST_DOCKER=1 $(BIN)/python -m pytest -m docker --durations=3 -s tests/test_docker_engine.py $(PYTEST_ARGS)

@@ -504,8 +504,9 @@ class Agent:
         self.ports.release(workload.port)
         if not workload.stopping:
             why = "did not become healthy" if not healthy else "exited"
+            what = "container" if workload.runtime is not None and workload.runtime.name == "docker" else "process"
             await self._set_state(workload, "error",
-                                  f"process {why} (exit code {'unknown' if code is None else code}); "
+                                  f"{what} {why} (exit code {'unknown' if code is None else code}); "
                                   f"log tail:\n{tail_text(path, 30)}")
 
     # --- adopting what a previous agent left running (processes by pidfile, containers by label) ----------
