@@ -79,12 +79,18 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
     shown = await asyncio.to_thread(cli, server, api_key, tmp_path, "bench", "history", "quick")
     assert shown.exit_code == 0 and "ttft_p95 <= 1.5 * previous" in shown.output and "gate (" in shown.output
 
-    # The operator accepts it: resumed, the rollout completes.
+    async def stalled(state: str) -> bool:
+        return any(a.rule == "RolloutStalled" and a.object_name == "quick" and "bench gate" in a.message
+                   for a in await admin.list_alerts(state))
+    await eventually(lambda: stalled("firing"), timeout=20, message="the RolloutStalled alert")
+
+    # The operator accepts it: resumed, the rollout completes and the alert resolves.
     await admin.rollout_action("quick", "resume")
 
     async def complete() -> bool:
         return (await admin.rollout_status("quick")).complete
     await eventually(complete, timeout=40, message="the rollout complete after resume")
+    await eventually(lambda: stalled("resolved"), timeout=20, message="the RolloutStalled alert resolved")
 
 
 def test_the_gate_grammar():
