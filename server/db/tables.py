@@ -449,4 +449,9 @@ class GatewayLimitCounter(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    # Its parts of the limits (what it may admit while it has peers) and what it was refused for want of them.
+    cap_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    cap_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cap_in_flight: Mapped[int] = mapped_column(BigInteger, default=0)
+    wants: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -13,17 +13,22 @@ use a window's allowance at its end and the next one's at its start). Tokens are
 answer is complete, so the admission looks at the tokens counted so far: `tpm` can be passed by the
 tokens of the requests in flight when it is reached. Budgets are per UTC day and calendar month.
 
-Several servers (PostgreSQL). Each server keeps its own counts and, every `sync_seconds` (1 s),
-writes them to `gateway_limit_counters` (one row per limited subject it served this window, plus
-one liveness row) and reads the others'. From the cluster's total it takes a share of what is left:
-remaining x (its count + 1) / (the sum of every live server's count + 1), which it may use before
-the next exchange; the shares add up to what is left, so the servers together stay within the limit.
-Worst-case overshoot: one request per server (a share is used up to its last whole request), and,
-while a server does not know of another (the first `sync_seconds` after one starts, or while the
-store is unreachable), up to servers x sync interval x the rate they admit. The same holds for
-requests in flight. Budgets are summed from the usage table (which every server writes every 2 s)
-every `budget_seconds` (5 s): they can be passed by what the other servers served in between.
-SQLite and MySQL/MariaDB serve one server (server/leader.py), whose counts are exact.
+Several servers (PostgreSQL). Each server admits on its own counts, within its part of each limit
+(rpm, tpm, max_concurrency). Every `sync_seconds` (1 s) it takes a PostgreSQL advisory lock that the
+servers take in turn, reads the live peers' rows of `gateway_limit_counters` (counts, parts, and whether
+each was refused for want of its part), sets its own parts (`new_part`) and writes its rows. A part grows
+only into what no server holds, so the parts add up to at most the limit however stale a server's view of
+the others' counts: a server that was refused takes an even split of the unheld rest; one that was not
+gives back what it did not use when others were refused; a server alone holds the whole limit. So the
+cluster admits at most the limit in a window, and a busy server gets the idle ones' parts within about
+two exchanges. Worst-case overshoot: none for requests and requests in flight while every server sees
+the others; `tpm` by the tokens of the requests in flight when it is reached, on each server; and while a
+server does not know of another (in the first `sync_seconds` after a rule or a server appears, or once a
+server's rows are older than 10 s because it cannot reach the store) up to servers x sync interval x
+the rate each admits, as each then holds the whole limit. Budgets are summed from the usage table (which
+every server writes every 2 s) every `budget_seconds` (5 s): they can be passed by what the other servers
+served in between (servers x 7 s x token rate). SQLite and MySQL/MariaDB serve one server
+(server/leader.py), whose counts are exact.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from server.schemas.limits import LIMIT_FIELDS, LimitsOut, LimitUsage
 
 log = logging.getLogger(__name__)
 
+WANTS_REQUESTS, WANTS_TOKENS, WANTS_IN_FLIGHT = 1, 2, 4  # refused for want of this server's part of a limit
 NEARLY_REACHED = 0.9  # a budget this far used records LimitNearlyReached, once per period
 _SCOPE_WORDS = {"key": "API key", "team": "team", "model": "model"}
 
@@ -56,7 +62,7 @@ class Rule:
     __slots__ = ("scope", "subject", "rpm", "tpm", "max_concurrency", "budget_day", "budget_month",
                  "window", "requests", "tokens", "in_flight", "published",
                  "remote_window", "remote_requests", "remote_tokens", "remote_in_flight", "peers",
-                 "share_requests", "share_tokens", "cap_in_flight", "fraction", "synced_requests", "synced_tokens",
+                 "cap_requests", "cap_tokens", "cap_in_flight", "wants",
                  "day_base", "day_since", "month_base", "month_since", "notified")
 
     def __init__(self, scope: str, subject: Any):
@@ -69,9 +75,10 @@ class Rule:
         self.remote_window = -1
         self.remote_requests = self.remote_tokens = self.remote_in_flight = 0
         self.peers = 0
-        self.share_requests = self.share_tokens = self.cap_in_flight = 0.0
-        self.fraction = 1.0  # this server's weight at the last exchange: its share when a window begins
-        self.synced_requests = self.synced_tokens = 0
+        # This server's part of each limit while it has peers (module docstring), and what it was refused
+        # for want of it since the last exchange (WANTS_* bits).
+        self.cap_requests = self.cap_tokens = self.cap_in_flight = 0
+        self.wants = 0
         self.day_base = self.day_since = self.month_base = self.month_since = 0
         self.notified: set[tuple[str, date]] = set()
 
@@ -90,10 +97,7 @@ class Rule:
     def roll(self, window: int) -> None:
         if window != self.window:
             self.window = window
-            self.requests = self.tokens = self.synced_requests = self.synced_tokens = 0
-            # Until the next exchange, the share of a fresh window is this server's last weight.
-            self.share_requests = (self.rpm or 0) * self.fraction
-            self.share_tokens = (self.tpm or 0) * self.fraction
+            self.requests = self.tokens = 0  # the caps hold from window to window
 
     def cluster_requests(self) -> int:
         return self.requests + (self.remote_requests if self.remote_window == self.window else 0)
@@ -258,20 +262,26 @@ class GatewayLimits:
             self._refuse(rules, now, "budget_exceeded", f"the monthly token budget of the {rule.named(key_name)} is "
                          f"used up ({rule.used_month()} of {rule.budget_month} tokens this month, UTC)",
                          self._month_ends - now)
-        if rule.max_concurrency is not None and (
-                rule.in_flight >= rule.max_concurrency if alone else rule.in_flight >= rule.cap_in_flight):
+        if rule.max_concurrency is not None and rule.in_flight >= (rule.max_concurrency if alone
+                                                                    else rule.cap_in_flight):
+            if not alone:
+                rule.wants |= WANTS_IN_FLIGHT
             self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} has "
                          f"{rule.in_flight if alone else 'its share of'} requests in flight: its limit is "
                          f"{rule.max_concurrency} at once (max_concurrency)", self.sync_seconds)
         window_left = (rule.window + 1) * self.window - now
         if rule.rpm is not None:
             full = rule.cluster_requests() >= rule.rpm
-            if full or (not alone and rule.requests - rule.synced_requests >= rule.share_requests):
+            if full or (not alone and rule.requests >= rule.cap_requests):
+                if not full:
+                    rule.wants |= WANTS_REQUESTS
                 self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
                              f"{rule.rpm} requests per minute (rpm)", window_left if full else self.sync_seconds)
         if rule.tpm is not None:
             full = rule.cluster_tokens() >= rule.tpm
-            if full or (not alone and rule.tokens - rule.synced_tokens >= rule.share_tokens):
+            if full or (not alone and rule.tokens >= rule.cap_tokens):
+                if not full:
+                    rule.wants |= WANTS_TOKENS
                 self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
                              f"{rule.tpm} tokens per minute (tpm)", window_left if full else self.sync_seconds)
 
@@ -464,61 +474,60 @@ class GatewayLimits:
                 log.warning("could not exchange limit counters with the other servers: %s", exc)
 
     async def _exchange(self) -> None:
-        """Write this server's counts, read the others', and take this server's shares (module docstring)."""
+        """Under a lock all servers take in turn: read the live peers' rows, set this server's parts of each
+        limit (new_part), write its rows. Parts only ever grow into what no server holds, so together they
+        stay within each limit however stale this server's counts are (module docstring)."""
+        from sqlalchemy import text
         from sqlalchemy.dialects.postgresql import insert
 
         counters = _counters()
         now = self.clock()
         window = int(now // self.window)
-        stamp = datetime.now(UTC)
         rated = [rule for rule in self.rules.values() if rule.rated]
-        rows = [{"server_id": self.server_id, "scope": "server", "subject": "", "window_index": window, "requests": 0,
-                 "tokens": 0, "in_flight": 0, "updated_at": stamp}]
-        for rule in rated:
-            rule.roll(window)
-            busy = bool(rule.requests or rule.tokens or rule.in_flight)
-            if busy or rule.published:
+        async with self.db.session() as s:
+            await s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EXCHANGE_LOCK})
+            stamp = datetime.now(UTC)
+            others = (await s.execute(select(counters).where(
+                counters.server_id != self.server_id,
+                counters.updated_at >= stamp - timedelta(seconds=_LIVE_SECONDS)))).scalars().all()
+            live = {row.server_id for row in others if row.scope == "server"}
+            by_subject: dict[tuple[str, str], list[Any]] = {}
+            for row in others:
+                if row.scope != "server" and row.server_id in live:
+                    by_subject.setdefault((row.scope, row.subject), []).append(row)
+            peers = len(live)
+            rows = [{"server_id": self.server_id, "scope": "server", "subject": "", "window_index": window,
+                     "requests": 0, "tokens": 0, "in_flight": 0, "cap_requests": 0, "cap_tokens": 0,
+                     "cap_in_flight": 0, "wants": 0, "updated_at": stamp}]
+            for rule in rated:
+                rule.roll(window)
+                theirs = by_subject.get((rule.scope, str(rule.subject)), [])
+                current = [row for row in theirs if row.window_index == window]
+                rule.peers = peers
+                rule.remote_window = window
+                rule.remote_requests = sum(row.requests for row in current)
+                rule.remote_tokens = sum(row.tokens for row in current)
+                rule.remote_in_flight = sum(row.in_flight for row in theirs)
+                wants, rule.wants = rule.wants, 0
+                rule.cap_requests = new_part(rule.rpm, rule.requests, rule.cap_requests, wants & WANTS_REQUESTS,
+                                             [(row.cap_requests, row.wants & WANTS_REQUESTS) for row in theirs], peers)
+                rule.cap_tokens = new_part(rule.tpm, rule.tokens, rule.cap_tokens, wants & WANTS_TOKENS,
+                                           [(row.cap_tokens, row.wants & WANTS_TOKENS) for row in theirs], peers)
+                rule.cap_in_flight = new_part(rule.max_concurrency, rule.in_flight, rule.cap_in_flight,
+                                              wants & WANTS_IN_FLIGHT,
+                                              [(row.cap_in_flight, row.wants & WANTS_IN_FLIGHT) for row in theirs],
+                                              peers)
                 rows.append({"server_id": self.server_id, "scope": rule.scope, "subject": str(rule.subject),
                              "window_index": window, "requests": rule.requests, "tokens": rule.tokens,
-                             "in_flight": rule.in_flight, "updated_at": stamp})
-            rule.published = busy
-        statement = insert(counters).values(rows)
-        statement = statement.on_conflict_do_update(
-            index_elements=["server_id", "scope", "subject"],
-            set_={name: statement.excluded[name] for name in ("window_index", "requests", "tokens", "in_flight",
-                                                               "updated_at")})
-        async with self.db.session() as s:
-            await s.execute(statement)
+                             "in_flight": rule.in_flight, "cap_requests": rule.cap_requests,
+                             "cap_tokens": rule.cap_tokens, "cap_in_flight": rule.cap_in_flight, "wants": wants,
+                             "updated_at": stamp})
+            statement = insert(counters).values(rows)
+            await s.execute(statement.on_conflict_do_update(
+                index_elements=["server_id", "scope", "subject"],
+                set_={name: statement.excluded[name] for name in rows[0] if name not in ("server_id", "scope",
+                                                                                         "subject")}))
             await s.commit()
-            others = (await s.execute(select(counters).where(
-                counters.server_id != self.server_id, counters.updated_at >= stamp - timedelta(seconds=10)))).scalars().all()
-        live = {row.server_id for row in others if row.scope == "server"}
-        by_subject: dict[tuple[str, str], list[Any]] = {}
-        for row in others:
-            if row.scope != "server" and row.server_id in live:
-                by_subject.setdefault((row.scope, row.subject), []).append(row)
-        peers = len(live)
-        for rule in rated:
-            rows_of = by_subject.get((rule.scope, str(rule.subject)), [])
-            current = [row for row in rows_of if row.window_index == rule.window]
-            rule.peers = peers
-            rule.remote_window = rule.window
-            rule.remote_requests = sum(row.requests for row in current)
-            rule.remote_tokens = sum(row.tokens for row in current)
-            rule.remote_in_flight = sum(row.in_flight for row in rows_of)
-            rule.synced_requests, rule.synced_tokens = rule.requests, rule.tokens
-            # Weights: each live server's count + 1 (an idle server keeps a little).
-            weight = rule.requests + 1
-            rule.fraction = weight / (rule.cluster_requests() + peers + 1)
-            if rule.rpm is not None:
-                rule.share_requests = max(0, rule.rpm - rule.cluster_requests()) * rule.fraction
-            if rule.tpm is not None:
-                token_fraction = (rule.tokens + 1) / (rule.cluster_tokens() + peers + 1)
-                rule.share_tokens = max(0, rule.tpm - rule.cluster_tokens()) * token_fraction
-            if rule.max_concurrency is not None:
-                flying = rule.in_flight + rule.remote_in_flight
-                rule.cap_in_flight = rule.in_flight + max(0, rule.max_concurrency - flying) * (
-                    (rule.in_flight + 1) / (flying + peers + 1))
 
     # --- what the API shows -----------------------------------------------------------
 
@@ -538,6 +547,35 @@ async def add_limit_headers(request: web.Request, response: web.StreamResponse) 
     ticket = request.get(_TICKET)
     if ticket is not None:
         response.headers.update(ticket.limits.headers(ticket.rules, ticket.limits.clock()))
+
+
+def new_part(limit: int | None, used: int, part: int, wanting: int, theirs: list[tuple[int, int]], peers: int) -> int:
+    """This server's new part of a limit, from the peers' parts and whether each was refused for want of its
+    own (`theirs`: (part, wanting) of the peers that have a row for the subject). Alone: all of it. Otherwise
+    it gives back what the limit no longer allows; takes, when refused, an even split of what no server holds
+    among those refused, and else up to a fair share (limit / servers) of it; and when others were refused
+    and it was not, keeps only what it used this window and a little more. A part never grows beyond what
+    no server holds: the parts add up to at most the limit."""
+    if limit is None:
+        return 0
+    if not peers:
+        return limit
+    unclaimed = limit - part - sum(their_part for their_part, _ in theirs)
+    if unclaimed < 0:
+        return max(0, part + unclaimed)
+    others_want = sum(1 for _, want in theirs if want)
+    fair = limit // (peers + 1)
+    if wanting:
+        part += unclaimed // (1 + others_want) or (1 if unclaimed and not others_want else 0)
+    elif part < fair:
+        part += min(fair - part, unclaimed)
+    if others_want and not wanting:
+        part = min(part, used + max(1, fair // 10))
+    return part
+
+
+_EXCHANGE_LOCK = 0x6D616173_6C696D  # pg_advisory_xact_lock key of the exchange ("maaslim")
+_LIVE_SECONDS = 10  # a server whose rows are older is gone: its parts are free again
 
 
 def _counters() -> Any:
