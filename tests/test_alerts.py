@@ -22,12 +22,15 @@ from conftest import eventually, free_port
 from maas_tui.cli.alert_cmds import parse_duration
 from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
+from maas_tui.tui.app import MaasApp
+from maas_tui.tui.views.alerts import AlertsScreen
 from server.alerts.rules import RULES
 from server.alerts.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, verify
 from server.app import MaasServer
 from server.config import ServerConfig
 from server.events import record_event
 from server.schemas.alerts import RULE_NAMES, webhook_url_problem
+from test_tui import command, screen_text, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,6 +212,16 @@ async def test_state_and_event_rules_fire_and_resolve(server: MaasServer, admin:
     assert "GpuTemperature" in shown.output and "silent/gpu0" in shown.output
     bad = await asyncio.to_thread(cli, server, admin.token, tmp_path, "alert", "webhook", "add", "file:///etc/passwd")
     assert bad.exit_code == 2 and "http" in bad.output
+
+    # The TUI: the header counts what fires (the watch's snapshot), :alerts lists it; at 80x24.
+    app = MaasApp(MaasClient(server.url, admin.token))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.state.connected and app.state.summary().alerts_firing >= 1, what="alerts")
+        assert "alerts" in screen_text(app).splitlines()[0]
+        await command(pilot, "alerts")
+        await until(pilot, lambda: isinstance(app.screen, AlertsScreen) and "WorkerNotReady" in screen_text(app),
+                    what="the alerts view")
+        assert "worker/silent" in screen_text(app)
 
     # Cooled down and deleted; the event rules resolve after their quiet time (2 s here).
     server.telemetry.update(worker_id, {"gpus": [{"index": 0, "temperature": 70.0}]})
