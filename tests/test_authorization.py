@@ -490,8 +490,17 @@ ENTRIES.update({
 # Gateway limits (server/services/limits.py): your own key's, a team's (admin), a model's (admins, operators).
 ENTRIES.update({
     "GET /v2/limits": (ANY_USER, _fixed(Call("/v2/limits"))),
-    "PATCH /v2/keys/{name}/limits": (ANY_USER, _fixed(Call("/v2/keys/matrix-own/limits", {"rpm": 100000}))),
+    "PATCH /v2/keys/{name}/limits": (ANY_USER, lambda w, c: _own_fresh_key_limits(w, c)),
     "PATCH /v2/teams/{name}/limits": (ADMIN, _fixed(Call("/v2/teams/red/limits", {"rpm": 100000}))),
     "PATCH /v2/models/{name}/limits": (policy(viewer="403", member="403", other="404", operator=OK, admin=OK),
                                        _fixed(Call("/v2/models/red-model/limits", {"rpm": 100000}))),
 })
+
+
+async def _own_fresh_key_limits(world: World, caller: str) -> Call:
+    """A key of the caller's own (the matrix revokes matrix-own earlier)."""
+    name = world.unique("limited")
+    if caller in USERS:
+        async with MaasClient(world.admin.server, world.tokens[caller]) as client:  # type: ignore[attr-defined]
+            await client.create_key(name)
+    return Call(f"/v2/keys/{name}/limits", {"rpm": 100000})
