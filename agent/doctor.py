@@ -54,7 +54,7 @@ def judge_docker(runtime: str, engine: str | None, error: str | None, runtimes: 
         if runtime == "docker":
             return [check("docker", "fail", f"no Docker engine answers ({error or 'no socket'}), and the runtime is docker",
                           "start dockerd (or set DOCKER_HOST), or run the agent with --runtime process")]
-        return [check("docker", "ok", f"not used (runtime {runtime}); no engine here")]
+        return [check("docker", "ok", f"not used (runtime {runtime}); no engine answers here")]
     out = [check("docker", "ok", f"engine {engine} (runtime {runtime})")]
     names = set(runtimes)
     if "nvidia" in names:
@@ -138,8 +138,7 @@ def judge_python(version: tuple[int, ...], packages: dict[str, str | None]) -> l
             out.append(check(f"backend {backend}", "ok", found))
         else:
             out.append(check(f"backend {backend}", "skip", "not installed for this agent",
-                             f"install {BACKEND_PACKAGES.get(backend, backend)} to serve {backend} here (or a "
-                             "container image, or an interpreter: MAAS_VLLM_PYTHON, ...)"))
+                             f"install {BACKEND_PACKAGES.get(backend, backend)} to serve {backend} here"))
     return out
 
 

@@ -125,10 +125,10 @@ def test_top_frame_renders_workers_and_instances():
         worker_id=1, worker="gpu-1", gpu=0, t=[0, 5], utilization=[20, 80], memory_used=[1, 2], power_watts=[1, 2],
         temperature=[50, 60])], instances=[InstanceHistory(
         instance_id=9, instance="llama-0", model="llama", t=[0], requests_per_s=[1.5], tokens_per_s=[30],
-        latency_s=[0.2], memory_used=[1], memory=InstanceMemory(device="gpu", claimed_bytes=10, used_bytes=20,
+        latency_s=[0.2], memory_used=[1], memory=InstanceMemory(device="gpu", claimed_bytes=10 << 30, used_bytes=20 << 30,
                                                                 ratio=2, drift="over", reported_at=0))])
     out = StringIO()
     Console(file=out, width=120, color_system=None).print(top_frame([worker], [instance], history, width=120))
     text = out.getvalue()
     assert "gpu-1" in text and "80%" in text and "60°C" in text and "llama-0" in text and "1.50" in text
-    assert "200ms" in text and "20B/10B" in text
+    assert "200ms" in text and "20.0 GiB/10.0 GiB" in text

@@ -215,6 +215,13 @@ def model_describe(name: str, output: Format = OutputOption) -> None:
         model, instances=description.instances, events=list(reversed(description.events)),
         rollout=rollout_status(model, description.instances), now=now(), estimate=description.estimate,
         estimate_error=description.estimate_error))
+    from rich.console import Group
+    from rich.text import Text
+
+    from maas_tui.render.telemetry import model_activity
+
+    activity = call(lambda c: c.telemetry(model=name, since="15m"))  # this server's traffic and memory history
+    print_renderable(Group(Text(""), model_activity(activity)))
 
 
 def show_models(models: list[schemas.ModelOut], output: Format, instances: list[schemas.InstanceOut] = ()) -> None:

@@ -99,9 +99,15 @@ def redact(value: Any) -> Any:
 def write_bundle(path: Path, reports: list) -> Path:
     """versions, the redacted client configuration, doctor reports, workers, instances, recent events and
     the last lines of each instance's log (what an operator attaches to a support request)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from maas_tui import config as client_config
     from maas_tui.cli.main import call
-    from server import __version__
+
+    try:
+        client_version = version("maas-base")
+    except PackageNotFoundError:
+        client_version = "unknown"
 
     async def gather(client: Any) -> dict[str, Any]:
         health, workers, instances, events = await asyncio.gather(
@@ -120,7 +126,7 @@ def write_bundle(path: Path, reports: list) -> Path:
     data = call(gather)
     config = client_config.load()
     files: dict[str, str] = {
-        "versions.json": json.dumps({"client": __version__, "python": sys.version, "platform": platform.platform(),
+        "versions.json": json.dumps({"client": client_version, "python": sys.version, "platform": platform.platform(),
                                      "server": data["health"]}, indent=2, default=str),
         "config.json": json.dumps(redact({"server": config.server, "token": config.token}), indent=2),
         "doctor.json": json.dumps([r.model_dump(mode="json") for r in reports], indent=2),

@@ -82,7 +82,7 @@ def describe(inst: schemas.InstanceOut, *, events: Iterable[schemas.EventOut], n
         fields.add_row("Memory" if number == 0 else "", line)
     if activity is not None:
         fields.add_row("Actual", telemetry.memory_line(activity.memory))
-        fields.add_row("Traffic", telemetry.instance_activity(activity, width=20))
+        fields.add_row("Traffic", telemetry.instance_activity(activity))
     fields.add_row("Restarts", str(inst.restart_count))
     fields.add_row("Backend", Text(f"{inst.spec.backend} · ctx {inst.spec.context_length}"
                                    f"{' · cpu only' if inst.spec.cpu_only else ''}"))

@@ -50,14 +50,30 @@ def braille(values: Sequence[float | None], width: int, height: int, high: float
     return rows
 
 
-def sparkline(values: Sequence[float | None], width: int, high: float | None = None) -> str:
-    samples = present(values)
+def sparkline(values: Sequence[float | None], width: int, high: float | None = None, gaps_as_zero: bool = False) -> str:
+    """Block characters; a bucket without a value repeats the one before (a gauge) or, with
+    `gaps_as_zero`, is 0 (latency: no request in it)."""
+    samples = [v or 0.0 for v in values] if gaps_as_zero else present(values)
     top = high if high is not None else max(samples, default=0.0) or 1.0
     return fmt.sparkline(samples, width, top)
 
 
 def last(values: Sequence[float | None]) -> float | None:
     return next((v for v in reversed(values) if v is not None), None)
+
+
+def recent(values: Sequence[float | None], step: float, seconds: float = 60.0) -> float | None:
+    """The mean over the last `seconds` (rates and latency read better over a minute than one 5 s bucket)."""
+    window = [v for v in values[-max(1, int(seconds // max(step, 1e-9))):] if v is not None]
+    return sum(window) / len(window) if window else None
+
+
+def binary_bytes(value: float | None) -> str:
+    """MiB and GiB, as `--memory` takes them."""
+    value = float(value or 0)
+    if value >= 1 << 30:
+        return f"{value / (1 << 30):.1f} GiB"
+    return f"{value / (1 << 20):.0f} MiB"
 
 
 def graph(title: str, values: Sequence[float | None], width: int, height: int, high: float, now: str) -> Text:
@@ -97,10 +113,10 @@ def _span(t: Sequence[float]) -> str:
 
 
 def memory_line(memory: InstanceMemory | None) -> Text:
-    """`Memory  claim 1.0 GB, uses 0.2 GB (20%, under: deploy with --memory 256MiB)`."""
+    """`claim 64 MiB, uses 231 MiB (host RSS) 344%  over its claim: deploy with --memory 320MiB`."""
     if memory is None:
         return Text("not reported (no process, or the GPU driver does not say what each process uses)", style="dim")
-    text = Text(f"claim {fmt.human_bytes(memory.claimed_bytes)}, uses {fmt.human_bytes(memory.used_bytes)} "
+    text = Text(f"claim {binary_bytes(memory.claimed_bytes)}, uses {binary_bytes(memory.used_bytes)} "
                 f"({'host RSS' if memory.device == 'cpu' else 'NVML'})")
     if memory.ratio is not None:
         text.append(f" {memory.ratio * 100:.0f}%", style="bold red" if memory.drift == "over" else
@@ -109,21 +125,21 @@ def memory_line(memory: InstanceMemory | None) -> Text:
         text.append(f"  {memory.drift} its claim: deploy with --memory {memory.suggested_memory}",
                     style="red" if memory.drift == "over" else "yellow")
     if memory.per_gpu:
-        text.append("  per GPU: " + ", ".join(f"{i}: {fmt.human_bytes(u)}/{fmt.human_bytes(c)}"
+        text.append("  per GPU: " + ", ".join(f"{i}: {binary_bytes(u)}/{binary_bytes(c)}"
                                              for i, (c, u) in sorted(memory.per_gpu.items())), style="dim")
     return text
 
 
-def instance_activity(history: InstanceHistory | None, width: int = 30) -> Text:
-    """One line: requests/s, tokens/s and latency sparklines with their latest values."""
+def instance_activity(history: InstanceHistory | None, width: int = 10, step: float = 5.0) -> Text:
+    """One line: requests/s, tokens/s and latency sparklines with their means over the last minute."""
     if history is None or not history.t:
         return Text("no requests through this server yet", style="dim")
     text = Text()
     for label, values, unit in (("req/s", history.requests_per_s, ""), ("tok/s", history.tokens_per_s, ""),
                                 ("latency", history.latency_s, "s")):
-        current = last(values)
+        current = recent(values, step)
         text.append(f"{label} ", style="bold")
-        text.append(sparkline(values, width), style="cyan")
+        text.append(sparkline(values, width, gaps_as_zero=True), style="cyan")
         text.append(f" {current:.2f}{unit}  " if current is not None else " -  ")
     return text
 
@@ -174,11 +190,12 @@ def top_frame(workers: Iterable[schemas.WorkerOut], instances: Iterable[schemas.
         table.add_column(column, no_wrap=True)
     for instance in instances:
         h = by_instance.get(instance.id)
-        rate = last(h.requests_per_s) if h else None
-        tokens = last(h.tokens_per_s) if h else None
-        latency = last(h.latency_s) if h else None
+        step = history.step_seconds
+        rate = recent(h.requests_per_s, step) if h else None
+        tokens = recent(h.tokens_per_s, step) if h else None
+        latency = recent(h.latency_s, step) if h else None
         memory = h.memory if h else None
-        mem_cell = Text(f"{fmt.human_bytes(memory.used_bytes)}/{fmt.human_bytes(memory.claimed_bytes)}",
+        mem_cell = Text(f"{binary_bytes(memory.used_bytes)}/{binary_bytes(memory.claimed_bytes)}",
                         style="red" if memory.drift == "over" else "yellow" if memory.drift == "under" else "") \
             if memory else Text("-")
         table.add_row(Text(instance.name), instance.worker_name or "-", fmt.instance_state_text(instance),
@@ -204,14 +221,15 @@ def model_activity(history: TelemetryHistory | None, spark: int = 12) -> Rendera
         table.add_column(column, no_wrap=True)
     hints = []
     for h in history.instances:
-        rate, tokens, latency = last(h.requests_per_s), last(h.tokens_per_s), last(h.latency_s)
+        step = history.step_seconds
+        rate, tokens, latency = (recent(v, step) for v in (h.requests_per_s, h.tokens_per_s, h.latency_s))
         rate_cell = Text(sparkline(h.requests_per_s, spark), style="cyan")
         rate_cell.append(f" {rate:.1f}" if rate is not None else " -")
         memory = h.memory
         if memory is None:
             mem_cell = Text("-", style="dim")
         else:
-            mem_cell = Text(f"{fmt.human_bytes(memory.used_bytes)}/{fmt.human_bytes(memory.claimed_bytes)}")
+            mem_cell = Text(f"{binary_bytes(memory.used_bytes)}/{binary_bytes(memory.claimed_bytes)}")
             if memory.ratio is not None:
                 mem_cell.append(f" {memory.ratio * 100:.0f}%", style="bold red" if memory.drift == "over" else
                                 "yellow" if memory.drift == "under" else "green")
