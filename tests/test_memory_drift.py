@@ -98,9 +98,11 @@ async def test_drift_history_top_and_doctor(server, admin: MaasClient, api_key: 
         with pytest.raises(ApiClientError) as refused:
             await admin.request("GET", "/v2/telemetry", params=params)
         assert refused.value.status == 400
-    with pytest.raises(ApiClientError) as missing:
-        await admin.telemetry(instance="no-such-instance")
-    assert missing.value.status == 404
+    for ref in ("no-such-instance", "0" * 253, "0", str(2**70)):
+        with pytest.raises(ApiClientError) as missing:
+            await admin.telemetry(instance=ref)
+        assert missing.value.status == 404, ref
+    assert [i.instance for i in (await admin.telemetry(instance=str(instance.id))).instances] == [instance.name]
     cpu_worker = await admin.telemetry(worker="worker-1")
     assert cpu_worker.gpus == [] and [i.instance for i in cpu_worker.instances] == [instance.name]
 

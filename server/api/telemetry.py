@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.errors import bad_request, not_found
+from server.api.errors import bad_request, not_found, parse_whole_number
 from server.api.permissions import require_cluster_role, require_team, visible_teams
 from server.api.routing import Query, json_out, route, server_of
 from server.db import tables
@@ -65,10 +65,10 @@ async def telemetry_history(request: web.Request) -> web.Response:
             raise not_found(f"worker {worker_name!r}")
         instances_query = select(tables.ModelInstance).order_by(tables.ModelInstance.name)
         if instance_ref is not None:
-            column = tables.ModelInstance.id if instance_ref.isascii() and instance_ref.isdigit() \
-                else tables.ModelInstance.name
-            value = int(instance_ref) if column is tables.ModelInstance.id and len(instance_ref) < 19 else instance_ref
-            one = (await s.execute(select(tables.ModelInstance).where(column == value))).scalar_one_or_none()
+            instance_id = parse_whole_number(instance_ref, low=1)  # an id, else a name (as GET /v2/instances/{ref})
+            where = tables.ModelInstance.name == instance_ref if instance_id is None \
+                else tables.ModelInstance.id == instance_id
+            one = (await s.execute(select(tables.ModelInstance).where(where))).scalar_one_or_none()
             if one is None:
                 raise not_found(f"instance {instance_ref!r}")
             require_team(request, one.team, f"instance {instance_ref!r}")
