@@ -196,8 +196,57 @@ async def test_streams_hand_over_every_framing(head: bytes, body: bytes, wire: b
         assert (exchange.status, exchange.headers["content-type"]) == (200, "text/event-stream")
         assert b"".join([chunk async for chunk in exchange.body()]) == body
         exchange.close()
-        assert b"Connection: close\r\n" in requests[0] and b"Accept: text/event-stream\r\n" in requests[0]
+        assert b"Connection: close\r\n" not in requests[0] and b"Accept: text/event-stream\r\n" in requests[0]
     finally:
+        server.close()
+
+
+async def test_a_stream_connection_is_reused_until_the_backend_drops_them_after_streams():
+    """A stream that ended cleanly leaves its connection for the next request (no connect per stream). A
+    backend that closes after a stream without saying so (llama.cpp) fails the first reuse before any
+    byte; from then on its stream connections ask for the close and are not pooled."""
+    drop_after_stream = False
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await _read_request(reader)
+            requests.append(request)
+            if b"event-stream" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + _chunked(b"data: 1\n\n"))
+                await writer.drain()
+                if drop_after_stream:
+                    await reader.read(1)  # what came next is dropped, unanswered, with the connection
+                    return
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    server, port, connections = await _serve(handler)
+    pool = UpstreamPool()
+
+    async def stream(fresh: bool = False) -> bytes:
+        exchange = await pool.stream("127.0.0.1", port, "/v1/s", b"{}", "application/json", fresh=fresh)
+        body = b"".join([chunk async for chunk in exchange.body()])
+        pool.release(exchange)
+        return body
+
+    try:
+        assert await stream() == b"data: 1\n\n" and await stream() == b"data: 1\n\n"
+        assert (await pool.request("127.0.0.1", port, "/x", b"{}", "application/json")).body == b"ok"
+        assert connections[0] == 1  # two streams and a plain request over one connection
+        drop_after_stream = True
+        assert await stream() == b"data: 1\n\n"  # pooled again: nothing said otherwise
+        with pytest.raises(UpstreamError) as dropped:
+            await pool.request("127.0.0.1", port, "/x", b"{}", "application/json")
+        assert not dropped.value.answered  # the gateway retries it on a fresh connection
+        assert await stream(fresh=True) == b"data: 1\n\n"
+        assert b"Connection: close\r\n" in requests[-1] and not pool._idle.get(("127.0.0.1", port))
+        pool.forget("127.0.0.1", port)  # another backend there may keep them again
+        assert not pool._drops_after_stream
+    finally:
+        pool.close()
         server.close()
 
 

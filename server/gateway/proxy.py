@@ -198,7 +198,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
             try:
                 if streamed:  # a connection of its own each time
                     response = await _forward_stream(request, server, call, target, body, content_type,
-                                                     client_wants_usage)
+                                                     client_wants_usage, fresh)
                 else:
                     response = await _forward_plain(request, server, call, target, body, content_type, fresh)
             except _Upstream as exc:
@@ -262,16 +262,16 @@ async def _forward_plain(request: web.Request, server: Any, call: _Call, target:
 
 
 async def _forward_stream(request: web.Request, server: Any, call: _Call, target: Target, body: bytes,
-                          content_type: str, client_wants_usage: bool) -> web.StreamResponse:
-    """A streamed response, relayed as it comes, over a connection of its own. The gateway timeout
-    bounds the whole exchange (head and body together), as it did with aiohttp's total timeout."""
+                          content_type: str, client_wants_usage: bool, fresh: bool) -> web.StreamResponse:
+    """A streamed response, relayed as it comes (over a pooled connection unless `fresh`). The gateway
+    timeout bounds the whole exchange (head and body together), as it did with aiohttp's total timeout."""
     deadline = asyncio.get_running_loop().time() + server.gateway_timeout
     target.outstanding += 1
     try:
         try:
             async with asyncio.timeout_at(deadline):
                 upstream = await server.routes.upstream.stream(target.host, target.port, request.path, body,
-                                                               content_type, _key(server, target))
+                                                               content_type, _key(server, target), fresh)
         except UpstreamError as exc:
             raise _Upstream(str(exc)) from None
         except TimeoutError:
@@ -293,7 +293,7 @@ async def _forward_stream(request: web.Request, server: Any, call: _Call, target
             _note_tokens(request, usage)
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": kind})
         finally:
-            upstream.close()
+            server.routes.upstream.release(upstream)  # kept alive when the stream ended cleanly
     finally:
         target.outstanding -= 1
 

@@ -7,9 +7,12 @@ that a proxy calling known backends does not need. Here a request is one `transp
 of prebuilt bytes on a pooled keep-alive connection, and the response is parsed as it
 arrives by httptools (llhttp, the parser uvicorn uses).
 
-Streamed requests go over a fresh connection each (llama.cpp closes it after a stream anyway)
-and hand the body over as it arrives (`UpstreamPool.stream`). A failure before any response
-byte raises UpstreamError so the gateway can retry on another instance over a fresh connection.
+Streamed requests hand the body over as it arrives (`UpstreamPool.stream`) and use the pool too:
+a connection whose stream ended cleanly is kept alive for the next request, which saves a TCP
+connect and close per stream. llama.cpp drops the connection after a stream without saying so: the
+first reuse that fails before any byte marks that backend (`_drops_after_stream`), whose stream
+connections are then closed after use, as they always were. A failure before any response byte
+raises UpstreamError so the gateway can retry on another instance over a fresh connection.
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ class UpstreamStream(asyncio.Protocol):
     pooled by UpstreamPool): `exchange()` returns the whole _Response, and the connection can
     serve the next request if the backend keeps it alive."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool = True):
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool = True, key: tuple[str, int] = ("", 0)):
         self.loop = loop
         self.stream = stream
+        self.key = key  # (host, port): where it goes back to in the pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.streamed = False  # its last exchange was a stream (see UpstreamPool._drops_after_stream)
         self._begin()
         if not stream:
             self._complete = True  # no exchange yet: any byte now is out of step
@@ -159,18 +164,29 @@ class UpstreamStream(asyncio.Protocol):
                 self.head.set_result(_Response(self.status, self.headers, body, self.keep_alive))
 
     # --- use --------------------------------------------------------------------------
-    async def exchange(self, request: bytes) -> _Response:
-        """Plain mode: send one request, return the whole response."""
+    def send(self, request: bytes, stream: bool) -> None:
+        """Begin one exchange on this connection (new or pooled) in either mode."""
+        self.stream = stream
         self._begin()
         if self.closed or self.transport is None or self.transport.is_closing():
             # A write on a closing transport is dropped silently: the answer would never come.
             self._complete = True
             raise UpstreamError("connection closed before the request")
+        self.transport.write(request)
+
+    async def exchange(self, request: bytes) -> _Response:
+        """Plain mode: send one request, return the whole response."""
         try:
-            self.transport.write(request)
+            self.send(request, stream=False)
             return await self.head
         finally:
             self._complete = True  # answered, failed or abandoned: later bytes are out of step
+
+    @property
+    def reusable(self) -> bool:
+        """The exchange ended cleanly, every byte was handed over, and the backend keeps the connection."""
+        return (self._complete and self._error is None and self.keep_alive and not self.closed and not self._ready
+                and not self._paused and self.transport is not None and not self.transport.is_closing())
 
     def _fail(self, exc: Exception) -> None:
         if self._complete:
@@ -220,6 +236,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], deque[UpstreamStream]] = {}
         self._prefix: dict[tuple[str, int, str], bytes] = {}
+        self._drops_after_stream: set[tuple[str, int]] = set()  # backends that close a connection after a stream
 
     async def request(self, host: str, port: int, path: str, body: bytes, content_type: str,
                       fresh: bool = False, authorization: bytes = b"") -> _Response:
@@ -238,12 +255,12 @@ class UpstreamPool:
         try:
             response = await connection.exchange(head + body)
         except UpstreamError as exc:
-            connection.close()
-            exc.answered = connection.got_bytes
+            self._failed(connection, exc)
             raise
         except BaseException:
             connection.close()  # cancelled or timed out mid-exchange: its state is unknown
             raise
+        connection.streamed = False
         if response.keep_alive and not connection.closed:
             connection.idle_since = time.monotonic()
             self._idle.setdefault(key, deque()).append(connection)
@@ -252,20 +269,43 @@ class UpstreamPool:
         return response
 
     async def stream(self, host: str, port: int, path: str, body: bytes, content_type: str,
-                     authorization: bytes = b"") -> UpstreamStream:
-        """POST `body` on a new connection; returns once the response head is in."""
-        exchange = await self._connect(host, port, stream=True)
-        exchange.transport.write(  # type: ignore[union-attr]
-            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\nContent-Type: %s\r\n"
-            b"Content-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
-                path.encode("latin-1"), host.encode("latin-1"), port, content_type.encode("latin-1"), len(body),
-                authorization, body))
+                     authorization: bytes = b"", fresh: bool = False) -> UpstreamStream:
+        """POST `body`, over a pooled connection unless `fresh` (or the backend drops connections after a
+        stream); returns once the response head is in. Hand the exchange back with `release`."""
+        key = (host, port)
+        drops = key in self._drops_after_stream
+        connection = None if fresh or drops else self._take(key)
+        if connection is None:
+            connection = await self._connect(host, port, stream=True)
         try:
-            await exchange.head
-        except BaseException:
-            exchange.close()
+            connection.send(
+                b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\nContent-Type: %s\r\n"
+                b"Content-Length: %d\r\n%s%s\r\n%s" % (
+                    path.encode("latin-1"), host.encode("latin-1"), port, content_type.encode("latin-1"), len(body),
+                    authorization, b"Connection: close\r\n" if drops else b"", body), stream=True)
+            await connection.head
+        except UpstreamError as exc:
+            self._failed(connection, exc)
             raise
-        return exchange
+        except BaseException:
+            connection.close()
+            raise
+        connection.streamed = True
+        return connection
+
+    def release(self, connection: UpstreamStream) -> None:
+        """A stream's connection after its exchange: back to the pool when it ended cleanly, else closed."""
+        if connection.reusable and connection.key not in self._drops_after_stream:
+            connection.idle_since = time.monotonic()
+            self._idle.setdefault(connection.key, deque()).append(connection)
+        else:
+            connection.close()
+
+    def _failed(self, connection: UpstreamStream, exc: UpstreamError) -> None:
+        connection.close()
+        exc.answered = connection.got_bytes
+        if connection.streamed and not connection.got_bytes:  # reused after a stream, and dropped
+            self._drops_after_stream.add(connection.key)
 
     def _take(self, key: tuple[str, int]) -> UpstreamStream | None:
         idle = self._idle.get(key)
@@ -282,7 +322,8 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(lambda: UpstreamStream(loop, stream), host, port)
+                _, connection = await loop.create_connection(lambda: UpstreamStream(loop, stream, (host, port)),
+                                                             host, port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
         return connection
@@ -291,6 +332,7 @@ class UpstreamPool:
         """Close the idle connections to a backend that is gone, and drop its request prefixes."""
         for connection in self._idle.pop((host, port), ()):
             connection.close()
+        self._drops_after_stream.discard((host, port))  # the next backend there may keep them
         for key in [k for k in self._prefix if k[:2] == (host, port)]:
             del self._prefix[key]
 
