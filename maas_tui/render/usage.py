@@ -82,3 +82,20 @@ def rows(usage: Iterable[schemas.UsageRow], now: datetime) -> Iterable[Row]:
         yield model, (Text(model), _spark(requests, SPARK_WIDTH), _count(sum(requests)), _spark(tokens, SPARK_WIDTH),
                       _count(sum(tokens)), _spark(requests, HOURS), _spark(tokens, HOURS),
                       ", ".join(sorted(routes)) or "-")
+
+
+def detail(usage: Iterable[schemas.UsageRow], model: str) -> Text:
+    """The line under the Usage view's table about one model: its 24-hour sums and the routes it served."""
+    rows = [r for r in usage if r.model == model]
+    if not rows:
+        return Text("")
+    requests = sum(r.requests for r in rows)
+    prompt, completion = sum(r.prompt_tokens for r in rows), sum(r.completion_tokens for r in rows)
+    routed = sum(r.requests for r in rows if r.route)
+    text = Text(f"{model}: ", style="bold")
+    text.append(f"{_count(requests)} requests, {_count(prompt)} prompt + {_count(completion)} completion tokens "
+                "in 24 h")
+    if routed:
+        routes = ", ".join(sorted({r.route for r in rows if r.route}))
+        text.append(f"; {_count(routed)} through routes ({routes})", style="cyan")
+    return text

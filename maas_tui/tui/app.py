@@ -421,6 +421,10 @@ class MaasApp(App[None]):
     def load_teams(self) -> None:
         self._load_list("teams", self.client.list_teams)
 
+    def load_usage(self) -> None:
+        """The last 24 hours of gateway usage by hour, model and route (the Usage view)."""
+        self._load_list("usage", lambda: self.client.usage("day,hour,model,route", since="24h"))
+
     def _load_list(self, kind: str, call: Callable[[], Any]) -> None:
         """Read a kind the watch does not carry (state.POLLED_KINDS) into the state; its view shows it on arrival."""
         async def run() -> None:

@@ -161,6 +161,8 @@ def demo_state(history: int = 60) -> ClusterState:
     state.revision["keys"] += 1
     state.teams = demo_teams()
     state.revision["teams"] += 1
+    state.usage = demo_usage()
+    state.revision["usage"] += 1
     state.audit = demo_audit()
     state.revision["audit"] += 1
     for row in demo_files():
@@ -170,6 +172,26 @@ def demo_state(history: int = 60) -> ClusterState:
 
 
 GiB = 1024**3
+
+
+def demo_usage() -> list[schemas.UsageRow]:
+    """24 hours of gateway usage by hour, model and route (as GET /v2/usage?by=day,hour,model,route gives it):
+    a daytime curve for llama, a steady batch on qwen, and a canary route `assistant` (llama 90, qwen 10)."""
+    import math
+
+    rows = []
+    for back in range(24):
+        moment = NOW - timedelta(hours=back)
+        daytime = max(0.0, math.sin((moment.hour - 6) / 24 * 2 * math.pi))  # busiest mid-afternoon
+        for model, route, requests, per_request in (
+                ("llama-3.1-8b", "", int(40 + 360 * daytime), 420), ("llama-3.1-8b", "assistant", int(200 * daytime), 380),
+                ("qwen2.5-7b", "", 120 + (back % 3) * 15, 900), ("qwen2.5-7b", "assistant", int(22 * daytime), 380),
+                ("tiny", "", 6 if back % 4 == 0 else 0, 40)):
+            if requests:
+                rows.append(schemas.UsageRow(day=moment.date(), hour=moment.hour, model=model, route=route,
+                                             requests=requests, prompt_tokens=requests * per_request * 2 // 3,
+                                             completion_tokens=requests * per_request // 3))
+    return rows
 
 
 def demo_teams() -> list[schemas.TeamOut]:
@@ -351,6 +373,10 @@ class DemoClient:
 
     async def list_teams(self) -> list[schemas.TeamOut]:
         return list(self.state.teams)
+
+    async def usage(self, by: str = "day,key,model", since: str | None = None,
+                    until: str | None = None) -> list[schemas.UsageRow]:
+        return list(self.state.usage)  # the Usage view asks for its own grouping: the demo holds just that
 
     async def list_alerts(self, state: str = "all", limit: int = 200) -> list[AlertOut]:
         return [a for a in demo_alerts() if state in ("all", a.state)][:limit]

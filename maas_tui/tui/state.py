@@ -18,7 +18,7 @@ from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
 WATCH_KINDS = ["workers", "models", "instances", "events", "alerts", "files"]
 # Read over REST when their view is shown or reloaded (app.load_<kind>), not watched.
-POLLED_KINDS = {"keys", "teams", "audit"}
+POLLED_KINDS = {"keys", "teams", "audit", "usage"}
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
 EVENTS_KEPT = 2000
 # An instance in one of these states holds its claim.
@@ -58,6 +58,7 @@ class ClusterState:
         self.teams: list[schemas.TeamOut] = []
         self.audit: list[schemas.AuditEntryOut] = []  # newest first
         self.audit_error = ""  # why the audit log could not be read (a 403 for anyone but an admin)
+        self.usage: list[schemas.UsageRow] = []  # the last 24 h by day, hour, model and route (the Usage view)
         self.alerts: dict[int, AlertOut] = {}  # firing and recent resolved alerts (watched; the Alerts view reloads)
         self.files: dict[int, schemas.ModelFileOut] = {}  # model files in the workers' caches (watched)
         self.version: int | None = None

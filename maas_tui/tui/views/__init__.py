@@ -9,6 +9,7 @@ from maas_tui.tui.views import dash, workers, gpus, models, instances, keys, tea
     logs  # noqa: F401
 from maas_tui.tui.views import files  # noqa: F401  (model files in the workers' caches)
 from maas_tui.tui.views import alerts  # noqa: F401,E402  (alerts, live)
+from maas_tui.tui.views import usage  # noqa: F401  (gateway usage by model, sparklines)
 from maas_tui.tui.views.base import MaasScreen, TableScreen
 from maas_tui.tui.views.describe import DescribeScreen
 from maas_tui.tui.views.logs import LogsScreen
