@@ -141,7 +141,9 @@ def agent(
     port: int = port_option(0, "port of the agent's own endpoint (0: any free port)", allow_zero=True),
     data_dir: Optional[Path] = typer.Option(None, help="where instance logs and state live"),
     simulate_gpus: Optional[str] = typer.Option(None, help="simulated GPUs, e.g. 4xH100-80GB,2xL4-24GB"),
-    runtime: str = typer.Option("auto", help="auto, docker or process"),
+    runtime: str = typer.Option("auto", help=(
+        "auto (per instance: Docker when the backend's image for this host is on the engine or pullable, "
+        "else a process where the backend runs natively), docker or process")),
     drain_seconds: float = typer.Option(5.0, min=0, help="how long a terminating instance keeps serving in-flight requests"),
     labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable), for worker_selector"),
     port_range: str = typer.Option("20000-29999", envvar="MAAS_AGENT_PORT_RANGE",
