@@ -131,4 +131,4 @@ def test_top_frame_renders_workers_and_instances():
     Console(file=out, width=120, color_system=None).print(top_frame([worker], [instance], history, width=120))
     text = out.getvalue()
     assert "gpu-1" in text and "80%" in text and "60°C" in text and "llama-0" in text and "1.50" in text
-    assert "200ms" in text and "20.0 GiB/10.0 GiB" in text
+    assert "200ms" in text and "20.0/10.0 GiB" in text

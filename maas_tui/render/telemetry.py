@@ -68,6 +68,13 @@ def recent(values: Sequence[float | None], step: float, seconds: float = 60.0) -
     return sum(window) / len(window) if window else None
 
 
+def binary_pair(used: float, claimed: float) -> str:
+    """`14.0/17.2 GiB`, `220/64 MiB`: one unit for both (narrow tables)."""
+    if max(used, claimed) >= 1 << 30:
+        return f"{used / (1 << 30):.1f}/{claimed / (1 << 30):.1f} GiB"
+    return f"{used / (1 << 20):.0f}/{claimed / (1 << 20):.0f} MiB"
+
+
 def binary_bytes(value: float | None) -> str:
     """MiB and GiB, as `--memory` takes them."""
     value = float(value or 0)
@@ -195,7 +202,7 @@ def top_frame(workers: Iterable[schemas.WorkerOut], instances: Iterable[schemas.
         tokens = recent(h.tokens_per_s, step) if h else None
         latency = recent(h.latency_s, step) if h else None
         memory = h.memory if h else None
-        mem_cell = Text(f"{binary_bytes(memory.used_bytes)}/{binary_bytes(memory.claimed_bytes)}",
+        mem_cell = Text(binary_pair(memory.used_bytes, memory.claimed_bytes),
                         style="red" if memory.drift == "over" else "yellow" if memory.drift == "under" else "") \
             if memory else Text("-")
         table.add_row(Text(instance.name), instance.worker_name or "-", fmt.instance_state_text(instance),
@@ -229,7 +236,7 @@ def model_activity(history: TelemetryHistory | None, spark: int = 12) -> Rendera
         if memory is None:
             mem_cell = Text("-", style="dim")
         else:
-            mem_cell = Text(f"{binary_bytes(memory.used_bytes)}/{binary_bytes(memory.claimed_bytes)}")
+            mem_cell = Text(binary_pair(memory.used_bytes, memory.claimed_bytes))
             if memory.ratio is not None:
                 mem_cell.append(f" {memory.ratio * 100:.0f}%", style="bold red" if memory.drift == "over" else
                                 "yellow" if memory.drift == "under" else "green")
