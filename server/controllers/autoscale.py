@@ -11,7 +11,8 @@ load changes every second and is nobody's history, so it stays out of the change
 a table works on every store, and a new leader finds the other servers' load there at once.
 
 Decision (`decide`, pure). The load of a model is the mean number of its requests in flight over the
-last interval plus those held; `ceil(load / target_concurrency)` replicas are needed. More replicas
+last interval (or over the last half second when that is higher, so a step up counts at once) plus
+those held; `ceil(load / target_concurrency)` replicas are needed. More replicas
 are asked for at once; fewer only when every need seen during the last `scale_down_delay` seconds was
 lower (the stabilization window of Kubernetes' HPA), so a dip does not flap. With `min_replicas` 0 a
 model that served recently keeps one replica; after `idle_timeout` seconds without a request it goes
@@ -44,6 +45,7 @@ from server.events import record_event
 log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 0.1  # how often the gateway's in-flight counts are sampled
+RECENT_SAMPLES = 5  # the last half second: a load step counts before the whole interval has seen it
 FRESH_SECONDS = 10.0  # another server's load row counts while it is this recent
 REFRESH_SECONDS = 5.0  # a server rewrites an unchanged load row this often (so it stays fresh)
 FORGET_SECONDS = 3600.0  # rows of servers gone this long are deleted
@@ -133,24 +135,32 @@ class LoadMeter:
         self.server_id = server_id
         self._sums: dict[str, float] = {}
         self._samples = 0
+        self._recent: deque[dict[str, int]] = deque(maxlen=RECENT_SAMPLES)
         self._written: tuple[dict[str, list[float]], float] | None = None
 
     def sample(self) -> None:
+        now: dict[str, int] = {}
         for name, routes in self.server.routes.models.items():
             in_flight = sum(t.outstanding for t in routes.targets.values())
             if in_flight:
                 self._sums[name] = self._sums.get(name, 0.0) + in_flight
+                now[name] = in_flight
+        self._recent.append(now)
         self._samples += 1
 
     def take(self) -> dict[str, list[float]]:
-        """{model: [mean in flight since the last take, held now, requests answered so far]}; the sums restart."""
+        """{model: [in flight, held now, requests answered so far]}; the sums restart. In flight is the mean since
+        the last take, or of the last half second when that is higher (a step up counts at once)."""
         requests: dict[str, int] = {}
         for (name, _status), series in self.server.routes.stats.series.items():
             if name:
                 requests[name] = requests.get(name, 0) + series.count
         held = self.server.cold_start.held
         samples = max(1, self._samples)
-        loads = {name: [round(self._sums.get(name, 0.0) / samples, 3), held.get(name, 0), requests.get(name, 0)]
+        recent = max(1, len(self._recent))
+        loads = {name: [round(max(self._sums.get(name, 0.0) / samples,
+                                  sum(s.get(name, 0) for s in self._recent) / recent), 3),
+                        held.get(name, 0), requests.get(name, 0)]
                  for name in set(self._sums) | set(held) | set(requests)}
         self._sums, self._samples = {}, 0
         return loads

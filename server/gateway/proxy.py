@@ -194,7 +194,10 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         # The least loaded instance over a pooled connection; on failure before any byte reached
         # the client, once more on another instance (the same one if it is alone) over a fresh
         # connection, since backends close pooled keep-alive connections at will.
-        for target, fresh in ((targets[0], False), (targets[1 % len(targets)], True)):
+        for attempt, fresh in ((0, False), (1, True)):
+            # The retry asks the table again: a target taken out meanwhile (drained by a scale-down, a preemption)
+            # is not tried a second time while another serves.
+            target = targets[0] if attempt == 0 else next((t for t in routes.ordered() if t is not target), target)
             try:
                 if streamed:  # a connection of its own each time
                     response = await _forward_stream(request, server, call, target, body, content_type,
