@@ -49,7 +49,7 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
     history = await admin.bench_history("quick")
     [result] = history.results
     assert result.generation == 1 and result.source == "cli" and [x.concurrency for x in result.levels] == [1, 2]
-    assert all(x.errors == 0 and x.output_tokens == x.requests * 8 and x.ttft_p50 >= 10 for x in result.levels)
+    assert all(x.errors == 0 and x.output_tokens == x.requests * 8 and x.ttft_p50 >= 10 for x in result.levels), result
 
     refused = await asyncio.to_thread(cli, server, api_key, tmp_path, "bench", "gate", "quick", "ttft_p95 <= eval(1)")
     assert refused.exit_code == 2 and "METRIC OP" in refused.output
