@@ -256,3 +256,20 @@ async def test_llamacpp_serves_responses_and_messages(server: MaasServer, admin:
     completion += streamed["output_tokens"]
     [row] = (await admin.request("GET", "/v2/usage", params={"by": "model"}))["items"]
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (4, prompt, completion)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"assistant","messages":[{"role":"user","content":"hi"}],"max_tokens":4}',  # spliced
+    b'{"model" :\n "assistant", "stream": true,"stream_options":{"include_usage":true}}',  # spliced
+    b'{"model":"assistant","metadata":{"model":"keep-me"}}',  # another "model": re-encoded
+    b'{"\\u006dodel":"assistant","metadata":{"model":"keep-me"}}',  # an escaped key: re-encoded
+    b'{"model":"assistant","messages":[{"role":"model","content":"caf\\u00e9"}]}',  # an escape: re-encoded
+])
+def test_a_route_sends_the_target_name_and_the_rest_unchanged(body: bytes):
+    from server.gateway.proxy import _with_model
+
+    payload = json.loads(body)
+    sent = _with_model(body, payload, "old-model")
+    assert json.loads(sent) == {**payload, "model": "old-model"}
+    if body.count(b'"model"') == 1 and b"\\u" not in body:
+        assert sent == body.replace(b'"assistant"', b'"old-model"')  # byte for byte but the name

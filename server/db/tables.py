@@ -163,7 +163,7 @@ class Model(Base, Timestamps):
     team: Mapped[str | None] = mapped_column(ForeignKey("teams.name", name="fk_models_team"), index=True, default=None)
     # The rollout bench gate (schemas.BenchGateSet as a dict; None: none) and the newest generation it judged:
     # while a newer one waits for its verdict, the rollout holds after its first replica (controllers/rollout.py).
-    bench_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    bench_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)  # None: SQL NULL
     bench_gate_generation: Mapped[int] = mapped_column(Integer, default=0)
     # Autoscaling (server/controllers/autoscale.py): on when max_replicas is set; `replicas` is then the autoscaler's.
     min_replicas: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from time import perf_counter
 from typing import Any
 
@@ -40,6 +41,7 @@ _TOKENS_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.completion_token
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 _USAGE_MARK = b'"usage"'
+_MODEL_FIELD = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"')
 # Endpoint -> the model category that serves it (ModelSpec.categories).
 CATEGORY_OF = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "embedding",
                "/v1/rerank": "reranker", "/v1/audio/transcriptions": "speech_to_text",
@@ -146,9 +148,10 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         options = payload.get("stream_options")  # type: ignore[union-attr]
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:  # ask for it so usage is always known; the extra chunk is not relayed
-            if alias is None and "stream_options" not in payload and body.rstrip().endswith(b"}"):  # type: ignore[operator]
+            if "stream_options" not in payload and body.rstrip().endswith(b"}"):  # type: ignore[operator]
                 # Spliced in rather than re-serialized: the body is a JSON object without that key.
                 body = body[:body.rindex(b"}")] + _INCLUDE_USAGE
+                payload["stream_options"] = {"include_usage": True}  # the same, for a re-encoding below
             else:
                 payload["stream_options"] = {**(options if isinstance(options, dict) else {}),  # type: ignore[index]
                                              "include_usage": True}
@@ -183,12 +186,9 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
             else:
                 failure = failure or f"{model!r} has no running instance"
                 continue
-        if alias is not None or not body:  # the target's own name goes to the backend (vLLM checks it)
-            if payload is None:
-                pass  # a form is relayed as sent: its model field names the route
-            else:
-                payload["model"] = model
-                body = json.dumps(payload, ensure_ascii=False).encode()
+        send = body
+        if payload is not None and (alias is not None or not body):  # the target's name goes on (vLLM checks it)
+            send = _with_model(body, payload, model)  # a form is relayed as sent: its model field names the route
         call = _Call(principal, alias.name if alias is not None else "", model, routes.team, alias is not None)
 
         # The least loaded instance over a pooled connection; on failure before any byte reached
@@ -200,10 +200,10 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
             target = targets[0] if attempt == 0 else next((t for t in routes.ordered() if t is not target), target)
             try:
                 if streamed:  # a connection of its own each time
-                    response = await _forward_stream(request, server, call, target, body, content_type,
+                    response = await _forward_stream(request, server, call, target, send, content_type,
                                                      client_wants_usage, fresh)
                 else:
-                    response = await _forward_plain(request, server, call, target, body, content_type, fresh)
+                    response = await _forward_plain(request, server, call, target, send, content_type, fresh)
             except _Upstream as exc:
                 failure = f"{model!r}: {exc}" if alias is not None else str(exc)
                 table.failed(target)  # passive health: enough failures in a row take it out
@@ -217,6 +217,20 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         raise ApiError(503, "no_running_instance", f"no model of the route {name!r} can serve it now: {failure}")
     server.usage.record(principal, call.model, None, call.route, call.team)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
+
+
+def _with_model(body: bytes, payload: dict[str, Any], model: str) -> bytes:
+    """The JSON body with its top-level "model" set to `model`. Spliced into the bytes when that key is
+    the only "model" in them and no \\u escape could hide another spelling of it (a quote inside a JSON
+    string is escaped, so a raw `"model"` followed by a colon is a key): the rest of the body goes on
+    byte for byte. Re-encoded otherwise (`body` empty: the payload changed)."""
+    if body and body.count(b'"model"') == 1 and b"\\u" not in body:
+        found = _MODEL_FIELD.search(body)
+        if found is not None:
+            end = body.find(b'"', found.end())  # model and route names hold no quote or backslash
+            if end > 0:
+                return b"%s%s%s" % (body[:found.end()], model.encode(), body[end:])
+    return json.dumps({**payload, "model": model}, ensure_ascii=False).encode()
 
 
 def _unsupported(model: str, routes: Any, path: str, category: str) -> ApiError | None:
