@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from server import schemas
 from server.alerts.rules import EVENT_RULES, RULES, AlertSettings, Rule
@@ -30,6 +30,8 @@ from server.services.alerts import active_silences, silence_covers
 log = logging.getLogger(__name__)
 
 S = schemas.InstanceState
+RETAIN = timedelta(days=30)  # resolved alerts and ended silences are kept this long
+CLEANUP_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class AlertEvaluator:
         self._progress: dict[int, tuple[tuple[int, int, int, int], float]] = {}  # model id -> (rollout, since)
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
+        self._last_cleanup = float("-inf")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
@@ -88,8 +91,23 @@ class AlertEvaluator:
                     log.exception("evaluating alerts failed; retrying at the next check")
                 if checks_due:
                     next_check = loop.time() + self.settings.interval
+                if loop.time() - self._last_cleanup > CLEANUP_SECONDS:
+                    self._last_cleanup = loop.time()
+                    try:
+                        await self.clean_up()
+                    except Exception:
+                        log.exception("deleting old alerts failed; trying again later")
         finally:
             subscription.close()
+
+    async def clean_up(self) -> None:
+        """Resolved alerts and ended silences older than RETAIN go (the alerts table must not grow for ever)."""
+        before = datetime.now(UTC) - RETAIN
+        async with self.server.db.session() as s:
+            await s.execute(delete(tables.Alert).where(tables.Alert.state == "resolved",
+                                                       tables.Alert.resolved_at < before))
+            await s.execute(delete(tables.AlertSilence).where(tables.AlertSilence.ends_at < before))
+            await s.commit()
 
     async def evaluate(self, events: list[dict[str, Any]], checks: bool = True) -> None:
         """One pass: fire event rules for `events`; with `checks`, run the state checks and resolve what ended."""
