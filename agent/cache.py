@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED_FILES = 2000
 MAX_SHARDS = 500
 MAX_JSON_BYTES = 1024 * 1024
+METADATA_PER_REPORT = 256 * 1024  # bytes of readings per inventory report (a /v2 body is at most 1 MiB)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -56,12 +57,14 @@ class Entry:
     last_used_at: str | None = None  # ISO time
     metadata: dict[str, Any] | None = None
     cached: bool = True  # under the cache folder (removable); False: a local path, never deleted here
+    metadata_sent: bool = False  # the server has it (sent once per reading and connection, not in every report)
 
-    def wire(self) -> AgentFileEntry:
+    def wire(self, with_metadata: bool) -> AgentFileEntry:
         return AgentFileEntry(source=self.source, revision=self.revision, path=self.path, size_bytes=self.size_bytes,
                               state=self.state, progress=self.progress, message=self.message[:4000],
-                              last_used_at=datetime.fromisoformat(self.last_used_at) if self.last_used_at else None,
-                              metadata=self.metadata)
+                              last_used_at=datetime.fromisoformat(self.last_used_at).timestamp()
+                              if self.last_used_at else None,
+                              metadata=self.metadata if with_metadata else None)
 
 
 def _now() -> str:
@@ -110,8 +113,18 @@ class FileCache:
     def changed(self) -> None:
         self._changed.set()
 
-    def inventory(self) -> AgentFileInventory:
-        return AgentFileInventory(files=[e.wire() for e in self.entries.values()])
+    def inventory(self) -> tuple[AgentFileInventory, list[Entry]]:
+        """The report, and the entries whose reading goes with it: each reading once (the server keeps it),
+        at most METADATA_PER_REPORT bytes of them per report (the rest go with the next)."""
+        budget, carried, files = METADATA_PER_REPORT, [], []
+        for entry in list(self.entries.values()):
+            size = len(json.dumps(entry.metadata)) if entry.metadata and not entry.metadata_sent else 0
+            send = 0 < size <= budget
+            if send:
+                budget -= size
+                carried.append(entry)
+            files.append(entry.wire(send))
+        return AgentFileInventory(files=files), carried
 
     # --- fetching, pulling, removing ------------------------------------------------------
 
@@ -163,6 +176,7 @@ class FileCache:
         size, revision, metadata = await asyncio.to_thread(_describe, path)
         entry.state, entry.progress, entry.message = "ready", None, ""
         entry.path, entry.size_bytes, entry.revision, entry.metadata = path, size, revision, metadata
+        entry.metadata_sent = False
         entry.cached = cached
         entry.last_used_at = _now()
         await asyncio.to_thread(self._save)
@@ -262,14 +276,19 @@ class FileCache:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            body = self.inventory().model_dump(mode="json")
+            inventory, carried = self.inventory()
             try:
-                async with agent._http.put(f"{agent.config.server_url}/v2/agent/files", json=body,
-                                           headers=agent._headers()) as response:
+                async with agent._http.put(f"{agent.config.server_url}/v2/agent/files",
+                                           json=inventory.model_dump(mode="json"), headers=agent._headers()) as response:
                     if response.status >= 300:
                         log.info("file inventory report refused (%s): %s", response.status,
                                  (await response.text())[:300])
                         self._changed.set()  # sent again with the next change or after the pause
+                    else:
+                        for entry in carried:
+                            entry.metadata_sent = True
+                        if any(e.metadata and not e.metadata_sent for e in self.entries.values()):
+                            self._changed.set()  # readings that did not fit this report
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("file inventory report failed (%s); retrying", exc)
                 self._changed.set()
@@ -290,8 +309,10 @@ class FileCache:
                         rows = (message["items"].get("files", []) if message["type"] == "snapshot"
                                 else [message["object"]] if message["type"] == "event"
                                 and message["action"] != "deleted" else [])
-                        if message["type"] == "snapshot":
-                            self.changed()  # the server's rows may predate what is here now
+                        if message["type"] == "snapshot":  # (re)connected: the server's rows may predate ours
+                            for entry in self.entries.values():
+                                entry.metadata_sent = False
+                            self.changed()
                         for row in rows:
                             self._act(row, working, agent)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:

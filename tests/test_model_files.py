@@ -16,14 +16,16 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.agent import Agent, AgentConfig
-from agent.cache import FileCache
+from agent.cache import FileCache, _files_under, read_metadata
 from agent.sources import ModelCache
 from conftest import eventually, free_port
 from hub_test_server import COMMIT, HubTestServer
 from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
 from server import schemas
+from server.scheduler import estimate as est
 from server.scheduler.estimate import MemoryEstimate
+from server.scheduler.locality import REPORTED, FileIndex
 from server.scheduler.placement import Cluster, Request, WorkerSnapshot, plan
 
 pytestmark = pytest.mark.timeout(150)
@@ -70,6 +72,29 @@ def test_placement_prefers_holders_as_a_score_not_a_filter():
     request = _request("binpack")
     request.holders = frozenset({1})
     assert plan(request, Cluster(_workers(24, 8))).worker.name == "w1"
+
+
+# --- estimates from a worker's reading ------------------------------------------------------------
+
+
+def test_a_workers_reading_estimates_like_the_files_themselves(tmp_path: Path, tiny_model: Path):
+    from test_hub_estimates import sharded_repo, write
+
+    index = FileIndex()
+    for n, (backend, path) in enumerate((("vllm", Path(write(tmp_path / "model", sharded_repo()))),
+                                         ("llama.cpp", tiny_model)), start=1):
+        elsewhere = f"/elsewhere/{path.name}"  # where the workers have it; this server has no copy
+        local = est.estimate(schemas.ModelSpec(source=str(path), backend=backend))
+        row = {"id": n, "worker_id": 7, "worker_name": "w7", "source": elsewhere, "state": "ready",
+               "metadata": read_metadata(path, _files_under(path), None)}
+        assert index.apply("created", row)
+        remote = est.estimate(schemas.ModelSpec(source=elsewhere, backend=backend))
+        assert (remote.method, remote.weights, remote.kv_cache, remote.total()) == \
+            (local.method, local.weights, local.kv_cache, local.total()) and remote.total() > 0
+        assert any("read by worker w7 from its copy" in note for note in remote.notes)
+        assert index.holders(elsewhere) == {7}
+        index.apply("deleted", row)
+        assert REPORTED.get(elsewhere) is None and index.holders(elsewhere) == frozenset()
 
 
 # --- the agent's cache: LRU eviction ----------------------------------------------------------
@@ -143,6 +168,7 @@ async def test_pull_place_remove_and_estimate_from_a_worker(server, admin: MaasC
         assert sorted(rows) == ["w2", "w3"]
         assert rows["w2"].source == "hf://acme/tiny-gguf@main/tiny.gguf" and rows["w2"].revision == COMMIT
         assert rows["w2"].size_bytes == tiny_model.stat().st_size and Path(rows["w2"].path).is_file()
+        assert rows["w2"].last_used_at is not None and rows["w2"].metadata["gguf"]["n_layers"] > 0
         listed = await asyncio.to_thread(cli.invoke, cli_app, ["file", "list"], env=env)
         assert listed.exit_code == 0 and "hf://acme/tiny-gguf@main/tiny.gguf" in listed.output
         assert listed.output.count("ready") == 2

@@ -78,7 +78,7 @@ async def remove_file(request: web.Request) -> web.Response:
 
 
 @route("PUT", "/v2/agent/files", "Report the worker's model cache (the agent, when it changed)", auth="worker",
-       body=schemas.AgentFileInventory)
+       body=schemas.AgentFileInventory, also=(413,))
 async def report_files(request: web.Request) -> web.Response:
     body = await read_json(request, schemas.AgentFileInventory)
     principal = principal_of(request)

@@ -17,7 +17,7 @@ import posixpath
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from server.schemas import Schema, SourceError, parse_model_source
 
@@ -58,11 +58,19 @@ class ModelFileOut(Schema):
     progress: float | None = Field(default=None, ge=0, le=1, description="while pulling: the fraction fetched")
     message: str = ""
     last_used_at: datetime | None = None
-    # A row's column is read first: an ORM object's own `metadata` is SQLAlchemy's MetaData.
-    metadata: dict[str, Any] | None = Field(default=None, validation_alias=AliasChoices("file_metadata", "metadata"),
-                                            description="what the agent read of the files (AgentFileEntry.metadata)")
+    metadata: dict[str, Any] | None = Field(default=None, description=(
+        "what the agent read of the files (AgentFileEntry.metadata)"))
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        # A model_files row keeps it as `file_metadata`: an ORM object's own `metadata` is SQLAlchemy's MetaData.
+        if hasattr(value, "file_metadata"):
+            return {name: getattr(value, name) for name in cls.model_fields if name != "metadata"} | {
+                "metadata": value.file_metadata}
+        return value
 
 
 class FilePull(Schema):
@@ -90,13 +98,13 @@ class AgentFileEntry(Schema):
     state: Literal["pulling", "ready", "error"]
     progress: float | None = Field(default=None, ge=0, le=1)
     message: str = Field(default="", max_length=4000)
-    last_used_at: datetime | None = None
+    last_used_at: float | None = Field(default=None, ge=0, le=1e11, description="unix seconds of the last use")
     metadata: dict[str, Any] | None = Field(default=None, description=(
-        "what the agent read of the files: sha, files {name: size}, config (config.json), index (its metadata), "
+        "what the agent read of the files, sent once per reading (null: unchanged): sha, files {name: size}, config (config.json), index (its metadata), "
         "shard_dtypes {shard: {dtype: bytes}}, gguf {n_layers, n_embd, n_head, n_head_kv, n_vocab, layer_bytes}"))
 
 
 class AgentFileInventory(Schema):
     """`PUT /v2/agent/files`: the whole cache of the calling worker; rows it no longer lists go."""
 
-    files: list[AgentFileEntry] = Field(default_factory=list, max_length=10_000)
+    files: list[AgentFileEntry] = Field(default_factory=list, max_length=5000)

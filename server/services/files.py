@@ -9,7 +9,7 @@ written only where a field differs, so a report that changes nothing writes noth
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -124,16 +124,21 @@ async def apply_inventory(session: Any, worker: tables.Worker, inventory: schema
             session.add(row)
         elif row.state == "removing" and entry.state != "pulling":
             continue  # asked to go: the agent deletes it on its next look at its rows
+        elif row.state == "pending" and entry.state == "error":
+            continue  # asked again after an error: the agent's old error must not answer the new request
         values = {"revision": entry.revision, "path": entry.path, "size_bytes": entry.size_bytes,
                   "state": entry.state, "progress": entry.progress if entry.state == "pulling" else None,
-                  "message": entry.message, "file_metadata": _metadata(entry), "worker_name": worker.name}
+                  "message": entry.message, "worker_name": worker.name}
+        if entry.metadata is not None or entry.state != "ready":  # a reading is sent once; None keeps it
+            values["file_metadata"] = _metadata(entry)
         fresh = row.id is None
         for name, value in values.items():
             if getattr(row, name, None) != value:
                 setattr(row, name, value)
                 fresh = True
-        if not _same_time(row.last_used_at, entry.last_used_at):
-            row.last_used_at = entry.last_used_at
+        used = datetime.fromtimestamp(entry.last_used_at, UTC) if entry.last_used_at is not None else None
+        if not _same_time(row.last_used_at, used):
+            row.last_used_at = used
             fresh = True
         changed += fresh
     for key, row in rows.items():
