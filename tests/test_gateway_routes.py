@@ -207,6 +207,26 @@ async def test_routes_weigh_fall_back_list_and_meter(server: MaasServer, admin: 
     assert code == 0
     assert [r.name for r in await admin.list_routes()] == ["assistant", "safe"]
 
+    # The TUI's :usage at 80x24 against this server: the busiest model first, its routes under the table.
+    from maas_tui.tui.app import MaasApp
+    from maas_tui.tui.widgets import ResourceTable
+
+    app = MaasApp(MaasClient(server.url, admin.token))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("colon", *"usage", "enter")
+        table = lambda: app.screen.query(ResourceTable)  # noqa: E731
+        await eventually(lambda: _pause_then(pilot, lambda: type(app.screen).__name__ == "UsageScreen"
+                                             and bool(table()) and len(table().first()._keys) == 3),
+                         message="the usage view's rows")
+        assert list(table().first()._keys) == ["old", "new", "broken"]
+        detail = str(app.screen.query_one("#row-detail").render())
+        assert f"old: {served['old'] + 10 + 3}" in detail and "through routes (assistant, safe)" in detail, detail
+
+
+async def _pause_then(pilot, check) -> bool:
+    await pilot.pause(0.05)
+    return check()
+
 
 async def _fallbacks_gone(server: MaasServer) -> bool:
     return server.routes.aliases["safe"].fallbacks == ()
