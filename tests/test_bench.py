@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import eventually
@@ -56,12 +57,17 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
     with pytest.raises(ApiClientError) as bad:
         await admin.set_bench_gate("quick", "__import__('os') <= 1")
     assert bad.value.status == 422
-    gated = await asyncio.to_thread(cli, server, api_key, tmp_path, "bench", "gate", "quick",
-                                    "ttft_p95 <= 1.5 * previous", "--requests", "3", "--max-tokens", "4")
-    assert gated.exit_code == 0, gated.output
+    gated = await asyncio.to_thread(cli, server, api_key, tmp_path, "bench", "gate", "quick", "ttft_p95 <= 500")
+    assert gated.exit_code == 0 and "gated on 'ttft_p95 <= 500'" in gated.output, gated.output
 
-    # Generation 2 waits 0.3 s before its first token: 30 times slower.
-    await admin.update_model("quick", {"args": ["--first-token-delay", "0.3"]})
+    # Generation 2 waits 0.3 s before its first token: 30 times slower. Rolled out by `maas apply`, whose
+    # --bench-gate replaces the gate set above.
+    document = tmp_path / "quick.yaml"
+    document.write_text(yaml.safe_dump(bench_model("quick", source, ["--first-token-delay", "0.3"])))
+    applied = await asyncio.to_thread(cli, server, api_key, tmp_path, "apply", "-f", str(document),
+                                      "--bench-gate", "ttft_p95 <= 1.5 * previous")
+    assert applied.exit_code == 0 and "rollout" in applied.output, applied.output
+    assert (await admin.bench_history("quick")).gate.expression == "ttft_p95 <= 1.5 * previous"
 
     async def paused() -> bool:
         return (await admin.get_model("quick")).paused

@@ -196,11 +196,21 @@ def _diff(current: schemas.ModelOut, desired: schemas.ModelCreate) -> dict[str, 
 
 def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of models (several documents: ---), or -"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print what would change, change nothing"),
+          bench_gate: Optional[str] = typer.Option(None, "--bench-gate", help="gate the rollouts this starts on a "
+                                                   "benchmark, e.g. 'ttft_p95 <= 1.1 * previous' (maas bench gate)"),
           output: Format = OutputOption) -> None:
     """Create or update models to match a file; a spec change starts a rollout. Idempotent."""
     from maas_tui.cli.main import call
     from maas_tui.client import ApiClientError
 
+    if bench_gate is not None:
+        from server.schemas.bench import GateError, parse_gate
+
+        try:
+            parse_gate(bench_gate)
+        except GateError as exc:
+            print_error(str(exc))
+            raise typer.Exit(2) from None
     models, _ = _documents(file)
 
     async def plan(client) -> list[tuple[schemas.ModelCreate, schemas.ModelOut | None, dict[str, Any]]]:
@@ -247,6 +257,8 @@ def apply(file: str = typer.Option(..., "--file", "-f", help="a YAML file of mod
                     entry["action"] = ("rollout" if spec_change else "update") if changes else "unchanged"
                     entry["changes"] = {k: list(v) for k, v in changes.items()}
                     if changes and not dry_run:
+                        if spec_change and bench_gate:  # set first: the gate judges generations after it
+                            await client.set_bench_gate(model.name, bench_gate)
                         await client.update_model(model.name, {k: v[1] for k, v in changes.items()})
             except ApiClientError as exc:
                 entry["action"], entry["error"] = "failed", exc.message
