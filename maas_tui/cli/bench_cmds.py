@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from maas_tui.cli.output import Format, OutputOption, emit, fail, now, print_rows
-from maas_tui.client import MaasClient
+from maas_tui.client import ApiClientError, MaasClient
 from maas_tui.render import bench as render
 from server.schemas import bench
 
@@ -61,21 +61,28 @@ def bench_run(model: str = typer.Argument(..., help="the model's name (as the ga
 
     async def work(client: MaasClient):
         levels = await bench.sweep(client.stream_completion, model, levels_asked, requests, prompt_tokens, max_tokens)
-        stored = None
+        stored, refused = None, ""
         if store:
-            stored = await client.store_bench(model, bench.BenchResultCreate(
-                prompt_tokens=prompt_tokens, max_tokens=max_tokens, levels=levels))
-        return levels, stored
+            try:
+                stored = await client.store_bench(model, bench.BenchResultCreate(
+                    prompt_tokens=prompt_tokens, max_tokens=max_tokens, levels=levels))
+            except ApiClientError as exc:  # a viewer may measure, not store: the measurement is still shown
+                refused = exc.message
+        return levels, stored, refused
 
-    levels, stored = _call(work)
+    levels, stored, refused = _call(work)
     if output in (Format.json, Format.yaml):
         emit(stored if stored is not None else levels, output)
-        return
-    print_rows(render.LEVEL_COLUMNS, [], render.level_rows(levels), wide=False)
-    if stored is not None:
-        typer.echo(f"stored as result {stored.id} of {model} generation {stored.generation}")
+    else:
+        print_rows(render.LEVEL_COLUMNS, [], render.level_rows(levels), wide=False)
+        if stored is not None:
+            typer.echo(f"stored as result {stored.id} of {model} generation {stored.generation}")
+    if refused:
+        typer.echo(f"not stored: {refused}", err=True)
     if any(level.first_error for level in levels):
         typer.echo(f"first error: {next(level.first_error for level in levels if level.first_error)}", err=True)
+    if all(level.errors == level.requests for level in levels):
+        raise typer.Exit(1)  # nothing was measured
 
 
 @bench_app.command("history")
