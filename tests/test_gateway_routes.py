@@ -220,7 +220,7 @@ async def test_routes_weigh_fall_back_list_and_meter(server: MaasServer, admin: 
                          message="the usage view's rows")
         assert list(table().first()._keys) == ["old", "new", "broken"]
         detail = str(app.screen.query_one("#row-detail").render())
-        assert f"old: {served['old'] + 10 + 3}" in detail and "through routes (assistant, safe)" in detail, detail
+        assert f"old: {served['old'] + 10 + 3} req" in detail and "via assistant, safe" in detail, detail
 
 
 async def _pause_then(pilot, check) -> bool:
@@ -293,3 +293,17 @@ def test_a_route_sends_the_target_name_and_the_rest_unchanged(body: bytes):
     assert json.loads(sent) == {**payload, "model": "old-model"}
     if body.count(b'"model"') == 1 and b"\\u" not in body:
         assert sent == body.replace(b'"assistant"', b'"old-model"')  # byte for byte but the name
+
+
+def test_the_usage_view_names_who_is_close_to_a_limit():
+    from maas_tui.render.usage import near_limits, near_text
+    from server.schemas.limits import LimitsListed, LimitUsage
+
+    rows = [LimitsListed(id=1, scope="key", subject="app", budget_day=1000, rpm=100,
+                         usage=LimitUsage(tokens_today=850, requests=10)),
+            LimitsListed(id=2, scope="model", subject="llama", max_concurrency=4, usage=LimitUsage(in_flight=4)),
+            LimitsListed(id=3, scope="team", subject="red", tpm=0, usage=LimitUsage(tokens=5))]  # 0: no limit
+    assert [words for _, words in near_limits(rows)] == [
+        "model llama: 100% of max_concurrency (4 of 4 requests in flight)",
+        "key app: 85% of budget_day (850 of 1.0k tokens today)"]
+    assert near_text(rows).plain.endswith("+1 more (maas limits list)") and not near_text(rows[2:]).plain

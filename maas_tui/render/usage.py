@@ -85,7 +85,7 @@ def rows(usage: Iterable[schemas.UsageRow], now: datetime) -> Iterable[Row]:
 
 
 def detail(usage: Iterable[schemas.UsageRow], model: str) -> Text:
-    """The line under the Usage view's table about one model: its 24-hour sums and the routes it served."""
+    """One line under the Usage view's table about one model: its 24-hour sums and the routes it served."""
     rows = [r for r in usage if r.model == model]
     if not rows:
         return Text("")
@@ -93,9 +93,48 @@ def detail(usage: Iterable[schemas.UsageRow], model: str) -> Text:
     prompt, completion = sum(r.prompt_tokens for r in rows), sum(r.completion_tokens for r in rows)
     routed = sum(r.requests for r in rows if r.route)
     text = Text(f"{model}: ", style="bold")
-    text.append(f"{_count(requests)} requests, {_count(prompt)} prompt + {_count(completion)} completion tokens "
-                "in 24 h")
+    text.append(f"{_count(requests)} req, {_count(prompt + completion)} tokens ({_count(prompt)} in + "
+                f"{_count(completion)} out)")
     if routed:
         routes = ", ".join(sorted({r.route for r in rows if r.route}))
-        text.append(f"; {_count(routed)} through routes ({routes})", style="cyan")
+        text.append(f"; {_count(routed)} via {routes}", style="cyan")
+    return text
+
+
+# --- who is close to a limit (GET /v2/limits: each limit with what it uses now) --------------
+
+NEAR = 0.8  # a share of a limit from which the Usage view names it
+_USED = (("rpm", "requests", "requests this minute"), ("tpm", "tokens", "tokens this minute"),
+         ("max_concurrency", "in_flight", "requests in flight"), ("budget_day", "tokens_today", "tokens today"),
+         ("budget_month", "tokens_this_month", "tokens this month"))
+
+
+def near_limits(limits: Iterable[object], near: float = NEAR) -> list[tuple[float, str]]:
+    """(share, 'key app: 93% of budget_day (1.9M of 2.0M tokens today)') for each limit at `near` or more
+    of its value, the closest first. `limits`: schemas.limits.LimitsListed."""
+    found = []
+    for row in limits:
+        for field, used_field, what in _USED:
+            limit = getattr(row, field, None)
+            if not limit:
+                continue
+            used = getattr(row.usage, used_field, 0)  # type: ignore[attr-defined]
+            share = used / limit
+            if share >= near:
+                found.append((share, f"{row.scope} {row.subject}: {share:.0%} of {field} "  # type: ignore[attr-defined]
+                                     f"({_count(used)} of {_count(limit)} {what})"))
+    return sorted(found, key=lambda item: -item[0])
+
+
+def near_text(limits: Iterable[object]) -> Text:
+    """The Usage view's line about limits: who is closest to one (yellow; red at 100%) and how many
+    more are near, or nothing."""
+    found = near_limits(limits)
+    text = Text()
+    if found:
+        share, words = found[0]
+        text.append("near a limit: ", style="bold")
+        text.append(words, style="bold red" if share >= 1 else "yellow")
+        if len(found) > 1:
+            text.append(f" +{len(found) - 1} more (maas limits list)")
     return text

@@ -424,6 +424,7 @@ class MaasApp(App[None]):
     def load_usage(self) -> None:
         """The last 24 hours of gateway usage by hour, model and route (the Usage view)."""
         self._load_list("usage", lambda: self.client.usage("day,hour,model,route", since="24h"))
+        self._load_list("limits", self.client.list_limits)  # who is close to one
 
     def _load_list(self, kind: str, call: Callable[[], Any]) -> None:
         """Read a kind the watch does not carry (state.POLLED_KINDS) into the state; its view shows it on arrival."""

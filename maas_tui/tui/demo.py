@@ -163,6 +163,8 @@ def demo_state(history: int = 60) -> ClusterState:
     state.revision["teams"] += 1
     state.usage = demo_usage()
     state.revision["usage"] += 1
+    state.limits = demo_limits()
+    state.revision["limits"] += 1
     state.audit = demo_audit()
     state.revision["audit"] += 1
     for row in demo_files():
@@ -192,6 +194,18 @@ def demo_usage() -> list[schemas.UsageRow]:
                                              requests=requests, prompt_tokens=requests * per_request * 2 // 3,
                                              completion_tokens=requests * per_request // 3))
     return rows
+
+
+def demo_limits() -> list[Any]:
+    """Limits with what they use now (GET /v2/limits): a key near its daily budget, a model near its rpm."""
+    from server.schemas.limits import LimitsListed, LimitUsage
+
+    return [LimitsListed(id=1, scope="key", api_key_id=2, subject="batch-eval", owner="mona", budget_day=2_000_000,
+                         usage=LimitUsage(tokens_today=1_860_000)),
+            LimitsListed(id=2, scope="model", model="qwen2.5-7b", subject="qwen2.5-7b", rpm=600,
+                         usage=LimitUsage(requests=510)),
+            LimitsListed(id=3, scope="team", team="research", subject="research", tpm=1_000_000,
+                         usage=LimitUsage(tokens=120_000))]
 
 
 def demo_teams() -> list[schemas.TeamOut]:
@@ -377,6 +391,9 @@ class DemoClient:
     async def usage(self, by: str = "day,key,model", since: str | None = None,
                     until: str | None = None) -> list[schemas.UsageRow]:
         return list(self.state.usage)  # the Usage view asks for its own grouping: the demo holds just that
+
+    async def list_limits(self, scope: str | None = None) -> list[Any]:
+        return [row for row in self.state.limits if scope is None or row.scope == scope]
 
     async def list_alerts(self, state: str = "all", limit: int = 200) -> list[AlertOut]:
         return [a for a in demo_alerts() if state in ("all", a.state)][:limit]

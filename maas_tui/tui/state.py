@@ -18,7 +18,7 @@ from server.schemas.telemetry import TELEMETRY_KIND, TelemetryFrame
 
 WATCH_KINDS = ["workers", "models", "instances", "events", "alerts", "files"]
 # Read over REST when their view is shown or reloaded (app.load_<kind>), not watched.
-POLLED_KINDS = {"keys", "teams", "audit", "usage"}
+POLLED_KINDS = {"keys", "teams", "audit", "usage", "limits"}
 HISTORY = 120  # samples kept per GPU (one per heartbeat: minutes of history)
 EVENTS_KEPT = 2000
 # An instance in one of these states holds its claim.
@@ -59,6 +59,7 @@ class ClusterState:
         self.audit: list[schemas.AuditEntryOut] = []  # newest first
         self.audit_error = ""  # why the audit log could not be read (a 403 for anyone but an admin)
         self.usage: list[schemas.UsageRow] = []  # the last 24 h by day, hour, model and route (the Usage view)
+        self.limits: list[Any] = []  # schemas.limits.LimitsListed: each limit with what it uses now (the Usage view)
         self.alerts: dict[int, AlertOut] = {}  # firing and recent resolved alerts (watched; the Alerts view reloads)
         self.files: dict[int, schemas.ModelFileOut] = {}  # model files in the workers' caches (watched)
         self.version: int | None = None

@@ -1,5 +1,6 @@
-"""Usage: gateway requests and tokens per model over the last 24 hours, as sparklines by hour (read
-over REST on show and ctrl+r: GET /v2/usage?by=day,hour,model,route&since=24h, not watched)."""
+"""Usage: gateway requests and tokens per model over the last 24 hours, as sparklines by hour, and who
+is close to a limit (read over REST on show and ctrl+r: GET /v2/usage?by=day,hour,model,route&since=24h
+and GET /v2/limits, not watched)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from maas_tui.tui.views.registry import view
                                "scaled to its own busiest hour",))
 class UsageScreen(DetailTableScreen):
     TITLE_TEXT = "Usage"
-    KINDS = {"usage"}
+    KINDS = {"usage", "limits"}
     COLUMNS = render.COLUMNS
     WIDE_COLUMNS = render.WIDE_COLUMNS
     BINDINGS = [Binding("ctrl+r", "reload", "Reload", show=False, tooltip="read the usage again")]
@@ -37,7 +38,11 @@ class UsageScreen(DetailTableScreen):
 
     def row_detail(self) -> Text:
         key = self.table.selected_key
-        return render.detail(self.state.usage, key) if key else Text("")
+        width = max(10, self.size.width - 1)
+        lines = [render.detail(self.state.usage, key) if key else Text(""), render.near_text(self.state.limits)]
+        for line in lines:  # one line each: the space under the table holds two
+            line.truncate(width, overflow="ellipsis")
+        return Text("\n").join(line for line in lines if line)
 
     def describe(self, key: str) -> None:
         self.app.describe("model", key)
