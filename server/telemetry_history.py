@@ -1,10 +1,11 @@
 """Telemetry history in memory: per GPU and per instance, bounded, downsampled, never in the database.
 
-Every series keeps two fixed rings (`Tiers`): fine buckets (5 s, one hour) and coarse ones (60 s,
+Every series keeps two bounded rings (`Tier`s): fine buckets (5 s, one hour) and coarse ones (60 s,
 24 hours). A sample is added to the bucket of its time in both rings (sum and count per field), so a
 bucket's value is the mean of the samples in it and downsampling costs nothing at read time. A ring
-slot is reused when its bucket number comes round again, so memory is fixed per series however long
-the server runs (about 45 KB per GPU and per instance with the defaults: 2,160 slots of 4 fields).
+grows as buckets are reached and then overwrites its oldest, so memory is bounded per series however
+long the server runs: at most 2,160 slots of 26 bytes, about 55 KB per GPU and per instance (a day of
+heartbeats); a series a few minutes old holds a few KB.
 
 Fed by heartbeats (server/api/agent_api.py -> `observe_worker`) and the gateway (`observe_request`,
 server/gateway/proxy.py). Each server keeps what it saw itself: with several servers behind a load
@@ -15,7 +16,6 @@ answers from the server asked, and says which one.
 
 from __future__ import annotations
 
-import math
 import time
 from array import array
 from dataclasses import dataclass
@@ -37,46 +37,84 @@ DEFAULT_TIERS = (Tier(5.0, 720), Tier(60.0, 1440))  # 1 hour at 5 s, 24 hours at
 
 
 class Ring:
-    """`slots` buckets of `seconds`, each with a sum and a count per field; slot = bucket mod slots."""
+    """Up to `slots` buckets of `seconds`, each with a sum and a count per field, oldest overwritten first.
 
-    __slots__ = ("seconds", "slots", "fields", "buckets", "sums", "counts")
+    Buckets are appended as time reaches them (a bucket without samples takes no slot), so a series
+    costs memory only for what it has seen, up to the bound; a full ring overwrites its oldest bucket.
+    Sums are float32 and bucket numbers int32 (unix time / 5 fits until 2310): 26 bytes per slot with
+    four fields."""
+
+    __slots__ = ("seconds", "slots", "fields", "buckets", "sums", "counts", "head", "last_bucket", "last_pos")
 
     def __init__(self, tier: Tier, fields: int):
         self.seconds = tier.seconds
         self.slots = tier.slots
         self.fields = fields
-        self.buckets = array("q", [-1]) * tier.slots
-        self.sums = array("d", [0.0]) * (tier.slots * fields)
-        self.counts = array("I", [0]) * (tier.slots * fields)
+        self.buckets = array("i")
+        self.sums = array("f")
+        self.counts = array("H")
+        self.head = 0  # the oldest slot once the ring is full
+        self.last_bucket = -1
+        self.last_pos = -1
 
-    def add(self, moment: float, values: Iterable[float | None]) -> None:
-        bucket = int(moment // self.seconds)
-        slot = bucket % self.slots
-        base = slot * self.fields
-        if self.buckets[slot] != bucket:  # a new bucket: whatever this slot held is older than the ring
-            self.buckets[slot] = bucket
-            for i in range(self.fields):
-                self.sums[base + i] = 0.0
-                self.counts[base + i] = 0
+    def _position(self, bucket: int) -> int | None:
+        if bucket == self.last_bucket:
+            return self.last_pos
+        if bucket < self.last_bucket:  # a late sample (clock stepped back): its bucket if still held
+            try:
+                return self.buckets.index(bucket)
+            except ValueError:
+                return None
+        n = self.fields
+        if len(self.buckets) < self.slots:
+            position = len(self.buckets)
+            self.buckets.append(bucket)
+            self.sums.extend(_ZEROS_F[:n])
+            self.counts.extend(_ZEROS_H[:n])
+        else:
+            position = self.head
+            self.head = (self.head + 1) % self.slots
+            self.buckets[position] = bucket
+            base = position * n
+            self.sums[base:base + n] = _ZEROS_F[:n]
+            self.counts[base:base + n] = _ZEROS_H[:n]
+        self.last_bucket, self.last_pos = bucket, position
+        return position
+
+    def add(self, moment: float, values: tuple[float | None, ...]) -> None:
+        position = self._position(int(moment // self.seconds))
+        if position is None:
+            return
+        base = position * self.fields
+        sums, counts = self.sums, self.counts
         for i, value in enumerate(values):
-            if value is not None and not math.isnan(value):
-                self.sums[base + i] += value
-                self.counts[base + i] += 1
+            if value is not None and value == value:  # not None, not NaN
+                sums[base + i] += value
+                if counts[base + i] < 65535:  # a mean over 65,535 samples is as good as one over more
+                    counts[base + i] += 1
 
     def points(self, since: float, until: float) -> list[tuple[int, list[tuple[float, int]]]]:
         """(bucket, [(sum, count) per field]) for the buckets held between since and until, oldest first."""
         first, last = int(since // self.seconds), int(until // self.seconds)
+        held = len(self.buckets)
+        order = range(self.head, self.head + held) if held == self.slots else range(held)
         out = []
-        for bucket in range(max(first, last - self.slots + 1), last + 1):
-            slot = bucket % self.slots
-            if self.buckets[slot] != bucket:
-                continue
-            base = slot * self.fields
-            out.append((bucket, [(self.sums[base + i], self.counts[base + i]) for i in range(self.fields)]))
+        n = self.fields
+        for k in order:
+            position = k % held
+            bucket = self.buckets[position]
+            if first <= bucket <= last:
+                base = position * n
+                out.append((bucket, [(self.sums[base + i], self.counts[base + i]) for i in range(n)]))
+        out.sort(key=lambda point: point[0])  # late samples may have made a slot out of order
         return out
 
     def nbytes(self) -> int:
         return sum(a.itemsize * len(a) for a in (self.buckets, self.sums, self.counts))
+
+
+_ZEROS_F = array("f", [0.0] * 16)
+_ZEROS_H = array("H", [0] * 16)
 
 
 class Series:
@@ -89,8 +127,7 @@ class Series:
         self.rings = [Ring(t, len(fields)) for t in tiers]
         self.last_seen = 0.0
 
-    def add(self, moment: float, values: Iterable[float | None]) -> None:
-        values = list(values)
+    def add(self, moment: float, values: tuple[float | None, ...]) -> None:
         for ring in self.rings:
             ring.add(moment, values)
         self.last_seen = max(self.last_seen, moment)
