@@ -314,7 +314,8 @@ def test_the_registry_drives_commands_columns_and_help():
     from maas_tui.tui.modals import help_page
     from maas_tui.tui.views import REGISTRY, VIEWS
 
-    assert list(VIEWS) == ["dash", "workers", "gpus", "models", "instances", "keys", "teams", "events", "audit"]
+    assert list(VIEWS) == ["dash", "workers", "gpus", "models", "instances", "keys", "teams", "events", "audit",
+                          "files", "alerts", "usage"]
     for name, spec in REGISTRY.items():
         if spec.navigable:
             assert spec.screen.VIEW == name

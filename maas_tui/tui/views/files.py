@@ -13,7 +13,7 @@ from maas_tui.tui.views.base import DetailTableScreen
 from maas_tui.tui.views.registry import view
 
 
-@view("files", "Files", aliases=("file", "modelfiles", "cache"))
+@view("files", "Files", aliases=("file", "cache"))
 class FilesScreen(DetailTableScreen):
     TITLE_TEXT = "Model files"
     KINDS = {"files"}
