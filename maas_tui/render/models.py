@@ -66,6 +66,16 @@ def scaling_text(model: schemas.ModelOut, now: datetime, ready: int | None = Non
     return text
 
 
+def scaling_brief(model: schemas.ModelOut, now: datetime, ready: int) -> Text:
+    """The TUI's detail line for an autoscaled model: the range, desired vs running, then the last decision."""
+    text = Text(f"autoscaling {model.min_replicas}-{model.max_replicas} @{model.target_concurrency} in flight · "
+                f"desired {model.replicas}, running {ready}")
+    if model.scale_reason:
+        when = f" {fmt.age(model.scaled_at, now)} ago" if model.scaled_at else ""
+        text.append(f"\n last{when}: {model.scale_reason}", style="dim")
+    return text
+
+
 def fmt_seconds(seconds: float) -> str:
     """90 -> `90 s`, 900 -> `15 min`, 7200 -> `2 h`."""
     if seconds >= 3600 and seconds % 3600 == 0:

@@ -84,7 +84,11 @@ def demo_state(history: int = 60) -> ClusterState:
                          replicas=1, generation=1, state="active", created_at=NOW - timedelta(minutes=40),
                          updated_at=NOW),
         schemas.ModelOut(id=4, name="tiny", spec=_spec("/srv/models/tiny.gguf", cpu_only=True), replicas=1,
-                         generation=1, state="active", created_at=NOW - timedelta(minutes=12), updated_at=NOW),
+                         generation=1, state="active", created_at=NOW - timedelta(minutes=12), updated_at=NOW,
+                         # autoscaled, back from zero (server/controllers/autoscale.py)
+                         min_replicas=0, max_replicas=3, target_concurrency=8, priority="low",
+                         scale_reason="load 0.0 in flight + 1 held, target 8 per replica: 0 -> 1",
+                         scaled_at=NOW - timedelta(minutes=3)),
     ]
     cordoned = state.workers[5].model_copy(update={"cordoned": True})
     state.apply_event("workers", "updated", cordoned.model_dump(mode="json"))

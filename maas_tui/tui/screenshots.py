@@ -126,6 +126,8 @@ SCENARIOS: list[Scenario] = [
              lambda app: type(app.screen).__name__ == "UsageScreen" and bool(app.state.usage)),
     Scenario("filter", "/!qwen on models: a negated filter", ["colon", *type_keys("mo"), "enter", "slash",
                                                               *type_keys("!qwen"), "enter"], _screen_is("ModelsScreen")),
+    Scenario("models-autoscale", ":models on an autoscaled model: desired vs running and the last scaling decision",
+             ["colon", *type_keys("mo"), "enter", "down", "down", "down"], _screen_is("ModelsScreen")),
     Scenario("command-line", "the : command line completing 'in' to instances", ["colon", "i", "n"]),
     Scenario("help", "? shows every key", ["question_mark"], _screen_is("HelpScreen")),
     Scenario("disconnected", "the server went away: last data kept, reconnecting", unreachable=True),

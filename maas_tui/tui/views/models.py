@@ -11,6 +11,7 @@ from maas_tui.render import models as render
 from maas_tui.tui.views.base import DetailTableScreen
 from maas_tui.tui.views.registry import view
 from server import schemas
+from server.schemas.rollout import rollout_in_progress
 
 
 @view("models", "Models", aliases=("model", "mo", "deploy", "deployments", "dp"),
@@ -42,12 +43,12 @@ class ModelsScreen(DetailTableScreen):
         model = self._model()
         rollout = self.state.rollouts().get(model.id) if model else None
         text = Text()
-        if model is not None and rollout is not None:
+        if model is not None and model.max_replicas is not None and not (rollout and rollout_in_progress(rollout)):
+            text.append(f" {model.name} ", style="bold")  # autoscaled: desired, running, the last decision
+            text.append_text(render.scaling_brief(model, self.now, self.state.ready_counts()[model.id]))
+        elif model is not None and rollout is not None:
             text.append(f" {model.name} ", style="bold")
             text.append_text(render.rollout_text(rollout))
-        if model is not None and model.max_replicas is not None:  # autoscaled: desired, running, the last decision
-            text.append("\n autoscaling ", style="bold")
-            text.append_text(render.scaling_text(model, self.now, self.state.ready_counts()[model.id]))
         return text
 
     def describe(self, key: str) -> None:
