@@ -20,7 +20,7 @@ from server.controllers.rollout import InstanceView, gate_pending, plan
 from server.schemas.bench import BenchLevel, GateError, parse_gate, percentile
 from test_alerts import BENCH_BACKEND, agent, bench_model  # noqa: F401  (the agent fixture)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 
 def cli(server, key: str, tmp_path: Path, *args: str):
@@ -41,7 +41,7 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
 
     async def running(generation: int) -> bool:
         return any(i.state == "running" and i.generation == generation for i in await _instances(admin, "quick"))
-    await eventually(lambda: running(1), timeout=40, message="generation 1 running")
+    await eventually(lambda: running(1), timeout=90, message="generation 1 running")
 
     swept = await asyncio.to_thread(cli, server, api_key, tmp_path, "bench", "quick", "--concurrency", "1,2",
                                     "--requests", "4", "--max-tokens", "8", "--prompt-tokens", "8")
@@ -71,7 +71,7 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
 
     async def paused() -> bool:
         return (await admin.get_model("quick")).paused
-    await eventually(paused, timeout=40, message="the rollout paused by the gate")
+    await eventually(paused, timeout=90, message="the rollout paused by the gate")
     model = await admin.get_model("quick")
     assert "bench gate" in model.rollout_message and "ttft_p95" in model.rollout_message
     instances = await _instances(admin, "quick")
@@ -88,15 +88,15 @@ async def test_bench_sweep_is_stored_and_the_gate_pauses_a_slower_rollout(server
     async def stalled(state: str) -> bool:
         return any(a.rule == "RolloutStalled" and a.object_name == "quick" and "bench gate" in a.message
                    for a in await admin.list_alerts(state))
-    await eventually(lambda: stalled("firing"), timeout=20, message="the RolloutStalled alert")
+    await eventually(lambda: stalled("firing"), timeout=60, message="the RolloutStalled alert")
 
     # The operator accepts it: resumed, the rollout completes and the alert resolves.
     await admin.rollout_action("quick", "resume")
 
     async def complete() -> bool:
         return (await admin.rollout_status("quick")).complete
-    await eventually(complete, timeout=40, message="the rollout complete after resume")
-    await eventually(lambda: stalled("resolved"), timeout=20, message="the RolloutStalled alert resolved")
+    await eventually(complete, timeout=90, message="the rollout complete after resume")
+    await eventually(lambda: stalled("resolved"), timeout=60, message="the RolloutStalled alert resolved")
 
 
 def test_the_gate_grammar():

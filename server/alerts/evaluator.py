@@ -188,9 +188,16 @@ class AlertEvaluator:
         return found
 
     async def stalled_rollouts(self, s, now: datetime) -> dict[Key, Finding]:
-        models = (await s.execute(select(tables.Model).where(tables.Model.state == schemas.ModelState.active))).scalars().all()
+        # Only models in a rollout (an instance of an older generation left): a few, however large the cluster.
+        rolling = select(tables.ModelInstance.model_id).join(
+            tables.Model, tables.Model.id == tables.ModelInstance.model_id).where(
+            tables.ModelInstance.generation < tables.Model.generation,
+            tables.Model.state == schemas.ModelState.active).distinct()
+        model_ids = list((await s.execute(rolling)).scalars())
+        models = (await s.execute(select(tables.Model).where(tables.Model.id.in_(model_ids)))).scalars().all()
         instances = (await s.execute(select(tables.ModelInstance.model_id, tables.ModelInstance.generation,
-                                            tables.ModelInstance.state))).all()
+                                            tables.ModelInstance.state).where(
+            tables.ModelInstance.model_id.in_(model_ids)))).all() if model_ids else []
         by_model: dict[int, list[Any]] = {}
         for row in instances:
             by_model.setdefault(row.model_id, []).append(row)
