@@ -158,3 +158,32 @@ async def _desired(admin: MaasClient, name: str, count: int) -> bool:
 
 async def _timeout_is(server: MaasServer, name: str, seconds: float) -> bool:
     return server.routes.models[name].cold_start_timeout == seconds
+
+
+async def test_the_leader_adds_the_load_other_servers_write(server: MaasServer, admin: MaasClient, tiny_model: Path):
+    """Another server's gateway writes its load as a row of gateway_loads; the leader's autoscaler adds it (a held
+    request there starts a replica here), and ignores a row too old to be a live server's."""
+    from datetime import timedelta
+
+    from sqlalchemy import delete
+
+    from server.db import tables
+    from server.db.tables import utcnow
+
+    await admin.create_model({"name": "remote", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 0,
+                              "min_replicas": 0, "max_replicas": 4, "target_concurrency": 2})
+
+    async def other_server(loads: dict, age: float = 0.0) -> None:
+        async with server.db.session() as s:
+            await s.execute(delete(tables.GatewayLoad))
+            s.add(tables.GatewayLoad(server_id="other", loads=loads, updated_at=utcnow() - timedelta(seconds=age)))
+            await s.commit()
+
+    await other_server({"remote": [0.0, 3, 0]}, age=60)  # stale: a server gone a minute ago
+    await asyncio.sleep(2.5)  # two decisions of the autoscaler
+    assert (await admin.get_model("remote")).replicas == 0
+    await other_server({"remote": [0.0, 1, 0]})  # fresh: one request held there
+    await eventually(lambda: _desired(admin, "remote", 1), timeout=10, message="a replica for the remote hold")
+    await other_server({"remote": [6.5, 0, 7]})  # 6.5 in flight at 2 per replica: 4
+    await eventually(lambda: _desired(admin, "remote", 4), timeout=10, message="4 replicas for the remote load")
+    assert "6.5 in flight" in (await admin.get_model("remote")).scale_reason
