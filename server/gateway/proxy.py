@@ -199,7 +199,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
             # is not tried a second time while another serves.
             target = targets[0] if attempt == 0 else next((t for t in routes.ordered() if t is not target), target)
             try:
-                if streamed:  # a connection of its own each time
+                if streamed:  # relayed as it comes
                     response = await _forward_stream(request, server, call, target, send, content_type,
                                                      client_wants_usage, fresh)
                 else:
