@@ -22,6 +22,7 @@ from server import schemas
 from server.alerts.rules import EVENT_RULES, RULES, AlertSettings, Rule
 from server.alerts.webhooks import WebhookSender
 from server.db import tables
+from server.db.errors import database_unavailable, first_line
 from server.events import record_event
 from server.schemas.alerts import AlertNotification, AlertOut
 from server.schemas.rollout import rollout_status
@@ -87,8 +88,11 @@ class AlertEvaluator:
                     continue
                 try:
                     await self.evaluate(matching, checks=checks_due)
-                except Exception:
-                    log.exception("evaluating alerts failed; retrying at the next check")
+                except Exception as exc:
+                    if database_unavailable(exc):  # said once per check, without a traceback
+                        log.warning("alerts not evaluated: the database is unavailable (%s)", first_line(exc))
+                    else:
+                        log.exception("evaluating alerts failed; retrying at the next check")
                 if checks_due:
                     next_check = loop.time() + self.settings.interval
                 if loop.time() - self._last_cleanup > CLEANUP_SECONDS:
