@@ -173,6 +173,11 @@ class FileCache:
         return path
 
     async def _settle(self, entry: Entry, path: str, cached: bool) -> None:
+        if entry.state == "ready" and entry.path == path:  # a launch from the cache: only its use is new
+            entry.last_used_at = _now()
+            await asyncio.to_thread(self._save)
+            self.changed()
+            return
         size, revision, metadata = await asyncio.to_thread(_describe, path)
         entry.state, entry.progress, entry.message = "ready", None, ""
         entry.path, entry.size_bytes, entry.revision, entry.metadata = path, size, revision, metadata

@@ -24,6 +24,7 @@ from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
 from server import schemas
 from server.scheduler import estimate as est
+from server.scheduler import hub as hub_metadata
 from server.scheduler.estimate import MemoryEstimate
 from server.scheduler.locality import REPORTED, FileIndex
 from server.scheduler.placement import Cluster, Request, WorkerSnapshot, plan
@@ -31,6 +32,16 @@ from server.scheduler.placement import Cluster, Request, WorkerSnapshot, plan
 pytestmark = pytest.mark.timeout(150)
 
 SOURCE = "hf://acme/tiny-gguf/tiny.gguf"
+
+
+@pytest.fixture(autouse=True)
+def fresh_metadata():
+    """The server's metadata caches are per process: what a test's dead hub left must not answer for the next."""
+    hub_metadata.CACHE.clear()
+    REPORTED.clear()
+    yield
+    hub_metadata.CACHE.clear()
+    REPORTED.clear()
 
 
 # --- the score, on a snapshot ---------------------------------------------------------------
