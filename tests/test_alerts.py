@@ -146,6 +146,7 @@ async def test_a_crash_loop_fires_is_delivered_signed_after_retries_silenced_and
     assert len(tries) == 3 and len({headers[DELIVERY_HEADER] for headers, _ in tries}) == 1
     assert all(verify(SECRET, headers, body) for headers, body in tries)
     headers, body = tries[-1]
+    assert headers[SIGNATURE_HEADER].startswith("sha256=") and len(headers[SIGNATURE_HEADER]) == 7 + 64
     assert not verify("another-secret", headers, body) and not verify(SECRET, headers, body + b" ")
     assert json.loads(body)["alert"]["rule"] == "InstanceFailing"
     assert "HTTP 200" in (await admin.list_webhooks())[0].last_status

@@ -13,7 +13,6 @@ baseline.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, AsyncIterator
 
@@ -80,6 +79,8 @@ class BenchGate(ReconcileLoop):
             if previous_level is None:
                 previous_level = await _stored_baseline(s, model_id, generation)
             passed, why = gate.judge(new_level, previous_level)
+            log.info("bench gate of %s generation %d: %s (%s)", model_name, generation, why,
+                     "failed" if passed is False else "passed")
             model.bench_gate_generation = generation
             if passed is False:
                 model.paused = True
