@@ -10,7 +10,8 @@ concurrent clients, plain and streamed, alternating rounds. Then the same throug
 (`tiny-canary`: tiny=99, and 1% drawn first to a model with no instance, which falls through to
 tiny): what a route adds. Prints a table and, last, `RESULT added_p50_ms=<n> throughput_ratio=<n> ...`
 (the first two from the plain requests; `gateway_cpu_us_per_req` and `stream_cpu_us_per_req` are the
-gateway's own CPU per plain and streamed request, `route_*` the same through the route).
+gateway's own CPU per plain and streamed request, `route_*` the same through the route, `limits_*` the
+same with a key that has every gateway limit set, high enough never to refuse).
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ async def main() -> None:
                 admin = {"Authorization": f"Bearer {(await r.json())['token']}"}
             async with http.post(f"{server_url}/v2/keys", json={"name": "bench"}, headers=admin) as r:
                 key = {"Authorization": f"Bearer {(await r.json())['key']}"}
+            # The limits run: a key with every limit (server/gateway/limits.py), none of them ever reached.
+            async with http.post(f"{server_url}/v2/keys", json={"name": "bench-limited"}, headers=admin) as r:
+                limited_key = {"Authorization": f"Bearer {(await r.json())['key']}"}
+            async with http.patch(f"{server_url}/v2/keys/bench-limited/limits", headers=admin, json={
+                    "rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6, "budget_day": 10**13,
+                    "budget_month": 10**14}) as r:
+                assert r.status == 200, await r.text()
             deploy = {"name": "tiny", "source": str(model), "backend": "llama.cpp", "replicas": 1,
                       "args": ["--parallel", "8"]}
             if args.backend == "fixed":
@@ -177,6 +185,8 @@ async def main() -> None:
                         await drive(url, headers, body, args.clients, args.requests, stream, process))
                 results.setdefault((mode, "route"), []).append(await drive(
                     gateway_url, key, {**body, "model": "tiny-canary"}, args.clients, args.requests, stream, process))
+                results.setdefault((mode, "limits"), []).append(await drive(
+                    gateway_url, limited_key, body, args.clients, args.requests, stream, process))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -207,9 +217,10 @@ async def main() -> None:
             print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
                   f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("plain", "stream"):
-        m = summary[(mode, "route")] = merged(mode, "route")
-        print(f"{mode:<10}{'route':<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
-              f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
+        for path in ("route", "limits"):
+            m = summary[(mode, path)] = merged(mode, path)
+            print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
+                  f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("1 client", "plain", "stream"):
         d, g = summary[(mode, "direct")], summary[(mode, "gateway")]
         print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}, "
@@ -218,7 +229,12 @@ async def main() -> None:
         d, r = summary[(mode, "direct")], summary[(mode, "route")]
         print(f"{mode} through a route: gateway CPU {r['cpu_us'] - d['cpu_us']:.0f} us/req "
               f"({r['cpu_us'] - summary[(mode, 'gateway')]['cpu_us']:+.0f} us against the model's own name)")
+    for mode in ("plain", "stream"):
+        d, m = summary[(mode, "direct")], summary[(mode, "limits")]
+        print(f"{mode} with limits: gateway CPU {m['cpu_us'] - d['cpu_us']:.0f} us/req "
+              f"({m['cpu_us'] - summary[(mode, 'gateway')]['cpu_us']:+.0f} us against a key without limits)")
     r_p, r_s = summary[("plain", "route")], summary[("stream", "route")]
+    l_p, l_s = summary[("plain", "limits")], summary[("stream", "limits")]
     d, g = summary[("plain", "direct")], summary[("plain", "gateway")]
     s_d, s_g = summary[("stream", "direct")], summary[("stream", "gateway")]
     u_d, u_g = summary[("1 client", "direct")], summary[("1 client", "gateway")]
@@ -227,7 +243,9 @@ async def main() -> None:
           f"stream_added_p50_ms={s_g['p50_ms'] - s_d['p50_ms']:.2f} stream_throughput_ratio={s_g['rps'] / s_d['rps']:.2f} "
           f"gateway_cpu_us_per_req={g['cpu_us'] - d['cpu_us']:.0f} stream_cpu_us_per_req={s_g['cpu_us'] - s_d['cpu_us']:.0f} "
           f"route_cpu_us_per_req={r_p['cpu_us'] - d['cpu_us']:.0f} "
-          f"route_stream_cpu_us_per_req={r_s['cpu_us'] - s_d['cpu_us']:.0f}")
+          f"route_stream_cpu_us_per_req={r_s['cpu_us'] - s_d['cpu_us']:.0f} "
+          f"limits_cpu_us_per_req={l_p['cpu_us'] - d['cpu_us']:.0f} "
+          f"limits_stream_cpu_us_per_req={l_s['cpu_us'] - s_d['cpu_us']:.0f}")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class GatewayLimits:
         self.cluster = False  # several servers may share the store (PostgreSQL)
         self._day_ends = 0.0
         self._month_ends = 0.0
-        self._day = date.min
+        self._day = self._month_start = date.min
         self._budgets_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -327,18 +327,28 @@ class GatewayLimits:
     def headers(self, rules: Iterable[Rule], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers of the tightest request and token limits among `rules`."""
         headers: dict[str, str] = {}
-        requests = [(rule.rpm - rule.cluster_requests(), rule) for rule in rules if rule.rpm is not None]
-        tokens = [(rule.tpm - rule.cluster_tokens(), rule) for rule in rules if rule.tpm is not None]
-        if requests:
-            left, rule = min(requests, key=lambda pair: pair[0])
-            headers["x-ratelimit-limit-requests"] = str(rule.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, left))
-            headers["x-ratelimit-reset-requests"] = _duration((rule.window + 1) * self.window - now)
-        if tokens:
-            left, rule = min(tokens, key=lambda pair: pair[0])
-            headers["x-ratelimit-limit-tokens"] = str(rule.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
-            headers["x-ratelimit-reset-tokens"] = _duration((rule.window + 1) * self.window - now)
+        requests_rule = tokens_rule = None
+        requests_left = tokens_left = 0
+        for rule in rules:  # on the request path: plain loops
+            if rule.rpm is not None:
+                left = rule.rpm - rule.cluster_requests()
+                if requests_rule is None or left < requests_left:
+                    requests_rule, requests_left = rule, left
+            if rule.tpm is not None:
+                left = rule.tpm - rule.cluster_tokens()
+                if tokens_rule is None or left < tokens_left:
+                    tokens_rule, tokens_left = rule, left
+        if requests_rule is None and tokens_rule is None:
+            return headers
+        reset = _duration((int(now // self.window) + 1) * self.window - now)  # every rule has the same windows
+        if requests_rule is not None:
+            headers["x-ratelimit-limit-requests"] = str(requests_rule.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(requests_left if requests_left > 0 else 0)
+            headers["x-ratelimit-reset-requests"] = reset
+        if tokens_rule is not None:
+            headers["x-ratelimit-limit-tokens"] = str(tokens_rule.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(tokens_left if tokens_left > 0 else 0)
+            headers["x-ratelimit-reset-tokens"] = reset
         return headers
 
     # --- budgets -------------------------------------------------------------------
@@ -351,20 +361,24 @@ class GatewayLimits:
         first = today.replace(day=1)
         following = (first + timedelta(days=32)).replace(day=1)
         self._month_ends = datetime(following.year, following.month, 1, tzinfo=UTC).timestamp()
-        new_month = self._day == date.min or today.replace(day=1) != self._day.replace(day=1)
-        self._day = today
+        new_month = first != self._month_start
+        self._day, self._month_start = today, first
         for rule in self.rules.values():
             rule.day_base = rule.day_since = 0
             if new_month:
                 rule.month_base = rule.month_since = 0
 
     def _nearly_due(self, rule: Rule) -> bool:
-        return any(budget and used >= NEARLY_REACHED * budget and (period, start) not in rule.notified
-                   for period, start, budget, used in self._periods(rule))
+        """Past 90% of a budget without its event yet (on the request path: no tuples unless it is)."""
+        day, month = rule.budget_day, rule.budget_month
+        return bool((day is not None and rule.day_base + rule.day_since >= NEARLY_REACHED * day
+                     and ("day", self._day) not in rule.notified)
+                    or (month is not None and rule.month_base + rule.month_since >= NEARLY_REACHED * month
+                        and ("month", self._month_start) not in rule.notified))
 
     def _periods(self, rule: Rule) -> tuple[tuple[str, date, int | None, int], ...]:
         return (("day", self._day, rule.budget_day, rule.used_day()),
-                ("month", self._day.replace(day=1), rule.budget_month, rule.used_month()))
+                ("month", self._month_start, rule.budget_month, rule.used_month()))
 
     async def refresh_budgets(self) -> None:
         """The budgets' usage from the usage table (every server's, durable), plus what this server counted
