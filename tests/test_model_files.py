@@ -200,6 +200,9 @@ async def test_pull_place_remove_and_estimate_from_a_worker(server, admin: MaasC
         # Deploy: the server cannot read the hub, so its estimate comes from a worker's reading; the
         # scheduler puts the replica where the files are, and nothing is downloaded again.
         downloads = len(hub.downloads)
+        dry_run = await admin.evaluate_model({"name": "what-if", "source": SOURCE, "backend": "llama.cpp",
+                                              "context_length": 512, "replicas": 1})
+        assert dry_run.replicas[0].worker in ("w2", "w3"), dry_run
         await admin.create_model({"name": "near", "source": SOURCE, "backend": "llama.cpp", "context_length": 512})
 
         async def running() -> bool:

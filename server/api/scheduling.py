@@ -43,6 +43,7 @@ async def evaluate_model(request: web.Request) -> web.Response:
                                                 message=f"cannot estimate the memory: {exc}"))
     key = existing if existing is not None else f"evaluate:{body.name}"
     request = Request(spec, memory, key, team=team)
+    request.holders = state.files.holders(spec.source)  # where the files already are (scheduler/locality.py)
     placements = evaluate(request, state.cluster, body.replicas)  # within its quota
     fit = sum(1 for p in placements if p.scheduled)
     message = f"{fit} of {body.replicas} replicas fit now"

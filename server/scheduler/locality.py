@@ -66,6 +66,11 @@ class ReportedMetadata:
         with self._lock:
             self._records.clear()
 
+    def take(self, other: "ReportedMetadata") -> None:
+        """Hold exactly what `other` holds (one swap under the lock)."""
+        with self._lock:
+            self._records = other._records
+
 
 REPORTED = ReportedMetadata()
 
@@ -97,22 +102,24 @@ class FileIndex:
     def load(self, rows: list[dict[str, Any]]) -> None:
         self.ready.clear()
         self._rows.clear()
-        REPORTED.clear()  # the rows loaded are the truth now
+        fresh = ReportedMetadata()
         for obj in rows:
-            self.apply("created", obj)
+            self.apply("created", obj, fresh)
+        REPORTED.take(fresh)  # the rows loaded are the truth now (swapped at once: estimates run meanwhile)
 
-    def apply(self, action: str, obj: dict[str, Any]) -> bool:
+    def apply(self, action: str, obj: dict[str, Any], reported: "ReportedMetadata | None" = None) -> bool:
         """One row's change; True when the holders of a source changed."""
+        reported = REPORTED if reported is None else reported
         row_id = int(obj["id"])
         before = self._rows.pop(row_id, None)
         if before is not None:
             self.ready.get(before[0], set()).discard(before[1])
-            REPORTED.drop(*before)
+            reported.drop(*before)
         if action != "deleted" and obj.get("state") == "ready":
             key, worker_id = str(obj.get("source") or ""), int(obj["worker_id"])
             self._rows[row_id] = (key, worker_id)
             self.ready.setdefault(key, set()).add(worker_id)
-            REPORTED.put(key, worker_id, str(obj.get("worker_name") or ""), obj.get("metadata"))
+            reported.put(key, worker_id, str(obj.get("worker_name") or ""), obj.get("metadata"))
         after = self._rows.get(row_id)
         return before != after
 
