@@ -147,6 +147,10 @@ async def test_lru_eviction_keeps_the_cache_under_its_limit(hub: HubTestServer, 
 # --- the whole thing, with real agents ----------------------------------------------------------
 
 
+async def _gone(admin: MaasClient, source: str) -> bool:
+    return not await admin.list_files(source=source)
+
+
 async def _agent(server, hub: HubTestServer, base: Path, name: str) -> Agent:
     agent = Agent(AgentConfig(server_url=server.url, token=server.cluster_token or "", data_dir=base / name,
                               name=name, heartbeat_interval=1.0, drain_seconds=0.0))
@@ -196,6 +200,20 @@ async def test_pull_place_remove_and_estimate_from_a_worker(server, admin: MaasC
         assert "acme/missing" in missing.message and "not found" in missing.message
         [again] = await admin.pull_files("hf://acme/missing", workers=["w1"])
         assert again.state == "pending"
+
+        # A local path: checked and listed with what the agent read of it; removing it only forgets it.
+        await admin.pull_files(str(tiny_model), workers=["w1"])
+
+        async def local_ready() -> bool:
+            found = await admin.list_files(source=str(tiny_model))
+            return bool(found) and found[0].state == "ready"
+
+        await eventually(local_ready, timeout=30, message="the local path to be listed")
+        [local] = await admin.list_files(source=str(tiny_model))
+        assert local.path == str(tiny_model) and local.metadata["gguf"]["n_layers"] > 0
+        assert (await admin.remove_file(local.id))["state"] == "removing"
+        await eventually(lambda: _gone(admin, str(tiny_model)), timeout=30, message="the local entry to go")
+        assert tiny_model.exists()
 
         # Deploy: the server cannot read the hub, so its estimate comes from a worker's reading; the
         # scheduler puts the replica where the files are, and nothing is downloaded again.
