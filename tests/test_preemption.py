@@ -168,3 +168,54 @@ async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClie
 async def _states_are(server, model: str, states: list[str]) -> bool:
     return [i.state for i in await _instances(server, model)] == states
 
+
+
+def test_the_fewest_victims_on_real_placement_and_the_least_important_worker():
+    """Placement maths on simulated H100s: the pass takes one big low instance rather than two small ones, prefers
+    the worker whose victims are less important, and a second pending instance does not count on the same victims."""
+    from types import SimpleNamespace
+
+    from server.scheduler.estimate import MemoryEstimate
+    from server.scheduler.placement import Request
+    from server.scheduler.preemption import ModelPolicy, PreemptionPass
+    from server.scheduler.snapshot import ClusterState
+    from server.schemas import ModelSpec
+
+    def worker(id: int) -> dict:
+        return {"id": id, "name": f"gpu-{id}", "address": "127.0.0.1", "state": "ready", "cordoned": False,
+                "labels": {}, "host": {"memory_total": 512 * GB},
+                "gpus": [{"index": 0, "name": "H100 (simulated)", "vendor": "simulated", "memory_total": 80 * GB}]}
+
+    def instance(id: int, model_id: int, worker_id: int | None, gb: int, state: str = "running") -> dict:
+        claim = {"device": "gpu", "gpu_indexes": [0], "vram_bytes_per_gpu": gb * GB} if worker_id else None
+        return {"id": id, "name": f"i-{id}", "model_id": model_id, "generation": 1, "state": state,
+                "worker_id": worker_id, "claim": claim, "schedule_reasons": [],
+                "spec": {"source": "/m.gguf", "backend": "llama.cpp"}}
+
+    state = ClusterState()
+    # gpu-1: two small low instances (30 + 30 GB); gpu-2: one big low (70 GB); gpu-3: one normal (70 GB).
+    state.load([worker(1), worker(2), worker(3)],
+               [instance(1, 10, 1, 30), instance(2, 11, 1, 30), instance(3, 12, 2, 70), instance(4, 20, 3, 70),
+                instance(5, 30, None, 0, "pending"), instance(6, 30, None, 0, "pending")])
+    policies = {10: ModelPolicy("small-a", 1, "low", 0), 11: ModelPolicy("small-b", 1, "low", 0),
+                12: ModelPolicy("big", 1, "low", 0), 20: ModelPolicy("normal", 2, "normal", 0),
+                30: ModelPolicy("prod", 4, "critical", 0)}
+    spec = ModelSpec(source="/m.gguf", backend="llama.cpp", memory_bytes=60 * GB)
+    request = Request(spec, MemoryEstimate.fixed(60 * GB, cpu_capable=False), 30)
+    preemption = PreemptionPass(state, policies)
+    first = preemption.place(state.instances[5], request)
+    assert [v.record.id for v in preemption.victims] == [3]  # one victim, not the two on gpu-1
+    assert first[0].reason == "preempting" and "i-3 (low)" in first[0].message
+    second = preemption.place(state.instances[6], request)
+    # gpu-1's two low ones rather than gpu-3's one normal: the least important classes go first.
+    assert sorted(v.record.id for v in preemption.victims) == [1, 2, 3] and second[0].worker == "gpu-1"
+    # Floors: with small-a kept at 1 replica gpu-1 cannot make room, so the normal one on gpu-3 goes.
+    floored = PreemptionPass(state, {**policies, 10: ModelPolicy("small-a", 1, "low", 1)})
+    floored.place(state.instances[5], request)
+    assert floored.place(state.instances[6], request)[0].worker == "gpu-3"
+    assert sorted(v.record.id for v in floored.victims) == [3, 4]
+    # Nothing of an equal or higher class: a normal instance finds no victim among normal and critical ones.
+    normal = Request(spec, MemoryEstimate.fixed(60 * GB, cpu_capable=False), 20)
+    only_peers = PreemptionPass(state, {k: (p if p.rank >= 2 else ModelPolicy(p.name, 2, "normal", 0))
+                                        for k, p in policies.items()})
+    assert only_peers.place(SimpleNamespace(model_id=20, team=None), normal) is None

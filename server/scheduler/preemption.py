@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from server import schemas
-from server.scheduler.placement import Cluster, Placement, Request, plan
+from server.scheduler.placement import Cluster, Placement, Request, Usage, plan
 
 PREEMPTED_BY = "preempted_by"  # the reason on a preempted model's replacement instance
 PREEMPTING = "preempting"  # the reason on an instance waiting for its victims to stop
@@ -122,9 +122,9 @@ class PreemptionPass:
                     self._release(record, -1)
         return self._future
 
-    def _release(self, record: Any, sign: int) -> None:
+    def _release(self, record: Any, sign: int, cluster: Cluster | None = None) -> None:
         if record.claim is not None:
-            self._future.apply(record.claim, record.worker_id, record.model_id, sign, team=record.team)
+            (cluster or self._future).apply(record.claim, record.worker_id, record.model_id, sign, team=record.team)
 
     def place(self, record: Any, request: Request) -> list[schemas.UnschedulableReason] | None:
         """For a pending instance that does not fit now: the reasons it waits when it will fit once terminating
@@ -149,16 +149,21 @@ class PreemptionPass:
         for r in lower:
             by_worker.setdefault(r.worker_id, []).append(Candidate(r.id, r.model_id, self.rank(r.model_id)))
 
-        def fits(ids: frozenset[int]) -> bool:
-            for i in ids:
-                self._release(by_id[i], -1)
-            try:
-                return isinstance(plan(request, future), Placement)
-            finally:
-                for i in ids:
-                    self._release(by_id[i], 1)
-
         for worker_id in sorted(by_worker):
+            worker = future.workers.get(worker_id)
+            if worker is None or not worker.schedulable:
+                continue
+            alone = _alone(future, worker)  # what-ifs on this worker only: a plan over one worker, not the cluster
+
+            def fits(ids: frozenset[int], alone: Cluster = alone) -> bool:
+                for i in ids:
+                    self._release(by_id[i], -1, alone)
+                try:
+                    return isinstance(plan(request, alone), Placement)
+                finally:
+                    for i in ids:
+                        self._release(by_id[i], 1, alone)
+
             chosen = choose_victims(by_worker[worker_id], rank, fits, allowance)
             if chosen is not None and better(chosen, best):
                 best = chosen
@@ -166,9 +171,12 @@ class PreemptionPass:
             return None
         for candidate in best:
             self._release(by_id[candidate.id], -1)
-            self._taken.add(candidate.id)
         result = plan(request, future)
-        assert isinstance(result, Placement)  # fits() said so on this very cluster
+        if not isinstance(result, Placement):  # fits() said so on a copy of that worker: should not happen
+            for candidate in best:
+                self._release(by_id[candidate.id], 1)
+            return None
+        self._taken.update(c.id for c in best)
         future.commit(result, record.model_id, record.team)
         preemptor = self.policies.get(record.model_id)
         by_model = preemptor.name if preemptor else str(record.model_id)
@@ -197,3 +205,12 @@ class PreemptionPass:
             floor = 0 if self.below_min or policy is None else policy.min_replicas
             out[model_id] = max(0, count - floor)
         return out
+
+
+def _alone(cluster: Cluster, worker: Any) -> Cluster:
+    """A cluster of a copy of one worker, with the teams' quotas and usage (a multi-worker claim's other parts
+    are outside it and stay as they are)."""
+    alone = Cluster([worker.copy()])
+    alone.quotas = dict(cluster.quotas)
+    alone.usage = {team: Usage(**vars(used)) for team, used in cluster.usage.items()}
+    return alone
