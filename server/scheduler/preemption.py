@@ -102,6 +102,8 @@ class PreemptionPass:
         self.victims: list[Victim] = []
         self._future: Cluster | None = None
         self._taken: set[int] = set()
+        self._holders: list[Any] | None = None  # instances holding claims, not terminating (made once per pass)
+        self._lowest = 0  # the least important rank among them
 
     def policy(self, model_id: int) -> ModelPolicy | None:
         return self.policies.get(model_id)
@@ -112,6 +114,13 @@ class PreemptionPass:
 
     def _holding(self) -> list[Any]:
         return [r for r in self.state.instances.values() if r.holds()]
+
+    def _running_holders(self) -> list[Any]:
+        if self._holders is None:
+            self._holders = [r for r in self._holding() if r.state != schemas.InstanceState.terminating
+                             and r.claim is not None]
+            self._lowest = min((self.rank(r.model_id) for r in self._holders), default=0)
+        return self._holders
 
     def future(self) -> Cluster:
         """The cluster once every terminating instance has stopped (made once per pass)."""
@@ -130,8 +139,10 @@ class PreemptionPass:
         """For a pending instance that does not fit now: the reasons it waits when it will fit once terminating
         instances stop, or once the victims chosen now stop (noted in `victims`); None when preemption cannot help."""
         rank = self.rank(record.model_id)
-        lower = [r for r in self._holding() if r.state != schemas.InstanceState.terminating
-                 and r.id not in self._taken and self.rank(r.model_id) < rank and r.claim is not None]
+        holders = self._running_holders()
+        if rank <= self._lowest and self._future is None:
+            return None  # nothing less important runs (the common case: one class), and nothing is being freed
+        lower = [r for r in holders if r.id not in self._taken and self.rank(r.model_id) < rank]
         future = self.future() if lower or self._future is not None else None
         if future is None:
             return None
