@@ -22,7 +22,7 @@ from maas_tui.cli.main import app as cli_app
 from maas_tui.client import ApiClientError, MaasClient
 from server.app import MaasServer
 from server.config import ServerConfig
-from server.gateway.limits import GatewayLimits
+from server.gateway.limits import GatewayLimits, new_part
 
 pytestmark = pytest.mark.timeout(240)
 PROMPT = [{"role": "user", "content": "hello there"}]
@@ -245,3 +245,27 @@ async def _serving(server: MaasServer, model: str) -> bool:
 
 async def _knows(server: MaasServer, key_id: int) -> bool:
     return ("key", key_id) in server.limits.rules
+
+
+def test_parts_never_add_up_to_more_than_the_limit() -> None:
+    """new_part, exchange by exchange (serialized, as under the advisory lock), with random use and refusals:
+    the servers' parts of a limit never add up to more than it; and a busy server among idle ones ends up
+    with nearly all of it."""
+    random = __import__("random").Random(20261203)
+    for _ in range(3000):
+        servers, limit = random.randint(2, 5), random.randint(0, 200)
+        parts, wants = [0] * servers, [0] * servers
+        for _ in range(40):
+            i = random.randrange(servers)
+            used = random.randint(0, parts[i])
+            wants[i] = int(random.random() < 0.5)
+            theirs = [(parts[j], wants[j]) for j in range(servers) if j != i]
+            parts[i] = new_part(limit, used, parts[i], wants[i], theirs, servers - 1)
+            assert 0 <= parts[i] and sum(parts) <= limit, (limit, parts)
+    parts, wants = [0, 0, 0], [0, 0, 0]
+    for step in range(12):  # server 0 is refused each time; the others use nothing
+        i = step % 3
+        wants[i] = int(i == 0)
+        parts[i] = new_part(300, parts[i] if i == 0 else 0, parts[i], wants[i],
+                            [(parts[j], wants[j]) for j in range(3) if j != i], 2)
+    assert parts[0] >= 0.9 * 300 and sum(parts) <= 300, parts

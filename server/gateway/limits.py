@@ -498,6 +498,8 @@ class GatewayLimits:
         now = self.clock()
         window = int(now // self.window)
         rated = [rule for rule in self.rules.values() if rule.rated]
+        if not rated:  # nothing to hold together (a server without rows is not counted as a peer)
+            return
         async with self.db.session() as s:
             await s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EXCHANGE_LOCK})
             stamp = datetime.now(UTC)
@@ -566,19 +568,21 @@ async def add_limit_headers(request: web.Request, response: web.StreamResponse) 
 def new_part(limit: int | None, used: int, part: int, wanting: int, theirs: list[tuple[int, int]], peers: int) -> int:
     """This server's new part of a limit, from the peers' parts and whether each was refused for want of its
     own (`theirs`: (part, wanting) of the peers that have a row for the subject). Alone: all of it. Otherwise
-    it gives back what the limit no longer allows; takes, when refused, an even split of what no server holds
-    among those refused, and else up to a fair share (limit / servers) of it; and when others were refused
-    and it was not, keeps only what it used this window and a little more. A part never grows beyond what
-    no server holds: the parts add up to at most the limit."""
+    it gives back what the parts hold beyond the limit (down to a fair share, limit / servers: after a limit
+    is lowered or servers that each held all of it alone meet, the parts add up to the limit again once each
+    has exchanged); takes, when refused, an even split of what no server holds among those refused, and else
+    up to a fair share of it; and when others were refused and it was not, keeps only what it used this
+    window and a little more. A part never grows beyond what no server holds: once the parts add up to at
+    most the limit, they stay so."""
     if limit is None:
         return 0
     if not peers:
         return limit
     unclaimed = limit - part - sum(their_part for their_part, _ in theirs)
-    if unclaimed < 0:
-        return max(0, part + unclaimed)
-    others_want = sum(1 for _, want in theirs if want)
     fair = limit // (peers + 1)
+    if unclaimed < 0:  # the limit was lowered, or servers that took all of it alone met: down to a fair share
+        return max(0, part + unclaimed, min(part, fair))
+    others_want = sum(1 for _, want in theirs if want)
     if wanting:
         part += unclaimed // (1 + others_want) or (1 if unclaimed and not others_want else 0)
     elif part < fair:
