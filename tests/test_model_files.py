@@ -250,6 +250,13 @@ async def test_pull_place_remove_and_estimate_from_a_worker(server, admin: MaasC
 
         await eventually(spare_gone, timeout=30, message="the unused copy to be removed")
         assert not Path(spare.path).exists() and Path(used.path).exists()
+
+        # A worker removed: its rows go with it, and the change is published (the watch and the scheduler).
+        await agents[0].stop()
+        version = server.bus.version
+        await admin.request("DELETE", "/v2/workers/w1")
+        assert not await admin.list_files(worker="w1")
+        assert any(e.kind == "files" and e.action == "deleted" for e in server.bus.since(version) or ())
     finally:
         for agent in agents:
             await agent.stop()

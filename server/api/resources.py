@@ -461,6 +461,8 @@ async def delete_worker(request: web.Request) -> web.Response:
             tables.ModelInstance.worker_id == worker.id))).scalars().all()
         for instance in instances:
             await s.delete(instance)  # the model controller creates replacements
+        for cached in (await s.execute(select(tables.ModelFile).where(tables.ModelFile.worker_id == worker.id))).scalars():
+            await s.delete(cached)  # one by one, so watchers (the TUI, the scheduler) see its files go
         await s.delete(worker)
         record_event(s, "workers", worker, "Removed", f"{len(instances)} instances dropped", principal.name)
         await s.commit()
