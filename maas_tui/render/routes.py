@@ -24,7 +24,9 @@ def shares(route: schemas.RouteOut) -> list[tuple[str, int, float]]:
 
 
 def _percent(value: float) -> str:
-    return f"{value:.0f}%" if value >= 1 or value == 0 else f"{value:.1g}%"
+    """95%, 99.5%, 33.3%, 0.01%: never rounded to a share it is not (99.5 is no 100)."""
+    text = f"{value:.1f}".rstrip("0").rstrip(".") if value >= 0.1 else f"{value:.2g}"
+    return f"{text}%"
 
 
 def targets_text(route: schemas.RouteOut) -> str:
