@@ -17,6 +17,15 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("maas"))
 
 
+DEFAULT_PRIORITY_CLASSES = "critical,high,normal,low"
+
+
+def priority_ranks(classes: str) -> dict[str, int]:
+    """Priority class name -> rank, from a comma-separated list, highest first (higher preempts lower)."""
+    names = [n.strip() for n in classes.split(",") if n.strip()]
+    return {name: len(names) - i for i, name in enumerate(names)}
+
+
 @dataclass
 class ServerConfig:
     data_dir: Path
@@ -52,15 +61,13 @@ class ServerConfig:
     cluster_token: str | None = field(default=None, repr=False)
     # Autoscaling, scale to zero and priorities (server/controllers/autoscale.py, server/gateway/cold_start.py,
     # server/scheduler/preemption.py).
-    priority_classes: str = "critical,high,normal,low"  # comma-separated, highest first
+    priority_classes: str = DEFAULT_PRIORITY_CLASSES  # comma-separated, highest first
     preempt_below_min_replicas: int = 0  # 1: preemption may take a model below its min_replicas
     autoscale_interval: float = 1.0  # seconds between the autoscaler's decisions (and load reports)
     max_held_requests: int = 64  # per model and server: requests held during a cold start; beyond, 503 at once
 
     def priority_ranks(self) -> dict[str, int]:
-        """Class name -> rank (higher preempts lower)."""
-        names = [n.strip() for n in self.priority_classes.split(",") if n.strip()]
-        return {name: len(names) - i for i, name in enumerate(names)}
+        return priority_ranks(self.priority_classes)
 
     def local_model_roots(self) -> list[str]:
         extra = [os.path.abspath(os.path.expanduser(r)) for r in self.model_roots.split(os.pathsep) if r.strip()]

@@ -157,6 +157,9 @@ async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClie
     assert "Autoscaling" in out.output and "to zero after 10 min idle" in out.output and "Priority" in out.output
     out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "get", "batch", "-o", "yaml")
     assert "max_replicas: 2" in out.output and "priority: low" in out.output, out.output
+    (tmp_path / "batch.yaml").write_text(out.output)  # the document applies back unchanged
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "apply", "-f", str(tmp_path / "batch.yaml"))
+    assert out.exit_code == 0 and "model/batch unchanged" in out.output, out.output
     out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "autoscale", "batch", "--off")
     assert out.exit_code == 0 and "manual" in out.output, out.output
     assert (await admin.get_model("batch")).max_replicas is None

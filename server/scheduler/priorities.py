@@ -12,9 +12,20 @@ from typing import Any
 from sqlalchemy import select
 
 from server import schemas
+from server.config import DEFAULT_PRIORITY_CLASSES, priority_ranks
 from server.db import tables
 from server.events import record_event
 from server.scheduler.preemption import ModelPolicy, Victim
+
+
+def ranks_of(config: Any) -> dict[str, int]:
+    """Class -> rank from the server config (a scheduler without one, as in bench/scheduler.py: the defaults)."""
+    return priority_ranks(getattr(config, "priority_classes", None) or DEFAULT_PRIORITY_CLASSES)
+
+
+def below_min(config: Any) -> bool:
+    """Whether preemption may take a model below its min_replicas (MAAS_PREEMPT_BELOW_MIN_REPLICAS)."""
+    return bool(getattr(config, "preempt_below_min_replicas", 0))
 
 
 def policy_of(name: str, priority: str | None, min_replicas: int | None, max_replicas: int | None,
@@ -25,7 +36,7 @@ def policy_of(name: str, priority: str | None, min_replicas: int | None, max_rep
 
 
 async def load_policies(session: Any, config: Any) -> dict[int, ModelPolicy]:
-    ranks = config.priority_ranks()
+    ranks = ranks_of(config)
     rows = await session.execute(select(tables.Model.id, tables.Model.name, tables.Model.priority,
                                         tables.Model.min_replicas, tables.Model.max_replicas))
     return {r[0]: policy_of(r[1], r[2], r[3], r[4], ranks) for r in rows}
@@ -37,7 +48,7 @@ def apply_policy(policies: dict[int, ModelPolicy], action: str, obj: dict[str, A
     if action == "deleted":
         return policies.pop(model_id, None) is not None
     policy = policy_of(str(obj.get("name")), obj.get("priority"), obj.get("min_replicas"), obj.get("max_replicas"),
-                       config.priority_ranks())
+                       ranks_of(config))
     if policies.get(model_id) == policy:
         return False
     policies[model_id] = policy
@@ -68,8 +79,8 @@ def dry_run_preemption(placements: list[schemas.ReplicaPlacement], state: Any, p
 
     from server.scheduler.preemption import PreemptionPass
 
-    policies = {**policies, request.model_key: policy_of(name, priority, None, None, config.priority_ranks())}
-    preemption = PreemptionPass(state, policies, bool(config.preempt_below_min_replicas), dry_run=True)
+    policies = {**policies, request.model_key: policy_of(name, priority, None, None, ranks_of(config))}
+    preemption = PreemptionPass(state, policies, below_min(config), dry_run=True)
     record = SimpleNamespace(model_id=request.model_key, team=request.team)
     would = 0
     for n, placement in enumerate(placements):

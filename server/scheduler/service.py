@@ -36,7 +36,7 @@ from server.scheduler import hub
 from server.scheduler.estimate import EstimateError, MemoryEstimate, estimate, needs_fetch
 from server.scheduler.placement import QUOTA_FIELDS, Placement, Request, failure_message, plan, summarize
 from server.scheduler.preemption import PREEMPTING, PreemptionPass, keep_preempted_by
-from server.scheduler.priorities import apply_policy, load_policies, write_preemptions
+from server.scheduler.priorities import apply_policy, below_min, load_policies, write_preemptions
 from server.scheduler.snapshot import ClusterState, InstanceRecord, Reserves
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Scheduler(ReconcileLoop):
         if not state.pending:
             return
         started = time.perf_counter()
-        preemption = PreemptionPass(state, self.policies, bool(self.server.config.preempt_below_min_replicas))
+        preemption = PreemptionPass(state, self.policies, below_min(self.server.config))
         records = sorted(state.pending.values(), key=lambda r: (-preemption.rank(r.model_id), r.id))  # priority first
         specs: dict[str, schemas.ModelSpec] = {}
         invalid: dict[str, str] = {}
