@@ -178,15 +178,16 @@ async def main() -> None:
         await drive(direct_url, {}, body, args.clients, 200, False)
         for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
             results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False, process)]
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for mode, stream in (("plain", False), ("stream", True)):
-                for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
+                runs = [("direct", direct_url, {}), ("gateway", gateway_url, key), ("limits", gateway_url, limited_key)]
+                if round_ % 2:  # with and without limits in turn first: the machine's drift does not favour one
+                    runs[1], runs[2] = runs[2], runs[1]
+                for path, url, headers in runs:
                     results.setdefault((mode, path), []).append(
                         await drive(url, headers, body, args.clients, args.requests, stream, process))
                 results.setdefault((mode, "route"), []).append(await drive(
                     gateway_url, key, {**body, "model": "tiny-canary"}, args.clients, args.requests, stream, process))
-                results.setdefault((mode, "limits"), []).append(await drive(
-                    gateway_url, limited_key, body, args.clients, args.requests, stream, process))
     finally:
         server.send_signal(signal.SIGTERM)
         try:

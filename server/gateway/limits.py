@@ -433,28 +433,32 @@ class GatewayLimits:
         async with self.db.session() as s:
             for rule, period, start, budget, used in due:
                 rule.notified.add((period, start))
-                kind, obj = await self._event_object(s, rule)
+                kind, obj, actor = await self._event_object(s, rule)
                 since = datetime(start.year, start.month, start.day, tzinfo=UTC)
-                message = (f"{_SCOPE_WORDS[rule.scope]} {obj.name} used {used} of its {budget} tokens this "
-                           f"{period} (UTC)")
+                when = "today" if period == "day" else "this month"
+                message = f"{_SCOPE_WORDS[rule.scope]} {obj.name} used {used} of its {budget} tokens {when} (UTC)"
                 already = await s.scalar(select(tables.Event.id).where(  # another server may have recorded it
                     tables.Event.reason == "LimitNearlyReached", tables.Event.kind == kind,
                     tables.Event.object_name == obj.name, tables.Event.created_at >= since,
-                    tables.Event.message.like(f"%this {period} (UTC)")).limit(1))
+                    tables.Event.message.like(f"% tokens {when} (UTC)")).limit(1))
                 if already is None:
-                    record_event(s, kind, obj, "LimitNearlyReached", message, "gateway")
+                    record_event(s, kind, obj, "LimitNearlyReached", message, actor)
             await s.commit()
 
-    async def _event_object(self, s: Any, rule: Rule) -> tuple[str, Any]:
+    async def _event_object(self, s: Any, rule: Rule) -> tuple[str, Any, str]:
+        """(event kind, object, actor) of a LimitNearlyReached event: a key's names its owner as the actor, so
+        the owner reads it (server/services/access.py sees_event); a team's and a model's carry their team."""
         from server.db import tables
 
         if rule.scope == "key":
-            key = await s.get(tables.ApiKey, rule.subject)
-            return "api_keys", SimpleNamespace(id=rule.subject, name=key.name if key else str(rule.subject), team=None)
+            found = (await s.execute(select(tables.ApiKey.name, tables.User.username).join(tables.User).where(
+                tables.ApiKey.id == rule.subject))).first()
+            name, owner = found if found else (str(rule.subject), "gateway")
+            return "api_keys", SimpleNamespace(id=rule.subject, name=name, team=None), owner
         if rule.scope == "team":
-            return "teams", SimpleNamespace(id=None, name=rule.subject, team=rule.subject)
+            return "teams", SimpleNamespace(id=None, name=rule.subject, team=rule.subject), "gateway"
         team = await s.scalar(select(tables.Model.team).where(tables.Model.name == rule.subject))
-        return "models", SimpleNamespace(id=None, name=rule.subject, team=team)
+        return "models", SimpleNamespace(id=None, name=rule.subject, team=team), "gateway"
 
     async def _budget_loop(self) -> None:
         while True:
