@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.skipif(REASON is not None, reason=
 MAAS = [sys.executable, "-m", "maas_tui"]
 PROJECT_LABEL = "maas.managed=true"
 WORKER = "docker-worker"
+PORTS = "27700-27799"
 PULL_RATE = 12_000_000  # bytes per second through the slow link: a pull of the ~60 MB image lasts ~5 s
 
 
@@ -111,8 +112,10 @@ class Cluster:
         self.key = json.loads(created)["key"]
 
     def start_agent(self, runtime: str) -> subprocess.Popen:
+        # Ports of their own: other test runs on this machine start at 20000, and a container binds its
+        # port a second after the agent chose it, long enough for another agent to take it meanwhile.
         self.agent = self.spawn(["agent", "--server-url", self.url, "--token", self.token, "--name", WORKER,
-                                 "--runtime", runtime, "--drain-seconds", "0.2",
+                                 "--runtime", runtime, "--drain-seconds", "0.2", "--port-range", PORTS,
                                  "--data-dir", str(self.base / "agent")], "agent.log")
         return self.agent
 
@@ -220,15 +223,17 @@ async def walk(cluster: Cluster, api: MaasClient, engine, image: str, tiny_model
     listening = f"llama.cpp server listening on http://127.0.0.1:{inst.port}"
     assert listening in from_engine and listening in tail
     assert [line for line in from_engine.splitlines() if "init: model loaded" in line][0] in tail
-    follower = await asyncio.create_subprocess_exec(*MAAS, "instance", "logs", inst.name, "--follow", "--tail", "0",
+    follower = await asyncio.create_subprocess_exec(*MAAS, "instance", "logs", inst.name, "--follow", "--tail", "1",
                                                     env=cluster.env, stdout=subprocess.PIPE)
     try:
-        await asyncio.sleep(1.5)  # the follow is under way before the request
+        assert await asyncio.wait_for(follower.stdout.read(4096), 30)  # the last line: the follow is under way
         await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}],
                                              max_tokens=4)
         followed = b""
-        while b"processing task" not in followed:
-            followed += await asyncio.wait_for(follower.stdout.read(4096), 20)
+        while b"processing task" not in followed:  # llama.cpp's line about the request, as it is written
+            chunk = await asyncio.wait_for(follower.stdout.read(4096), 30)
+            assert chunk, f"the follow ended: {followed!r}"
+            followed += chunk
     finally:
         follower.kill()
         await follower.wait()
@@ -259,7 +264,7 @@ async def walk(cluster: Cluster, api: MaasClient, engine, image: str, tiny_model
                 agent_log)
     await until(lambda: not [c for c in cluster.containers() if c.id == orphan.id], 30, "the orphan to go", agent_log)
     assert [c.id for c in cluster.containers()] == [container.id]  # adopted: the same container, no duplicate
-    assert not [i for i in await api.list_instances() if i.model_name == "tiny-b"]
+    await until(lambda: _gone(api, "tiny-b"), 30, "tiny-b's instance to go", agent_log)  # reported terminated
     follow_after = await cluster.maas("instance", "logs", inst.name, "--tail", "-1")
     assert follow_after.count(listening) == 1  # the adopted follower did not copy the log again
 
@@ -315,5 +320,5 @@ async def _running(api: MaasClient, model: str, message: str = "", restarts: int
     return None
 
 
-async def _gone(api: MaasClient) -> bool:
-    return not await api.list_instances()
+async def _gone(api: MaasClient, model: str | None = None) -> bool:
+    return not [i for i in await api.list_instances() if model in (None, i.model_name)]
