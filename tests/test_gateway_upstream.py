@@ -229,6 +229,7 @@ async def test_a_stream_connection_is_reused_until_the_backend_drops_them_after_
     async def stream(fresh: bool = False) -> bytes:
         exchange = await pool.stream("127.0.0.1", port, "/v1/s", b"{}", "application/json", fresh=fresh)
         body = b"".join([chunk async for chunk in exchange.body()])
+        assert exchange.finished  # the gateway sends the last bytes with the end of its own body
         pool.release(exchange)
         return body
 

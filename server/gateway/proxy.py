@@ -322,29 +322,35 @@ async def _relay_stream(request: web.Request, server: Any, call: _Call, upstream
     await response.prepare(request)
     usage: dict[str, Any] | None = None
     pending = b""
+    ended = False
     try:
         async with asyncio.timeout_at(deadline):
             async for chunk in upstream.body():
                 if not pending and chunk.endswith(b"\n\n") and _USAGE_MARK not in chunk:
-                    await response.write(chunk)  # whole events without usage: the common case, as they come
-                    continue
-                pending += chunk
-                # Relay whole server-sent events as they complete: no buffering beyond one event.
-                *events, pending = pending.split(b"\n\n")
-                out = []
-                for event in events:
-                    if _USAGE_MARK in event:
-                        found, usage_only = _stream_usage(event)
-                        if found is not None:  # Anthropic's counts come in two events: the later ones win
-                            usage = found if usage is None else {**usage, **found}
-                        if usage_only and not client_wants_usage:
-                            continue
-                    out.append(event + b"\n\n")
-                if out:
-                    await response.write(b"".join(out))
+                    data = chunk  # whole events without usage: the common case, as they come
+                else:
+                    pending += chunk
+                    # Relay whole server-sent events as they complete: no buffering beyond one event.
+                    *events, pending = pending.split(b"\n\n")
+                    out = []
+                    for event in events:
+                        if _USAGE_MARK in event:
+                            found, usage_only = _stream_usage(event)
+                            if found is not None:  # Anthropic's counts come in two events: the later ones win
+                                usage = found if usage is None else {**usage, **found}
+                            if usage_only and not client_wants_usage:
+                                continue
+                        out.append(event + b"\n\n")
+                    data = b"".join(out)
+                if upstream.finished and not pending:  # the last bytes go out with the body's end: one write
+                    ended = True
+                    await response.write_eof(data)
+                elif data:
+                    await response.write(data)
             if pending:
                 await response.write(pending)
-        await response.write_eof()
+        if not ended:
+            await response.write_eof()
     except ConnectionResetError:  # the client went away: stop reading upstream too
         log.debug("client left during a stream of %s", call.model)
     except (UpstreamError, TimeoutError) as exc:  # bytes already went out: all we can do is end it

@@ -183,6 +183,11 @@ class UpstreamStream(asyncio.Protocol):
             self._complete = True  # answered, failed or abandoned: later bytes are out of step
 
     @property
+    def finished(self) -> bool:
+        """Stream mode: the whole body has arrived and been handed over; nothing more will come."""
+        return self._complete and self._error is None and not self._ready
+
+    @property
     def reusable(self) -> bool:
         """The exchange ended cleanly, every byte was handed over, and the backend keeps the connection."""
         return (self._complete and self._error is None and self.keep_alive and not self.closed and not self._ready
