@@ -163,6 +163,10 @@ async def test_critical_displaces_low_but_never_an_equal(server, admin: MaasClie
     out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "autoscale", "batch", "--off")
     assert out.exit_code == 0 and "manual" in out.output, out.output
     assert (await admin.get_model("batch")).max_replicas is None
+    await admin.update_model("batch", {"max_replicas": 2})
+    out = await asyncio.to_thread(run_cli, server, api_key, tmp_path, "model", "scale", "batch", "1")
+    assert out.exit_code == 0 and "autoscaling of batch is off now" in out.output, out.output
+    assert (await admin.get_model("batch")).max_replicas is None
     with pytest.raises(ApiClientError) as unknown:  # classes come from the server config
         await admin.create_model(_body("odd", "urgent"))
     assert unknown.value.status == 400 and "critical, high, normal, low" in unknown.value.message

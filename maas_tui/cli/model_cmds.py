@@ -236,8 +236,14 @@ def show_models(models: list[schemas.ModelOut], output: Format, instances: list[
 @model_app.command("scale")
 def model_scale(name: str, replicas: int = typer.Argument(..., min=0), wait: bool = typer.Option(False, "--wait"),
                 timeout: float = typer.Option(600), output: Format = OutputOption) -> None:
-    """Change a model's replica count."""
-    model = call(lambda c: c.update_model(name, {"replicas": replicas}))
+    """Change a model's replica count (on an autoscaled model: back to the manual mode)."""
+    async def work(client: MaasClient) -> tuple[bool, schemas.ModelOut]:
+        was_autoscaled = (await client.get_model(name)).max_replicas is not None
+        return was_autoscaled, await client.update_model(name, {"replicas": replicas})
+
+    was_autoscaled, model = call(work)
+    if was_autoscaled:
+        err_console.print(f"autoscaling of {name} is off now ('maas model autoscale {name} --max N' turns it on again)")
     if wait:
         model = _wait_ready(name, timeout, quiet=output in (Format.json, Format.yaml))
     _show_one(model, output)
