@@ -208,6 +208,10 @@ async def _seed_head(db: Database) -> None:
         s.add(tables.Usage(day=T0.date(), api_key_id=1, api_key_name="k-api", user_id=1, model_name="tiny",
                            requests=5, prompt_tokens=100, completion_tokens=2**40))
         s.add(tables.Event(kind="model", object_id=1, object_name="tiny", reason="Scaled"))
+        s.add(tables.GatewayLimit(scope="key", api_key_id=1, rpm=60, budget_day=10**6))  # gateway limits
+        s.add(tables.GatewayLimitCounter(server_id="s1", scope="key", subject="1", window_index=29_000_000,
+                                         requests=3, tokens=40, in_flight=1, cap_requests=30, cap_tokens=0,
+                                         cap_in_flight=2, wants=1))
         gone = tables.Event(kind="model", object_id=1, object_name="tiny", reason="Deleted-later")
         s.add(gone)
         await s.commit()
