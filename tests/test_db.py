@@ -207,6 +207,10 @@ async def _seed_head(db: Database) -> None:
                                 summary='{"name":"tiny"}'))
         s.add(tables.Usage(day=T0.date(), api_key_id=1, api_key_name="k-api", user_id=1, model_name="tiny",
                            requests=5, prompt_tokens=100, completion_tokens=2**40))
+        s.add(tables.Usage(day=T0.date(), hour=13, api_key_id=1, api_key_name="k-api", user_id=1, model_name="tiny",
+                           route="assistant", team="default", requests=2, prompt_tokens=7, completion_tokens=9))
+        s.add(tables.ModelRoute(name="assistant", team="default", targets=[{"model": "tiny", "weight": 95}],
+                                fallbacks=["tiny-old"]))  # model routes
         s.add(tables.Event(kind="model", object_id=1, object_name="tiny", reason="Scaled"))
         s.add(tables.GatewayLimit(scope="key", api_key_id=1, rpm=60, budget_day=10**6))  # gateway limits
         s.add(tables.GatewayLimitCounter(server_id="s1", scope="key", subject="1", window_index=29_000_000,
