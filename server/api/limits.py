@@ -85,7 +85,7 @@ async def _set(request: web.Request, s: Any, scope: str, where: dict[str, Any], 
 async def set_key_limits(request: web.Request) -> web.Response:
     principal = principal_of(request)
     name = request.match_info["name"]
-    username = request.query.get("user") or principal.name
+    username = request.query.get("user", principal.name)  # "" names nobody: a 404, as for key listings
     async with server_of(request).db.session() as s:
         owner_id = principal.user_id
         if username != principal.name:
