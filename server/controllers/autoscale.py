@@ -257,9 +257,13 @@ class Autoscaler:
     async def tick(self) -> None:
         now = time.monotonic()
         async with self.server.db.session() as s:
-            by_model = await self._loads(s)
             models = (await s.execute(select(tables.Model).where(
                 tables.Model.max_replicas.is_not(None), tables.Model.state == schemas.ModelState.active))).scalars().all()
+            if models:
+                by_model = await self._loads(s)
+            else:  # nothing autoscaled: the sums restart all the same, no other server's row is read
+                self.server.load_meter.take()
+                by_model = {}
             changed = False
             for model in models:
                 load = self._combine(model.name, by_model.get(model.name, []))
