@@ -212,6 +212,7 @@ async def _seed_head(db: Database) -> None:
         s.add(tables.ModelRoute(name="assistant", team="default", targets=[{"model": "tiny", "weight": 95}],
                                 fallbacks=["tiny-old"]))  # model routes
         s.add(tables.Event(kind="model", object_id=1, object_name="tiny", reason="Scaled"))
+        s.add(tables.GatewayLoad(server_id="s1", loads={"tiny": [1.5, 0, 12]}))  # a server's gateway load (autoscaling)
         s.add(tables.GatewayLimit(scope="key", api_key_id=1, rpm=60, budget_day=10**6))  # gateway limits
         s.add(tables.GatewayLimitCounter(server_id="s1", scope="key", subject="1", window_index=29_000_000,
                                          requests=3, tokens=40, in_flight=1, cap_requests=30, cap_tokens=0,
