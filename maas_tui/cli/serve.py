@@ -59,6 +59,7 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
     from agent.agent import Agent, AgentConfig
     from agent.devices import DeviceSpecError, parse_simulated
     from server.app import MaasServer
+    from server.heap import settle as settle_heap
     from server.config import ServerConfig
     from server.db.embedded import EmbeddedPostgresError
     from server.leader import StoreInUse
@@ -98,6 +99,7 @@ def run_start(*, data_dir: Path | None, host: str | None, port: int | None, data
                                           model_roots=config.local_model_roots()))
                 await agent.start()
             _banner(server, agent is not None)
+            settle_heap()  # started: what exists now lives as long as the process (server/heap.py)
             if door is not None:
                 console.print(f"  TUI over SSH:    ssh -p {door.port} USER@{config.host}  (add a key: maas user add-key USER --key-file ~/.ssh/id_ed25519.pub)",
                               highlight=False, soft_wrap=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Optional
 
 import typer
@@ -27,7 +26,7 @@ def simulate(
     utilisation and run what is placed on them at once (no backend process). Every worker is labelled
     maas.simulated=true and every GPU simulated. For demos, capacity planning and scale tests."""
     from agent.devices import DeviceSpecError, parse_simulated
-    from agent.simulate import SimulateConfig, run
+    from agent.simulate import SimulateConfig, run, run_loop
 
     try:
         parse_simulated(gpus)
@@ -38,8 +37,8 @@ def simulate(
                             name_prefix=name_prefix, register_rate=register_rate)
     typer.echo(f"simulating {workers} workers with {gpus} (simulated) against {config.server_url}; Ctrl-C stops")
     try:
-        result = asyncio.run(run(config, duration=duration, report_every=report_every, summary_path=summary,
-                                 echo=lambda line: typer.echo(line)))
+        result = run_loop(run(config, duration=duration, report_every=report_every, summary_path=summary,
+                              echo=lambda line: typer.echo(line)))
     except KeyboardInterrupt:
         return
     typer.echo(f"done: {result['registered']} registered, {result['heartbeats']} heartbeats "
