@@ -217,6 +217,14 @@ async def _seed_head(db: Database) -> None:
         s.add(tables.GatewayLimitCounter(server_id="s1", scope="key", subject="1", window_index=29_000_000,
                                          requests=3, tokens=40, in_flight=1, cap_requests=30, cap_tokens=0,
                                          cap_in_flight=2, wants=1))
+        s.add(tables.Alert(rule="InstanceFailing", severity="critical", state="firing", object_kind="model",
+                           object_name="tiny", team="default", message="1 instance failing"))  # alerts
+        s.add(tables.AlertSilence(rule="WorkerNotReady", object_name="gpu-2", created_by="admin", ends_at=T0))
+        s.add(tables.AlertWebhook(url="https://hooks.example/maas", secret_ciphertext="gAAAA-sealed", created_by="admin"))
+        s.add(tables.BenchResult(model_id=1, model_name="tiny", generation=1, source="cli", created_by="admin",
+                                 prompt_tokens=64, max_tokens=16, levels=[{"concurrency": 1, "ttft_p50": 0.05}]))
+        s.add(tables.ModelFile(worker_id=1, worker_name="gpu-1", source="hf://org/tiny@main", size_bytes=2**33,
+                               state="ready", file_metadata={"gguf": {"layers": 2}}))  # model files
         gone = tables.Event(kind="model", object_id=1, object_name="tiny", reason="Deleted-later")
         s.add(gone)
         await s.commit()
