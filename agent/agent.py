@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent import backoff, doctor, identity, metrics, usage
+from agent import backoff, doctor, metrics, usage
 from agent.backends import (GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
                             image_overrides, missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
@@ -32,8 +32,9 @@ from agent.cache import FileCache
 from agent.sources import ModelCache, SourceError, env_model_roots
 from server.schemas.files import key_or_none
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
+from agent.server_api import ServerAPI, ServerRejected
 from server.ndjson import watch_messages
-from server.schemas import BackendDefinition, BackendKey, InstanceOut, InstanceSecrets, WorkerRegistered
+from server.schemas import InstanceOut
 from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
 from server.schemas.telemetry import DoctorReport, DoctorRequest
 
@@ -103,10 +104,6 @@ class Workload:
     launch: LaunchSpec | None = None
 
 
-class ServerRejected(Exception):
-    pass
-
-
 class Agent:
     def __init__(self, config: AgentConfig, docker_client: Any = None):
         self.config = config
@@ -126,18 +123,20 @@ class Agent:
         self.ray = RayManager(self, config.ray_port_range)
         self.desired: dict[int, InstanceOut] = {}
         self.workloads: dict[int, Workload] = {}
-        self.worker_id: int | None = None
-        self._worker_token = ""
-        self._agent_secret = ""
-        self._http: aiohttp.ClientSession | None = None
+        # Every call on the server, and the worker's identity (agent/server_api.py).
+        self.api = ServerAPI(config.server_url, config.token, config.data_dir, config.name)
         self._runner: web.AppRunner | None = None
         self.main_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
-        self.registered = asyncio.Event()
+        self.registered = self.api.registered
         # What a previous agent left running: (instance id, runtime, record: a pidfile's, a container's labels).
         self._leftovers: list[tuple[str, Any, dict[str, Any]]] = []
         self._snapshot_seen = False
+
+    @property
+    def worker_id(self) -> int | None:
+        return self.api.worker_id
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -150,7 +149,7 @@ class Agent:
                            for key, record in (await asyncio.to_thread(processes.leftovers)).items()]
         if docker is not None:
             self._leftovers += [(key, docker, record) for key, record in await asyncio.to_thread(docker.leftovers)]
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=5))
+        self.api.open()
         await self._serve_http()
         self.main_task = asyncio.create_task(self._main(), name="agent-main")
 
@@ -162,58 +161,23 @@ class Agent:
         await self.ray.close()
         if self._runner:
             await self._runner.cleanup()
-        if self._http:
-            await self._http.close()
+        await self.api.close()
 
     async def _main(self) -> None:
         await self._register_until_accepted()
-        loops = [self._heartbeat_loop(), self._watch_loop(), self._reconcile_loop(), self.files.run(self)]
+        loops = [self._heartbeat_loop(), self._watch_loop(), self._reconcile_loop(), self.files.run(self.api, self.config.model_roots)]
         await asyncio.gather(*loops)
 
     # --- talking to the server ------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._worker_token}"}
-
     async def _register_until_accepted(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._register()
-                return
-            except ServerRejected:
-                raise
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                # A busy server (429/503) says when to come back; jitter spreads the agents out.
-                headers = exc.headers if isinstance(exc, aiohttp.ClientResponseError) else None
-                log.warning("cannot register with the server at %s (%s); retrying", self.config.server_url, exc)
-                await asyncio.sleep(backoff.delay(attempt, headers))
-                attempt += 1
+        await self.api.register_until_accepted(self._describe)
 
-    async def _register(self) -> None:
-        body = {"name": self.config.name, "address": self.config.address, "agent_port": self.config.port,
+    def _describe(self) -> dict[str, Any]:
+        """What registration tells the server about this worker."""
+        return {"name": self.config.name, "address": self.config.address, "agent_port": self.config.port,
                 "labels": self.config.labels, "gpus": [g.model_dump(mode="json") for g in self.gpus.read()],
                 "host": host_info().model_dump(mode="json")}
-        # Our current token keeps our name (a restart included); without it the name waits for an approval.
-        saved = self._worker_token or await asyncio.to_thread(identity.load_token, self.config.data_dir,
-                                                              self.config.name)
-        if saved:
-            body["token"] = saved
-        async with self._http.post(f"{self.config.server_url}/v2/agent/register", json=body,
-                                   headers={"Authorization": f"Bearer {self.config.token}"}) as response:
-            if response.status in (401, 403, 422):
-                raise ServerRejected(f"the server refused registration ({response.status}): {await response.text()}")
-            if response.status == 409:  # held until `maas worker approve NAME`; we keep asking
-                log.warning("registration held: %s", await response.text())
-            response.raise_for_status()
-            registered = WorkerRegistered.model_validate(await response.json())
-        await asyncio.to_thread(identity.save_token, self.config.data_dir, self.config.name, registered.token)
-        self.worker_id = registered.worker.id
-        self._worker_token = registered.token
-        self._agent_secret = registered.agent_secret
-        self.registered.set()
-        log.info("registered as worker %s (id %s) with %d GPUs", self.config.name, self.worker_id,
-                 len(registered.worker.gpus))
 
     async def _heartbeat_loop(self) -> None:
         wait = self.config.heartbeat_interval
@@ -228,16 +192,15 @@ class Agent:
         body = {"gpus": [g.model_dump(mode="json") for g in gpus], "host": host_info().model_dump(mode="json"),
                 "usage": usage.workloads_usage(list(self.workloads.values()), gpus)}  # claimed vs actual
         try:
-            async with self._http.post(f"{self.config.server_url}/v2/agent/heartbeat", json=body,
-                                       headers=self._headers()) as response:
-                if response.status in (401, 404):
-                    log.warning("the server no longer knows this worker; registering again")
-                    await self._register_until_accepted()
-                elif response.status in backoff.BUSY:
-                    # The lease was renewed; what else the heartbeat carried goes with a later one.
-                    wait = backoff.delay(0, response.headers)
-                    log.info("server busy (%s); next heartbeat in %.1f s", response.status, min(wait, interval))
-                    return min(wait, interval)
+            status, headers = await self.api.heartbeat(body)
+            if status in (401, 404):
+                log.warning("the server no longer knows this worker; registering again")
+                await self._register_until_accepted()
+            elif status in backoff.BUSY:
+                # The lease was renewed; what else the heartbeat carried goes with a later one.
+                wait = backoff.delay(0, headers)
+                log.info("server busy (%s); next heartbeat in %.1f s", status, min(wait, interval))
+                return min(wait, interval)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("heartbeat failed: %s", exc)
         return interval
@@ -246,10 +209,8 @@ class Agent:
         version: int | None = None
         delay = 0.5
         while True:
-            params = {"kinds": "instances"} | ({"since": str(version)} if version is not None else {})
             try:
-                async with self._http.get(f"{self.config.server_url}/v2/watch", params=params, headers=self._headers(),
-                                          timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as response:
+                async with self.api.watch("instances", version) as response:
                     if response.status == 401:
                         await self._register_until_accepted()
                         version = None
@@ -286,25 +247,6 @@ class Agent:
         else:
             return
         self._wake.set()
-
-    async def _report(self, instance_id: int, state: str, message: str = "", **extra: Any) -> bool:
-        """Tell the server an instance's state. True once the server answered (accepted or refused)."""
-        body = {"state": state, "message": message, **{k: v for k, v in extra.items() if v is not None}}
-        for attempt in range(5):
-            headers = None
-            try:
-                async with self._http.put(f"{self.config.server_url}/v2/agent/instances/{instance_id}/status",
-                                          json=body, headers=self._headers()) as response:
-                    if response.status < 300:
-                        return True
-                    if response.status in (404, 409):  # gone or moved on; the watch tells us what is wanted
-                        log.info("report %s for instance %s refused: %s", state, instance_id, await response.text())
-                        return True
-                    headers = response.headers  # busy (429/503): its Retry-After
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("report failed (%s), retrying", exc)
-            await asyncio.sleep(backoff.delay(attempt, headers))
-        return False
 
     # --- making actual match desired ------------------------------------------------
 
@@ -374,7 +316,7 @@ class Agent:
 
     async def _resync(self, workload: Workload) -> None:
         try:
-            await self._report(workload.instance.id, workload.state, workload.message,
+            await self.api.report(workload.instance.id, workload.state, workload.message,
                                port=workload.port, pid=workload.handle.pid if workload.handle else None)
         finally:
             workload.resyncing = False
@@ -383,7 +325,7 @@ class Agent:
         workload.state, workload.message = state, message
         workload.resyncing = True  # this report is the sync; don't send it twice meanwhile
         try:
-            await self._report(workload.instance.id, state, message, **extra)
+            await self.api.report(workload.instance.id, state, message, **extra)
         finally:
             workload.resyncing = False
 
@@ -406,7 +348,7 @@ class Agent:
             spec = build_launch(instance, context)
             choice = await self.runtimes.choose(instance.spec.backend, spec, is_multi_host(instance))
             workload.runtime = runtime = choice.runtime
-            await self._event(instance.id, "RuntimeChosen", f"{runtime.name}: {choice.reason}")
+            await self.api.event(instance.id, "RuntimeChosen", f"{runtime.name}: {choice.reason}")
             if runtime.name != "docker":  # before any download: a backend missing here fails at once
                 missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
                 if missing:
@@ -554,13 +496,13 @@ class Agent:
         definition = None
         name = custom_name(instance.spec.backend)
         if name is not None:
-            definition = await self.fetch_backend(name)
-        secrets = await self.fetch_secrets(instance) if any(
+            definition = await self.api.backend_definition(name)
+        secrets = await self.api.secrets(instance.id) if any(
             not isinstance(value, str) for value in instance.spec.env.values()) else {}
         return LaunchContext(host=self.config.address, port=port, real_gpus=not self.config.simulate_gpus,
                              python=dict(self.config.backend_python), custom=definition, secrets=secrets,
                              gpu_kind=await self._gpu_kind(instance), images=dict(self.config.backend_images),
-                             api_key=await self.fetch_backend_key(instance) if name is None else None)
+                             api_key=await self.api.backend_key(instance.id) if name is None else None)
 
     async def _gpu_kind(self, instance: InstanceOut) -> str:
         """What the GPUs of the instance's claim are (cuda, rocm, ascend): its image follows them."""
@@ -569,35 +511,6 @@ class Agent:
             return "cuda"  # not used: a claim without GPUs takes the cpu image
         vendors = {g.index: g.vendor for g in await asyncio.to_thread(self.gpus.read)}
         return GPU_KINDS.get(vendors.get(claim.gpu_indexes[0], "nvidia"), "cuda")
-
-    async def _event(self, instance_id: int, reason: str, message: str) -> None:
-        """An event on the instance (its describe lists them); best effort: a lost one is only logged."""
-        url = f"{self.config.server_url}/v2/agent/instances/{instance_id}/events"
-        try:
-            async with self._http.post(url, json={"reason": reason, "message": message[:4000]},
-                                       headers=self._headers()) as response:
-                if response.status >= 300:
-                    log.info("event %s on instance %s refused (%s)", reason, instance_id, response.status)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("event %s on instance %s not recorded: %s", reason, instance_id, exc)
-
-    async def fetch_backend_key(self, instance: InstanceOut) -> str | None:
-        """The key the instance's backend is to require (the gateway presents it); None: the backend takes none."""
-        url = f"{self.config.server_url}/v2/agent/instances/{instance.id}/backend-key"
-        async with self._http.get(url, headers=self._headers()) as response:
-            if response.status != 200:
-                raise BackendError(f"the server did not give the instance's backend key ({response.status}: "
-                                   f"{(await response.text())[:300]})")
-            return BackendKey.model_validate(await response.json()).key
-
-    async def fetch_secrets(self, instance: InstanceOut) -> dict[str, str]:
-        """The values of the team secrets the instance's env names; kept in memory for its launch only."""
-        url = f"{self.config.server_url}/v2/agent/instances/{instance.id}/secrets"
-        async with self._http.get(url, headers=self._headers()) as response:
-            if response.status != 200:
-                raise BackendError(f"the server did not give the instance's secrets ({response.status}: "
-                                   f"{(await response.text())[:300]})")
-            return InstanceSecrets.model_validate(await response.json()).env
 
     async def container_for(self, instance: InstanceOut, spec: LaunchSpec, port: int | None = None) -> dict[str, Any]:
         """The container specification of `instance` for the docker runtime. Its labels also carry what a
@@ -613,16 +526,6 @@ class Agent:
         return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options,
                               accelerator=spec.accelerator)
 
-    async def fetch_backend(self, name: str) -> BackendDefinition:
-        async with self._http.get(f"{self.config.server_url}/v2/backends/{name}", headers=self._headers()) as response:
-            if response.status == 404:
-                raise BackendError(f"backend custom:{name} is not registered on the server "
-                                   "(register it with `maas backend add -f FILE`)")
-            response.raise_for_status()
-            body = await response.json()
-        return BackendDefinition.model_validate({k: v for k, v in body.items()
-                                                 if k in BackendDefinition.model_fields})
-
     async def _probe_until_healthy(self, port: int, health_path: str, exit_wait: asyncio.Task[int]) -> bool:
         url = f"http://{self.config.address}:{port}{health_path}"
         loop = asyncio.get_running_loop()
@@ -630,7 +533,7 @@ class Agent:
         interval = 0.02  # small models are up in tens of milliseconds; big ones take minutes
         while loop.time() < deadline and not exit_wait.done():
             try:
-                async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                async with self.api.http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
                         return True
             except (aiohttp.ClientError, OSError, TimeoutError):
@@ -645,7 +548,7 @@ class Agent:
         if workload is not None:
             await self._stop_workload(workload)
             self.workloads.pop(instance_id, None)
-        if report and await self._report(instance_id, "terminated", "workload stopped"):
+        if report and await self.api.report(instance_id, "terminated", "workload stopped"):
             self.desired.pop(instance_id, None)
 
     async def _stop_workload(self, workload: Workload) -> None:
@@ -677,7 +580,7 @@ class Agent:
         """401 unless the request presents the server's credential for this agent (the agent secret it was
         given at registration) or one of `also`. Logs and metrics say what runs here: never anonymous."""
         presented = request.headers.get("Authorization", "")
-        accepted = [f"Bearer {secret}" for secret in (self._agent_secret, *also) if secret]
+        accepted = [f"Bearer {secret}" for secret in (self.api.agent_secret, *also) if secret]
         if any(hmac.compare_digest(presented.encode(), bearer.encode()) for bearer in accepted):
             return None
         return web.json_response({"error": {"code": "unauthorized", "message": "this endpoint needs the server's "
@@ -735,7 +638,7 @@ class Agent:
             samples.append(sample)
             if workload.state == "running" and workload.launch and workload.launch.metrics_path and workload.port:
                 url = f"http://{self.config.address}:{workload.port}{workload.launch.metrics_path}"
-                scrapes.append((sample, metrics.scrape(self._http, url, key=workload.launch.api_key)))
+                scrapes.append((sample, metrics.scrape(self.api.http, url, key=workload.launch.api_key)))
         for sample, text in zip([s for s, _ in scrapes], await asyncio.gather(*(c for _, c in scrapes))):
             sample.scraped = text
         gpus, host = await asyncio.to_thread(lambda: (self.gpus.read(), host_info()))
@@ -752,6 +655,7 @@ class Agent:
             return web.json_response({"error": {"code": "bad_request", "message": str(exc)[:300]}}, status=400)
         checks = await doctor.run_checks(self, asked.server_time, asked.peers)
         return web.json_response(DoctorReport(worker=self.config.name, checks=checks).model_dump(mode="json"))
+
 
 def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChooser:
     """--runtime process|docker|auto: the runtimes this agent may use, and the rule that picks one per

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import aiohttp
 
 from agent.progress import ProgressCallback
+from agent.server_api import ServerAPI
 from agent.sources import ModelCache, SourceError
 from server.ndjson import watch_messages
 from server.schemas import AgentFileEntry, AgentFileInventory, file_key, parse_model_source
@@ -272,42 +273,38 @@ class FileCache:
 
     # --- talking to the server ------------------------------------------------------------
 
-    async def run(self, agent: Any) -> None:
-        """Report changes and follow this worker's rows, for as long as the agent runs."""
+    async def run(self, api: ServerAPI, model_roots: list[str]) -> None:
+        """Report changes and follow this worker's rows, for as long as the agent runs. `model_roots`: where
+        local sources of a pull may lie besides the cache (AgentConfig.model_roots)."""
         self.changed()
-        await asyncio.gather(self._report_loop(agent), self._watch_loop(agent))
+        await asyncio.gather(self._report_loop(api), self._watch_loop(api, model_roots))
 
-    async def _report_loop(self, agent: Any) -> None:
+    async def _report_loop(self, api: ServerAPI) -> None:
         while True:
             await self._changed.wait()
             self._changed.clear()
             inventory, carried = self.inventory()
             try:
-                async with agent._http.put(f"{agent.config.server_url}/v2/agent/files",
-                                           json=inventory.model_dump(mode="json"), headers=agent._headers()) as response:
-                    if response.status >= 300:
-                        log.info("file inventory report refused (%s): %s", response.status,
-                                 (await response.text())[:300])
-                        self._changed.set()  # sent again with the next change or after the pause
-                    else:
-                        for entry in carried:
-                            entry.metadata_sent = True
-                        if any(e.metadata and not e.metadata_sent for e in self.entries.values()):
-                            self._changed.set()  # readings that did not fit this report
+                status, refusal = await api.put_files(inventory.model_dump(mode="json"))
+                if status >= 300:
+                    log.info("file inventory report refused (%s): %s", status, refusal)
+                    self._changed.set()  # sent again with the next change or after the pause
+                else:
+                    for entry in carried:
+                        entry.metadata_sent = True
+                    if any(e.metadata and not e.metadata_sent for e in self.entries.values()):
+                        self._changed.set()  # readings that did not fit this report
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("file inventory report failed (%s); retrying", exc)
                 self._changed.set()
             await asyncio.sleep(self.report_every)
 
-    async def _watch_loop(self, agent: Any) -> None:
+    async def _watch_loop(self, api: ServerAPI, model_roots: list[str]) -> None:
         version: int | None = None
         working: dict[str, asyncio.Task[None]] = {}
         while True:
-            params = {"kinds": "files"} | ({"since": str(version)} if version is not None else {})
             try:
-                async with agent._http.get(f"{agent.config.server_url}/v2/watch", params=params,
-                                           headers=agent._headers(),
-                                           timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as response:
+                async with api.watch("files", version) as response:
                     response.raise_for_status()
                     async for message in watch_messages(response.content.iter_any()):
                         version = message["version"]
@@ -319,18 +316,19 @@ class FileCache:
                                 entry.metadata_sent = False
                             self.changed()
                         for row in rows:
-                            self._act(row, working, agent)
+                            self._act(row, working, api.worker_id, model_roots)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
                 log.info("files watch ended (%s); reconnecting", str(exc) or type(exc).__name__)
                 version = None
             await asyncio.sleep(1)
 
-    def _act(self, row: dict[str, Any], working: dict[str, asyncio.Task[None]], agent: Any) -> None:
+    def _act(self, row: dict[str, Any], working: dict[str, asyncio.Task[None]], worker_id: int | None,
+             model_roots: list[str]) -> None:
         key, state = str(row.get("source") or ""), row.get("state")
-        if row.get("worker_id") != agent.worker_id or key in working:
+        if row.get("worker_id") != worker_id or key in working:
             return
         if state == "pending":
-            roots = [*agent.config.model_roots, str(self.models.root)]
+            roots = [*model_roots, str(self.models.root)]
             work = self.pull(key, roots)
         elif state == "removing":
             work = self.remove(key)

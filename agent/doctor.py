@@ -267,6 +267,6 @@ async def run_checks(agent: Any, server_time: float | None, peers: list[str]) ->
 
     results = await asyncio.gather(*(connect(p) for p in peers))
     checks = await asyncio.to_thread(blocking)
-    checks.insert(-1, await reach(agent._http, config.server_url))
+    checks.insert(-1, await reach(agent.api.http, config.server_url))
     checks.insert(-1, judge_peers(dict(zip(peers, results))))
     return checks

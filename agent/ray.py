@@ -251,12 +251,7 @@ class RayManager:
             await self._stop_node(node)
 
     async def _publish_head(self, instance: InstanceOut, head_address: str) -> None:
-        body = {"head_address": head_address, "restart_count": instance.restart_count}
-        async with self.agent._http.put(f"{self.agent.config.server_url}/v2/agent/instances/{instance.id}/ray",
-                                        json=body, headers=self.agent._headers()) as response:
-            if response.status >= 300:
-                raise BackendError(f"the server refused the Ray head address ({response.status}): "
-                                   f"{(await response.text())[:500]}")
+        await self.agent.api.publish_ray_head(instance.id, instance.restart_count, head_address)
 
     async def _wait_for_nodes(self, python: str, node: RayNode, want: int) -> list[str]:
         seconds = self.agent.config.health_timeout
@@ -311,7 +306,7 @@ class RayManager:
         try:
             node.ports = self.ports.allocate()
             head = await self._head_address(instance, node)
-            mine = next(s for s in instance.claim.subordinate_workers if s.worker_id == self.agent.worker_id)
+            mine = next(s for s in instance.claim.subordinate_workers if s.worker_id == self.agent.api.worker_id)
             await self._start_node(instance, python, head_address=head, node=node,
                                    gpus=mine.gpu_indexes if instance.claim.device == "gpu" else [])
         except (BackendError, OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:
@@ -332,31 +327,22 @@ class RayManager:
 
     async def _head_address(self, instance: InstanceOut, node: RayNode) -> str:
         """The head's address for this run of the instance, once the main agent has published it."""
-        url = f"{self.agent.config.server_url}/v2/agent/instances/{instance.id}/ray"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.agent.config.health_timeout
         while not node.stopping:
-            async with self.agent._http.get(url, headers=self.agent._headers()) as response:
-                if response.status == 200:
-                    body = await response.json()
-                    if body.get("restart_count") == instance.restart_count:
-                        return body["head_address"]
-                elif response.status not in (404, 409):
-                    raise BackendError(f"the server answered {response.status}: {(await response.text())[:300]}")
+            status, body = await self.agent.api.ray_head(instance.id)
+            if status == 200:
+                if body.get("restart_count") == instance.restart_count:
+                    return body["head_address"]
+            elif status not in (404, 409):
+                raise BackendError(f"the server answered {status}: {body}")
             if loop.time() > deadline:
                 raise TimeoutError(f"the main worker published no Ray head in {self.agent.config.health_timeout:g} s")
             await asyncio.sleep(0.5)
         raise BackendError("stopped")
 
     async def _event(self, instance_id: int, reason: str, message: str) -> None:
-        try:
-            async with self.agent._http.post(
-                    f"{self.agent.config.server_url}/v2/agent/instances/{instance_id}/events",
-                    json={"reason": reason, "message": message[-4000:]}, headers=self.agent._headers()) as response:
-                if response.status >= 300:
-                    log.warning("event %s for instance %s refused: %s", reason, instance_id, await response.text())
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.warning("cannot record event %s for instance %s: %s", reason, instance_id, exc)
+        await self.agent.api.event(instance_id, reason, message, keep_end=True)  # the end: a log tail
 
     # --- nodes ---------------------------------------------------------------------------
 

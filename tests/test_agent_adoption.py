@@ -34,7 +34,7 @@ async def _crash(agent: Agent) -> None:
         workload.task.cancel()
     await asyncio.gather(agent.main_task, *(w.task for w in agent.workloads.values()), return_exceptions=True)
     await agent._runner.cleanup()
-    await agent._http.close()
+    await agent.api.close()
 
 
 async def test_restarted_agent_adopts_running_processes_and_stops_unwanted_ones(server, admin: MaasClient,

@@ -98,7 +98,7 @@ async def test_agent_and_server_metrics_with_a_real_backend(server, admin: MaasC
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{agent.config.port}/metrics") as response:
             assert response.status == 401
-    agent_text = await _get(f"http://127.0.0.1:{agent.config.port}/metrics", agent._agent_secret)
+    agent_text = await _get(f"http://127.0.0.1:{agent.config.port}/metrics", agent.api.agent_secret)
     labels = {"model": "tiny", "instance": instance.name, "backend": "llama.cpp", "worker": "worker-1"}
     assert value(agent_text, "maas_instance_state", state="running", **labels) == 1
     assert value(agent_text, "maas_instance_metrics_up", **labels) == 1

@@ -130,7 +130,7 @@ async def test_vllm_on_cpu_serves_through_the_gateway(server, admin: MaasClient,
     # The agent re-exports vLLM's own vllm:* samples under the unified names.
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{vllm_agent.config.port}/metrics",
-                            headers={"Authorization": f"Bearer {vllm_agent._agent_secret}"}) as response:
+                            headers={"Authorization": f"Bearer {vllm_agent.api.agent_secret}"}) as response:
             assert response.status == 200
             text = await response.text()
     mine = [line for line in text.splitlines() if 'model="tiny-vllm"' in line and not line.startswith("#")]

@@ -101,7 +101,7 @@ async def test_a_restarted_agent_keeps_its_name_and_another_host_waits_for_appro
     await first.start()
     await asyncio.wait_for(first.registered.wait(), 10)
     saved = tmp_path / "a" / "worker.json"
-    assert stat.S_IMODE(saved.stat().st_mode) == 0o600 and first._worker_token in saved.read_text()
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600 and first.api.worker_token in saved.read_text()
     await first.stop()
 
     restarted = Agent(config("a"))  # the same host: its saved token keeps the name, no approval
@@ -116,7 +116,7 @@ async def test_a_restarted_agent_keeps_its_name_and_another_host_waits_for_appro
         await eventually(lambda: _has(admin, "twin", "RegistrationHeld"), message="the registration held")
         assert not impostor.registered.is_set()
         await asyncio.sleep(1.5)  # heartbeats go on: the identity stayed where it was
-        assert await heartbeat(server, restarted._worker_token) == 200
+        assert await heartbeat(server, restarted.api.worker_token) == 200
 
         # `maas worker approve twin` lets it through (the agent keeps retrying).
         monkeypatch.setenv("MAAS_CONFIG", str(tmp_path / "maas-config.json"))
@@ -126,7 +126,7 @@ async def test_a_restarted_agent_keeps_its_name_and_another_host_waits_for_appro
         assert "worker twin: approved" in result.output and "goes through at its next try" in result.output
         await asyncio.wait_for(impostor.registered.wait(), 20)
         assert impostor.worker_id == first.worker_id
-        assert await heartbeat(server, restarted._worker_token) == 401
+        assert await heartbeat(server, restarted.api.worker_token) == 401
     finally:
         for agent in (restarted, impostor):
             if agent is not None:
@@ -243,17 +243,17 @@ async def test_the_agents_endpoint_needs_the_servers_credential(server, tmp_path
         base = f"http://127.0.0.1:{agent.config.port}"
         async with aiohttp.ClientSession() as http:
             for path in ("/metrics", "/instances/1/logs"):
-                for headers in ({}, bearer("wrong"), bearer(server.cluster_token), {"Authorization": agent._agent_secret}):
+                for headers in ({}, bearer("wrong"), bearer(server.cluster_token), {"Authorization": agent.api.agent_secret}):
                     async with http.get(base + path, headers=headers) as r:
                         assert r.status == 401, (path, headers)
                         assert (await r.json())["error"]["code"] == "unauthorized"
-            async with http.get(f"{base}/metrics", headers=bearer(agent._agent_secret)) as r:
+            async with http.get(f"{base}/metrics", headers=bearer(agent.api.agent_secret)) as r:
                 assert r.status == 200 and "maas_host_cpu_count" in await r.text()
             async with http.get(f"{base}/metrics", headers=bearer("scrape-me-please")) as r:  # Prometheus
                 assert r.status == 200
             async with http.get(f"{base}/instances/1/logs", headers=bearer("scrape-me-please")) as r:
                 assert r.status == 401  # the scrape token reads metrics, not logs
-            async with http.get(f"{base}/instances/1/logs", headers=bearer(agent._agent_secret)) as r:
+            async with http.get(f"{base}/instances/1/logs", headers=bearer(agent.api.agent_secret)) as r:
                 assert r.status == 200
             async with http.get(f"{base}/healthz") as r:
                 assert r.status == 200
