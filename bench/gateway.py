@@ -11,7 +11,8 @@ concurrent clients, plain and streamed, alternating rounds. Then the same throug
 tiny): what a route adds. Prints a table and, last, `RESULT added_p50_ms=<n> throughput_ratio=<n> ...`
 (the first two from the plain requests; `gateway_cpu_us_per_req` and `stream_cpu_us_per_req` are the
 gateway's own CPU per plain and streamed request, `route_*` the same through the route, `limits_*` the
-same with a key that has every gateway limit set, high enough never to refuse).
+same with a key that has every gateway limit set, high enough never to refuse, `limits_route_*` with
+both, what the issue's targets are about). The gateway runs of a round take turns going first.
 """
 
 from __future__ import annotations
@@ -180,14 +181,16 @@ async def main() -> None:
             results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False, process)]
         for round_ in range(args.rounds):
             for mode, stream in (("plain", False), ("stream", True)):
-                runs = [("direct", direct_url, {}), ("gateway", gateway_url, key), ("limits", gateway_url, limited_key)]
-                if round_ % 2:  # with and without limits in turn first: the machine's drift does not favour one
-                    runs[1], runs[2] = runs[2], runs[1]
-                for path, url, headers in runs:
+                routed = {**body, "model": "tiny-canary"}
+                runs = [("gateway", key, body), ("limits", limited_key, body), ("route", key, routed),
+                        ("both", limited_key, routed)]  # both: limits and a route, what every request pays from now on
+                # Each round starts with another of them: the machine's drift does not favour one.
+                runs = runs[round_ % len(runs):] + runs[:round_ % len(runs)]
+                results.setdefault((mode, "direct"), []).append(
+                    await drive(direct_url, {}, body, args.clients, args.requests, stream, process))
+                for path, headers, payload in runs:
                     results.setdefault((mode, path), []).append(
-                        await drive(url, headers, body, args.clients, args.requests, stream, process))
-                results.setdefault((mode, "route"), []).append(await drive(
-                    gateway_url, key, {**body, "model": "tiny-canary"}, args.clients, args.requests, stream, process))
+                        await drive(gateway_url, headers, payload, args.clients, args.requests, stream, process))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -218,7 +221,7 @@ async def main() -> None:
             print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
                   f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("plain", "stream"):
-        for path in ("route", "limits"):
+        for path in ("route", "limits", "both"):
             m = summary[(mode, path)] = merged(mode, path)
             print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
                   f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
@@ -234,8 +237,13 @@ async def main() -> None:
         d, m = summary[(mode, "direct")], summary[(mode, "limits")]
         print(f"{mode} with limits: gateway CPU {m['cpu_us'] - d['cpu_us']:.0f} us/req "
               f"({m['cpu_us'] - summary[(mode, 'gateway')]['cpu_us']:+.0f} us against a key without limits)")
+    for mode in ("plain", "stream"):
+        d, m = summary[(mode, "direct")], summary[(mode, "both")]
+        print(f"{mode} with limits and a route: gateway CPU {m['cpu_us'] - d['cpu_us']:.0f} us/req "
+              f"({m['cpu_us'] - summary[(mode, 'gateway')]['cpu_us']:+.0f} us against neither)")
     r_p, r_s = summary[("plain", "route")], summary[("stream", "route")]
     l_p, l_s = summary[("plain", "limits")], summary[("stream", "limits")]
+    b_p, b_s = summary[("plain", "both")], summary[("stream", "both")]
     d, g = summary[("plain", "direct")], summary[("plain", "gateway")]
     s_d, s_g = summary[("stream", "direct")], summary[("stream", "gateway")]
     u_d, u_g = summary[("1 client", "direct")], summary[("1 client", "gateway")]
@@ -246,7 +254,9 @@ async def main() -> None:
           f"route_cpu_us_per_req={r_p['cpu_us'] - d['cpu_us']:.0f} "
           f"route_stream_cpu_us_per_req={r_s['cpu_us'] - s_d['cpu_us']:.0f} "
           f"limits_cpu_us_per_req={l_p['cpu_us'] - d['cpu_us']:.0f} "
-          f"limits_stream_cpu_us_per_req={l_s['cpu_us'] - s_d['cpu_us']:.0f}")
+          f"limits_stream_cpu_us_per_req={l_s['cpu_us'] - s_d['cpu_us']:.0f} "
+          f"limits_route_cpu_us_per_req={b_p['cpu_us'] - d['cpu_us']:.0f} "
+          f"limits_route_stream_cpu_us_per_req={b_s['cpu_us'] - s_d['cpu_us']:.0f}")
 
 
 if __name__ == "__main__":
