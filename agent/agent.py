@@ -6,7 +6,6 @@ It never touches the database: REST and the watch stream with its own worker tok
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import socket
@@ -16,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from agent import backoff, doctor, metrics, usage
+from agent import backoff, usage
 from agent.backends import (GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
                             image_overrides, missing_requirement, python_overrides)
 from agent.devices import GPUInventory, host_info
-from agent.logs import tail_lines, tail_text
+from agent.http import AgentEndpoint
+from agent.logs import tail_text
 from agent.ports import DEFAULT_RANGE, PortAllocator, ephemeral_range, validate_port_range, validate_ray_port_range
 from agent.runtimes import ProcessRuntime
 from agent.runtimes.choice import RuntimeChooser
@@ -32,11 +31,10 @@ from agent.cache import FileCache
 from agent.sources import ModelCache, SourceError, env_model_roots
 from server.schemas.files import key_or_none
 from agent.ray import DEFAULT_RAY_RANGE, RayManager, is_multi_host, subordinate_of
-from agent.server_api import ServerAPI, ServerRejected
+from agent.server_api import ServerAPI, ServerRejected  # noqa: F401 (`maas agent` catches ServerRejected)
 from server.ndjson import watch_messages
 from server.schemas import InstanceOut
 from server.schemas.backend_traits import BACKEND_TRAITS, source_problem
-from server.schemas.telemetry import DoctorReport, DoctorRequest
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +123,7 @@ class Agent:
         self.workloads: dict[int, Workload] = {}
         # Every call on the server, and the worker's identity (agent/server_api.py).
         self.api = ServerAPI(config.server_url, config.token, config.data_dir, config.name)
-        self._runner: web.AppRunner | None = None
+        self.endpoint = AgentEndpoint(self)  # logs, metrics, doctor (agent/http.py)
         self.main_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
@@ -150,7 +148,7 @@ class Agent:
         if docker is not None:
             self._leftovers += [(key, docker, record) for key, record in await asyncio.to_thread(docker.leftovers)]
         self.api.open()
-        await self._serve_http()
+        await self.endpoint.start()
         self.main_task = asyncio.create_task(self._main(), name="agent-main")
 
     async def stop(self) -> None:
@@ -159,8 +157,7 @@ class Agent:
             await asyncio.gather(self.main_task, return_exceptions=True)
         await asyncio.gather(*(self._stop_workload(w) for w in list(self.workloads.values())), return_exceptions=True)
         await self.ray.close()
-        if self._runner:
-            await self._runner.cleanup()
+        await self.endpoint.close()
         await self.api.close()
 
     async def _main(self) -> None:
@@ -562,101 +559,6 @@ class Agent:
         await self.ray.stop_head(workload.instance.id)
         self.ports.release(workload.port)
 
-    # --- the agent's own endpoint -------------------------------------------------------
-
-    async def _serve_http(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", _ok)
-        app.router.add_get("/instances/{id}/logs", self._handle_logs)
-        app.router.add_get("/metrics", self._handle_metrics)
-        app.router.add_post("/doctor", self._handle_doctor)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.address, self.config.port)
-        await site.start()
-        self.config.port = self._runner.addresses[0][1]
-
-    def _refusal(self, request: web.Request, *also: str | None) -> web.Response | None:
-        """401 unless the request presents the server's credential for this agent (the agent secret it was
-        given at registration) or one of `also`. Logs and metrics say what runs here: never anonymous."""
-        presented = request.headers.get("Authorization", "")
-        accepted = [f"Bearer {secret}" for secret in (self.api.agent_secret, *also) if secret]
-        if any(hmac.compare_digest(presented.encode(), bearer.encode()) for bearer in accepted):
-            return None
-        return web.json_response({"error": {"code": "unauthorized", "message": "this endpoint needs the server's "
-                                            "credential (or, for /metrics, the agent's MAAS_METRICS_TOKEN)"}},
-                                 status=401, headers={"WWW-Authenticate": "Bearer"})
-
-    async def _handle_logs(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._refusal(request)) is not None:
-            return refused
-        instance_id, tail = request.match_info["id"], request.query.get("tail", "200")
-        if not (instance_id.isascii() and instance_id.isdigit() and len(instance_id) < 19):
-            return web.json_response({"error": {"code": "not_found", "message": "no such instance"}}, status=404)
-        if not (tail.lstrip("-").isascii() and tail.lstrip("-").isdigit() and len(tail) < 10):
-            return web.json_response({"error": {"code": "bad_request", "message": "tail: a whole number"}}, status=400)
-        tail = int(tail)
-        path = self.log_path(int(instance_id))
-        if request.query.get("previous") == "1":
-            path = path.with_suffix(".previous.log")
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        await response.prepare(request)
-        offset = path.stat().st_size if path.exists() else 0  # the tail ends here and following starts here
-        try:
-            await response.write(await asyncio.to_thread(tail_lines, path, tail, offset))
-            while request.query.get("follow") == "1":
-                workload = self.workloads.get(int(instance_id))
-                size = path.stat().st_size if path.exists() else 0
-                if size > offset:
-                    with open(path, "rb") as handle:
-                        handle.seek(offset)
-                        chunk = handle.read(size - offset)
-                    offset = size
-                    await response.write(chunk)
-                elif (workload.exited if workload else int(instance_id) not in self.desired):
-                    break  # nothing more will come (a starting instance is followed until its log appears)
-                await asyncio.sleep(0.25)
-            await response.write_eof()
-        except ConnectionResetError:  # the reader left
-            pass
-        return response
-
-
-    async def _handle_metrics(self, request: web.Request) -> web.Response:
-        """Prometheus text: host, GPUs, instance states and each running instance's metrics, unified."""
-        if (refused := self._refusal(request, self.config.metrics_token)) is not None:
-            return refused
-        samples: list[metrics.InstanceSample] = []
-        scrapes = []
-        for workload in list(self.workloads.values()):
-            if workload.state not in metrics.INSTANCE_STATES:
-                continue
-            instance = workload.instance
-            sample = metrics.InstanceSample(instance=instance.name, model=instance.model_name,
-                                            backend=instance.spec.backend, state=workload.state,
-                                            metrics=workload.launch.metrics if workload.launch else None)
-            samples.append(sample)
-            if workload.state == "running" and workload.launch and workload.launch.metrics_path and workload.port:
-                url = f"http://{self.config.address}:{workload.port}{workload.launch.metrics_path}"
-                scrapes.append((sample, metrics.scrape(self.api.http, url, key=workload.launch.api_key)))
-        for sample, text in zip([s for s, _ in scrapes], await asyncio.gather(*(c for _, c in scrapes))):
-            sample.scraped = text
-        gpus, host = await asyncio.to_thread(lambda: (self.gpus.read(), host_info()))
-        body = metrics.render(metrics.families(host, gpus, samples, self.config.name, self.gpus.power_watts))
-        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
-
-    async def _handle_doctor(self, request: web.Request) -> web.Response:
-        """`maas doctor`: this host's checks (agent/doctor.py), for the server that asks with our secret."""
-        if (refused := self._refusal(request)) is not None:
-            return refused
-        try:
-            asked = DoctorRequest.model_validate(await request.json())
-        except ValueError as exc:
-            return web.json_response({"error": {"code": "bad_request", "message": str(exc)[:300]}}, status=400)
-        checks = await doctor.run_checks(self, asked.server_time, asked.peers)
-        return web.json_response(DoctorReport(worker=self.config.name, checks=checks).model_dump(mode="json"))
-
-
 def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChooser:
     """--runtime process|docker|auto: the runtimes this agent may use, and the rule that picks one per
     instance. docker without an engine raises DockerException (the CLI says so); auto without one runs
@@ -669,7 +571,3 @@ def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChoo
     problem = None if config.runtime == "docker" or docker_client is not None else engine_problem()
     docker = DockerRuntime(worker=config.name, client=docker_client) if problem is None else None
     return RuntimeChooser(config.runtime, processes, docker, problem or "")
-
-
-async def _ok(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})

@@ -33,7 +33,7 @@ async def _crash(agent: Agent) -> None:
     for workload in agent.workloads.values():
         workload.task.cancel()
     await asyncio.gather(agent.main_task, *(w.task for w in agent.workloads.values()), return_exceptions=True)
-    await agent._runner.cleanup()
+    await agent.endpoint.close()
     await agent.api.close()
 
 

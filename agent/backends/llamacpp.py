@@ -1,4 +1,4 @@
-"""llama.cpp: our xllamacpp wrapper (llamacpp_server.py) as a process, the upstream llama-server image in a container."""
+"""llama.cpp: our xllamacpp wrapper (llamacpp_server.py) as a process; upstream llama-server in a container."""
 
 from __future__ import annotations
 
