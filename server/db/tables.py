@@ -412,7 +412,6 @@ class BenchResult(Base):
     levels: Mapped[list[Any]] = mapped_column()  # schemas.bench.BenchLevel dicts
 
 
-
 class GatewayLimit(Base, Timestamps):
     """Limits on an API key, a team or a model (schemas.Limits; server/gateway/limits.py enforces them).
     Exactly one of api_key_id, team, model is set, as `scope` says; each goes with what it limits."""
