@@ -106,10 +106,10 @@ def test_an_agents_image_override_keeps_the_specs_tag():
 
 async def test_the_gpu_kind_comes_from_the_claimed_gpus(tmp_path: Path):
     agent = Agent(AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, simulate_gpus="1xL4-24GB"))
-    assert await agent._gpu_kind(instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[0]))) == "cuda"
+    assert await agent.serving.gpu_kind(instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[0]))) == "cuda"
     agent.gpus.simulated[0] = agent.gpus.simulated[0].model_copy(update={"vendor": "amd"})
     inst = instance("llama.cpp", ResourceClaim(device="gpu", gpu_indexes=[0]))
-    context = LaunchContext(host="127.0.0.1", port=20001, gpu_kind=await agent._gpu_kind(inst))
+    context = LaunchContext(host="127.0.0.1", port=20001, gpu_kind=await agent.serving.gpu_kind(inst))
     assert build_launch(inst, context).image == "ghcr.io/ggml-org/llama.cpp:server-rocm"
 
 
@@ -214,7 +214,7 @@ async def test_agent_builds_the_container_from_its_inventory(tmp_path: Path):
     agent = Agent(AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, name="w9", simulate_gpus="2xL4-24GB"))
     inst = instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[1]))
     launch = build_launch(inst, LaunchContext(host="127.0.0.1", port=20001))
-    spec = await agent.container_for(inst, launch)
+    spec = await agent.serving.container_for(inst, launch)
     assert spec["device_requests"][0]["DeviceIDs"] == [agent.gpus.read()[1].uuid]
     assert spec["labels"]["maas.worker"] == "w9"
     assert spec["volumes"][str(tmp_path / "models")]["bind"] == str(tmp_path / "models")
