@@ -90,8 +90,7 @@ class Agent:
         ephemeral = ephemeral_range()
         self.ports = PortAllocator(config.address, *validate_port_range(*config.port_range, ephemeral))
         validate_ray_port_range(*config.ray_port_range, config.port_range, ephemeral)
-        self.models = ModelCache(config.model_cache or config.data_dir / "models",
-                                 stall_timeout=config.download_stall_timeout)
+        self.models = ModelCache(model_cache_path(config), stall_timeout=config.download_stall_timeout)
         # agent/cache.py; it never evicts what a workload uses (asked of the serving loop when it evicts).
         self.files = FileCache(self.models, config.cache_limit, lambda: self.serving.files_in_use())
         self.files.load()
@@ -216,5 +215,11 @@ def make_runtimes(config: AgentConfig, docker_client: Any = None) -> RuntimeChoo
     if config.runtime == "process":
         return RuntimeChooser("process", processes, None, "the agent runs with --runtime process")
     problem = None if config.runtime == "docker" or docker_client is not None else engine_problem()
-    docker = DockerRuntime(worker=config.name, client=docker_client) if problem is None else None
+    docker = DockerRuntime(worker=config.name, client=docker_client, model_cache=model_cache_path(config),
+                           shm_size=config.docker_shm_size) if problem is None else None
     return RuntimeChooser(config.runtime, processes, docker, problem or "")
+
+
+def model_cache_path(config: AgentConfig) -> Path:
+    """Where hub downloads go (agent/sources.py); containers mount it at the same path."""
+    return config.model_cache or config.data_dir / "models"

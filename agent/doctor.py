@@ -244,7 +244,7 @@ async def run_checks(agent: Any, server_time: float | None, peers: list[str]) ->
         driver, count, error = (None, 0, None) if simulated else nvml_status()
         gpus = len(agent.gpus.read()) if simulated else count
         out.append(judge_nvml(driver, gpus, error, simulated))
-        runtime = getattr(agent.runtime, "name", "process")
+        runtime = agent.runtime.name  # agent/runtimes/base.py Runtime
         engine, docker_error, runtimes = docker_status()
         out.extend(judge_docker(runtime if config.runtime != "auto" else f"auto: {runtime}",
                                 engine, docker_error, runtimes, gpus))

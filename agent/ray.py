@@ -171,7 +171,7 @@ class RayManager:
 
     async def find_leftovers(self) -> None:
         """Nodes a previous agent left running; settled once the first snapshot says what is wanted."""
-        self.leftovers = await asyncio.to_thread(self.runtime.leftovers)
+        self.leftovers = dict(await asyncio.to_thread(self.runtime.leftovers))
 
     def settle_leftovers(self, adopted: dict[int, int]) -> None:
         """Adopt each left-over node still wanted, as it runs; stop the others.
@@ -378,7 +378,7 @@ class RayManager:
             command += ["--num-gpus=0"]  # simulated GPUs are nothing Ray could hand out
         key = f"ray-{instance.id}"
         try:
-            node.handle = await self.runtime.start(key, command, _ray_env(env), self._log_path(instance.id),
+            node.handle = await self.runtime.spawn(key, command, _ray_env(env), self._log_path(instance.id),
                                                    meta=node_record(instance, node.ports, head_address or
                                                                     f"{address}:{node.ports.gcs}", head_address is None))
         except OSError:

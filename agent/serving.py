@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.backends import (GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name,
-                            missing_requirement)
+from agent.backends import GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name
 from agent.cache import FileCache
 from agent.devices import GPUInventory
 from agent.logs import tail_text
 from agent.ports import PortAllocator
 from agent.ray import RayManager, is_multi_host, subordinate_of
 from agent.runtimes.choice import RuntimeChooser
-from agent.runtimes.docker import ContainerOptions, container_spec
+from agent.runtimes.base import Runtime, StartRequest
 from agent.runtimes.process import AdoptedHandle
 from agent.server_api import ServerAPI
 from agent.sources import ModelCache, SourceError
@@ -53,7 +52,7 @@ _RUNNABLE = {"scheduled", "downloading", "starting", "running", "unreachable"}
 class Workload:
     instance: InstanceOut
     handle: Any = None  # ProcessHandle or ContainerHandle
-    runtime: Any = None  # the ProcessRuntime or DockerRuntime that runs it (agent/runtimes/choice.py)
+    runtime: Runtime | None = None  # what runs it (chosen per instance: agent/runtimes/choice.py)
     port: int | None = None
     task: asyncio.Task[None] | None = None
     exited: bool = False
@@ -75,16 +74,13 @@ class Serving:
         self._wake = asyncio.Event()
         self._terminating: set[int] = set()
         # What a previous agent left running: (instance id, runtime, record: a pidfile's, a container's labels).
-        self._leftovers: list[tuple[str, Any, dict[str, Any]]] = []
+        self._leftovers: list[tuple[str, Runtime, dict[str, Any]]] = []
         self._snapshot_seen = False
 
     async def find_leftovers(self) -> None:
         """What a previous agent left running; adopted (or stopped) once the first snapshot says what is wanted."""
-        processes, docker = self.runtimes.processes, self.runtimes.docker
-        self._leftovers = [(key, processes, record)
-                           for key, record in (await asyncio.to_thread(processes.leftovers)).items()]
-        if docker is not None:
-            self._leftovers += [(key, docker, record) for key, record in await asyncio.to_thread(docker.leftovers)]
+        self._leftovers = [(key, runtime, record) for runtime in (self.runtimes.processes, self.runtimes.docker)
+                           if runtime is not None for key, record in await asyncio.to_thread(runtime.leftovers)]
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop_workload(w) for w in list(self.workloads.values())), return_exceptions=True)
@@ -213,10 +209,9 @@ class Serving:
             choice = await self.runtimes.choose(instance.spec.backend, spec, is_multi_host(instance))
             workload.runtime = runtime = choice.runtime
             await self.api.event(instance.id, "RuntimeChosen", f"{runtime.name}: {choice.reason}")
-            if runtime.name != "docker":  # before any download: a backend missing here fails at once
-                missing = await asyncio.to_thread(missing_requirement, instance.spec.backend, spec)
-                if missing:
-                    raise BackendError(missing)
+            # Before any download: a backend missing here fails at once.
+            if missing := await asyncio.to_thread(runtime.missing, instance.spec.backend, spec):
+                raise BackendError(missing)
             fetched = await self._fetch_model(workload)  # the same instance, a hub source now a path here
             if fetched is not instance:
                 instance, spec = fetched, build_launch(fetched, context)
@@ -227,17 +222,10 @@ class Serving:
                     spec = build_launch(instance, replace(context, ray_address=ray_env["RAY_ADDRESS"]))
                     workload.launch = spec
                 spec.env.update(ray_env)
-            if runtime.name == "docker":
-                if spec.image:
-                    await runtime.pull(spec.image, lambda f: self._downloading(workload, f"pulling image {spec.image}", f))
-                container = await self.container_for(instance, spec, workload.port)
-                workload.handle = await runtime.start(str(instance.id), container, path)
-                started = f"container {container['name']} (image {container['image']}), port {workload.port}"
-            else:
-                meta = {"port": workload.port, "restart_count": instance.restart_count,
-                        "generation": instance.generation}
-                workload.handle = await runtime.start(str(instance.id), spec.command, spec.env, path, meta=meta)
-                started = f"pid {workload.handle.pid}, port {workload.port}"
+            request = StartRequest(instance, spec, workload.port, path, gpus=await asyncio.to_thread(self.gpus.read))
+            pulling = f"pulling image {spec.image}"  # what a runtime fetches first (Docker: the image)
+            workload.handle = await runtime.start(request, lambda f: self._downloading(workload, pulling, f))
+            started = f"{runtime.describe(workload.handle)}, port {workload.port}"
         except (BackendError, OSError, RuntimeError, aiohttp.ClientError, TimeoutError, DockerError) as exc:
             workload.exited = True
             self.ports.release(workload.port)
@@ -260,7 +248,7 @@ class Serving:
         return self.config.backend_python.get(instance.spec.backend) or sys.executable
 
     async def _start_ray_head(self, workload: Workload, instance: InstanceOut) -> dict[str, str]:
-        if workload.runtime is not None and workload.runtime.name == "docker":
+        if workload.runtime is not None and workload.runtime.runs_in_container:
             raise BackendError("a multi-host placement needs the process runtime on its workers for now "
                                "(the Ray nodes run from the backend's Python environment)")
 
@@ -310,7 +298,7 @@ class Serving:
         self.ports.release(workload.port)
         if not workload.stopping:
             why = "did not become healthy" if not healthy else "exited"
-            what = "container" if workload.runtime is not None and workload.runtime.name == "docker" else "process"
+            what = "container" if workload.runtime is not None and workload.runtime.runs_in_container else "process"
             await self._set_state(workload, "error",
                                   f"{what} {why} (exit code {'unknown' if code is None else code}); "
                                   f"log tail:\n{tail_text(path, 30)}")
@@ -332,7 +320,7 @@ class Serving:
                 log.info("stopping workload %s left by a previous agent: no longer wanted", key)
                 asyncio.create_task(asyncio.to_thread(runtime.stop_leftover, key, record))
 
-    def _adopt(self, instance: InstanceOut, key: str, runtime: Any, record: dict[str, Any]) -> None:
+    def _adopt(self, instance: InstanceOut, key: str, runtime: Runtime, record: dict[str, Any]) -> None:
         workload = Workload(instance=instance, port=int(record["port"]), handle=runtime.adopt(key, record),
                             runtime=runtime)
         self.ports.reserve(workload.port)
@@ -375,20 +363,6 @@ class Serving:
             return "cuda"  # not used: a claim without GPUs takes the cpu image
         vendors = {g.index: g.vendor for g in await asyncio.to_thread(self.gpus.read)}
         return GPU_KINDS.get(vendors.get(claim.gpu_indexes[0], "nvidia"), "cuda")
-
-    async def container_for(self, instance: InstanceOut, spec: LaunchSpec, port: int | None = None) -> dict[str, Any]:
-        """The container specification of `instance` for the docker runtime. Its labels also carry what a
-        later agent needs to adopt it: the port and the log file."""
-        if not spec.image:
-            raise BackendError(f"backend {instance.spec.backend} has no container image for this host's devices; "
-                               "add `image` to its definition (a custom backend), set MAAS_<BACKEND>_IMAGE, "
-                               "or run this worker with --runtime process")
-        adoption = {"maas.port": str(port), "maas.log-path": str(self.log_path(instance.id))} if port else {}
-        options = ContainerOptions(worker=self.config.name, model_cache=self.models.root,
-                                   shm_size=self.config.docker_shm_size, extra_labels=adoption)
-        gpus = await asyncio.to_thread(self.gpus.read)
-        return container_spec(instance, spec.image, spec.container_command or spec.command, spec.env, gpus, options,
-                              accelerator=spec.accelerator)
 
     async def _probe_until_healthy(self, port: int, health_path: str, exit_wait: asyncio.Task[int]) -> bool:
         url = f"http://{self.config.address}:{port}{health_path}"

@@ -87,6 +87,6 @@ async def test_a_command_that_exits_at_once_is_started_and_waited_for(tmp_path):
 
     runtime = ProcessRuntime(tmp_path / "run")
     for _ in range(20):  # the race is narrow: try it a few times
-        handle = await runtime.start("quick", ["/bin/true"], {}, tmp_path / "quick.log")
+        handle = await runtime.spawn("quick", ["/bin/true"], {}, tmp_path / "quick.log")
         assert await runtime.wait(handle) == 0
         assert not _alive(handle.pid, 0.0)

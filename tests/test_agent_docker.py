@@ -16,7 +16,7 @@ import pytest
 
 from agent.agent import Agent, AgentConfig, make_runtimes
 from agent.backends import BackendDefinition, BackendError, LaunchContext, build_launch, image_for, with_tag
-from agent.runtimes import ProcessRuntime
+from agent.runtimes import ProcessRuntime, StartRequest
 from agent.runtimes.choice import RuntimeChooser
 from agent.runtimes.docker import ContainerOptions, DockerRuntime, PullProgress, container_spec, split_image
 from server.schemas import GPUDevice, ResourceClaim
@@ -211,12 +211,15 @@ async def test_auto_without_an_engine_and_the_forced_modes(tmp_path: Path):
 
 
 async def test_agent_builds_the_container_from_its_inventory(tmp_path: Path):
-    agent = Agent(AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, name="w9", simulate_gpus="2xL4-24GB"))
+    config = AgentConfig(server_url="http://x", token="t", data_dir=tmp_path, name="w9", simulate_gpus="2xL4-24GB",
+                         runtime="docker")
+    agent = Agent(config, docker_client=FakeClient())
     inst = instance("vllm", ResourceClaim(device="gpu", gpu_indexes=[1]))
     launch = build_launch(inst, LaunchContext(host="127.0.0.1", port=20001))
-    spec = await agent.serving.container_for(inst, launch)
-    assert spec["device_requests"][0]["DeviceIDs"] == [agent.gpus.read()[1].uuid]
-    assert spec["labels"]["maas.worker"] == "w9"
+    gpus = agent.gpus.read()
+    spec = agent.runtimes.docker.container_for(StartRequest(inst, launch, 20001, tmp_path / "logs" / "1.log", gpus))
+    assert spec["device_requests"][0]["DeviceIDs"] == [gpus[1].uuid]
+    assert spec["labels"]["maas.worker"] == "w9" and spec["labels"]["maas.port"] == "20001"
     assert spec["volumes"][str(tmp_path / "models")]["bind"] == str(tmp_path / "models")
 
 
@@ -266,7 +269,7 @@ async def test_docker_runtime_engine_calls_are_thin(tmp_path: Path):
     runtime = DockerRuntime(worker="w1", stop_grace=5, client=client)
     claim = ResourceClaim(device="gpu", gpu_indexes=[0])
     spec = spec_for(instance("vllm", claim))
-    handle = await runtime.start("7", spec, tmp_path / "logs" / "7.log")
+    handle = await runtime.run_container("7", spec, tmp_path / "logs" / "7.log")
     kwargs = client.containers.run_kwargs
     assert isinstance(kwargs["device_requests"][0], docker.types.DeviceRequest)
     assert kwargs["device_requests"][0]["DeviceIDs"] == ["GPU-0"]
@@ -472,3 +475,21 @@ async def test_agent_reports_the_image_pull_as_downloading(server, admin, tmp_pa
     finally:
         halfway.set()
         await agent.stop()
+
+
+def test_both_runtimes_implement_the_runtime_protocol_with_its_signatures(tmp_path: Path):
+    """The serving loop calls one interface (agent/runtimes/base.py): the same parameters in both runtimes."""
+    import inspect
+
+    from agent.runtimes import Runtime
+
+    assert isinstance(ProcessRuntime(tmp_path / "run"), Runtime)
+    assert isinstance(DockerRuntime(worker="w1", client=FakeClient()), Runtime)
+    assert (ProcessRuntime.runs_in_container, DockerRuntime.runs_in_container) == (False, True)
+    methods = [name for name, value in vars(Runtime).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert {"start", "wait", "stop", "leftovers", "adopt", "stop_leftover", "missing", "describe"} <= set(methods)
+    for name in methods:
+        wanted = [(p.name, p.kind) for p in inspect.signature(getattr(Runtime, name)).parameters.values()]
+        for runtime in (ProcessRuntime, DockerRuntime):
+            got = [(p.name, p.kind) for p in inspect.signature(getattr(runtime, name)).parameters.values()]
+            assert got == wanted, f"{runtime.__name__}.{name}"

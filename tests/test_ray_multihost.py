@@ -597,7 +597,7 @@ async def test_after_an_agent_restart_wanted_ray_nodes_are_adopted_and_the_rest_
     pids = {}
     for instance_id, (restart_count, head) in runs.items():
         ports = before.ports.allocate()
-        handle = await before.runtime.start(
+        handle = await before.runtime.spawn(
             f"ray-{instance_id}", ["sleep", "600"], {}, tmp_path / "logs" / f"{instance_id}.ray.log",
             meta=node_record(_member(instance_id, restart_count), ports, f"127.0.0.1:{ports.gcs}", head))
         pids[instance_id] = (handle.pid, ports.base)
@@ -687,7 +687,7 @@ async def test_a_node_of_the_same_instance_starts_only_once_the_unwanted_one_has
     manager.runtime.stop_grace = 1.0
     ports = manager.ports.allocate()
     # A node slow to stop: it ignores SIGTERM until the grace is over.
-    handle = await manager.runtime.start("ray-31", ["sh", "-c", "trap '' TERM; sleep 600"], {},
+    handle = await manager.runtime.spawn("ray-31", ["sh", "-c", "trap '' TERM; sleep 600"], {},
                                          tmp_path / "logs" / "31.ray.log")
     manager.workers[31] = RayNode(31, 0, ports, manager._temp_dir(31), handle=handle)
     manager.reconcile(lambda instance: sys.executable)  # 31 is no member any more: its node goes

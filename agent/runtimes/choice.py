@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.backends import IMAGE_VARIABLES, BackendError, LaunchSpec, missing_requirement
+from agent.runtimes.base import Runtime
 
 # How long the engine's answer about a registry (pullable or not) holds: one deploy of many replicas
 # asks once, and a registry that comes back is noticed within a minute.
@@ -24,7 +25,7 @@ PULLABLE_TTL = 60.0
 
 @dataclass(frozen=True)
 class RuntimeChoice:
-    runtime: Any  # ProcessRuntime or DockerRuntime
+    runtime: Runtime  # ProcessRuntime or DockerRuntime
     reason: str
 
 

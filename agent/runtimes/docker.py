@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.progress import run_with_progress
+from agent.backends import BackendError, LaunchSpec
+from agent.progress import ProgressCallback, run_with_progress
+from agent.runtimes.base import StartRequest
 from server.schemas import GPUDevice, InstanceOut
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,8 @@ class ContainerHandle:
     container: Any
     log_path: Path
     returncode: int | None = None
+    name: str = ""  # the container's name and image, for the state message
+    image: str = ""
     _follower: threading.Thread | None = None
 
     @property
@@ -204,10 +208,16 @@ class ContainerHandle:
 
 
 class DockerRuntime:
-    name = "docker"
+    """Implements agent/runtimes/base.py Runtime."""
 
-    def __init__(self, worker: str = "", stop_grace: float = 10.0, client: Any = None):
+    name = "docker"
+    runs_in_container = True
+
+    def __init__(self, worker: str = "", stop_grace: float = 10.0, client: Any = None,
+                 model_cache: Path | None = None, shm_size: str = "16g"):
         self.worker = worker
+        self.model_cache = model_cache  # the agent's model cache, mounted into every container
+        self.shm_size = shm_size
         self.progress_interval = 1.0  # seconds between pull progress reports
         if client is None:
             import docker
@@ -261,7 +271,39 @@ class DockerRuntime:
             raise RuntimeError(f"cannot pull image {image}: {exc.explanation or exc}") from None
         return True
 
-    async def start(self, key: str, spec: dict[str, Any], log_path: Path) -> ContainerHandle:
+    def missing(self, backend: str, launch: LaunchSpec) -> str | None:
+        return None  # the image brings the backend; a launch without one fails in container_for
+
+    def container_for(self, request: StartRequest) -> dict[str, Any]:
+        """The container specification of the request. Its labels also carry what a later agent needs to
+        adopt it: the port and the log file."""
+        instance, launch = request.instance, request.launch
+        if not launch.image:
+            raise BackendError(f"backend {instance.spec.backend} has no container image for this host's devices; "
+                               "add `image` to its definition (a custom backend), set MAAS_<BACKEND>_IMAGE, "
+                               "or run this worker with --runtime process")
+        if self.model_cache is None:
+            raise BackendError("this Docker runtime was made without the agent's model cache to mount")
+        adoption = {"maas.port": str(request.port), "maas.log-path": str(request.log_path)} if request.port else {}
+        options = ContainerOptions(worker=self.worker, model_cache=self.model_cache, shm_size=self.shm_size,
+                                   extra_labels=adoption)
+        return container_spec(instance, launch.image, launch.container_command or launch.command, launch.env,
+                              request.gpus, options, accelerator=launch.accelerator)
+
+    async def start(self, request: StartRequest, on_progress: ProgressCallback | None = None) -> ContainerHandle:
+        """Pull the launch's image (progress through `on_progress`), then run its container."""
+        if request.launch.image:
+            await self.pull(request.launch.image, on_progress)
+        spec = self.container_for(request)
+        handle = await self.run_container(request.key, spec, request.log_path)
+        handle.name, handle.image = spec["name"], spec["image"]
+        return handle
+
+    def describe(self, handle: ContainerHandle) -> str:
+        return f"container {handle.name} (image {handle.image})"
+
+    async def run_container(self, key: str, spec: dict[str, Any], log_path: Path) -> ContainerHandle:
+        """Run the container `spec` (container_spec's keyword arguments), its log followed into `log_path`."""
         import docker
 
         def run() -> Any:

@@ -10,8 +10,13 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from agent.backends import LaunchSpec, missing_requirement
+from agent.progress import ProgressCallback
+from agent.runtimes.base import StartRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,10 @@ class AdoptedHandle:
 
 
 class ProcessRuntime:
+    """Implements agent/runtimes/base.py Runtime; `spawn` also runs other processes (Ray nodes)."""
+
     name = "process"
+    runs_in_container = False
 
     def __init__(self, run_dir: Path, stop_grace: float = 10.0):
         self.run_dir = run_dir
@@ -53,8 +61,20 @@ class ProcessRuntime:
     def _pidfile(self, key: str) -> Path:
         return self.run_dir / f"{key}.pid.json"
 
-    async def start(self, key: str, command: list[str], env: dict[str, str], log_path: Path,
+    def missing(self, backend: str, launch: LaunchSpec) -> str | None:
+        return missing_requirement(backend, launch)
+
+    async def start(self, request: StartRequest, on_progress: ProgressCallback | None = None) -> ProcessHandle:
+        """The launch's command as a process (nothing to fetch first: `on_progress` is not called)."""
+        launch = request.launch
+        return await self.spawn(request.key, launch.command, launch.env, request.log_path, meta=request.record())
+
+    def describe(self, handle: ProcessHandle | AdoptedHandle) -> str:
+        return f"pid {handle.pid}"
+
+    async def spawn(self, key: str, command: list[str], env: dict[str, str], log_path: Path,
                     meta: dict | None = None) -> ProcessHandle:
+        """Run `command` in its own process group, its output into `log_path`, its pidfile keeping `meta`."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab", buffering=0) as log_file:
             process = await asyncio.create_subprocess_exec(
@@ -98,8 +118,8 @@ class ProcessRuntime:
         self._pidfile(handle.key).unlink(missing_ok=True)
         return handle.returncode
 
-    def leftovers(self) -> dict[str, dict]:
-        """Processes a previous agent left running, by key (their pidfile records). Stale pidfiles go."""
+    def leftovers(self) -> list[tuple[str, dict[str, Any]]]:
+        """Processes a previous agent left running: (key, its pidfile record). Stale pidfiles go."""
         found: dict[str, dict] = {}
         for pidfile in self.run_dir.glob("*.pid.json"):
             key = pidfile.name[:-len(".pid.json")]
@@ -111,7 +131,7 @@ class ProcessRuntime:
             except (ValueError, KeyError, OSError, TypeError):
                 pass
             pidfile.unlink(missing_ok=True)
-        return found
+        return list(found.items())
 
     def adopt(self, key: str, record: dict) -> AdoptedHandle:
         return AdoptedHandle(key, int(record["pid"]), Path(record.get("log_path", "")), record)
