@@ -105,8 +105,9 @@ class AgentEndpoint:
                 scrapes.append((sample, metrics.scrape(self.agent.api.http, url, key=workload.launch.api_key)))
         for sample, text in zip([s for s, _ in scrapes], await asyncio.gather(*(c for _, c in scrapes))):
             sample.scraped = text
-        gpus, host = await asyncio.to_thread(lambda: (self.agent.gpus.read(), host_info()))
-        body = metrics.render(metrics.families(host, gpus, samples, self.agent.config.name, self.agent.gpus.power_watts))
+        inventory = self.agent.gpus
+        gpus, host = await asyncio.to_thread(lambda: (inventory.read(), host_info()))
+        body = metrics.render(metrics.families(host, gpus, samples, self.agent.config.name, inventory.power_watts))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def handle_doctor(self, request: web.Request) -> web.Response:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.backends import BackendError, _has_module
+from agent.backends import BackendError, has_module
 from agent.ports import DEFAULT_RAY_RANGE, RAY_BLOCK, bindable, ephemeral_range
 from agent.runtimes.process import ProcessRuntime
 from server.schemas import InstanceOut
@@ -358,7 +358,7 @@ class RayManager:
         stopping = self._stopping.pop(instance.id, None)
         if stopping is not None:
             await stopping  # an earlier node of this instance (or a previous agent's): its folder and ports first
-        client = head_address is None and await asyncio.to_thread(_has_module, python, "grpc")
+        client = head_address is None and await asyncio.to_thread(has_module, python, "grpc")
         if node is None:
             node = RayNode(instance.id, instance.restart_count, self.ports.allocate(), self._temp_dir(instance.id))
         shutil.rmtree(node.temp_dir, ignore_errors=True)

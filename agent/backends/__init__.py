@@ -13,7 +13,7 @@ BACKENDS, its traits in server/schemas/backend_traits.py.
 from __future__ import annotations
 
 from agent.backends.base import (GPU_KINDS, IMAGE_VARIABLES, IMAGES, BackendError, LaunchContext, LaunchSpec,
-                                 _has_module, custom_name, device_kind, image_for, image_overrides,
+                                 custom_name, device_kind, has_module, image_for, image_overrides,
                                  missing_requirement, python_overrides, with_tag)
 from agent.backends.custom import custom
 from agent.backends.llamacpp import llama_cpp
@@ -27,9 +27,9 @@ from server.schemas.backend_traits import (LLAMACPP_METRICS, MINDIE_METRICS, SGL
 
 __all__ = ["BACKENDS", "GPU_KINDS", "IMAGES", "IMAGE_VARIABLES", "LLAMACPP_METRICS", "MINDIE_DAEMON", "MINDIE_METRICS",
            "SGLANG_METRICS", "VLLM_METRICS", "BackendDefinition", "BackendError", "LaunchContext", "LaunchSpec",
-           "build_launch", "custom", "custom_name", "device_kind", "image_for", "image_overrides", "llama_cpp",
-           "mindie", "mindie_config", "missing_requirement", "python_overrides", "sglang", "vllm", "voxbox",
-           "with_tag", "_has_module"]
+           "build_launch", "custom", "custom_name", "device_kind", "has_module", "image_for", "image_overrides",
+           "llama_cpp", "mindie", "mindie_config", "missing_requirement", "python_overrides", "sglang", "vllm",
+           "voxbox", "with_tag"]
 
 BACKENDS = {"llama.cpp": llama_cpp, "vllm": vllm, "sglang": sglang, "vox-box": voxbox, "mindie": mindie}
 

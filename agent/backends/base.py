@@ -136,7 +136,7 @@ def custom_name(backend: str) -> str | None:
 _found_modules: set[tuple[str, str]] = set()  # only successes are kept: an install later is noticed
 
 
-def _has_module(python: str, module: str) -> bool:
+def has_module(python: str, module: str) -> bool:
     key = (python, module)
     if key not in _found_modules:
         # abspath, not realpath: two venvs' pythons link to one interpreter yet see different packages.
@@ -164,7 +164,7 @@ def missing_requirement(backend: str, launch: LaunchSpec) -> str | None:
         _, python, module = launch.requires
         if not (os.path.isfile(python) and os.access(python, os.X_OK)):
             return f"backend {backend}: the Python interpreter {python} does not exist on this host"
-        if not _has_module(python, module):
+        if not has_module(python, module):
             variable = "MAAS_" + backend.upper().replace(".", "").replace("-", "_") + "_PYTHON"
             return (f"backend {backend} is not installed on this host: {python} cannot import {module!r} "
                     f"(install it, or point {variable} at a Python that has it)")
