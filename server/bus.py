@@ -258,8 +258,10 @@ class ChangeFeed:
         condition = tables.ChangeLog.id > self._last
         if self._gaps:
             condition = or_(condition, tables.ChangeLog.id.in_(list(self._gaps)))
-        async with self.db.session() as s:
-            rows = (await s.execute(select(tables.ChangeLog).where(condition).order_by(tables.ChangeLog.id))).scalars().all()
+        log_table = tables.ChangeLog
+        async with self.db.session() as s:  # plain rows, not ORM objects: a burst is hundreds of them
+            rows = (await s.execute(select(log_table.id, log_table.kind, log_table.action, log_table.object,
+                                           log_table.created_at).where(condition).order_by(log_table.id))).all()
         for row in rows:
             if row.id in self._gaps:
                 self._gaps.pop(row.id)

@@ -28,6 +28,7 @@ from server.scheduler.preemption import PREEMPTED_BY
 S = schemas.InstanceState
 
 
+CREATE_BATCH = 100  # new replicas per transaction (see ModelController._reconcile)
 _PROBE_FRESH = 5.0  # seconds a gateway probe's answer counts as "the backend is alive"
 
 
@@ -47,6 +48,7 @@ class ModelController(KeyedReconcileLoop):
     def __init__(self, server: Any, interval: float):
         super().__init__(server, interval)
         self._workers: dict[int, tuple[str, bool]] = {}  # what of a worker matters here: state, draining
+        self._creations: list[tuple[tables.ModelInstance, str]] = []  # replicas this pass adds, with their event
 
     def keys_of(self, event: Any) -> Iterable[int] | object:
         obj = event.object
@@ -73,6 +75,7 @@ class ModelController(KeyedReconcileLoop):
         """Reconcile these models (None: all of them)."""
         now = datetime.now(UTC)
         self._now = asyncio.get_running_loop().time()
+        self._creations = []
         async with self.server.db.session() as s:
             model_query, instance_query = select(tables.Model), select(tables.ModelInstance)
             if model_ids is not None:
@@ -98,7 +101,16 @@ class ModelController(KeyedReconcileLoop):
             for instance in instances:
                 if instance.state == S.terminating and _removable_now(instance, instance.worker_id in ready_workers):
                     await s.delete(instance)
-            await s.commit()
+            # New replicas go in transactions of CREATE_BATCH: a deploy of 500 in one transaction reached
+            # the watchers (the TUI) half a second after its first row was written, 100 at a time in tens
+            # of ms, and the scheduler starts placing the first ones meanwhile. The first batch commits
+            # with the rest of the pass; a failure leaves the later ones to the next pass.
+            creations, self._creations = self._creations, []
+            for start in range(0, max(1, len(creations)), CREATE_BATCH):
+                for instance, event_message in creations[start:start + CREATE_BATCH]:
+                    s.add(instance)
+                    record_event(s, "instances", instance, "Created", event_message, self.name)
+                await s.commit()
 
     def _wake_in(self, model_id: int, seconds: float) -> None:
         self.queue.add_after(model_id, seconds, self._now)
@@ -181,9 +193,8 @@ class ModelController(KeyedReconcileLoop):
             if n < len(preempted):
                 instance.state_message = preempted[n]
                 instance.schedule_reasons = [{"reason": PREEMPTED_BY, "message": preempted[n].replace("_", " ", 1)}]
-            s.add(instance)
-            record_event(s, "instances", instance, "Created", f"replica of {model.name} (generation {model.generation})",
-                         self.name)
+            # Added to the session by _reconcile, in batches.
+            self._creations.append((instance, f"replica of {model.name} (generation {model.generation})"))
         by_id = {i.id: i for i in own}
         for instance_id in decision.remove:
             instance = by_id[instance_id]
