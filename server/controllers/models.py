@@ -28,7 +28,7 @@ from server.scheduler.preemption import PREEMPTED_BY
 S = schemas.InstanceState
 
 
-CREATE_BATCH = 100  # new replicas per transaction (see ModelController._reconcile)
+CREATE_BATCH = 50  # new replicas per transaction (see ModelController._reconcile)
 _PROBE_FRESH = 5.0  # seconds a gateway probe's answer counts as "the backend is alive"
 
 

@@ -78,7 +78,7 @@ def _reason_signature(reasons: list[Any]) -> list[tuple[Any, Any]]:
 class Scheduler(ReconcileLoop):
     name = "scheduler"
     kinds = ("instances", "workers", "teams", "files", "models")  # models: priorities (scheduler/preemption.py)
-    write_batch = 100  # a transaction that small reaches the watchers in tens of ms (bench/cluster.py watcher lag)
+    write_batch = 50  # a transaction this small reaches the watchers (the TUI) in tens of ms: bench/cluster.py
     full_resync_every = 300.0
     estimate_ttl = 15.0
 
