@@ -102,9 +102,9 @@ class ModelController(KeyedReconcileLoop):
                 if instance.state == S.terminating and _removable_now(instance, instance.worker_id in ready_workers):
                     await s.delete(instance)
             # New replicas go in transactions of CREATE_BATCH: a deploy of 500 in one transaction reached
-            # the watchers (the TUI) half a second after its first row was written, 100 at a time in tens
-            # of ms, and the scheduler starts placing the first ones meanwhile. The first batch commits
-            # with the rest of the pass; a failure leaves the later ones to the next pass.
+            # the watchers (the TUI) half a second after its first row was written, in batches each is out
+            # in tens of ms, and the scheduler starts placing the first ones meanwhile. The first batch
+            # commits with the rest of the pass; a failure leaves the later ones to the next pass.
             creations, self._creations = self._creations, []
             for start in range(0, max(1, len(creations)), CREATE_BATCH):
                 for instance, event_message in creations[start:start + CREATE_BATCH]:
