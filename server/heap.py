@@ -7,7 +7,10 @@ each full collection walked them for 250 to 560 ms, ten times in two minutes, an
 and watch stream waited meanwhile. `settle()` moves what exists once the server is up into the
 permanent generation (gc.freeze, as Instagram's and other large Python servers do), so later full
 collections walk only what was made since, and makes the youngest generation larger, so the objects
-of a request (short-lived) are swept in fewer passes.
+of a request (short-lived) are swept in fewer passes. At 1,000 workers (gc.callbacks, one quiet window)
+the larger young generation cut full collections from 12 (up to 179 ms, 1.05 s in all) to 4 (up to
+68 ms); young collections took up to 103 ms instead of 19 ms, and the watcher lag p99 was 194 ms
+against 352 ms with CPython's default.
 
 Frozen objects are never collected as cycles; that is why settle() collects first (the start-up's
 garbage is freed, not kept) and runs once, after start-up, not periodically.
