@@ -29,6 +29,9 @@ the rate each admits, as each then holds the whole limit. Budgets are summed fro
 every server writes every 2 s) every `budget_seconds` (5 s): they can be passed by what the other servers
 served in between (servers x 7 s x token rate). SQLite and MySQL/MariaDB serve one server
 (server/leader.py), whose counts are exact.
+
+Why one module of ~600 lines: the rules, the in-memory counts and the exchange of parts between
+servers describe one admission decision and change together.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ worker is looked at: a team already at a limit the instance needs gets one `quot
 reason (need / used / limit). Otherwise the search skips the options that would take the team
 over a limit (a wider tensor-parallel split, a CPU placement with too much RAM), and when only
 such options exist the reason is again `quota_exceeded`, with the need of the option that fits.
+
+Why one module of ~980 lines: it is one pure search (the options above, their scoring, the
+quota checks and the why-not reasons share the same snapshot walk); the file-locality score
+(locality.py) and preemption (preemption.py) live apart.
 """
 
 from __future__ import annotations
