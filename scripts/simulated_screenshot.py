@@ -1,6 +1,6 @@
 """The README's picture of a simulated cluster: the real TUI over a real server and `maas simulate`.
 
-    .venv/bin/python bench/simulated_screenshot.py [--workers 1000] [--replicas 300] [--out screenshots/simulated-1000-workers.svg]
+    .venv/bin/python scripts/simulated_screenshot.py [--workers 1000] [--replicas 300] [--out screenshots/simulated-1000-workers.svg]
 
 Starts `maas start --no-agent` (embedded PostgreSQL) and `maas simulate --workers N` as their own
 processes (as bench/cluster.py does), deploys a model of `--replicas` replicas on the simulated GPUs,
