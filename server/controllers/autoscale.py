@@ -41,6 +41,7 @@ from server import schemas
 from server.db import tables
 from server.db.tables import utcnow
 from server.events import record_event
+from server.reconcile import ReconcileLoop
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +207,17 @@ class LoadMeter:
 # --- the decisions, on the leader ------------------------------------------------------------------------------
 
 
-class Autoscaler:
+class Autoscaler(ReconcileLoop):
     """Decides each autoscaled model's replicas every `autoscale_interval`, and at once when a request is held."""
 
     name = "autoscaler"
 
     def __init__(self, server: Any, interval: float):
-        self.server = server
-        self.interval = interval
+        super().__init__(server, interval)  # start/stop; _run below waits on held requests, not the bus
         self.memory: dict[int, Memory] = {}
         self.load: dict[str, Load] = {}  # the last load seen per model (describe pages, metrics)
         self._requests: dict[tuple[str, str], float] = {}  # (server, model) -> requests answered, last seen
-        self._task: asyncio.Task[None] | None = None
         self._forgotten_at = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         cold_start = self.server.cold_start
