@@ -212,6 +212,19 @@ async def wait_http(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout:.0f} s")
 
 
+def stop_processes(simulate: subprocess.Popen | None, server: subprocess.Popen) -> None:
+    """Stops `maas simulate` (SIGINT: it writes its summary) and then the server (SIGTERM), each given
+    a minute before its process group is killed. scripts/simulated_screenshot.py stops its pair here too."""
+    for process, sig in ((simulate, signal.SIGINT), (server, signal.SIGTERM)):
+        if process is None or process.poll() is not None:
+            continue
+        process.send_signal(sig)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 async def main(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="maas-bench-cluster-"))
     os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
@@ -299,17 +312,7 @@ async def main(args: argparse.Namespace) -> None:
             watchers.measuring = False
             await watchers.stop()
     finally:
-        if simulate is not None and simulate.poll() is None:
-            simulate.send_signal(signal.SIGINT)
-            try:
-                simulate.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(simulate.pid, signal.SIGKILL)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_processes(simulate, server)
 
     summary = json.loads(summary_path.read_text())
     # Sample times are seconds from the simulator's start on CLOCK_MONOTONIC, which both processes share.

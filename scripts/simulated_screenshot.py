@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from cluster import wait_http  # noqa: E402
+from cluster import stop_processes, wait_http  # noqa: E402
 from conftest import free_port  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
@@ -92,14 +91,7 @@ async def main(args: argparse.Namespace) -> None:
             app.save_screenshot(filename=out.name, path=str(out.parent))
             print(f"{out}: {len(app.state.workers)} workers, {running} replicas running")
     finally:
-        for process, sig in ((simulate, signal.SIGINT), (server, signal.SIGTERM)):
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(sig)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_processes(simulate, server)
         shutil.rmtree(base, ignore_errors=True)
 
 
