@@ -1,5 +1,5 @@
 """What every view shares: the header, the `:`/`/` prompt and the footer (MaasScreen), and the live,
-sortable table with a wide mode (TableScreen). The app calls `refresh_view()` on the visible screen
+sortable table with a wide mode (TableScreen), and the scrolling page pushed over a view (PageScreen). The app calls `refresh_view()` on the visible screen
 when the state changed.
 """
 
@@ -12,7 +12,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
@@ -300,3 +300,25 @@ class DetailTableScreen(TableScreen):
 
     def row_detail(self) -> Text:  # pragma: no cover - overridden
         return Text()
+
+
+class PageScreen(MaasScreen):
+    """A scrolling page pushed over a view (a describe page, a GPU's history): `show_page` replaces its
+    content; escape closes the prompt, else goes back to the view under it."""
+
+    def compose_body(self) -> ComposeResult:
+        with VerticalScroll(id="describe-scroll"):
+            yield Static(id="describe")
+
+    def main_widget(self) -> Any:
+        return self.query_one("#describe-scroll")
+
+    def show_page(self, body: Any) -> None:
+        self.query_one("#describe", Static).update(body)
+
+    def action_back(self) -> None:
+        prompt = self.query_one(PromptBar)
+        if prompt.is_open:
+            self.close_prompt()
+            return
+        self.app.pop_screen()

@@ -7,22 +7,18 @@ from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.widgets import Static
 
 from maas_tui.client import ApiClientError
 from maas_tui.render import audit, instances, keys, models, teams, telemetry, workers
 from maas_tui.render import files as files_render
-from maas_tui.tui.views.base import MaasScreen
+from maas_tui.tui.views.base import PageScreen
 from maas_tui.tui.views.registry import view
-from maas_tui.tui.widgets import PromptBar
 from server import schemas
 
 
 @view("describe", "Describe", navigable=False)
-class DescribeScreen(MaasScreen):
+class DescribeScreen(PageScreen):
     """`maas ... describe` as a live screen: the object's fields, related objects, recent events."""
 
     BINDINGS = [
@@ -43,13 +39,6 @@ class DescribeScreen(MaasScreen):
 
     def header_label(self) -> str:
         return f"{self.kind} {self.name_}"
-
-    def compose_body(self) -> ComposeResult:
-        with VerticalScroll(id="describe-scroll"):
-            yield Static(id="describe")
-
-    def main_widget(self) -> Any:
-        return self.query_one("#describe-scroll")
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -88,7 +77,7 @@ class DescribeScreen(MaasScreen):
             body = Text(f"{self.kind} {self.name_} not found", style="red")
         else:
             body = getattr(self, f"describe_{self.kind}")(target)
-        self.query_one("#describe", Static).update(body)
+        self.show_page(body)
 
     def find(self) -> Any:
         state = self.state
@@ -134,13 +123,6 @@ class DescribeScreen(MaasScreen):
     def describe_worker(self, worker: schemas.WorkerOut) -> RenderableType:
         return workers.describe(worker, state=self.state, events=self.state.events_about({worker.name}, limit=12),
                                 now=self.now, width=self.size.width or 80)
-
-    def action_back(self) -> None:
-        prompt = self.query_one(PromptBar)
-        if prompt.is_open:
-            self.close_prompt()
-            return
-        self.app.pop_screen()
 
     def action_logs(self) -> None:
         if self.kind == "instance":

@@ -7,18 +7,14 @@ from typing import Any, Iterable
 
 from rich.console import Group
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.widgets import Static
 
 from maas_tui.client import ApiClientError
 from maas_tui.render import format as fmt
 from maas_tui.render import telemetry
 from maas_tui.render import workers as render
-from maas_tui.tui.views.base import MaasScreen, TableScreen
+from maas_tui.tui.views.base import PageScreen, TableScreen
 from maas_tui.tui.views.registry import view
-from maas_tui.tui.widgets import PromptBar
 
 HISTORY_REFRESH_SECONDS = 5.0
 
@@ -44,7 +40,7 @@ class GpusScreen(TableScreen):
 
 
 @view("gpu-history", "GPU history", navigable=False)
-class GpuHistoryScreen(MaasScreen):
+class GpuHistoryScreen(PageScreen):
     """One GPU's last hour on this server: utilisation, memory, power and temperature as braille graphs,
     and the instances claiming it. Fetched on opening and every few seconds (the history is not on the
     watch)."""
@@ -61,13 +57,6 @@ class GpuHistoryScreen(MaasScreen):
 
     def header_label(self) -> str:
         return f"gpu {self.worker_name}/{self.index}"
-
-    def compose_body(self) -> ComposeResult:
-        with VerticalScroll(id="describe-scroll"):
-            yield Static(id="describe")
-
-    def main_widget(self) -> Any:
-        return self.query_one("#describe-scroll")
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -106,14 +95,7 @@ class GpuHistoryScreen(MaasScreen):
         else:
             width = max(20, (self.size.width or 80) - 4)
             body = telemetry.gpu_graphs(self.history, gpu.memory_total if gpu else 0, width=width, height=2)
-        self.query_one("#describe", Static).update(Group(head, body))
-
-    def action_back(self) -> None:
-        prompt = self.query_one(PromptBar)
-        if prompt.is_open:
-            self.close_prompt()
-            return
-        self.app.pop_screen()
+        self.show_page(Group(head, body))
 
     def action_worker(self) -> None:
         self.app.describe("worker", self.worker_name)
