@@ -3,7 +3,10 @@ the caller may not see."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
+from sqlalchemy import Select, select
 
 from server.api.errors import ApiError, forbidden, not_found
 from server.api.routing import principal_of
@@ -32,3 +35,20 @@ def require_team(request: web.Request, team: str | None, what: str, write: bool 
 
 def visible_teams(request: web.Request) -> frozenset[str] | None:
     return access.visible_teams(principal_of(request))
+
+
+def only_visible(request: web.Request, query: Select, team_column: Any) -> Select:
+    """`query` narrowed to the rows of the caller's teams (every row for admins and operators)."""
+    if (teams := visible_teams(request)) is not None:
+        query = query.where(team_column.in_(teams))
+    return query
+
+
+async def team_row(request: web.Request, session: Any, table: Any, where: Any, what: str, write: bool = False) -> Any:
+    """The one row of `table` matching `where` (a team-owned object: model, instance, route) if the caller
+    may see it, and change it with `write`: a 404 naming `what` when it is missing or outside the caller's teams."""
+    row = (await session.execute(select(table).where(where))).scalar_one_or_none()
+    if row is None:
+        raise not_found(what)
+    require_team(request, row.team, what, write)
+    return row

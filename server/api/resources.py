@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from server import schemas
 from server.api.errors import (ApiError, bad_request, conflict, forbidden, not_found, parse_whole_number, read_json,
                                unauthorized)
-from server.api.permissions import require_cluster_role, require_team, visible_teams
+from server.api.permissions import only_visible, require_cluster_role, require_team, team_row
 from server.api.routing import Query, integer, json_out, one_of, principal_of, route, server_of
 from server.api.security import (SESSION_LIFETIME, Principal, hash_secret, new_user_token,
                                  verify_password_or_nobody)
@@ -212,11 +212,7 @@ def model_out(model: tables.Model, ready: dict[int, int], caller: Principal) -> 
 
 async def get_model(request: web.Request, session, name: str, write: bool = False) -> tables.Model:
     """The model `name` if the caller may see it (and change it, with `write`)."""
-    model = (await session.execute(select(tables.Model).where(tables.Model.name == name))).scalar_one_or_none()
-    if model is None:
-        raise not_found(f"model {name!r}")
-    require_team(request, model.team, f"model {name!r}", write)
-    return model
+    return await team_row(request, session, tables.Model, tables.Model.name == name, f"model {name!r}", write)
 
 
 async def team_for_new_model(request: web.Request, session, team: str | None) -> str:
@@ -242,8 +238,7 @@ async def team_for_new_model(request: web.Request, session, team: str | None) ->
        response=schemas.ModelOut, response_list=True)
 async def list_models(request: web.Request) -> web.Response:
     query = select(tables.Model).order_by(tables.Model.name)
-    if (teams := visible_teams(request)) is not None:
-        query = query.where(tables.Model.team.in_(teams))
+    query = only_visible(request, query, tables.Model.team)
     async with server_of(request).db.session() as s:
         models = (await s.execute(query)).scalars().all()
         ready = await ready_counts(s)
@@ -339,11 +334,7 @@ async def get_instance(request: web.Request, session, ref: str, write: bool = Fa
     instance_id = parse_whole_number(ref, low=1)
     column = tables.ModelInstance.name if instance_id is None else tables.ModelInstance.id
     value = ref if instance_id is None else instance_id
-    instance = (await session.execute(select(tables.ModelInstance).where(column == value))).scalar_one_or_none()
-    if instance is None:
-        raise not_found(f"instance {ref!r}")
-    require_team(request, instance.team, f"instance {ref!r}", write)
-    return instance
+    return await team_row(request, session, tables.ModelInstance, column == value, f"instance {ref!r}", write)
 
 
 def instance_out(instance: tables.ModelInstance, caller: Principal) -> schemas.InstanceOut:
@@ -361,8 +352,7 @@ async def list_instances(request: web.Request) -> web.Response:
         query = query.where(tables.ModelInstance.model_name == model)
     if worker := request.query.get("worker"):
         query = query.where(tables.ModelInstance.worker_name == worker)
-    if (teams := visible_teams(request)) is not None:
-        query = query.where(tables.ModelInstance.team.in_(teams))
+    query = only_visible(request, query, tables.ModelInstance.team)
     async with server_of(request).db.session() as s:
         rows = (await s.execute(query)).scalars().all()
     caller = principal_of(request)

@@ -8,8 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from server import schemas
-from server.api.errors import bad_request, conflict, not_found, read_json
-from server.api.permissions import require_team, visible_teams
+from server.api.errors import bad_request, conflict, read_json
+from server.api.permissions import only_visible, team_row
 from server.api.resources import team_for_new_model
 from server.api.routing import json_out, principal_of, route, server_of
 from server.db import tables
@@ -18,11 +18,7 @@ from server.services import routes as rules
 
 
 async def _route(request: web.Request, session, name: str, write: bool = False) -> tables.ModelRoute:
-    row = (await session.execute(select(tables.ModelRoute).where(tables.ModelRoute.name == name))).scalar_one_or_none()
-    if row is None:
-        raise not_found(f"route {name!r}")
-    require_team(request, row.team, f"route {name!r}", write)
-    return row
+    return await team_row(request, session, tables.ModelRoute, tables.ModelRoute.name == name, f"route {name!r}", write)
 
 
 async def _check_targets(session, team: str | None, targets: list[schemas.RouteTarget], fallbacks: list[str]) -> None:
@@ -35,9 +31,7 @@ async def _check_targets(session, team: str | None, targets: list[schemas.RouteT
 @route("GET", "/v2/routes", "List the model routes of your teams (every route for admins and operators)",
        response=schemas.RouteOut, response_list=True)
 async def list_routes(request: web.Request) -> web.Response:
-    query = select(tables.ModelRoute).order_by(tables.ModelRoute.name)
-    if (teams := visible_teams(request)) is not None:
-        query = query.where(tables.ModelRoute.team.in_(teams))
+    query = only_visible(request, select(tables.ModelRoute).order_by(tables.ModelRoute.name), tables.ModelRoute.team)
     async with server_of(request).db.session() as s:
         rows = (await s.execute(query)).scalars().all()
     return json_out([schemas.RouteOut.model_validate(r) for r in rows])

@@ -19,7 +19,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server.api.errors import bad_request, not_found, parse_whole_number
-from server.api.permissions import require_cluster_role, require_team, visible_teams
+from server.api.permissions import only_visible, require_cluster_role, team_row
 from server.api.routing import Query, json_out, route, server_of
 from server.db import tables
 from server.schemas.telemetry import (DoctorReport, DoctorRequest, GPUHistory, InstanceHistory,
@@ -68,22 +68,15 @@ async def telemetry_history(request: web.Request) -> web.Response:
             instance_id = parse_whole_number(instance_ref, low=1)  # an id, else a name (as GET /v2/instances/{ref})
             where = tables.ModelInstance.name == instance_ref if instance_id is None \
                 else tables.ModelInstance.id == instance_id
-            one = (await s.execute(select(tables.ModelInstance).where(where))).scalar_one_or_none()
-            if one is None:
-                raise not_found(f"instance {instance_ref!r}")
-            require_team(request, one.team, f"instance {instance_ref!r}")
-            instances = [one]
+            instances = [await team_row(request, s, tables.ModelInstance, where, f"instance {instance_ref!r}")]
         else:
             if model_name is not None:
-                model = (await s.execute(select(tables.Model).where(tables.Model.name == model_name))).scalar_one_or_none()
-                if model is None:
-                    raise not_found(f"model {model_name!r}")
-                require_team(request, model.team, f"model {model_name!r}")
+                model = await team_row(request, s, tables.Model, tables.Model.name == model_name,
+                                       f"model {model_name!r}")
                 instances_query = instances_query.where(tables.ModelInstance.model_id == model.id)
             if worker_name is not None:
                 instances_query = instances_query.where(tables.ModelInstance.worker_name == worker_name)
-            if (teams := visible_teams(request)) is not None:
-                instances_query = instances_query.where(tables.ModelInstance.team.in_(teams))
+            instances_query = only_visible(request, instances_query, tables.ModelInstance.team)
             instances = [i for i in (await s.execute(instances_query)).scalars().all() if i.id in hub.history.instances]
     out = TelemetryHistory(server=server.url or socket.gethostname(), step_seconds=hub.history.tiers[0].seconds)
     steps = []
