@@ -216,7 +216,7 @@ async def _seed_head(db: Database) -> None:
         s.add(tables.GatewayLimit(scope="key", api_key_id=1, rpm=60, budget_day=10**6))  # gateway limits
         s.add(tables.GatewayLimitCounter(server_id="s1", scope="key", subject="1", window_index=29_000_000,
                                          requests=3, tokens=40, in_flight=1, cap_requests=30, cap_tokens=0,
-                                         cap_in_flight=2, wants=1))
+                                         cap_in_flight=2, demand=7))
         s.add(tables.Alert(rule="InstanceFailing", severity="critical", state="firing", object_kind="model",
                            object_name="tiny", team="default", message="1 instance failing"))  # alerts
         s.add(tables.AlertSilence(rule="WorkerNotReady", object_name="gpu-2", created_by="admin", ends_at=T0))

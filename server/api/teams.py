@@ -114,9 +114,10 @@ async def delete_team(request: web.Request) -> web.Response:
         for user in users:
             _credentials_changed(request, user)
         await s.execute(delete(tables.TeamMember).where(tables.TeamMember.team_id == team.id))
-        if team_quota(team) != schemas.TeamQuota():  # a team made again under this name starts unlimited
-            await log_changes(s, [{"kind": "teams", "action": "deleted", "object": team_wire(team),
-                                   "created_at": utcnow()}])
+        # Published: a team made again under this name starts without the quota (the scheduler) or the
+        # limits (the gateways' limiters: its gateway_limits row goes by ON DELETE CASCADE, unannounced).
+        await log_changes(s, [{"kind": "teams", "action": "deleted", "object": team_wire(team),
+                               "created_at": utcnow()}])
         await s.delete(team)
         record_event(s, "teams", team, "Deleted", f"team {name} deleted", principal_of(request).name)
         await s.commit()

@@ -437,7 +437,7 @@ class GatewayLimit(Base, Timestamps):
 
 class GatewayLimitCounter(Base):
     """One server's count for one limited key, team or model in the current minute window, and its requests
-    in flight: how the servers sharing a PostgreSQL see the cluster's total (server/gateway/limits.py)."""
+    in flight: how the servers sharing a PostgreSQL see the cluster's total (server/gateway/limit_exchange.py)."""
 
     __tablename__ = "gateway_limit_counters"
     __table_args__ = MYSQL_TABLE
@@ -448,9 +448,10 @@ class GatewayLimitCounter(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     in_flight: Mapped[int] = mapped_column(Integer, default=0)
-    # Its parts of the limits (what it may admit while it has peers) and what it was refused for want of them.
+    # Its parts of the limits (what it may admit while it has peers), and its demand: the requests that asked
+    # since its last exchange, admitted or refused (the parts follow it: server/gateway/limit_exchange.py).
     cap_requests: Mapped[int] = mapped_column(BigInteger, default=0)
     cap_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cap_in_flight: Mapped[int] = mapped_column(BigInteger, default=0)
-    wants: Mapped[int] = mapped_column(Integer, default=0)
+    demand: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -3,7 +3,7 @@ month, on an API key, a team and a model (schemas.Limits; rows in `gateway_limit
 
 A request passes every limit that applies to it: its key's, the team's that owns the model, and
 the model's. Everything on the request path is in memory: the rules follow the bus (kind `limits`,
-and model deletions), the counts are kept here. Over a limit: 429 `rate_limit_exceeded` (or
+and deletions of models, keys, teams and users), the counts are kept here. Over a limit: 429 `rate_limit_exceeded` (or
 `budget_exceeded`) naming the limit, with Retry-After; answers under a limit carry OpenAI's
 `x-ratelimit-*` headers (of the tightest limit), streamed ones in their head.
 
@@ -14,24 +14,13 @@ answer is complete, so the admission looks at the tokens counted so far: `tpm` c
 tokens of the requests in flight when it is reached. Budgets are per UTC day and calendar month.
 
 Several servers (PostgreSQL). Each server admits on its own counts, within its part of each limit
-(rpm, tpm, max_concurrency). Every `sync_seconds` (1 s) it takes a PostgreSQL advisory lock that the
-servers take in turn, reads the live peers' rows of `gateway_limit_counters` (counts, parts, and whether
-each was refused for want of its part), sets its own parts (`new_part`) and writes its rows. A part grows
-only into what no server holds, so the parts add up to at most the limit however stale a server's view of
-the others' counts: a server that was refused takes an even split of the unheld rest; one that was not
-gives back what it did not use when others were refused; a server alone holds the whole limit. So the
-cluster admits at most the limit in a window, and a busy server gets the idle ones' parts within about
-two exchanges. Worst-case overshoot: none for requests and requests in flight while every server sees
-the others; `tpm` by the tokens of the requests in flight when it is reached, on each server; and while a
-server does not know of another (in the first `sync_seconds` after a rule or a server appears, or once a
-server's rows are older than 10 s because it cannot reach the store) up to servers x sync interval x
-the rate each admits, as each then holds the whole limit. Budgets are summed from the usage table (which
-every server writes every 2 s) every `budget_seconds` (5 s): they can be passed by what the other servers
-served in between (servers x 7 s x token rate). SQLite and MySQL/MariaDB serve one server
-(server/leader.py), whose counts are exact.
-
-Why one module of ~600 lines: the rules, the in-memory counts and the exchange of parts between
-servers describe one admission decision and change together.
+(rpm, tpm, max_concurrency); every second the servers exchange counts and demand, and the parts move to
+a demand-weighted split within about two exchanges, always adding up to at most the limit: the cluster
+admits at most the limit in a window while the servers see each other (server/gateway/limit_exchange.py
+states the worst case: while a server does not yet know of another, each may admit all of it). Budgets are summed from the usage table (which every server
+writes every 2 s) every `budget_seconds` (5 s): they can be passed by what the other servers served in
+between (servers x 7 s x token rate). SQLite and MySQL/MariaDB serve one server (server/leader.py), whose
+counts are exact.
 """
 
 from __future__ import annotations
@@ -47,14 +36,18 @@ from types import SimpleNamespace
 from typing import Any, Iterable
 
 from aiohttp import web
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, func, select
 
 from server.api.errors import ApiError
+from server.gateway.limit_exchange import exchange, exchange_loop, forget
 from server.schemas.limits import LIMIT_FIELDS, LimitsOut, LimitUsage
 
 log = logging.getLogger(__name__)
 
-WANTS_REQUESTS, WANTS_TOKENS, WANTS_IN_FLIGHT = 1, 2, 4  # refused for want of this server's part of a limit
+# What the limiter follows on the bus: the limits, and deletions of what they are on (their rows go by ON
+# DELETE CASCADE, unannounced; a deleted user's keys are deleted in bulk, unannounced too).
+_FOLLOWED = ("limits", "models", "api_keys", "teams", "users")
+_DELETED = {"models": ("model", "name"), "api_keys": ("key", "id"), "teams": ("team", "name")}
 NEARLY_REACHED = 0.9  # a budget this far used records LimitNearlyReached, once per period
 _SCOPE_WORDS = {"key": "API key", "team": "team", "model": "model"}
 
@@ -65,7 +58,7 @@ class Rule:
     __slots__ = ("scope", "subject", "rpm", "tpm", "max_concurrency", "budget_day", "budget_month",
                  "window", "requests", "tokens", "in_flight", "published",
                  "remote_window", "remote_requests", "remote_tokens", "remote_in_flight", "peers",
-                 "cap_requests", "cap_tokens", "cap_in_flight", "wants",
+                 "cap_requests", "cap_tokens", "cap_in_flight", "attempts",
                  "day_base", "day_since", "month_base", "month_since", "notified")
 
     def __init__(self, scope: str, subject: Any):
@@ -74,14 +67,14 @@ class Rule:
         self.window = -1
         self.requests = self.tokens = self.in_flight = 0
         self.published = False  # a counter row of ours exists for it
-        # The other servers', as of the last exchange (server.gateway.limits docstring).
+        # The other servers', as of the last exchange (server/gateway/limit_exchange.py).
         self.remote_window = -1
         self.remote_requests = self.remote_tokens = self.remote_in_flight = 0
         self.peers = 0
-        # This server's part of each limit while it has peers (module docstring), and what it was refused
-        # for want of it since the last exchange (WANTS_* bits).
+        # This server's part of each limit while it has peers, and the requests that asked for this key,
+        # team or model since the last exchange, admitted or refused (its demand: the parts follow it).
         self.cap_requests = self.cap_tokens = self.cap_in_flight = 0
-        self.wants = 0
+        self.attempts = 0
         self.day_base = self.day_since = self.month_base = self.month_since = 0
         self.notified: set[tuple[str, date]] = set()
 
@@ -166,14 +159,14 @@ class GatewayLimits:
         self.db, self.usage = db, usage
         self.cluster = db.engine.dialect.name == "postgresql"
         usage.tokens_listener = self.tokens_metered
-        subscription = bus.subscribe(("limits", "models"))  # before the load: nothing lost
+        subscription = bus.subscribe(_FOLLOWED)  # before the load: nothing lost
         await self.load()
         await self.refresh_budgets()
         self._tasks = [asyncio.create_task(self._follow(bus, subscription), name="limits-follower"),
                        asyncio.create_task(self._budget_loop(), name="limits-budgets")]
         if self.cluster:
-            await self._exchange()
-            self._tasks.append(asyncio.create_task(self._exchange_loop(), name="limits-exchange"))
+            await exchange(self)
+            self._tasks.append(asyncio.create_task(exchange_loop(self), name="limits-exchange"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -181,12 +174,7 @@ class GatewayLimits:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self.cluster:
-            try:
-                async with self.db.session() as s:
-                    await s.execute(delete(_counters()).where(_counters().server_id == self.server_id))
-                    await s.commit()
-            except Exception as exc:  # the rows age out anyway
-                log.debug("could not remove this server's limit counters: %s", exc)
+            await forget(self)
 
     async def load(self) -> None:
         from server.db import tables
@@ -221,12 +209,17 @@ class GatewayLimits:
             while True:
                 event = await subscription.get()
                 if event is None:  # fell behind: read everything again
-                    subscription = bus.subscribe(("limits", "models"))
+                    subscription = bus.subscribe(_FOLLOWED)
                     await self.load()
                 elif event.kind == "limits":
                     self.apply(event.action, event.object)
-                elif event.action == "deleted":  # its limits went with it (ON DELETE CASCADE)
-                    self.rules.pop(("model", event.object.get("name")), None)
+                elif event.action != "deleted":
+                    continue
+                elif event.kind == "users":  # its keys went with it, unannounced: what is left is read again
+                    await self.load()
+                else:  # a model, key or team deleted: its limits went with it (ON DELETE CASCADE)
+                    scope, field = _DELETED[event.kind]
+                    self.rules.pop((scope, event.object.get(field)), None)
         finally:
             subscription.close()
 
@@ -248,6 +241,8 @@ class GatewayLimits:
         key_name = principal.api_key_name or principal.name
         for rule in rules:
             rule.roll(window)
+            rule.attempts += 1
+        for rule in rules:
             self._check(rule, rules, now, key_name)
         for rule in rules:
             rule.requests += 1
@@ -267,8 +262,6 @@ class GatewayLimits:
                          self._month_ends - now)
         if rule.max_concurrency is not None and rule.in_flight >= (rule.max_concurrency if alone
                                                                     else rule.cap_in_flight):
-            if not alone:
-                rule.wants |= WANTS_IN_FLIGHT
             self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} has "
                          f"{rule.in_flight if alone else 'its share of'} requests in flight: its limit is "
                          f"{rule.max_concurrency} at once (max_concurrency)", self.sync_seconds)
@@ -276,15 +269,11 @@ class GatewayLimits:
         if rule.rpm is not None:
             full = rule.cluster_requests() >= rule.rpm
             if full or (not alone and rule.requests >= rule.cap_requests):
-                if not full:
-                    rule.wants |= WANTS_REQUESTS
                 self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
                              f"{rule.rpm} requests per minute (rpm)", window_left if full else self.sync_seconds)
         if rule.tpm is not None:
             full = rule.cluster_tokens() >= rule.tpm
             if full or (not alone and rule.tokens >= rule.cap_tokens):
-                if not full:
-                    rule.wants |= WANTS_TOKENS
                 self._refuse(rules, now, "rate_limit_exceeded", f"the {rule.named(key_name)} reached its limit of "
                              f"{rule.tpm} tokens per minute (tpm)", window_left if full else self.sync_seconds)
 
@@ -477,81 +466,6 @@ class GatewayLimits:
             except Exception as exc:  # the store is away: the counts here go on, exact for this server
                 log.warning("could not read the budgets' usage: %s", exc)
 
-    # --- the cluster -----------------------------------------------------------------
-
-    async def _exchange_loop(self) -> None:
-        cleaned = 0.0
-        while True:
-            await asyncio.sleep(self.sync_seconds)
-            try:
-                await self._exchange()
-                if self.clock() - cleaned > 600:
-                    cleaned = self.clock()
-                    async with self.db.session() as s:  # rows of servers long gone
-                        await s.execute(delete(_counters()).where(
-                            _counters().updated_at < datetime.now(UTC) - timedelta(hours=1)))
-                        await s.commit()
-            except Exception as exc:  # the store is away: each server goes on with its last view
-                log.warning("could not exchange limit counters with the other servers: %s", exc)
-
-    async def _exchange(self) -> None:
-        """Under a lock all servers take in turn: read the live peers' rows, set this server's parts of each
-        limit (new_part), write its rows. Parts only ever grow into what no server holds, so together they
-        stay within each limit however stale this server's counts are (module docstring)."""
-        from sqlalchemy import text
-        from sqlalchemy.dialects.postgresql import insert
-
-        counters = _counters()
-        now = self.clock()
-        window = int(now // self.window)
-        rated = [rule for rule in self.rules.values() if rule.rated]
-        if not rated:  # nothing to hold together (a server without rows is not counted as a peer)
-            return
-        async with self.db.session() as s:
-            await s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EXCHANGE_LOCK})
-            stamp = datetime.now(UTC)
-            others = (await s.execute(select(counters).where(
-                counters.server_id != self.server_id,
-                counters.updated_at >= stamp - timedelta(seconds=_LIVE_SECONDS)))).scalars().all()
-            live = {row.server_id for row in others if row.scope == "server"}
-            by_subject: dict[tuple[str, str], list[Any]] = {}
-            for row in others:
-                if row.scope != "server" and row.server_id in live:
-                    by_subject.setdefault((row.scope, row.subject), []).append(row)
-            peers = len(live)
-            rows = [{"server_id": self.server_id, "scope": "server", "subject": "", "window_index": window,
-                     "requests": 0, "tokens": 0, "in_flight": 0, "cap_requests": 0, "cap_tokens": 0,
-                     "cap_in_flight": 0, "wants": 0, "updated_at": stamp}]
-            for rule in rated:
-                rule.roll(window)
-                theirs = by_subject.get((rule.scope, str(rule.subject)), [])
-                current = [row for row in theirs if row.window_index == window]
-                rule.peers = peers
-                rule.remote_window = window
-                rule.remote_requests = sum(row.requests for row in current)
-                rule.remote_tokens = sum(row.tokens for row in current)
-                rule.remote_in_flight = sum(row.in_flight for row in theirs)
-                wants, rule.wants = rule.wants, 0
-                rule.cap_requests = new_part(rule.rpm, rule.requests, rule.cap_requests, wants & WANTS_REQUESTS,
-                                             [(row.cap_requests, row.wants & WANTS_REQUESTS) for row in theirs], peers)
-                rule.cap_tokens = new_part(rule.tpm, rule.tokens, rule.cap_tokens, wants & WANTS_TOKENS,
-                                           [(row.cap_tokens, row.wants & WANTS_TOKENS) for row in theirs], peers)
-                rule.cap_in_flight = new_part(rule.max_concurrency, rule.in_flight, rule.cap_in_flight,
-                                              wants & WANTS_IN_FLIGHT,
-                                              [(row.cap_in_flight, row.wants & WANTS_IN_FLIGHT) for row in theirs],
-                                              peers)
-                rows.append({"server_id": self.server_id, "scope": rule.scope, "subject": str(rule.subject),
-                             "window_index": window, "requests": rule.requests, "tokens": rule.tokens,
-                             "in_flight": rule.in_flight, "cap_requests": rule.cap_requests,
-                             "cap_tokens": rule.cap_tokens, "cap_in_flight": rule.cap_in_flight, "wants": wants,
-                             "updated_at": stamp})
-            statement = insert(counters).values(rows)
-            await s.execute(statement.on_conflict_do_update(
-                index_elements=["server_id", "scope", "subject"],
-                set_={name: statement.excluded[name] for name in rows[0] if name not in ("server_id", "scope",
-                                                                                         "subject")}))
-            await s.commit()
-
     # --- what the API shows -----------------------------------------------------------
 
     def usage_of(self, scope: str, subject: Any) -> LimitUsage:
@@ -570,40 +484,3 @@ async def add_limit_headers(request: web.Request, response: web.StreamResponse) 
     ticket = request.get(_TICKET)
     if ticket is not None:
         response.headers.update(ticket.limits.headers(ticket.rules, ticket.limits.clock()))
-
-
-def new_part(limit: int | None, used: int, part: int, wanting: int, theirs: list[tuple[int, int]], peers: int) -> int:
-    """This server's new part of a limit, from the peers' parts and whether each was refused for want of its
-    own (`theirs`: (part, wanting) of the peers that have a row for the subject). Alone: all of it. Otherwise
-    it gives back what the parts hold beyond the limit (down to a fair share, limit / servers: after a limit
-    is lowered or servers that each held all of it alone meet, the parts add up to the limit again once each
-    has exchanged); takes, when refused, an even split of what no server holds among those refused, and else
-    up to a fair share of it; and when others were refused and it was not, keeps only what it used this
-    window and a little more. A part never grows beyond what no server holds: once the parts add up to at
-    most the limit, they stay so."""
-    if limit is None:
-        return 0
-    if not peers:
-        return limit
-    unclaimed = limit - part - sum(their_part for their_part, _ in theirs)
-    fair = limit // (peers + 1)
-    if unclaimed < 0:  # the limit was lowered, or servers that took all of it alone met: down to a fair share
-        return max(0, part + unclaimed, min(part, fair))
-    others_want = sum(1 for _, want in theirs if want)
-    if wanting:
-        part += unclaimed // (1 + others_want) or (1 if unclaimed and not others_want else 0)
-    elif part < fair:
-        part += min(fair - part, unclaimed)
-    if others_want and not wanting:
-        part = min(part, used + max(1, fair // 10))
-    return part
-
-
-_EXCHANGE_LOCK = 0x6D616173_6C696D  # pg_advisory_xact_lock key of the exchange ("maaslim")
-_LIVE_SECONDS = 10  # a server whose rows are older is gone: its parts are free again
-
-
-def _counters() -> Any:
-    from server.db import tables
-
-    return tables.GatewayLimitCounter
