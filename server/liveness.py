@@ -137,6 +137,9 @@ class Heartbeats:
         self.stored: dict[int, dict[str, Any]] = {}
         self._inventory: dict[int, tuple] = {}  # of each stored row, computed once
         self._encoded: dict[int, bytes] = {}  # each stored row as JSON without its last "}", encoded once
+        # Worker id -> (body, its validated model) of the last heartbeat that passed validation, so that
+        # the same bytes again from the same (authenticated) worker are not parsed and validated again.
+        self._validated: dict[int, tuple[bytes, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
 
@@ -154,7 +157,17 @@ class Heartbeats:
         rest = {k: v for k, v in row.items() if k != "last_heartbeat_at"}
         self._encoded[row["id"]] = json.dumps(rest, separators=(",", ":")).encode()[:-1]
 
+    def validated(self, worker_id: int, raw: bytes) -> Any:
+        """The model of this worker's last validated heartbeat if `raw` is the same bytes, else None.
+        Validation is a function of the bytes alone: what passed once passes again."""
+        last = self._validated.get(worker_id)
+        return last[1] if last is not None and last[0] == raw else None
+
+    def passed_validation(self, worker_id: int, raw: bytes, body: Any) -> None:
+        self._validated[worker_id] = (raw, body)
+
     def forget(self, worker_id: int) -> None:
+        self._validated.pop(worker_id, None)
         self.stored.pop(worker_id, None)
         self._inventory.pop(worker_id, None)
         self._encoded.pop(worker_id, None)

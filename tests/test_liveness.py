@@ -101,6 +101,18 @@ def test_heard_workers_wait_for_the_batched_flush():
     assert set(beats._unflushed) == {3} and 4 not in beats.heard
 
 
+def test_only_the_same_bytes_from_the_same_worker_skip_validation():
+    beats = Heartbeats(db=None)
+    raw = b'{"gpus":[],"host":{}}'
+    assert beats.validated(1, raw) is None  # nothing validated yet
+    model = object()
+    beats.passed_validation(1, raw, model)
+    assert beats.validated(1, bytes(raw)) is model  # equal bytes, another object: as the next request reads them
+    assert beats.validated(1, raw + b" ") is None and beats.validated(2, raw) is None
+    beats.forget(1)
+    assert beats.validated(1, raw) is None
+
+
 def test_work_queue_holds_each_key_once_and_delays():
     queue = WorkQueue()
     queue.add(1)

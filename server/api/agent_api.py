@@ -1,7 +1,8 @@
 """What agents call: registration, heartbeats and instance status reports.
 
 A heartbeat renews the worker's lease and its live telemetry in memory (server/liveness.py,
-server/telemetry.py) and touches the database only when something durable changed. Calls that do
+server/telemetry.py) and touches the database only when something durable changed; the same bytes
+as the worker's last validated heartbeat are not parsed and validated again. Calls that do
 need the database are admitted up to a limit; past it they get 503 with Retry-After (the agent backs
 off with jitter) instead of queueing into timeouts. A heartbeat is never a 500.
 """
@@ -182,9 +183,13 @@ async def _recover_unreachable(session, worker: tables.Worker) -> None:
 @route("POST", "/v2/agent/heartbeat", "Renew the worker's lease and report device usage (live telemetry)",
        auth="worker", body=schemas.WorkerHeartbeat, response=schemas.WorkerOut)
 async def heartbeat(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request, schemas.WorkerHeartbeat)
     worker_id = principal_of(request).worker_id
     server = server_of(request)
+    raw = await request.read()  # kept by the request: read_json reads these same bytes
+    body = server.heartbeats.validated(worker_id, raw)  # the same report as last time (an idle worker)
+    if body is None:
+        body = await read_json(request, schemas.WorkerHeartbeat)
+        server.heartbeats.passed_validation(worker_id, raw, body)
     seen = server.heartbeats.heard_from(worker_id)
     server.telemetry.update(worker_id, reading_of(body, seen))
     server.telemetry.observe_heartbeat(worker_id, body)  # history and memory drift, in memory
