@@ -115,7 +115,10 @@ def _collect_changes(session: Session, _flush_context: Any) -> None:
                 continue
             if isinstance(obj, tables.ModelInstance):
                 state = inspect(obj).attrs.state.history
-                if obj.state == "running" or "running" in (state.deleted or ()):
+                if "running" in (state.deleted or ()) or (
+                        obj.state == "running" and (action != "updated" or "running" in (state.added or ()))):
+                    # A running instance's other changes (a message, a re-report after an agent restart)
+                    # leave the count as it was: no count query, no model line for them.
                     running_moved.add(obj.model_id)
             pending.append((PUBLISHED[type(obj)][0], action, to_wire(obj)))
     with session.no_autoflush:
