@@ -212,6 +212,13 @@ async def wait_http(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout:.0f} s")
 
 
+def print_table(rows: list[tuple[str, str]]) -> None:
+    """A bench's figures: one `label  value` line each, the values aligned."""
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
 def stop_processes(simulate: subprocess.Popen | None, server: subprocess.Popen) -> None:
     """Stops `maas simulate` (SIGINT: it writes its summary) and then the server (SIGTERM), each given
     a minute before its process group is killed. scripts/simulated_screenshot.py stops its pair here too."""
@@ -348,9 +355,7 @@ async def main(args: argparse.Namespace) -> None:
         ("telemetry frames (one watcher)", str(watchers.frames)),
         ("server RSS (max, steady window)", f"{rss:.0f} MB"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_table(rows)
     print(f"(logs in {base})")
     print(f"RESULT workers={args.workers} server_cpu_pct={server_cpu:.1f} pg_cpu_pct={pg_cpu:.1f} "
           f"hb_p50_ms={hb_p50:.1f} hb_p99_ms={hb_p99:.1f} not_ready={len(watchers.not_ready)} errors={errors} "

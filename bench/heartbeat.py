@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from cluster import cpu_seconds, stop_processes, wait_http  # noqa: E402
+from cluster import cpu_seconds, print_table, stop_processes, wait_http  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 
@@ -118,9 +118,7 @@ async def main(args: argparse.Namespace) -> None:
         ("server CPU per repeated heartbeat", f"{same:.0f} us (rounds: {', '.join(f'{v:.0f}' for v in cpu_us['same'])})"),
         ("errors", str(errors)),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_table(rows)
     print(f"RESULT workers={args.workers} gpus={args.gpus} heartbeats={sent} same_us={same:.0f} changed_us={changed:.0f} "
           f"saved_pct={100 * (changed - same) / changed:.0f} errors={errors}")
     if not args.keep:
