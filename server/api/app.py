@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -143,22 +144,33 @@ def body_limits(config: Any) -> BodyLimits:
     return BodyLimits(gateway=config.gateway_max_body_mb * 1024**2, upload=config.gateway_max_upload_mb * 1024**2)
 
 
+def _wrapped(handler: Handler, middlewares: tuple[Callable[..., Any], ...]) -> Handler:
+    """`handler` inside `middlewares` (the first outermost), as aiohttp chains an app's middlewares; it keeps
+    the handler's attributes (__maas_auth__)."""
+    for middleware in reversed(middlewares):
+        handler = functools.update_wrapper(functools.partial(middleware, handler=handler), handler)
+    return handler
+
+
 def create_app(server: Any) -> web.Application:
     from server.gateway.proxy import add_gateway_routes
 
     limits = body_limits(server.config)
     # Inputs before auth: an oversized or malformed request costs no credential check.
     # Inside auth: a stale answer is only ever given to the identity that got it fresh.
+    # The audit and the stale reads are about /v2 alone: they wrap its handlers (inside auth, as the
+    # last middlewares would) rather than sit in every request's chain; the gateway pays for neither.
     stale_reads = stale_read_middleware(LastGoodReads())
     audit = audit_middleware(lambda: server.config.audit_retention_days)
-    middlewares = [error_middleware, input_middleware(limits, ROUTES), auth_middleware, audit, stale_reads]
+    middlewares = [error_middleware, input_middleware(limits, ROUTES), auth_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=limits.largest())
     app[SERVER_KEY] = server
     app[_OPENAPI_KEY] = openapi_document(server.version)
     expect = expect_handler(limits)
     for r in ROUTES:
         if not r.registered_elsewhere:
-            app.router.add_route(r.method, r.path, r.handler, expect_handler=expect)
+            handler = _wrapped(r.handler, (audit, stale_reads)) if r.path.startswith("/v2/") else r.handler
+            app.router.add_route(r.method, r.path, handler, expect_handler=expect)
     add_gateway_routes(app)
     gateway_api.add_gateway_admin_routes(app)
     metrics.add_metrics_routes(app)

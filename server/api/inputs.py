@@ -105,6 +105,8 @@ def _shown(name: str) -> str:
 
 def check_request_text(request: web.Request) -> None:
     """Path parameters and query keys and values: UTF-8 without NUL, else a 400 naming the field."""
+    if not request.match_info and "%" not in request.raw_path and "?" not in request.raw_path:
+        return  # nothing to check (the gateway's plain paths): no walk
     for name, value in request.match_info.items():
         if problem := text_problem(value):
             raise invalid_text(f"path parameter {name!r}", problem)
@@ -225,6 +227,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Made once: json.loads with hooks builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+_STORED_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+
+
 def decode_json(raw: bytes, expected: str = "a JSON object", *, stored: bool = True) -> tuple[dict[str, Any], str]:
     """`raw` as a JSON object, and its text. `stored`: its strings reach the database, so they are checked too.
     Anything wrong is a 400 that says what."""
@@ -235,8 +242,7 @@ def decode_json(raw: bytes, expected: str = "a JSON object", *, stored: bool = T
     except UnicodeDecodeError as exc:
         raise invalid_text("the body", f"is not valid UTF-8 (byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant,
-                          object_pairs_hook=_unique_keys if stored else None)
+        data = (_STORED_DECODER if stored else _DECODER).decode(text)
     except _Refused as exc:
         raise bad_request(f"malformed JSON: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -358,8 +364,10 @@ def input_middleware(limits: BodyLimits, routes: list[Route]) -> Callable[..., A
         resource = request.match_info.route.resource
         if resource is not None and (declared := queries.get((request.method, resource.canonical))):
             check_query(request, declared)
-        if request.body_exists:
-            request = request.clone(client_max_size=limit)  # a chunked body is cut off at the limit
+        # A body of a known length is bounded above; a chunked or compressed one is cut off at the limit as
+        # it is read (the clone's client_max_size; a clone costs as much as the rest of this middleware).
+        if request.body_exists and (request.content_length is None or "Content-Encoding" in request.headers):
+            request = request.clone(client_max_size=limit)
         return await handler(request)
 
     return middleware
