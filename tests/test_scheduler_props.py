@@ -109,10 +109,10 @@ def test_no_gpu_or_ram_is_ever_over_committed(workers, batch, repeats):
             assert w.gpu_claimed.get(index, 0) == used.get((w.id, index), 0)
     # The incremental indexes agree with a rebuild.
     cluster.ensure_indexes()
-    indexed, loads = list(cluster._gpus), list(cluster._loads)
+    indexed, loads = list(cluster.free_gpus), list(cluster.loads)
     cluster.changed()
     cluster.ensure_indexes()
-    assert (indexed, loads) == (cluster._gpus, cluster._loads)
+    assert (indexed, loads) == (cluster.free_gpus, cluster.loads)
 
 
 @PROFILE

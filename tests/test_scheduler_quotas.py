@@ -1,4 +1,4 @@
-"""Team quotas in the placement core (server/scheduler/placement.py) and the bus-fed snapshot.
+"""Team quotas in the placement core (server/scheduler/quotas.py, placement.py) and the bus-fed snapshot.
 
 - the quota filter: a team at a limit gets one `quota_exceeded` reason (need / used / limit) before any
   worker is looked at; a placement that needs more than the team has left (a wider split, host RAM)

@@ -12,7 +12,7 @@ shrinks) and writes the outcomes in bulk: one transaction per `write_batch` inst
 rows re-read FOR UPDATE so an instance changed meanwhile (deleted, scaled away, a new
 generation) is left alone and its claim given back. Team quotas are part of the snapshot:
 an instance whose placement would take its team over a quota stays pending with the
-reason quota_exceeded (server/scheduler/placement.py). The ORM's unit of work costs about
+reason quota_exceeded (server/scheduler/quotas.py). The ORM's unit of work costs about
 300 us per placement at this volume, so instance updates, their events and the matching
 change-log entries go in as multi-row statements instead (see `_write_chunk`).
 """
