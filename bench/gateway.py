@@ -13,6 +13,8 @@ tiny): what a route adds. Prints a table and, last, `RESULT added_p50_ms=<n> thr
 gateway's own CPU per plain and streamed request, `route_*` the same through the route, `limits_*` the
 same with a key that has every gateway limit set, high enough never to refuse, `limits_route_*` with
 both, what the issue's targets are about). The gateway runs of a round take turns going first.
+Streamed requests to the gateway keep their connection, as the OpenAI SDKs do; `stream_new_conn_*` is
+the gateway's CPU when each stream opens a connection of its own (how this bench measured streams before).
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ def cpu_seconds(process: "psutil.Process | None") -> tuple[float, float]:
 
 
 async def drive(url: str, headers: dict[str, str], body: dict, clients: int, total: int, stream: bool,
-                server: "psutil.Process | None" = None) -> dict:
+                server: "psutil.Process | None" = None, new_connections: bool = False) -> dict:
     """`total` requests from `clients` concurrent connections; latency to the last byte; and the
-    server process's CPU time per request (robust to other load on the machine, unlike req/s)."""
+    server process's CPU time per request (robust to other load on the machine, unlike req/s).
+    `new_connections`: a TCP connection per request (llama.cpp drops a stream's keep-alive)."""
     latencies: list[float] = []
     failures = 0
     remaining = total
     payload = json.dumps({**body, "stream": stream}).encode()
-    connector = aiohttp.TCPConnector(limit=clients, force_close=stream)  # llama.cpp drops streams' keep-alive
+    connector = aiohttp.TCPConnector(limit=clients, force_close=new_connections)
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal remaining, failures
@@ -179,7 +182,13 @@ async def main() -> None:
         await drive(direct_url, {}, body, args.clients, 200, False)
         for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
             results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False, process)]
+        # Streams straight to llama.cpp need a connection each; to the gateway they keep theirs, as the
+        # OpenAI SDKs' pooled clients do ("stream, new conn": a connection per stream, as this bench did
+        # until December 2026).
+        direct_new = args.backend == "llama"
         for round_ in range(args.rounds):
+            results.setdefault(("stream, new conn", "gateway"), []).append(
+                await drive(gateway_url, key, body, args.clients, args.requests, True, process, new_connections=True))
             for mode, stream in (("plain", False), ("stream", True)):
                 routed = {**body, "model": "tiny-canary"}
                 runs = [("gateway", key, body), ("limits", limited_key, body), ("route", key, routed),
@@ -187,7 +196,8 @@ async def main() -> None:
                 # Each round starts with another of them: the machine's drift does not favour one.
                 runs = runs[round_ % len(runs):] + runs[:round_ % len(runs)]
                 results.setdefault((mode, "direct"), []).append(
-                    await drive(direct_url, {}, body, args.clients, args.requests, stream, process))
+                    await drive(direct_url, {}, body, args.clients, args.requests, stream, process,
+                                new_connections=stream and direct_new))
                 for path, headers, payload in runs:
                     results.setdefault((mode, path), []).append(
                         await drive(gateway_url, headers, payload, args.clients, args.requests, stream, process))
@@ -220,6 +230,9 @@ async def main() -> None:
             summary[(mode, path)] = m
             print(f"{mode:<10}{path:<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
                   f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
+    m = summary[("stream, new conn", "gateway")] = merged("stream, new conn", "gateway")
+    print(f"{'stream':<10}{'new conn':<9}{m['rps']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}{m['ok']:>8}"
+          f"{m['failed']:>8}{m['cpu_us']:>12.0f}{m['sys_us']:>10.0f}")
     for mode in ("plain", "stream"):
         for path in ("route", "limits", "both"):
             m = summary[(mode, path)] = merged(mode, path)
@@ -229,6 +242,9 @@ async def main() -> None:
         d, g = summary[(mode, "direct")], summary[(mode, "gateway")]
         print(f"{mode}: added p50 {g['p50_ms'] - d['p50_ms']:.2f} ms, throughput ratio {g['rps'] / d['rps']:.2f}, "
               f"gateway CPU {g['cpu_us'] - d['cpu_us']:.0f} us/req")
+    n_c = summary[("stream, new conn", "gateway")]
+    print(f"stream, a new connection per request: gateway CPU {n_c['cpu_us'] - summary[('stream', 'direct')]['cpu_us']:.0f} "
+          f"us/req ({n_c['cpu_us'] - summary[('stream', 'gateway')]['cpu_us']:+.0f} us against keeping it)")
     for mode in ("plain", "stream"):
         d, r = summary[(mode, "direct")], summary[(mode, "route")]
         print(f"{mode} through a route: gateway CPU {r['cpu_us'] - d['cpu_us']:.0f} us/req "
@@ -256,7 +272,8 @@ async def main() -> None:
           f"limits_cpu_us_per_req={l_p['cpu_us'] - d['cpu_us']:.0f} "
           f"limits_stream_cpu_us_per_req={l_s['cpu_us'] - s_d['cpu_us']:.0f} "
           f"limits_route_cpu_us_per_req={b_p['cpu_us'] - d['cpu_us']:.0f} "
-          f"limits_route_stream_cpu_us_per_req={b_s['cpu_us'] - s_d['cpu_us']:.0f}")
+          f"limits_route_stream_cpu_us_per_req={b_s['cpu_us'] - s_d['cpu_us']:.0f} "
+          f"stream_new_conn_cpu_us_per_req={n_c['cpu_us'] - s_d['cpu_us']:.0f}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ month, on an API key, a team and a model (schemas.Limits; rows in `gateway_limit
 
 A request passes every limit that applies to it: its key's, the team's that owns the model, and
 the model's. Everything on the request path is in memory: the rules follow the bus (kind `limits`,
-and deletions of models, keys, teams and users), the counts are kept here. Over a limit: 429 `rate_limit_exceeded` (or
-`budget_exceeded`) naming the limit, with Retry-After; answers under a limit carry OpenAI's
-`x-ratelimit-*` headers (of the tightest limit), streamed ones in their head.
+and deletions of models, keys, teams and users), the counts are kept here. Over a limit: 429
+`rate_limit_exceeded` (or `budget_exceeded`) naming the limit, with Retry-After; answers under a limit,
+errors included, carry OpenAI's `x-ratelimit-*` headers (of the tightest limit), streamed ones in their head.
 
 Windows. A minute is a fixed window aligned to the epoch (`window` seconds, 60; tests scale it
 down with the limits): at most `rpm` requests and `tpm` tokens start in each window (a client can
@@ -17,10 +17,10 @@ Several servers (PostgreSQL). Each server admits on its own counts, within its p
 (rpm, tpm, max_concurrency); every second the servers exchange counts and demand, and the parts move to
 a demand-weighted split within about two exchanges, always adding up to at most the limit: the cluster
 admits at most the limit in a window while the servers see each other (server/gateway/limit_exchange.py
-states the worst case: while a server does not yet know of another, each may admit all of it). Budgets are summed from the usage table (which every server
-writes every 2 s) every `budget_seconds` (5 s): they can be passed by what the other servers served in
-between (servers x 7 s x token rate). SQLite and MySQL/MariaDB serve one server (server/leader.py), whose
-counts are exact.
+states the worst case: while a server does not yet know of another, each may admit all of it). Budgets
+are summed from the usage table (which every server writes every 2 s) every `budget_seconds` (5 s): they
+can be passed by what the other servers served in between (servers x 7 s x token rate). SQLite and
+MySQL/MariaDB serve one server (server/leader.py), whose counts are exact.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, Iterable
 
-from aiohttp import web
 from sqlalchemy import case, func, select
 
 from server.api.errors import ApiError
@@ -115,15 +114,13 @@ class Rule:
 class Ticket:
     """What an admitted request holds: the rules it counts against, and the tokens its answer used."""
 
-    __slots__ = ("limits", "rules", "tokens")
+    __slots__ = ("rules", "tokens")
 
-    def __init__(self, limits: "GatewayLimits", rules: list[Rule]):
-        self.limits = limits
+    def __init__(self, rules: list[Rule]):
         self.rules = rules
         self.tokens = 0
 
 
-_TICKET: web.RequestKey[Ticket] = web.RequestKey("maas.gateway.limits", Ticket)
 # The request being answered, for the usage meter's report of its tokens (same task, same context).
 _CURRENT: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("maas_gateway_limit_ticket", default=None)
 
@@ -225,15 +222,16 @@ class GatewayLimits:
 
     # --- the request path --------------------------------------------------------
 
-    def admit(self, request: web.Request, principal: Any, model: str, team: str | None) -> None:
+    def admit(self, principal: Any, model: str, team: str | None) -> "Ticket | None":
         """Count the request against every limit that applies, or raise a 429 naming the one it is over.
-        Once per request: a route's fallback to another model is not counted again."""
-        if not self.rules or _TICKET in request:
-            return
+        The ticket (None: no limit applies) goes back to `release` when the request is over. Once per
+        request: the gateway does not admit a route's fallback to another model again."""
+        if not self.rules:
+            return None
         rules = [rule for rule in (self.rules.get(("key", principal.api_key_id)), self.rules.get(("team", team)),
                                    self.rules.get(("model", model))) if rule is not None]
         if not rules:
-            return
+            return None
         now = self.clock()
         if now >= self._day_ends:
             self._new_day(now)
@@ -247,9 +245,9 @@ class GatewayLimits:
         for rule in rules:
             rule.requests += 1
             rule.in_flight += 1
-        ticket = Ticket(self, rules)
-        request[_TICKET] = ticket
+        ticket = Ticket(rules)
         _CURRENT.set(ticket)
+        return ticket
 
     def _check(self, rule: Rule, rules: list[Rule], now: float, key_name: str) -> None:
         alone = not rule.peers
@@ -289,11 +287,8 @@ class GatewayLimits:
         if ticket is not None:
             ticket.tokens = tokens  # a request has one usage, however many times it is reported
 
-    def release(self, request: web.Request) -> None:
+    def release(self, ticket: Ticket) -> None:
         """The request is over: out of flight, its tokens counted."""
-        ticket = request.get(_TICKET)
-        if ticket is None:
-            return
         _CURRENT.set(None)
         now = self.clock()
         window = int(now // self.window)
@@ -309,12 +304,9 @@ class GatewayLimits:
                 if rule.budgeted and self._nearly_due(rule):
                     self._budgets_changed.set()  # LimitNearlyReached is recorded soon
 
-    def stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        """The x-ratelimit-* headers on a whole response, before it goes out (streamed ones get them when they
-        start: add_limit_headers)."""
-        ticket = request.get(_TICKET)
-        if ticket is not None and not response.prepared:
-            response.headers.update(self.headers(ticket.rules, self.clock()))
+    def headers_of(self, ticket: Ticket) -> dict[str, str]:
+        """The x-ratelimit-* headers of an admitted request's answer (its 429 carries its own)."""
+        return self.headers(ticket.rules, self.clock())
 
     def headers(self, rules: Iterable[Rule], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers of the tightest request and token limits among `rules`."""
@@ -477,10 +469,3 @@ class GatewayLimits:
                           in_flight=rule.in_flight + rule.remote_in_flight, tokens_today=rule.used_day(),
                           tokens_this_month=rule.used_month())
 
-
-async def add_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """aiohttp's on_response_prepare: the x-ratelimit-* headers go out with a streamed response's head (a whole
-    response is prepared with the request as it came, not the handler's clone of it: GatewayLimits.stamp)."""
-    ticket = request.get(_TICKET)
-    if ticket is not None:
-        response.headers.update(ticket.limits.headers(ticket.rules, ticket.limits.clock()))

@@ -24,7 +24,6 @@ from aiohttp import web
 from server.api.errors import ApiError, bad_request, forbidden
 from server.api.inputs import form_field, parse_json_body
 from server.api.routing import principal_of, server_of
-from server.gateway.limits import add_limit_headers
 from server.gateway.routing_table import Alias, Target
 from server.gateway.upstream import UpstreamError, UpstreamStream
 from server.schemas.backend_traits import OPTIONAL_APIS
@@ -33,14 +32,12 @@ from server.services import access
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = {502, 503}
-_MODEL_KEY: web.RequestKey[str] = web.RequestKey("maas.gateway.model", str)  # for the latency labels
-# For the telemetry history (server/telemetry_history.py): which instance answered, and its tokens.
-_ANSWERED_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.answered_by", int)
-_TOKENS_KEY: web.RequestKey[int] = web.RequestKey("maas.gateway.completion_tokens", int)
 # Endpoints whose streamed responses can carry usage (OpenAI's stream_options.include_usage).
 _USAGE_IN_STREAM = {"/v1/chat/completions", "/v1/completions"}
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 _USAGE_MARK = b'"usage"'
+_USAGE_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*\{')
+_RAW_DECODER = json.JSONDecoder()
 _MODEL_FIELD = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"')
 # Endpoint -> the model category that serves it (ModelSpec.categories).
 CATEGORY_OF = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "embedding",
@@ -58,14 +55,22 @@ class _Upstream(Exception):
 
 
 class _Call:
-    """What one request is about, passed down instead of eight arguments: who asks, through which
-    route (or ""), and the model and team that serve it now."""
+    """One request through the gateway, passed down instead of a dozen arguments (and kept off the
+    aiohttp request, whose items cost more): who asks, through which route (or ""), the model and team
+    that serve it now, its limits' ticket, and what it came to for the metrics and the history."""
 
-    __slots__ = ("principal", "route", "model", "team", "fallback_on_5xx")
+    __slots__ = ("principal", "route", "model", "team", "fallback_on_5xx", "ticket", "answered_by",
+                 "completion_tokens")
 
-    def __init__(self, principal: Any, route: str, model: str, team: str | None, fallback_on_5xx: bool):
-        self.principal, self.route, self.model, self.team = principal, route, model, team
-        self.fallback_on_5xx = fallback_on_5xx  # a route has somewhere else to go when the model fails
+    def __init__(self, principal: Any):
+        self.principal = principal
+        self.route = ""
+        self.model = ""  # a label once the name is known to be a model: bodies must not mint label values
+        self.team: str | None = None
+        self.fallback_on_5xx = False  # a route has somewhere else to go when the model fails
+        self.ticket: Any = None  # server/gateway/limits.py's Ticket, once admitted
+        self.answered_by: int | None = None  # the instance
+        self.completion_tokens: int | None = None
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -86,35 +91,41 @@ async def list_models(request: web.Request) -> web.Response:
 async def proxy(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     started = perf_counter()
-    model = ""  # a label only once the name is known to be a model: bodies must not mint label values
+    call = _Call(principal_of(request))
     status = 500
     try:
-        response = await _proxy(request, server)
-        server.limits.stamp(request, response)  # x-ratelimit-* headers
+        response = await _proxy(request, server, call)
         status = response.status
-        model = request.get(_MODEL_KEY, "")
         return response
     except ApiError as exc:
         status = exc.status
-        model = request.get(_MODEL_KEY, "")
+        if call.ticket is not None:  # an admitted request's error carries the x-ratelimit-* headers too
+            exc.headers = {**server.limits.headers_of(call.ticket), **exc.headers}
         raise
     except asyncio.CancelledError:  # the client left (nginx's 499)
         status = 499
-        model = request.get(_MODEL_KEY, "")
         raise
     finally:
-        server.limits.release(request)
-        server.routes.stats.observe(model, status, perf_counter() - started)
-        server.telemetry.history.observe_request(request.get(_ANSWERED_KEY), perf_counter() - started,
-                                                 request.get(_TOKENS_KEY))
+        if call.ticket is not None:
+            server.limits.release(call.ticket)
+        elapsed = perf_counter() - started
+        server.routes.stats.observe(call.model, status, elapsed)
+        server.telemetry.history.observe_request(call.answered_by, elapsed, call.completion_tokens)
+
+
+def _head(server: Any, call: _Call, content_type: str) -> dict[str, str]:
+    """The headers of an answer: its type, and the x-ratelimit-* ones when limits apply."""
+    if call.ticket is None:
+        return {"Content-Type": content_type}
+    return {"Content-Type": content_type, **server.limits.headers_of(call.ticket)}
 
 
 def _not_found(name: str) -> ApiError:
     return ApiError(404, "model_not_found", f"the model {name!r} does not exist")
 
 
-async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
-    principal = principal_of(request)
+async def _proxy(request: web.Request, server: Any, call: _Call) -> web.StreamResponse:
+    principal = call.principal
     path = request.path
     body = await request.read()
     payload: dict[str, Any] | None = None
@@ -160,7 +171,7 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
     category = CATEGORY_OF[path]
     content_type = request.headers.get("Content-Type", "application/json")
     failure = ""
-    call: _Call | None = None
+    forwarded = False
     for model in candidates:
         routes = table.models.get(model)
         if alias is None:
@@ -171,14 +182,15 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         elif routes is None:  # a target deleted since the route was written
             failure = failure or f"{model!r} does not exist"
             continue
-        request[_MODEL_KEY] = model
+        call.model = model
         problem = _unsupported(model, routes, path, category)
         if problem is not None:
             if alias is None:
                 raise problem
             failure = failure or problem.message
             continue
-        server.limits.admit(request, principal, model, routes.team)  # or a 429 naming the limit
+        if call.ticket is None:  # once per request, not again for a route's fallback
+            call.ticket = server.limits.admit(principal, model, routes.team)  # or a 429 naming the limit
         targets = routes.ordered()
         if not targets:
             if alias is None:  # an autoscaled model is held while a replica starts (a manual one: 503 at once)
@@ -189,7 +201,9 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
         send = body
         if payload is not None and (alias is not None or not body):  # the target's name goes on (vLLM checks it)
             send = _with_model(body, payload, model)  # a form is relayed as sent: its model field names the route
-        call = _Call(principal, alias.name if alias is not None else "", model, routes.team, alias is not None)
+        call.route = alias.name if alias is not None else ""
+        call.team, call.fallback_on_5xx = routes.team, alias is not None
+        forwarded = True
 
         # The least loaded instance over a pooled connection; on failure before any byte reached
         # the client, once more on another instance (the same one if it is alone) over a fresh
@@ -211,9 +225,9 @@ async def _proxy(request: web.Request, server: Any) -> web.StreamResponse:
                          exc)
                 continue
             table.answered(target)
-            request[_ANSWERED_KEY] = target.instance_id
+            call.answered_by = target.instance_id
             return response
-    if call is None:  # no model of the route could take the request
+    if not forwarded:  # no model of the route could take the request
         raise ApiError(503, "no_running_instance", f"no model of the route {name!r} can serve it now: {failure}")
     server.usage.record(principal, call.model, None, call.route, call.team)
     raise ApiError(502, "upstream_unavailable", f"no instance of {name!r} answered: {failure}")
@@ -257,9 +271,9 @@ async def _forward_plain(request: web.Request, server: Any, call: _Call, target:
     target.outstanding += 1
     try:
         try:
-            async with asyncio.timeout(server.gateway_timeout):
-                upstream = await server.routes.upstream.request(target.host, target.port, request.path, body,
-                                                                content_type, fresh, _key(server, target))
+            upstream = await server.routes.upstream.request(target.host, target.port, request.path, body,
+                                                            content_type, fresh, _key(server, target),
+                                                            server.gateway_timeout)
         except UpstreamError as exc:
             if exc.answered:  # the backend had begun to answer: it may have done the work, do not repeat it
                 server.usage.record(call.principal, call.model, None, call.route, call.team)
@@ -272,8 +286,8 @@ async def _forward_plain(request: web.Request, server: Any, call: _Call, target:
         kind = upstream.headers.get("content-type", "application/json")
         usage = _usage_of(upstream.body) if upstream.status < 400 and kind.startswith("application/json") else None
         server.usage.record(call.principal, call.model, usage, call.route, call.team)
-        _note_tokens(request, usage)
-        return web.Response(body=upstream.body, status=upstream.status, headers={"Content-Type": kind})
+        _note_tokens(call, usage)
+        return web.Response(body=upstream.body, status=upstream.status, headers=_head(server, call, kind))
     finally:
         target.outstanding -= 1
 
@@ -307,8 +321,8 @@ async def _forward_stream(request: web.Request, server: Any, call: _Call, target
                 raise ApiError(502, "upstream_failed", f"the instance of {call.model!r} failed while answering: {exc}")
             usage = _usage_of(data) if upstream.status < 400 and kind.startswith("application/json") else None
             server.usage.record(call.principal, call.model, usage, call.route, call.team)
-            _note_tokens(request, usage)
-            return web.Response(body=data, status=upstream.status, headers={"Content-Type": kind})
+            _note_tokens(call, usage)
+            return web.Response(body=data, status=upstream.status, headers=_head(server, call, kind))
         finally:
             server.routes.upstream.release(upstream)  # kept alive when the stream ended cleanly
     finally:
@@ -317,8 +331,8 @@ async def _forward_stream(request: web.Request, server: Any, call: _Call, target
 
 async def _relay_stream(request: web.Request, server: Any, call: _Call, upstream: UpstreamStream,
                         content_type: str, client_wants_usage: bool, deadline: float) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status,
-                                  headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    response = web.StreamResponse(status=upstream.status, headers={**_head(server, call, content_type),
+                                                                   "Cache-Control": "no-cache"})
     await response.prepare(request)
     usage: dict[str, Any] | None = None
     pending = b""
@@ -357,21 +371,35 @@ async def _relay_stream(request: web.Request, server: Any, call: _Call, upstream
         log.warning("instance of %s failed in the middle of a stream: %s", call.model, exc)
     finally:
         server.usage.record(call.principal, call.model, usage, call.route, call.team)
-        _note_tokens(request, usage)
+        _note_tokens(call, usage)
     return response
 
 
-def _note_tokens(request: web.Request, usage: dict[str, Any] | None) -> None:
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-        request[_TOKENS_KEY] = tokens
+def _note_tokens(call: _Call, usage: dict[str, Any] | None) -> None:
+    tokens = usage.get("completion_tokens") if usage.__class__ is dict else None
+    if tokens.__class__ is int and tokens >= 0:  # an int, not a bool
+        call.completion_tokens = tokens
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:
     """The top-level `usage` of a whole JSON answer (OpenAI's prompt/completion_tokens, the Responses
-    and Messages APIs' input/output_tokens); an answer without the key is not parsed."""
-    if _USAGE_MARK not in data:
+    and Messages APIs' input/output_tokens); an answer without the key is not parsed.
+
+    When `"usage"` occurs once, unescaped, only its object is decoded, not the whole answer (a long one
+    costs tens of microseconds to parse): a quote inside a JSON string is escaped, so the one raw
+    occurrence is a key (an answer nesting its only usage deeper is then counted by it, as a stream's is)."""
+    at = data.find(_USAGE_MARK)
+    if at < 0:
         return None
+    if data.find(_USAGE_MARK, at + 1) < 0 and data[at - 1:at] != b"\\":
+        value = _USAGE_VALUE.match(data, at + len(_USAGE_MARK))
+        if value is not None:
+            try:
+                usage, _ = _RAW_DECODER.raw_decode(data[value.end() - 1:].decode())
+            except ValueError:  # not UTF-8 or not JSON after all: the whole answer says
+                usage = None
+            if isinstance(usage, dict):
+                return usage
     try:
         document = json.loads(data)
     except ValueError:
@@ -409,7 +437,6 @@ async def _close_upstream(app: web.Application) -> None:
 
 def add_gateway_routes(app: web.Application) -> None:
     app.on_cleanup.append(_close_upstream)
-    app.on_response_prepare.append(add_limit_headers)  # x-ratelimit-* in every head, streams too
     for handler in (list_models, proxy):
         handler.__maas_auth__ = "inference"  # type: ignore[attr-defined]
     app.router.add_get("/v1/models", list_models)

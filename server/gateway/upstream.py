@@ -174,13 +174,17 @@ class UpstreamStream(asyncio.Protocol):
             raise UpstreamError("connection closed before the request")
         self.transport.write(request)
 
-    async def exchange(self, request: bytes) -> _Response:
-        """Plain mode: send one request, return the whole response."""
+    async def exchange(self, request: bytes, timeout: float | None = None) -> _Response:
+        """Plain mode: send one request, return the whole response; TimeoutError after `timeout` seconds (a
+        timer of its own: asyncio.timeout costs several times more on this path)."""
+        timer = self.loop.call_later(timeout, self._fail, TimeoutError()) if timeout is not None else None
         try:
             self.send(request, stream=False)
             return await self.head
         finally:
             self._complete = True  # answered, failed or abandoned: later bytes are out of step
+            if timer is not None:
+                timer.cancel()
 
     @property
     def finished(self) -> bool:
@@ -244,13 +248,15 @@ class UpstreamPool:
         self._drops_after_stream: set[tuple[str, int]] = set()  # backends that close a connection after a stream
 
     async def request(self, host: str, port: int, path: str, body: bytes, content_type: str,
-                      fresh: bool = False, authorization: bytes = b"") -> _Response:
+                      fresh: bool = False, authorization: bytes = b"", timeout: float | None = None) -> _Response:
         """POST `body`; `fresh` never reuses a pooled connection (for the retry). `authorization`: a
-        header line (the instance's key, server/services/backend_keys.py), or nothing."""
+        header line (the instance's key, server/services/backend_keys.py), or nothing. TimeoutError when
+        the answer is not in within `timeout` seconds, the connection included."""
+        deadline = time.monotonic() + timeout if timeout is not None else None
         key = (host, port)
         connection = None if fresh else self._take(key)
         if connection is None:
-            connection = await self._connect(host, port, stream=False)
+            connection = await self._connect(host, port, stream=False, timeout=timeout)
         prefix = self._prefix.get((host, port, path))
         if prefix is None:
             prefix = self._prefix[(host, port, path)] = (
@@ -258,7 +264,8 @@ class UpstreamPool:
         head = prefix + b"%d\r\nContent-Type: %s\r\n%s\r\n" % (len(body), content_type.encode("latin-1"),
                                                               authorization)
         try:
-            response = await connection.exchange(head + body)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            response = await connection.exchange(head + body, left)
         except UpstreamError as exc:
             self._failed(connection, exc)
             raise
@@ -323,10 +330,10 @@ class UpstreamPool:
             connection.close()
         return None
 
-    async def _connect(self, host: str, port: int, stream: bool) -> UpstreamStream:
+    async def _connect(self, host: str, port: int, stream: bool, timeout: float | None = None) -> UpstreamStream:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)):
                 _, connection = await loop.create_connection(lambda: UpstreamStream(loop, stream, (host, port)),
                                                              host, port)
         except (OSError, TimeoutError) as exc:
