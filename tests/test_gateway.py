@@ -357,3 +357,20 @@ async def test_upstream_stream_decodes_chunks_split_anywhere():
     cut.connection_lost(None)
     with pytest.raises(UpstreamError, match="cut short"):
         [chunk async for chunk in cut.body()]
+
+
+@pytest.mark.parametrize("answer, usage", [
+    (b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":4}}', {"prompt_tokens": 5, "completion_tokens": 4}),
+    (b'{"usage" :\n {"input_tokens":2,"output_tokens":3},"content":[]}', {"input_tokens": 2, "output_tokens": 3}),
+    # The word in the text and a key spelled with an escape are not the key: the whole answer says.
+    (b'{"choices":[{"text":"the \\"usage\\": {}"}],"usage":{"prompt_tokens":1}}', {"prompt_tokens": 1}),
+    (b'{"a\\"usage":{"prompt_tokens":9},"usage":{"prompt_tokens":1}}', {"prompt_tokens": 1}),
+    (b'{"a\\"usage":{"prompt_tokens":9}}', None),
+    (b'{"usage":null}', None),
+    (b'{"usage":{"prompt_tokens":1', None),  # truncated
+    (b'{"choices":[]}', None),
+])
+def test_the_usage_of_a_whole_answer(answer: bytes, usage: dict | None):
+    from server.gateway.proxy import _usage_of
+
+    assert _usage_of(answer) == usage
