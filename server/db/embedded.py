@@ -14,9 +14,10 @@ All calls are synchronous (subprocesses); async callers run :meth:`start`, :meth
 :meth:`restart_after_crash` in a thread: ``await in_own_thread(pg.restart_after_crash)`` gives the
 call a thread of its own, so a busy default executor never delays bringing the database back.
 
-Why one module of ~680 lines: it is one object's life cycle (prepare directories, initdb, start, adopt a
-running postmaster, restart after a crash, stop), and most of its length is the user-facing message of
-each way that can fail; finding the binaries lives apart (server/db/pg_binaries.py).
+This module is the object's life cycle (prepare directories, initdb, start, restart after a crash,
+stop). Apart from it: finding the binaries (server/db/pg_binaries.py), adopting a postmaster that already
+runs on the cluster (server/db/pg_adopt.py), and the user-facing message of each way it can fail
+(server/db/pg_messages.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
-from server.db.pg_binaries import ALTERNATIVES, EmbeddedPostgresError, find_pg_bin_dir
+from server.db import pg_messages
+from server.db.pg_adopt import adopt_running, pid_is_postgres, pidfile_lines, port_accepts
+from server.db.pg_binaries import EmbeddedPostgresError, find_pg_bin_dir
 
 T = TypeVar("T")
 
@@ -46,7 +49,6 @@ __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bin_dir", "in_o
 SUPERUSER = "maas"
 #: Unprivileged OS user that runs PostgreSQL when this process is root.
 POSTGRES_OS_USER = "postgres"
-_LOG_TAIL_LINES = 20
 _START_TIMEOUT_S = 60
 _logged_root = False  # the "runs as user postgres" notice is logged once per process
 
@@ -83,37 +85,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _port_accepts(port: int, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(text: str, n: int = _LOG_TAIL_LINES) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return "\n".join(lines[-n:])
-
-
-def _pid_is_postgres(pid: int) -> bool:
-    """Best effort: False only when /proc proves ``pid`` is a zombie or another program
-    (after kill -9 the dead postmaster may linger as a zombie; after a reboot its PID may
-    belong to anything)."""
-    proc = Path(f"/proc/{pid}")
-    try:
-        stat_line = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes()
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()  # no such pid, or no /proc at all
-    except OSError:
-        return True
-    state = stat_line.rsplit(") ", 1)[-1][:1]
-    if state in ("Z", "X"):
-        return False
-    return b"postgres" in cmdline or b"postmaster" in cmdline
 
 
 def _sql_literal(s: str) -> str:
@@ -217,12 +188,7 @@ class EmbeddedPostgres:
                 timeout=_START_TIMEOUT_S + 30,
             )
             if res.returncode != 0 and self._status() == "running":
-                raise EmbeddedPostgresError(
-                    f"The embedded PostgreSQL in {self.cluster_dir} did not stop: "
-                    f"{_tail(res.stdout, 5) or 'pg_ctl stop failed'}. Stop it by hand with "
-                    f"'pg_ctl stop -D {self.cluster_dir} -m immediate' (as the user that owns "
-                    f"the directory).\n{self._log_tail()}"
-                )
+                raise pg_messages.did_not_stop(self.cluster_dir, res.stdout, self._log_tail())
             self._url = None
             self._last_port, self.port = self.port, None
             if res.returncode == 0:
@@ -234,19 +200,19 @@ class EmbeddedPostgres:
         """Whether the postmaster of this started cluster still runs (cheap: reads postmaster.pid)."""
         if self._url is None:
             return False
-        lines = self._pidfile_lines()
+        lines = pidfile_lines(self.cluster_dir)
         try:
             pid = int(lines[0])
         except (IndexError, ValueError):
             return False
-        return _pid_is_postgres(pid)
+        return pid_is_postgres(pid)
 
     async def postmaster_exit(self, timeout: float) -> None:
         """Return as soon as the running postmaster exits (a pidfd on the event loop), or after
         `timeout` seconds: the watchdog learns of a kill -9 at once instead of at its next poll."""
         loop = asyncio.get_running_loop()
         try:
-            pidfd = os.pidfd_open(int(self._pidfile_lines()[0])) if self._url is not None else None
+            pidfd = os.pidfd_open(int(pidfile_lines(self.cluster_dir)[0])) if self._url is not None else None
         except (AttributeError, IndexError, ValueError, OSError):  # no pidfd, no pidfile, already gone
             pidfd = None
         if pidfd is None:
@@ -279,15 +245,7 @@ class EmbeddedPostgres:
             try:
                 self._pg_user = pwd.getpwnam(POSTGRES_OS_USER)
             except KeyError:
-                raise EmbeddedPostgresError(
-                    "PostgreSQL refuses to run as root, and this process is root, so the embedded "
-                    f"PostgreSQL would run as the unprivileged user '{POSTGRES_OS_USER}', but no "
-                    "such user exists on this machine (MaaS-Base never creates system users by "
-                    f"itself). To fix it, create one (e.g. 'useradd --system --home-dir "
-                    f"/var/lib/postgresql --shell /usr/sbin/nologin {POSTGRES_OS_USER}'; installing "
-                    "the 'postgresql' package also creates it), or run MaaS-Base as a non-root "
-                    f"user; or {ALTERNATIVES}."
-                ) from None
+                raise pg_messages.no_postgres_user(POSTGRES_OS_USER) from None
         return self._pg_user
 
     def _traversable_by_pg(self, st: os.stat_result, pg: pwd.struct_passwd) -> bool:
@@ -301,10 +259,7 @@ class EmbeddedPostgres:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
-            raise EmbeddedPostgresError(
-                f"Could not create the data directory {self.data_dir}: {e.strerror}. "
-                "Choose a writable location with --data-dir (e.g. /var/lib/maas or ~/.local/share/maas)."
-            ) from e
+            raise pg_messages.data_dir_not_created(self.data_dir, e) from e
         if not self._as_root:
             if not self.cluster_dir.exists():
                 self.cluster_dir.mkdir(mode=0o700)
@@ -325,14 +280,7 @@ class EmbeddedPostgres:
             os.chmod(self.data_dir, mode | 0o711)
         for parent in self.data_dir.resolve().parents:
             if not self._traversable_by_pg(parent.stat(), pg):
-                raise EmbeddedPostgresError(
-                    f"The embedded PostgreSQL runs as user '{pg.pw_name}' (this process is root), "
-                    f"and that user cannot reach the data directory {self.data_dir} because "
-                    f"{parent} is not traversable by it (mode "
-                    f"{stat.filemode(parent.stat().st_mode)}; it needs o+x). To fix it, use a "
-                    "data directory that other users can traverse, e.g. --data-dir /var/lib/maas, "
-                    f"or allow traversal with 'chmod o+x {parent}'; or {ALTERNATIVES}."
-                )
+                raise pg_messages.data_dir_not_traversable(pg.pw_name, self.data_dir, parent)
         if not self.cluster_dir.exists():
             self.cluster_dir.mkdir(mode=0o700)
         st = self.cluster_dir.stat()
@@ -403,23 +351,16 @@ class EmbeddedPostgres:
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired as e:
-            raise EmbeddedPostgresError(
-                f"The command {shlex.join(argv)} did not finish within {timeout:.0f} s while "
-                f"setting up the embedded PostgreSQL in {self.cluster_dir}. Check the machine's "
-                f"load and disk, then try again; or {ALTERNATIVES}.\n{self._log_tail()}"
-            ) from e
+            raise pg_messages.command_timed_out(argv, timeout, self.cluster_dir, self._log_tail()) from e
         except OSError as e:
-            raise EmbeddedPostgresError(
-                f"Could not run {argv[0]} for the embedded PostgreSQL: {e}. "
-                f"Check the PostgreSQL installation; or {ALTERNATIVES}."
-            ) from e
+            raise pg_messages.command_not_run(argv[0], e) from e
 
     def _log_tail(self) -> str:
         try:
             text = self.log_file.read_text(errors="replace")
         except OSError:
             return ""
-        tail = _tail(text)
+        tail = pg_messages.tail(text)
         return f"Last lines of {self.log_file}:\n{tail}" if tail else ""
 
     # ------------------------------------------------------------------ initdb
@@ -430,12 +371,7 @@ class EmbeddedPostgres:
         except FileNotFoundError:
             pw = ""
         if not pw:
-            raise EmbeddedPostgresError(
-                f"The embedded PostgreSQL cluster in {self.cluster_dir} exists, but its password "
-                f"file {self.password_file} is missing or empty, so MaaS-Base cannot log in. To fix "
-                "it, restore that file (one line: the password of the 'maas' database user), or "
-                f"move {self.cluster_dir} away to start with a new, empty database; or {ALTERNATIVES}."
-            )
+            raise pg_messages.password_missing(self.cluster_dir, self.password_file)
         return pw
 
     def _write_password(self, pw: str) -> None:
@@ -461,12 +397,7 @@ class EmbeddedPostgres:
 
     def _initdb(self) -> str:
         if any(self.cluster_dir.iterdir()):
-            raise EmbeddedPostgresError(
-                f"The directory {self.cluster_dir} is not empty but holds no PostgreSQL cluster "
-                "(no PG_VERSION file), so the embedded PostgreSQL cannot create its cluster there. "
-                f"To fix it, move that directory away or empty it, or choose another --data-dir; "
-                f"or {ALTERNATIVES}."
-            )
+            raise pg_messages.cluster_dir_not_empty(self.cluster_dir)
         password = secrets.token_urlsafe(32)
         # written first: a cluster must never exist without its password on disk
         self._write_password(password)
@@ -499,12 +430,7 @@ class EmbeddedPostgres:
                 os.close(fd)
             pwfile.unlink(missing_ok=True)
         if res.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"Creating the embedded PostgreSQL cluster in {self.cluster_dir} failed (initdb "
-                f"exit status {res.returncode}). Check that the disk has space and that the "
-                f"directory is writable by the user running PostgreSQL, then try again; or {ALTERNATIVES}.\n"
-                f"initdb output:\n{_tail(res.stdout)}"
-            )
+            raise pg_messages.initdb_failed(self.cluster_dir, res.returncode, res.stdout)
         self.log.info("created PostgreSQL cluster in %s (%.2f s)", self.cluster_dir,
                       time.perf_counter() - t0)
         return password
@@ -516,54 +442,16 @@ class EmbeddedPostgres:
         res = self._run([self._pg("pg_ctl"), "status", "-D", str(self.cluster_dir)], timeout=30)
         return {0: "running", 3: "stopped"}.get(res.returncode, "missing")
 
-    def _pidfile_lines(self) -> list[str]:
-        try:
-            return (self.cluster_dir / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return []
-
     def _adopt_running(self) -> int | None:
-        """The port of an already running postmaster on this cluster, or None."""
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while True:
-            if self._status() != "running":
-                return None
-            lines = self._pidfile_lines()
-            if not lines:
-                return None
-            try:
-                pid = int(lines[0])
-            except ValueError:
-                pid = 0
-            if pid and not _pid_is_postgres(pid):
-                # a stale postmaster.pid whose PID now belongs to another program
-                self.log.warning("removing stale %s (PID %d is not a running PostgreSQL)",
-                                 self.cluster_dir / "postmaster.pid", pid)
-                self._run(["rm", "-f", str(self.cluster_dir / "postmaster.pid")], timeout=30)
-                return None
-            state = lines[7].strip() if len(lines) > 7 else ""
-            if len(lines) > 3 and lines[3].strip().isdigit() and state == "ready":
-                port = int(lines[3].strip())
-                if _port_accepts(port):
-                    self.log.info("reusing the PostgreSQL already running on %s (PID %d, port %d)",
-                                  self.cluster_dir, pid, port)
-                    return port
-            if time.monotonic() > deadline:
-                raise EmbeddedPostgresError(
-                    f"A PostgreSQL server (PID {pid}) is running on {self.cluster_dir} but did not "
-                    f"become ready on 127.0.0.1 within {_START_TIMEOUT_S} s (state "
-                    f"'{state or 'unknown'}'). Stop it with 'pg_ctl stop -D {self.cluster_dir} -m "
-                    f"fast' (as the owner of that directory) and start MaaS-Base again; or {ALTERNATIVES}.\n"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.2)
+        """The port of an already running postmaster on this cluster, or None (server/db/pg_adopt.py)."""
+        return adopt_running(self.cluster_dir, _START_TIMEOUT_S, self._status, self._run, self.log, self._log_tail)
 
     def _start_server(self) -> int:
         attempts = 0
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
             attempts += 1
-            port = self._last_port if attempts == 1 and self._last_port and not _port_accepts(self._last_port, 0.5) else _free_port()
+            port = self._last_port if attempts == 1 and self._last_port and not port_accepts(self._last_port, 0.5) else _free_port()
             try:
                 log_start = self.log_file.stat().st_size
             except OSError:
@@ -597,17 +485,11 @@ class EmbeddedPostgres:
             )
             if retry and attempts < 20 and time.monotonic() < deadline:
                 self.log.info("PostgreSQL did not start (attempt %d), retrying: %s", attempts,
-                              _tail(new_log, 1))
+                              pg_messages.tail(new_log, 1))
                 time.sleep(min(0.25 * attempts, 2.0))
                 continue
-            raise EmbeddedPostgresError(
-                f"The embedded PostgreSQL in {self.cluster_dir} did not start (pg_ctl exit status "
-                f"{res.returncode}). The most common causes are a full disk, a cluster directory "
-                "that was copied or has the wrong owner, or another PostgreSQL already using this "
-                f"directory. See the log below and {self.log_file}; fix the cause and start again, "
-                f"or choose another --data-dir; or {ALTERNATIVES}.\n"
-                f"pg_ctl output:\n{_tail(res.stdout, 5)}\n{self._log_tail()}"
-            )
+            raise pg_messages.did_not_start(self.cluster_dir, res.returncode, self.log_file, res.stdout,
+                                            self._log_tail())
 
     # ------------------------------------------------------------------ database
 
@@ -633,12 +515,8 @@ class EmbeddedPostgres:
             if res.returncode == 0 or "already exists" in res.stdout:
                 self.log.info("created database '%s'", self.database)
                 return
-        raise EmbeddedPostgresError(
-            f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
-            f"'{self.database}' could not be checked or created: {_tail(res.stdout, 3)}. If the "
-            f"password in {self.password_file} no longer matches the cluster, restore it or move "
-            f"{self.cluster_dir} away to start afresh; or {ALTERNATIVES}.\n{self._log_tail()}"
-        )
+        raise pg_messages.database_not_ready(port, self.database, pg_messages.tail(res.stdout, 3),
+                                             self.password_file, self.cluster_dir, self._log_tail())
 
     def _ensure_database_asyncpg(self, port: int, password: str) -> None:
         import asyncio
@@ -670,9 +548,5 @@ class EmbeddedPostgres:
         t.start()
         t.join()
         if errors:
-            raise EmbeddedPostgresError(
-                f"The embedded PostgreSQL started on 127.0.0.1:{port}, but the database "
-                f"'{self.database}' could not be checked or created: {errors[0]}. If the password "
-                f"in {self.password_file} no longer matches the cluster, restore it or move "
-                f"{self.cluster_dir} away to start afresh; or {ALTERNATIVES}."
-            ) from errors[0]
+            raise pg_messages.database_not_ready(port, self.database, str(errors[0]), self.password_file,
+                                                 self.cluster_dir) from errors[0]
