@@ -50,9 +50,12 @@ class AgentConfig:
     simulate_gpus: str | None = None
     heartbeat_interval: float = 5.0
     health_timeout: float = 300.0
-    # After an instance turns `terminating` the gateways stop routing to it; its process
-    # keeps running this long so requests already in flight can finish.
+    # After an instance turns `terminating` the gateways stop routing to it; its process keeps running
+    # at least this long (every gateway takes it out of routing meanwhile), then until its backend holds
+    # no request, at most drain_max_seconds in all (agent/drain.py). A backend without an in-flight
+    # metric is stopped after drain_seconds.
     drain_seconds: float = 5.0
+    drain_max_seconds: float = 120.0
     port_range: tuple[int, int] = DEFAULT_RANGE
     # Ray nodes of multi-host placements take blocks of ports from here (agent/ray.py says why these).
     ray_port_range: tuple[int, int] = DEFAULT_RAY_RANGE

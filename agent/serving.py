@@ -22,7 +22,9 @@ import aiohttp
 from agent.backends import GPU_KINDS, BackendError, LaunchContext, LaunchSpec, build_launch, custom_name
 from agent.cache import FileCache
 from agent.devices import GPUInventory
+from agent.drain import counts_in_flight, drain, in_flight
 from agent.logs import tail_text
+from agent.metrics import scrape
 from agent.ports import PortAllocator
 from agent.ray import RayManager, is_multi_host, subordinate_of
 from agent.runtimes.choice import RuntimeChooser
@@ -381,13 +383,30 @@ class Serving:
         return False
 
     async def _terminate(self, instance_id: int, workload: Workload | None, report: bool) -> None:
-        if workload is not None and report and workload.state == "running" and self.config.drain_seconds > 0:
-            await asyncio.sleep(self.config.drain_seconds)
+        if workload is not None and report and workload.state == "running" and (
+                self.config.drain_seconds > 0 or self.config.drain_max_seconds > 0):
+            await self._drain(workload)
         if workload is not None:
             await self.stop_workload(workload)
             self.workloads.pop(instance_id, None)
         if report and await self.api.report(instance_id, "terminated", "workload stopped"):
             self.desired.pop(instance_id, None)
+
+    async def _drain(self, workload: Workload) -> None:
+        """Keep a terminating backend serving until it holds no request (agent/drain.py), and say how it ended."""
+        launch = workload.launch
+        probe = None
+        if launch is not None and launch.metrics_path and workload.port and counts_in_flight(launch.metrics):
+            url = f"http://{self.config.address}:{workload.port}{launch.metrics_path}"
+
+            async def probe() -> float | None:
+                return in_flight(await scrape(self.api.http, url, key=launch.api_key), launch.metrics)
+
+        done = await drain(self.config.drain_seconds, self.config.drain_max_seconds, probe,
+                           lambda: workload.exited)
+        log.info("instance %s: %s", workload.instance.name, done.describe())
+        await self.api.event(workload.instance.id, "DrainMaximum" if done.why == "maximum" else "Drained",
+                             done.describe())
 
     async def stop_workload(self, workload: Workload) -> None:
         workload.stopping = True

@@ -144,7 +144,10 @@ def agent(
     runtime: str = typer.Option("auto", help=(
         "auto (per instance: Docker when the backend's image for this host is on the engine or pullable, "
         "else a process where the backend runs natively), docker or process")),
-    drain_seconds: float = typer.Option(5.0, min=0, help="how long a terminating instance keeps serving in-flight requests"),
+    drain_seconds: float = typer.Option(5.0, min=0, help=(
+        "how long a terminating instance keeps serving at least (every gateway stops routing to it meanwhile)")),
+    drain_max_seconds: float = typer.Option(120.0, min=0, help=(
+        "after that, until its backend reports no request in flight, at most this long in all")),
     labels: list[str] = typer.Option([], "--labels", help="worker labels k=v[,k=v] (repeatable), for worker_selector"),
     port_range: str = typer.Option("20000-29999", envvar="MAAS_AGENT_PORT_RANGE",
                                    help="ports for the workloads, LOW-HIGH, outside the kernel's ephemeral range"),
@@ -164,7 +167,8 @@ def agent(
 
     run_agent(server_url=server_url, token=token, name=name, address=address, port=port, data_dir=data_dir,
               simulate_gpus=simulate_gpus, runtime=runtime, log_level=log_level, drain_seconds=drain_seconds,
-              labels=labels, port_range=port_range, ray_port_range=ray_port_range, model_cache=model_cache,
+              drain_max_seconds=drain_max_seconds, labels=labels, port_range=port_range,
+              ray_port_range=ray_port_range, model_cache=model_cache,
               model_roots=[str(p.absolute()) for p in model_root], cache_limit=cache_limit)
 
 

@@ -172,6 +172,7 @@ def _banner(server, with_agent: bool) -> None:
 
 def run_agent(*, server_url: str, token: str, name: str | None, address: str, port: int, data_dir: Path | None,
               simulate_gpus: str | None, runtime: str, log_level: str, drain_seconds: float = 5.0,
+              drain_max_seconds: float = 120.0,
               labels: list[str] | None = None, port_range: str | None = None, model_cache: Path | None = None,
               ray_port_range: str | None = None, model_roots: list[str] | None = None,
               cache_limit: str | None = None) -> None:
@@ -219,6 +220,7 @@ def run_agent(*, server_url: str, token: str, name: str | None, address: str, po
     try:
         config = AgentConfig(server_url=server_url.rstrip("/"), token=token, data_dir=folder, name=worker_name,
                              address=address, port=port, simulate_gpus=simulate_gpus, drain_seconds=drain_seconds,
+                             drain_max_seconds=drain_max_seconds,
                              runtime=runtime, labels=worker_labels, port_range=ports, ray_port_range=ray_ports,
                              model_cache=model_cache.absolute() if model_cache else None,
                              model_roots=list(model_roots) if model_roots else env_model_roots(),

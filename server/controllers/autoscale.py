@@ -21,7 +21,7 @@ to zero, and its claims are freed. A held request asks for a replica at once, wh
 The decision writes `replicas` on the model (with `scale_reason`, `scaled_at` and an event
 ScaledUp, ScaledDown or ScaledToZero); the model controller does the rest, and removes instances
 through the normal drain: a terminating instance leaves the routing table at once and its agent
-waits `drain_seconds` for the requests in flight before it stops the backend.
+stops the backend once no request is in flight there (agent/drain.py).
 """
 
 from __future__ import annotations
