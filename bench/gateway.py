@@ -179,6 +179,7 @@ async def main() -> None:
         results: dict[tuple[str, str], list[dict]] = {}
         process = psutil.Process(server.pid)  # the MaaS server: gateway, controllers, local agent
         await drive(gateway_url, key, body, args.clients, 200, False)  # warm both paths
+        await drive(gateway_url, limited_key, {**body, "model": "tiny-canary"}, args.clients, 200, False)  # its key
         await drive(direct_url, {}, body, args.clients, 200, False)
         for path, url, headers in (("direct", direct_url, {}), ("gateway", gateway_url, key)):
             results[("1 client", path)] = [await drive(url, headers, body, 1, 300, False, process)]

@@ -254,6 +254,28 @@ async def test_api_key_header_alternative(server, http, api_key: str):
         await error_of(r, 401)
 
 
+async def test_a_new_keys_first_burst_costs_one_lookup(server, api_key: str):
+    """Fifty requests that bring a key not cached yet share one database lookup, and get the same answer."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    engine = server.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        server.auth.invalidate()
+        principals = await asyncio.gather(*(server.auth.authenticate(api_key) for _ in range(50)))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len({id(p) for p in principals}) == 1 and principals[0].name == "admin"
+    assert sum("api_keys" in s for s in statements) == 1, statements
+    assert await server.auth.authenticate(api_key) is principals[0]  # cached now: no more statements
+    assert sum("api_keys" in s for s in statements) == 1
+
+
 async def test_client_raises_api_errors(admin: MaasClient):
     with pytest.raises(ApiClientError) as info:
         await admin.get_model("ghost")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -146,16 +147,22 @@ class Principal:
 class Authenticator:
     """Turns a bearer token into a Principal without database work on the request path:
     a verified token stays cached until a key or worker change on the bus invalidates
-    it, and expiry is checked on every use. Unknown tokens are cached for a few seconds."""
+    it, and expiry is checked on every use. Unknown tokens are cached for a few seconds.
+    Requests that bring a token not cached yet share one lookup (a new key's first burst of
+    clients costs one query, not one per client)."""
 
     def __init__(self, db: Database):
         self.db = db
         self._known: dict[str, Principal] = {}
         self._unknown: dict[str, float] = {}
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
+        self._generation = 0  # moves on each invalidation: what a lookup begun before one found is not cached
         self.cluster_token_hash: str | None = None
 
     def invalidate(self, worker_id: int | None = None) -> None:
         """Forget cached credentials: those of one worker, or all of them."""
+        self._generation += 1
+        self._lookups.clear()
         self._unknown.clear()
         if worker_id is None:
             self._known.clear()
@@ -171,16 +178,30 @@ class Authenticator:
             now = time.monotonic()
             if self._unknown.get(key, 0.0) > now:
                 return None
-            principal = await self._lookup(token, key)
+            generation = self._generation
+            lookup = self._lookups.get(key)
+            if lookup is None:
+                lookup = self._lookups[key] = asyncio.ensure_future(self._lookup(token, key))
+                lookup.add_done_callback(lambda done: self._lookup_done(key, done))
+            principal = await asyncio.shield(lookup)  # a client that leaves does not cancel the others' lookup
+            current = generation == self._generation  # else credentials changed meanwhile: not cached
             if principal is None:
                 if len(self._unknown) > 100_000:
                     self._unknown.clear()
-                self._unknown[key] = now + _NEGATIVE_SECONDS
+                if current:
+                    self._unknown[key] = now + _NEGATIVE_SECONDS
                 return None
-            self._known[key] = principal
+            if current:
+                self._known[key] = principal
         if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
             return None
         return principal
+
+    def _lookup_done(self, key: str, done: asyncio.Future[Principal | None]) -> None:
+        if self._lookups.get(key) is done:
+            del self._lookups[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have left
 
     async def _lookup(self, token: str, token_hash: str) -> Principal | None:
         if token.startswith("maasc_"):
