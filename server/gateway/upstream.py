@@ -60,14 +60,17 @@ class UpstreamStream(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.streamed = False  # its last exchange was a stream (see UpstreamPool._drops_after_stream)
+        self._complete, self._error = False, None  # no exchange before: _begin makes the parser
         self._begin()
         if not stream:
             self._complete = True  # no exchange yet: any byte now is out of step
 
     def _begin(self) -> None:
-        """Fresh state for one request/response; a fresh parser too, so nothing left over from
-        the previous response on this connection can leak into this one."""
-        self._parser = httptools.HttpResponseParser(self)
+        """Fresh state for one request/response. The parser goes on after a response that ended cleanly
+        (llhttp resets itself for the next message of a keep-alive connection); after anything else a
+        fresh one, so nothing left over from the previous response can leak into this one."""
+        if not (self._complete and self._error is None):
+            self._parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future = self.loop.create_future()  # stream: (status, headers); plain: _Response
         self.status = 0
         self.headers: dict[str, str] = {}
