@@ -24,6 +24,7 @@ from server.alerts.webhooks import WebhookSender
 from server.db import tables
 from server.db.errors import database_unavailable, first_line
 from server.events import record_event
+from server.reconcile import ReconcileLoop
 from server.schemas.alerts import AlertNotification, AlertOut
 from server.schemas.rollout import rollout_status
 from server.services.alerts import active_silences, silence_covers
@@ -44,25 +45,20 @@ class Finding:
 Key = tuple[str, str]  # (object kind, object name)
 
 
-class AlertEvaluator:
+class AlertEvaluator(ReconcileLoop):
     name = "alert-evaluator"
 
     def __init__(self, server: Any, settings: AlertSettings | None = None):
-        self.server = server
-        self.settings = settings or AlertSettings.from_env()
+        settings = settings or AlertSettings.from_env()
+        super().__init__(server, settings.interval)  # start/stop; _run below waits on events and the checks' clock
+        self.settings = settings
         self.sender = WebhookSender(server, self.settings)
         self._progress: dict[int, tuple[tuple[int, int, int, int], float]] = {}  # model id -> (rollout, since)
-        self._task: asyncio.Task[None] | None = None
         self.passes = 0
         self._last_cleanup = float("-inf")
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
-
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await super().stop()
         await self.sender.stop()
 
     async def _run(self) -> None:
