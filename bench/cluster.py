@@ -34,7 +34,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -219,6 +219,37 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"{label:<{width}}  {value}")
 
 
+class LocalServer(NamedTuple):
+    base: Path  # the temporary folder: data, logs (server.log), the CLI's config; the caller removes it
+    data_dir: Path  # the server's --data-dir (token, initial_admin_password, the embedded PostgreSQL)
+    model: Path | None  # the tiny GGUF, in a folder allowed as a model root; None without tiny_model
+    url: str
+    env: dict[str, str]  # the server's environment, for the processes started beside it (maas simulate)
+    process: subprocess.Popen
+
+
+def start_server(prefix: str, tiny_model: bool = True, options: tuple[str, ...] = ()) -> LocalServer:
+    """`maas start --no-agent` as its own process (embedded PostgreSQL unless `options` name another
+    store) in a new temporary folder, on a free port of 127.0.0.1, optionally with the tiny model from
+    tests/tiny_gguf.py to deploy. The caller waits for it (wait_http) and stops it (stop_processes).
+    bench/heartbeat.py and scripts/simulated_screenshot.py start theirs here too."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
+    data_dir = base / "data"
+    env = {**os.environ, "MAAS_CONFIG": str(base / "cli.json"), "PYTHONUNBUFFERED": "1"}
+    model = None
+    if tiny_model:
+        model = base / "models" / "tiny.gguf"
+        model.parent.mkdir()
+        write_tiny_gguf(model, seed=0)
+        env["MAAS_MODEL_ROOTS"] = str(model.parent)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
+                                "--port", str(port), *options], stdout=open(base / "server.log", "wb"),
+                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return LocalServer(base, data_dir, model, f"http://127.0.0.1:{port}", env, process)
+
+
 def stop_processes(simulate: subprocess.Popen | None, server: subprocess.Popen) -> None:
     """Stops `maas simulate` (SIGINT: it writes its summary) and then the server (SIGTERM), each given
     a minute before its process group is killed. scripts/simulated_screenshot.py stops its pair here too."""
@@ -233,20 +264,7 @@ def stop_processes(simulate: subprocess.Popen | None, server: subprocess.Popen) 
 
 
 async def main(args: argparse.Namespace) -> None:
-    base = Path(tempfile.mkdtemp(prefix="maas-bench-cluster-"))
-    os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
-    data_dir = base / "data"
-    model = base / "models" / "tiny.gguf"
-    model.parent.mkdir()
-    write_tiny_gguf(model, seed=0)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MAAS_MODEL_ROOTS": str(model.parent), "MAAS_CONFIG": str(base / "cli.json"),
-           "PYTHONUNBUFFERED": "1"}
-    server_log = open(base / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
-                               "--port", str(port)], stdout=server_log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
+    base, data_dir, model, url, env, server = start_server("maas-bench-cluster-")
     simulate = None
     summary_path = base / "simulate.json"
     try:

@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from cluster import cpu_seconds, print_table, stop_processes, wait_http  # noqa: E402
-from conftest import free_port  # noqa: E402
+from cluster import cpu_seconds, print_table, start_server, stop_processes, wait_http  # noqa: E402
 
 
 def report(worker: int, gpus: int, moved: int) -> bytes:
@@ -69,16 +65,8 @@ async def phase(http: aiohttp.ClientSession, url: str, tokens: list[str], gpus: 
 
 
 async def main(args: argparse.Namespace) -> None:
-    base = Path(tempfile.mkdtemp(prefix="maas-bench-heartbeat-"))
-    os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
-    data_dir = base / "data"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir), "--port", str(port)]
-    if args.database_url:
-        command += ["--database-url", args.database_url]
-    server = subprocess.Popen(command, stdout=open(base / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "MAAS_CONFIG": str(base / "cli.json")}, start_new_session=True)
+    options = ("--database-url", args.database_url) if args.database_url else ()
+    base, data_dir, _, url, _, server = start_server("maas-bench-heartbeat-", tiny_model=False, options=options)
     cpu_us: dict[str, list[float]] = {"changed": [], "same": []}
     errors = 0
     try:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,27 +26,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from cluster import stop_processes, wait_http  # noqa: E402
-from conftest import free_port  # noqa: E402
-from tiny_gguf import write_tiny_gguf  # noqa: E402
+from cluster import start_server, stop_processes, wait_http  # noqa: E402
 
 from maas_tui.client import MaasClient  # noqa: E402
 from maas_tui.tui.app import MaasApp  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    base = Path(tempfile.mkdtemp(prefix="maas-screenshot-"))
-    os.chmod(base, 0o755)  # the embedded PostgreSQL runs as another user when we are root
-    data_dir = base / "data"
-    model = base / "models" / "tiny.gguf"
-    model.parent.mkdir()
-    write_tiny_gguf(model, seed=0)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MAAS_MODEL_ROOTS": str(model.parent), "MAAS_CONFIG": str(base / "cli.json")}
-    server = subprocess.Popen([sys.executable, "-m", "maas_tui", "start", "--no-agent", "--data-dir", str(data_dir),
-                               "--port", str(port)], stdout=open(base / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              env=env, start_new_session=True)
+    base, data_dir, model, url, env, server = start_server("maas-screenshot-")
     simulate = None
     try:
         await wait_http(url, 120)
