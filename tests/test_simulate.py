@@ -36,15 +36,14 @@ async def test_two_hundred_simulated_workers_run_a_deploy_and_survive_a_real_los
 
         # A watcher of workers gets live utilisation as coalesced telemetry frames, not worker events.
         frames: list[dict] = []
-        worker_events = 0
+        worker_events: list[tuple[str, str]] = []  # (worker, its state)
 
         async def watch() -> None:
-            nonlocal worker_events
             async for message in admin.watch(["workers"]):
                 if message.kind == "telemetry":
                     frames.append(message.object)
                 elif message.kind == "workers":
-                    worker_events += 1
+                    worker_events.append((message.object.get("name"), message.object.get("state")))
 
         watcher = asyncio.create_task(watch())
         await eventually(lambda: _async(len(frames) >= 3), timeout=10, message="three telemetry frames")
@@ -52,7 +51,10 @@ async def test_two_hundred_simulated_workers_run_a_deploy_and_survive_a_real_los
         assert not frames[1]["full"] and 0 < len(frames[1]["workers"]) <= WORKERS
         reading = next(iter(frames[1]["workers"].values()))
         assert len(reading["gpus"]) == 2 and all(0 <= g["utilization"] <= 100 for g in reading["gpus"])
-        assert worker_events == 0  # heartbeats are no change
+        # Heartbeats are no change: a worker event comes only with a move of state (on a loaded machine a
+        # worker can miss its 4 s lease and come back), never for a worker that stayed ready.
+        moved = {name for name, state in worker_events if state != "ready"}
+        assert all(name in moved for name, _ in worker_events), worker_events
 
         await admin.create_model({"name": "sim", "source": str(tiny_model), "backend": "llama.cpp", "replicas": 40})
 

@@ -170,8 +170,10 @@ async def test_database_killed_mid_deploy_converges_without_loss_or_doubles(cras
             subscription = server.bus.subscribe(["models"])
             after = await admin.create_model({"name": "after", "source": str(tiny_model), "backend": "llama.cpp",
                                               "replicas": 0})
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(10):  # the feed may still carry the converged instances' model updates
                 event = await subscription.get()
+                while event is not None and event.object["name"] != after.name:
+                    event = await subscription.get()
             assert event is not None and event.object["name"] == after.name
             subscription.close()
     finally:
